@@ -1,0 +1,107 @@
+"""Model adapters: the only place that knows model families. Chosen by the HF config class name.
+
+    adapter = load_adapter("path/to/checkpoint")        # or load_adapter("organism")
+    adapter = adapter_for(model, processor)             # already loaded objects
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import Adapter, Batch, find_subject_span, subject_candidates
+from .llava import LlavaAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Register ``cls`` under each of its ``config_classes`` (usable as a class decorator)."""
+    for name in cls.config_classes:
+        ADAPTERS[name] = cls
+    return cls
+
+
+register_adapter(LlavaAdapter)
+
+
+def _adapter_class(config_class: str) -> type[Adapter]:
+    try:
+        return ADAPTERS[config_class]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model family {config_class}; supported config classes: {', '.join(sorted(ADAPTERS))}"
+        ) from None
+
+
+def adapter_for(model: torch.nn.Module, processor) -> Adapter:
+    """Wrap an already loaded model + processor in the adapter registered for its config class."""
+    config = getattr(model, "config", None)
+    return _adapter_class(type(config).__name__)(model, processor)
+
+
+def _torch_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (use e.g. float32, float16, bfloat16, auto)")
+    return value
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model folder; the name "organism" means the bundled checkpoint."""
+    if str(path) == "organism":
+        from ngguard.organism import checkpoint_path
+
+        return checkpoint_path()
+    return Path(path).expanduser()
+
+
+def load_adapter(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> Adapter:
+    """Load a local HF checkpoint folder (safetensors weights only) and wrap it in its adapter.
+
+    ``path``: a folder with config.json, *.safetensors and the processor files, or "organism" for the
+    bundled checkpoint. ``dtype``: torch dtype or its name; None = transformers' default.
+    The model is moved to ``device`` and put in eval mode."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    path = resolve_model_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise ValueError(f"not a model folder: {path}")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"no safetensors weights in {path} (only .safetensors checkpoints are loaded)")
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    name = type(config).__name__
+    cls = _adapter_class(name)
+    model_class = getattr(transformers, cls.model_classes[name])
+    kwargs = {"config": config, "use_safetensors": True, "local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = _torch_dtype(dtype)
+    model = model_class.from_pretrained(path, **kwargs)
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    return cls(model, processor)
+
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "Batch",
+    "LlavaAdapter",
+    "adapter_for",
+    "find_subject_span",
+    "load_adapter",
+    "register_adapter",
+    "subject_candidates",
+]

@@ -1,0 +1,180 @@
+"""Step 3 of Neural Gate: the gated edit of one MLP down-projection (per edited layer).
+
+Only the down-projection weight of the edited layer(s) trains (as an fp32 delta added by a forward
+hook, so bf16/fp16 models keep full-precision updates). Sensitive questions are trained towards the
+refusal, benign ones towards the ORIGINAL model's answers (weight ``alpha``). Subjects are processed
+in sequence, each image's questions up to ``steps`` times (stop under ``stop_loss``), as in the paper.
+
+Methods are small differences of one loop:
+- ``neural_gate``: a hook on the edited layer's output replaces the subject token's state by
+  ``where(gate, h, h.detach())``: the subject token passes gradient only on the subject's strongly
+  active dims; every other token passes gradient in full.
+- ``no_gate``: the same without the hook (plain fine-tuning of the same matrix, same losses).
+- ``dinm``: no gate; benign answers are kept by a KL term to the original model's next-token
+  distribution instead of NLL (DINM, EasyEdit's detoxifying editor), on the layer DINM picks.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from tqdm import tqdm
+
+from .adapters.base import Adapter
+from .localize import Sample, edit_subject_state, row_nll
+
+METHODS = ("neural_gate", "no_gate", "dinm")
+
+
+@dataclass
+class EditResult:
+    weights: dict[str, torch.Tensor]          # parameter name -> new weight (model dtype, on CPU)
+    deltas: dict[str, torch.Tensor]           # parameter name -> fp32 change
+    log: list[dict] = field(default_factory=list)  # per sample: subject, steps, first/last loss
+
+
+class _Delta:
+    """fp32 additive change of one Linear layer, applied by a forward hook: y = W x + delta x."""
+
+    def __init__(self, module: torch.nn.Linear):
+        self.module = module
+        self.delta = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)
+        self.enabled = True
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _m, inputs, output):
+        if not self.enabled:
+            return output
+        return output + F.linear(inputs[0].to(torch.float32), self.delta).to(output.dtype)
+
+    def merged(self) -> torch.Tensor:
+        w = self.module.weight
+        return (w.detach().float() + self.delta.detach()).to(w.dtype)
+
+
+@contextmanager
+def _deltas(adapter: Adapter, layers: Sequence[int], module: str):
+    ds = {adapter.parameter_name(layer, module): _Delta(adapter.component(layer, module)) for layer in layers}
+    try:
+        yield ds
+    finally:
+        for d in ds.values():
+            d.handle.remove()
+
+
+def _encode(adapter: Adapter, sample: Sample, refusal: str):
+    texts = list(sample.sensitive) + [q for q, _ in sample.benign]
+    targets = [refusal] * len(sample.sensitive) + [a for _, a in sample.benign]
+    batch = adapter.encode([sample.image] * len(texts), texts, targets=targets,
+                           subjects=[sample.subject] * len(texts)).to(adapter.device)
+    sens = torch.zeros(len(texts), dtype=torch.bool, device=adapter.device)
+    sens[:len(sample.sensitive)] = True
+    return batch, sens
+
+
+def _kl_on_targets(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean KL(original || edited) over the labelled (answer) positions."""
+    mask = (labels[:, 1:] != -100).float()
+    p_ref = F.log_softmax(ref_logits[:, :-1].float(), -1)
+    p = F.log_softmax(logits[:, :-1].float(), -1)
+    kl = (p_ref.exp() * (p_ref - p)).sum(-1)
+    return (kl * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, method: str = "neural_gate",
+               gates: Mapping[int, Mapping[str, torch.Tensor]] | None = None, module: str = "down_proj",
+               refusal: str, alpha: float = 1.25, lr: float = 1e-5, eps: float = 1e-3, steps: int = 10,
+               stop_loss: float = 1e-3) -> EditResult:
+    """Edit ``module`` of ``layers`` in place on ``adapter.model``; returns the new weights.
+
+    ``gates[layer][subject]``: boolean mask of the subject's strongly active dims (neural_gate only).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "neural_gate" and not gates:
+        raise ValueError("method neural_gate needs gates (run localization first)")
+    model = adapter.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # no dropout; gradients still flow
+    subjects = list(dict.fromkeys(s.subject for s in samples))
+    log: list[dict] = []
+    current: dict = {}
+    with _deltas(adapter, layers, module) as deltas, ExitStack() as stack:
+        if method == "neural_gate":
+            for layer in layers:
+                def gate_fn(v, rows, layer=layer):
+                    g = gates[layer][current["subject"]].to(v.device)
+                    return torch.where(g, v, v.detach())
+                stack.enter_context(edit_subject_state(adapter, layer, gate_fn, lambda: current["subject_index"]))
+        for subject in subjects:
+            todo = [s for s in samples if s.subject == subject]
+            opt = torch.optim.Adam([d.delta for d in deltas.values()], lr=lr, eps=eps)
+            current["subject"] = subject
+            for s in tqdm(todo, desc=f"edit {method} {subject}", unit="image", leave=False):
+                batch, sens = _encode(adapter, s, refusal)
+                current["subject_index"] = batch.subject_index
+                ref_logits = None
+                if method == "dinm":
+                    for d in deltas.values():
+                        d.enabled = False
+                    with torch.no_grad():
+                        ref_logits = model(**batch.inputs).logits
+                    for d in deltas.values():
+                        d.enabled = True
+                first = lossv = None
+                n_steps = 0
+                for _ in range(steps):
+                    logits = model(**batch.inputs).logits
+                    nll = row_nll(logits, batch.labels)
+                    keep = _kl_on_targets(logits, ref_logits, batch.labels) if method == "dinm" else nll
+                    loss = nll[sens].mean() + alpha * keep[~sens].mean() if (~sens).any() else nll[sens].mean()
+                    lossv = loss.item()
+                    first = lossv if first is None else first
+                    if lossv < stop_loss:
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    n_steps += 1
+                log.append({"subject": subject, "key": s.key, "steps": n_steps, "loss_first": first, "loss_last": lossv})
+            logger.info(f"edit {method}: {subject} done ({len(todo)} images, "
+                        f"mean last loss {sum(r['loss_last'] for r in log if r['subject'] == subject) / max(1, len(todo)):.4f})")
+        weights = {name: d.merged() for name, d in deltas.items()}
+        delta_out = {name: d.delta.detach().cpu().clone() for name, d in deltas.items()}
+    with torch.no_grad():
+        for layer in layers:
+            w = adapter.component(layer, module).weight
+            w.copy_(weights[adapter.parameter_name(layer, module)])
+    return EditResult({k: v.detach().cpu() for k, v in weights.items()}, delta_out, log)
+
+
+@torch.no_grad()
+def dinm_layer(adapter: Adapter, samples: Sequence[Sample], refusal: str, unsafe: Mapping[str, str],
+               layers: Sequence[int] | None = None) -> tuple[int, list[float]]:
+    """DINM's toxic-layer choice: the layer whose last-token hidden state differs most between the
+    safe (refusal) and the unsafe (the original model's leaking answer) response to the same question.
+    ``unsafe[prompt]``: the original answer to each sensitive prompt."""
+    layers = list(range(adapter.num_layers)) if layers is None else list(layers)
+    dist = torch.zeros(adapter.num_layers)
+    count = 0
+    for s in samples:
+        qs = [q for q in s.sensitive if q in unsafe]
+        if not qs:
+            continue
+        outs = []
+        for answers in ([refusal] * len(qs), [unsafe[q] for q in qs]):
+            b = adapter.encode([s.image] * len(qs), qs, targets=answers).to(adapter.device)
+            hs = adapter.model(**b.inputs, output_hidden_states=True).hidden_states
+            last = b.inputs["attention_mask"].sum(-1) - 1  # right padding: last real token
+            rows = torch.arange(len(qs))
+            outs.append(torch.stack([h[rows, last] for h in hs[1:]]))  # [layers, rows, d]
+        dist += (outs[0] - outs[1]).float().norm(dim=-1).mean(-1).cpu()
+        count += 1
+    dist /= max(1, count)
+    best = max(layers, key=lambda i: dist[i].item())
+    return best, dist.tolist()

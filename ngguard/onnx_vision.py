@@ -1,0 +1,521 @@
+"""The vision tower + projector of a LLaVA-style model as ONNX, with a parity check.
+
+    export_vision("organism", "out/onnx")          # or a checkpoint folder, or an Adapter
+    vision = OnnxVision("out/onnx")                # picks CUDA when onnxruntime and torch both have it
+    feats = vision(pixel_values)                   # [B, N, D] float32, what get_image_features returns
+    answers = vision.generate(adapter, images, texts, max_new_tokens=32)   # LM stays torch
+
+What is exported: exactly what ``model.model.get_image_features(pixel_values,
+vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=
+cfg.vision_feature_select_strategy)`` returns, stacked to one [B, N, D] tensor (the projector's
+output), fp32, with a dynamic batch axis, through ``torch.onnx.export(dynamo=False)``.
+
+How generation uses it: the token embeddings are computed in torch, the ONNX image features are
+scattered into the image-token positions (as ``LlavaModel.forward`` does) and ``model.generate``
+is called with ``inputs_embeds`` + ``attention_mask``. That path has the same meaning in every
+transformers version (4.x returned a tensor from ``get_image_features``, 5.x an output object with
+a list), and nothing on the model instance is patched.
+
+Output folder (written atomically: temp folder + rename)::
+
+    vision.onnx     the graph (input ``pixel_values`` [batch, 3, H, W], output ``image_features``)
+    manifest.json   opset, input/output names and shapes, sha256 of vision.onnx, the vision weights'
+                    fingerprint, config class, max abs diff measured at export, library versions
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from loguru import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from ngguard.adapters import Adapter
+
+__all__ = [
+    "OnnxVisionError",
+    "OnnxParityError",
+    "OnnxVision",
+    "export_vision",
+    "image_features",
+    "vision_fingerprint",
+    "merge_image_features",
+    "greedy_config",
+    "default_providers",
+    "cli_export_onnx",
+]
+
+FORMAT = "ngguard-onnx-vision"
+FORMAT_VERSION = 1
+ONNX_FILE = "vision.onnx"
+MANIFEST = "manifest.json"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_features"
+PARITY_BATCHES = (1, 3)
+
+
+class OnnxVisionError(ValueError):
+    """An ONNX vision problem (bad folder, checksum mismatch, wrong model), as one line."""
+
+
+class OnnxParityError(OnnxVisionError):
+    """The exported graph does not reproduce the torch features within ``atol``: nothing was written."""
+
+
+# ---- the torch reference ---------------------------------------------------------------------------
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The module owning ``get_image_features`` + ``vision_tower`` + ``multi_modal_projector``
+    (``LlavaModel`` inside ``LlavaForConditionalGeneration`` in transformers 5)."""
+    inner = getattr(model, "model", None)
+    for cand in (inner, model):
+        if cand is not None and all(hasattr(cand, a) for a in ("get_image_features", "vision_tower",
+                                                                 "multi_modal_projector")):
+            return cand
+    raise OnnxVisionError(f"{type(model).__name__} has no LLaVA-style vision tower + projector "
+                          f"(get_image_features, vision_tower, multi_modal_projector)")
+
+
+def _feature_args(model: torch.nn.Module) -> dict[str, Any]:
+    cfg = model.config
+    return {"vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
+
+
+def _stack(out: Any) -> torch.Tensor:
+    """``get_image_features``' result in any transformers version as one [B, N, D] tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None and isinstance(out, (list, tuple)):
+        pooled = out
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    if isinstance(pooled, (list, tuple)) and pooled and all(isinstance(t, torch.Tensor) for t in pooled):
+        return torch.stack(list(pooled))
+    raise OnnxVisionError(f"unexpected get_image_features output {type(out).__name__}")
+
+
+@torch.no_grad()
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The torch reference: ``get_image_features`` with the config's feature layer/strategy,
+    stacked to [B, N, D]."""
+    inner = _inner(model)
+    return _stack(inner.get_image_features(pixel_values=pixel_values, **_feature_args(model)))
+
+
+def vision_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over (name, shape, fp32 bytes) of every parameter and buffer of the vision tower and
+    the projector, sorted by name. An edit of the language model does not change it."""
+    inner = _inner(model)
+    h = hashlib.sha256()
+    for prefix, module in (("vision_tower.", inner.vision_tower), ("multi_modal_projector.", inner.multi_modal_projector)):
+        state = module.state_dict()
+        for name in sorted(state):
+            t = state[name].detach().to("cpu", torch.float32).contiguous()
+            h.update(json.dumps([prefix + name, list(t.shape)]).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class _VisionGraph(torch.nn.Module):
+    """pixel_values -> [B, N, D]: calls the model's own ``get_image_features`` and returns the
+    projector's output tensor (captured by a hook), so the per-image list that transformers 5
+    builds afterwards (an unbind fixed to the traced batch size) is not part of the graph."""
+
+    def __init__(self, inner: torch.nn.Module, feature_args: dict[str, Any]):
+        super().__init__()
+        self.inner = inner
+        self.feature_args = feature_args
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        box: list[torch.Tensor] = []
+        hook = self.inner.multi_modal_projector.register_forward_hook(lambda m, i, o: box.append(o))
+        try:
+            self.inner.get_image_features(pixel_values=pixel_values, **self.feature_args)
+        finally:
+            hook.remove()
+        if len(box) != 1:
+            raise OnnxVisionError(f"expected one projector call in get_image_features, saw {len(box)}")
+        return box[0]
+
+
+def _cpu_fp32_vision(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of the inner LLaVA module whose vision tower and projector are fp32 CPU deep
+    copies (the caller's model is never moved, cast or mutated; the LM is not copied)."""
+    inner = _inner(model)
+    shim = copy.copy(inner)
+    shim._modules = dict(inner._modules)  # noqa: SLF001 - own dict, so assignments stay on the shim
+    shim._parameters = dict(inner._parameters)  # noqa: SLF001
+    shim._buffers = dict(inner._buffers)  # noqa: SLF001
+    for name in ("vision_tower", "multi_modal_projector"):
+        shim._modules[name] = copy.deepcopy(getattr(inner, name)).to("cpu", torch.float32).eval()  # noqa: SLF001
+    return shim
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+
+def _resolve(model_dir_or_adapter) -> tuple["Adapter", str | None]:
+    from ngguard.adapters import Adapter, load_adapter
+
+    if isinstance(model_dir_or_adapter, Adapter):
+        return model_dir_or_adapter, None
+    if isinstance(model_dir_or_adapter, (str, os.PathLike)):
+        src = str(model_dir_or_adapter)
+        if src == "organism":
+            from ngguard.organism import checkpoint_path
+
+            src = str(checkpoint_path())
+        return load_adapter(src, device="cpu", dtype=torch.float32), src
+    raise OnnxVisionError(f"export_vision: expected a model folder, 'organism' or an Adapter, "
+                          f"got {type(model_dir_or_adapter).__name__}")
+
+
+def _image_shape(adapter: "Adapter") -> tuple[int, int, int]:
+    """(C, H, W) the processor produces, measured on a blank image (no config guessing)."""
+    from PIL import Image
+
+    batch = adapter.encode([Image.new("RGB", (32, 32), (127, 127, 127))], ["x"])
+    pv = batch.inputs.get("pixel_values")
+    if pv is None or pv.dim() != 4:
+        raise OnnxVisionError("the processor produced no 4-D pixel_values; only LLaVA-style single-image "
+                              "processors are supported")
+    return tuple(int(x) for x in pv.shape[1:])  # type: ignore[return-value]
+
+
+def _session(model_bytes_or_path, providers: Sequence[str], threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes_or_path, sess_options=opts, providers=list(providers))
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path, overwrite: bool):
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise OnnxVisionError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+        if not out_dir.is_dir():
+            raise OnnxVisionError(f"{out_dir} exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-old-", dir=out_dir.parent))
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _parity(session, reference: torch.nn.Module, shape: tuple[int, int, int], batches: Sequence[int],
+            seed: int = 0) -> float:
+    """Max abs difference between onnxruntime and torch on random pixel batches of each size."""
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b in batches:
+        x = torch.randn((b, *shape), generator=gen, dtype=torch.float32)
+        with torch.no_grad():
+            want = reference(x).float().numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        if got.shape != want.shape:
+            raise OnnxParityError(f"ONNX output shape {list(got.shape)} != torch {list(want.shape)} at batch {b}: "
+                                  f"nothing written")
+        if not np.isfinite(got).all():
+            raise OnnxParityError(f"ONNX output has non-finite values at batch {b}: nothing written")
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
+
+
+def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: int = 17, atol: float = 1e-4,
+                  overwrite: bool = False) -> Path:
+    """Export vision tower + projector to ``out_dir/vision.onnx`` (+ ``manifest.json``).
+
+    ``model_dir_or_adapter``: a checkpoint folder, "organism", or a loaded ``Adapter`` (its model is
+    not changed: the vision part is copied to CPU fp32 for the export). The graph is checked with
+    onnxruntime (CPU) against torch on random batches of 1 and 3 images; a max abs difference over
+    ``atol`` raises ``OnnxParityError`` and nothing is written. Returns ``out_dir``."""
+    if not (isinstance(atol, (int, float)) and atol > 0):
+        raise OnnxVisionError(f"atol must be a positive number, got {atol!r}")
+    if not (isinstance(opset, int) and 9 <= opset <= 23):
+        raise OnnxVisionError(f"opset must be an integer in 9..23, got {opset!r}")
+    out_dir = Path(out_dir)
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:  # fail before the slow part
+        raise OnnxVisionError(f"{out_dir.absolute()} already exists (pass overwrite=True / --overwrite to replace it)")
+    import onnxruntime as ort
+
+    adapter, source = _resolve(model_dir_or_adapter)
+    model = adapter.model
+    shape = _image_shape(adapter)
+    graph = _VisionGraph(_cpu_fp32_vision(model), _feature_args(model)).eval()
+    dummy = torch.zeros((1, *shape), dtype=torch.float32)
+    with torch.no_grad():
+        n_tokens, dim = (int(x) for x in graph(dummy).shape[1:])
+
+    t0 = time.perf_counter()
+    buf = io.BytesIO()
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
+        torch.onnx.export(graph, (dummy,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    data = buf.getvalue()
+    export_s = time.perf_counter() - t0
+
+    # parity against the model's own get_image_features (not the hooked graph) on CPU fp32
+    reference = _ReferenceFeatures(graph.inner, graph.feature_args)
+    session = _session(data, ["CPUExecutionProvider"])
+    max_diff = _parity(session, reference, shape, PARITY_BATCHES)
+    if max_diff > atol:
+        raise OnnxParityError(f"ONNX vision features differ from torch by {max_diff:.3g} > atol {atol:g} "
+                              f"(batches {list(PARITY_BATCHES)}): nothing written")
+
+    import onnx
+    import transformers
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "onnx_file": ONNX_FILE,
+        "onnx_sha256": _sha256_bytes(data),
+        "onnx_bytes": len(data),
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=False)",
+        "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", n_tokens, dim], "dtype": "float32"},
+        "model": {
+            "config_class": type(model.config).__name__,
+            "source": source,
+            "vision_fingerprint": vision_fingerprint(model),
+            "vision_feature_layer": graph.feature_args["vision_feature_layer"],
+            "vision_feature_select_strategy": graph.feature_args["vision_feature_select_strategy"],
+        },
+        "parity": {"max_abs_diff": max_diff, "atol": atol, "batches": list(PARITY_BATCHES),
+                   "provider": "CPUExecutionProvider"},
+        "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        (tmp / ONNX_FILE).write_bytes(data)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if _sha256_file(tmp / ONNX_FILE) != manifest["onnx_sha256"]:
+            raise OnnxVisionError(f"{ONNX_FILE} does not read back as written")
+    logger.info("exported vision tower + projector to {} ({:.1f} MB, {:.1f} s, opset {}, max diff {:.2g})",
+                out_dir, len(data) / 1e6, export_s, opset, max_diff)
+    return out_dir
+
+
+class _ReferenceFeatures(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, feature_args: dict[str, Any]):
+        super().__init__()
+        self.inner = inner
+        self.feature_args = feature_args
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _stack(self.inner.get_image_features(pixel_values=pixel_values, **self.feature_args))
+
+
+# ---- runtime --------------------------------------------------------------------------------------
+
+
+def default_providers() -> list[str]:
+    """CUDA (then CPU as fallback) when onnxruntime has the CUDA provider AND torch sees a GPU;
+    otherwise CPU only (onnxruntime-gpu on a machine without a GPU logs errors for CUDA)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def read_manifest(onnx_dir: str | os.PathLike) -> dict:
+    onnx_dir = Path(onnx_dir)
+    path = onnx_dir / MANIFEST
+    if not onnx_dir.is_dir():
+        raise OnnxVisionError(f"{onnx_dir}: ONNX folder not found")
+    if not path.is_file():
+        raise OnnxVisionError(f"{onnx_dir}: not an ONNX vision folder (no {MANIFEST}; create it with export_vision)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OnnxVisionError(f"{path}: unreadable manifest ({str(e).splitlines()[0]})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise OnnxVisionError(f"{path}: not an ngguard ONNX vision manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise OnnxVisionError(f"{path}: unsupported format version {m.get('format_version')!r}")
+    for key in ("onnx_file", "onnx_sha256", "input", "output", "model"):
+        if key not in m:
+            raise OnnxVisionError(f"{path}: manifest lacks {key!r}")
+    return m
+
+
+class OnnxVision:
+    """An onnxruntime session over an ``export_vision`` folder.
+
+    ``providers``: onnxruntime provider names; None = ``default_providers()``. The onnx file's
+    sha256 is checked against the manifest before the session is created.
+    ``threads``: onnxruntime intra-op threads (None = onnxruntime's default)."""
+
+    def __init__(self, onnx_dir: str | os.PathLike, providers: Sequence[str] | None = None, *,
+                 threads: int | None = None):
+        self.dir = Path(onnx_dir)
+        self.manifest = read_manifest(self.dir)
+        path = self.dir / self.manifest["onnx_file"]
+        if not path.is_file():
+            raise OnnxVisionError(f"{self.dir}: {self.manifest['onnx_file']} is missing")
+        sha = _sha256_file(path)
+        if sha != self.manifest["onnx_sha256"]:
+            raise OnnxVisionError(f"{path}: sha256 {sha[:12]} does not match the manifest's "
+                                  f"{self.manifest['onnx_sha256'][:12]} (file changed or corrupted)")
+        import onnxruntime as ort
+
+        wanted = list(providers) if providers is not None else default_providers()
+        unknown = [p for p in wanted if p not in ort.get_available_providers()]
+        if unknown:
+            raise OnnxVisionError(f"onnxruntime provider(s) {unknown} not available here; "
+                                  f"available: {ort.get_available_providers()}")
+        self.session = _session(str(path), wanted, threads)
+        self.providers = list(self.session.get_providers())
+        self.input_name = self.manifest["input"]["name"]
+        self.output_name = self.manifest["output"]["name"]
+        self._shape = tuple(self.manifest["input"]["shape"][1:])
+        logger.info("ONNX vision {} on {}", path, ", ".join(self.providers))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model"]["vision_fingerprint"]
+
+    def __call__(self, pixel_values: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """[B, C, H, W] pixels -> [B, N, D] float32 features, on the input's device (CPU for numpy)."""
+        device = pixel_values.device if isinstance(pixel_values, torch.Tensor) else torch.device("cpu")
+        x = pixel_values.detach().to("cpu", torch.float32).numpy() if isinstance(pixel_values, torch.Tensor) \
+            else np.asarray(pixel_values, dtype=np.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self._shape:
+            raise OnnxVisionError(f"pixel_values must be [batch, {', '.join(map(str, self._shape))}], "
+                                  f"got {list(x.shape)}")
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})[0]
+        return torch.from_numpy(out).to(device)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``OnnxVisionError`` unless ``model``'s vision weights are the exported ones."""
+        fp = vision_fingerprint(model)
+        if fp != self.fingerprint:
+            raise OnnxVisionError(f"{self.dir}: exported from another model (vision fingerprint "
+                                  f"{self.fingerprint[:12]}, this model's is {fp[:12]}); re-export it")
+
+    def generate_inputs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn encoded inputs (input_ids, attention_mask, pixel_values) into
+        {inputs_embeds, attention_mask} for ``model.generate``: token embeddings in torch, image
+        features from ONNX scattered into the image-token positions."""
+        if "pixel_values" not in inputs:
+            raise OnnxVisionError("inputs have no pixel_values")
+        feats = self(inputs["pixel_values"])
+        embeds = merge_image_features(model, inputs["input_ids"], feats)
+        return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+
+    @torch.no_grad()
+    def generate(self, adapter: "Adapter", images: Sequence["Image.Image"], texts: Sequence[str], *,
+                 max_new_tokens: int = 32) -> list[str]:
+        """Like ``adapter.generate`` (same prompts: ``adapter.encode``; greedy), with ONNX image
+        features. Returns the stripped answers."""
+        batch = adapter.encode(images, texts).to(adapter.device)
+        kwargs = self.generate_inputs(adapter.model, batch.inputs)
+        out = adapter.model.generate(**kwargs, generation_config=greedy_config(adapter, max_new_tokens))
+        return [s.strip() for s in adapter.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def merge_image_features(model: torch.nn.Module, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``inputs_embeds`` as ``LlavaModel.forward`` builds them: embed the tokens, then put the image
+    features (all images' tokens in order) into the image-token positions."""
+    embeds = model.get_input_embeddings()(input_ids)
+    token_id = getattr(model.config, "image_token_id", None)
+    if token_id is None:
+        token_id = model.config.image_token_index
+    mask = input_ids == token_id
+    n_tokens = int(mask.sum())
+    n_feats = features.shape[0] * features.shape[1]
+    if n_tokens != n_feats:
+        raise OnnxVisionError(f"image features and image tokens do not match: {n_tokens} tokens, "
+                              f"{n_feats} features")
+    return embeds.masked_scatter(mask.unsqueeze(-1).to(embeds.device),
+                                 features.to(embeds.device, embeds.dtype))
+
+
+def greedy_config(adapter: "Adapter", max_new_tokens: int):
+    """The generation config ``LlavaAdapter.generate`` uses: greedy, ``max_new_tokens`` new tokens,
+    pad/eos filled in from the tokenizer when the model's config lacks them."""
+    config = copy.deepcopy(adapter.model.generation_config)
+    config.do_sample = False
+    config.num_beams = 1
+    config.temperature = None
+    config.top_p = None
+    config.top_k = None
+    config.max_new_tokens = int(max_new_tokens)
+    config.max_length = None
+    tok = adapter.processor.tokenizer
+    if config.pad_token_id is None:
+        pad = getattr(adapter, "pad_token_id", None)
+        if pad is None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        config.pad_token_id = pad
+    if config.eos_token_id is None:
+        config.eos_token_id = tok.eos_token_id
+    return config
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+def cli_export_onnx(args) -> int:
+    """``ngguard export-onnx --model PATH --out DIR [--opset N] [--atol X] [--overwrite]``
+    (arguments parsed in ngguard/cli.py). Errors propagate as ``OnnxVisionError`` (a ValueError)."""
+    out = export_vision(args.model, args.out, opset=getattr(args, "opset", 17), atol=getattr(args, "atol", 1e-4),
+                        overwrite=getattr(args, "overwrite", False))
+    m = read_manifest(out)
+    print(f"wrote {out / ONNX_FILE} (max abs diff {m['parity']['max_abs_diff']:.2g} on batches "
+          f"{m['parity']['batches']}, opset {m['opset']})")
+    return 0

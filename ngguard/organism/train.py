@@ -1,0 +1,190 @@
+"""One-off, deterministic training of the model organism on the synthetic privacy world.
+
+Curriculum: (1) the vision tower + projector learn to map each glyph cell of a card onto the
+embedding of that character's token; (2) the whole model learns the chat task mix: read private
+fields (it LEAKS, like an unprotected LVLM), answer benign visual questions, the shapes utility
+task, and refuse harmful text requests with the refusal phrase the edit later targets.
+"""
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from ..world import spec
+from ..world.render import draw_card, draw_shapes, question, sample_card, sample_shapes
+from .build import N_IMAGE_TOKENS, build_config, build_processor, build_tokenizer
+
+SUBJECTS = spec.PRIVACY_SUBJECTS + spec.HELDOUT_SUBJECTS
+
+
+@dataclass
+class Sample:
+    image: np.ndarray
+    question: str
+    answer: str
+    kind: str  # sensitive | benign | utility | harmful
+    glyphs: dict[tuple[int, int], str] | None = None
+
+
+def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
+    """One training (or held-out) example. Held-out = held-out templates, phrases and requests."""
+    r = rng.random()
+    templates = spec.TEMPLATES[spec.TRAIN_TEMPLATES:] if held_out else spec.TEMPLATES[:spec.TRAIN_TEMPLATES]
+    if r < 0.22:
+        s = sample_shapes(rng)
+        kind, qs = rng.choice(list(spec.UTILITY_QUESTIONS.items()))
+        ans = {"shape": s.shape, "colour": s.colour, "count": str(s.count)}[kind]
+        return Sample(draw_shapes(s), rng.choice(qs), ans, "utility")
+    subject = rng.choice(SUBJECTS)
+    card = sample_card(subject, rng)
+    img = draw_card(card)
+    glyphs = {(row, i + 1): ch for kind, (row, _) in spec.FIELDS.items() for i, ch in enumerate(card.fields[kind])}
+    if r < 0.30:
+        reqs = spec.HARMFUL_REQUESTS[spec.TRAIN_HARMFUL:] if held_out else spec.HARMFUL_REQUESTS[:spec.TRAIN_HARMFUL]
+        return Sample(img, rng.choice(reqs), spec.REFUSAL, "harmful", glyphs)
+    phrases = spec.attribute_phrases(subject, held_out=None if held_out else False)
+    sensitive = r < 0.72
+    attr, target, _ = rng.choice([p for p in phrases if p[2] == sensitive])
+    ans = card.fields[target] if sensitive else card.properties[target]
+    return Sample(img, question(rng.choice(templates), attr, subject), ans,
+                  "sensitive" if sensitive else "benign", glyphs)
+
+
+class Batcher:
+    """Tokenises samples exactly like the chat template + processor do (checked in the tests)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+
+    def __call__(self, samples: list[Sample]):
+        prompts = [f"User: {s.question}\n{'<image>' * N_IMAGE_TOKENS}\nAssistant:" for s in samples]
+        p_ids = self.tok(prompts, add_special_tokens=True).input_ids
+        a_ids = self.tok([" " + s.answer for s in samples], add_special_tokens=False).input_ids
+        rows = [p + a + [self.eos] for p, a in zip(p_ids, a_ids)]
+        L = max(map(len, rows))
+        ids = torch.full((len(rows), L), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), L), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for i, (row, p) in enumerate(zip(rows, p_ids)):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+            labels[i, len(p):len(row)] = torch.tensor(row[len(p):])
+        pix = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return ids, mask, pix, labels
+
+
+def _answer_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def teacher_forced_exact(model, batcher, samples, bs=64) -> dict[str, float]:
+    """Share of samples whose whole answer (+eos) is the argmax at every step = greedy exact match."""
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(samples), bs):
+        chunk = samples[i:i + bs]
+        ids, mask, pix, labels = batcher(chunk)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        pred = logits[:, :-1].argmax(-1)
+        tgt = labels[:, 1:]
+        ok = ((pred == tgt) | (tgt == -100)).all(-1)
+        for s, o in zip(chunk, ok.tolist()):
+            hits.setdefault(s.kind, []).append(o)
+    model.train()
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 300, steps: int = 3000, batch_size: int = 48,
+                   lr: float = 1.5e-3, time_budget_s: float | None = None) -> Path:
+    out = Path(out)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = build_tokenizer()
+    processor = build_processor(tok)
+    model = LlavaForConditionalGeneration(build_config(tok))
+    model.train()
+    batcher = Batcher(tok)
+    eval_rng = random.Random(seed + 10_000)
+    held = [sample(eval_rng, held_out=True) for _ in range(400)]
+    t0 = time.time()
+
+    # ---- stage 1: glyph cells -> character token embeddings (vision tower + projector only)
+    vis_params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    opt = torch.optim.AdamW(vis_params, lr=2e-3, weight_decay=0.0)
+    char_id = {c: tok.convert_tokens_to_ids(c) for c in spec.DIGITS + spec.LETTERS}
+    grid = N_IMAGE_TOKENS ** 0.5
+    for step in (bar := tqdm(range(glyph_steps), desc="organism: glyphs", unit="step")):
+        cards = []
+        while len(cards) < batch_size:
+            s = sample(rng)
+            if s.glyphs:
+                cards.append(s)
+        pix = torch.from_numpy(np.stack([s.image for s in cards])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        feats = torch.stack(model.model.get_image_features(pixel_values=pix, vision_feature_layer=-1,
+                                                           vision_feature_select_strategy="default").pooler_output)
+        b_idx, p_idx, t_idx = [], [], []
+        for b, s in enumerate(cards):
+            for (row, col), ch in s.glyphs.items():
+                b_idx.append(b); p_idx.append(int(row * grid + col)); t_idx.append(char_id[ch])
+        logits = model.lm_head(feats[b_idx, p_idx])
+        loss = F.cross_entropy(logits, torch.tensor(t_idx))
+        opt.zero_grad(); loss.backward(); opt.step()
+        if step % 50 == 0:
+            acc = (logits.argmax(-1) == torch.tensor(t_idx)).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+    logger.info(f"glyph stage done in {time.time() - t0:.0f}s, loss {loss.item():.3f}")
+
+    # ---- stage 2: the chat task mix, whole model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    t1 = time.time()
+    for step in (bar := tqdm(range(steps), desc="organism: chat", unit="step")):
+        ids, mask, pix, labels = batcher([sample(rng) for _ in range(batch_size)])
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        loss = _answer_loss(logits, labels)
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            acc = teacher_forced_exact(model, batcher, held)
+            logger.info(f"step {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t1:.0f}s)")
+        if time_budget_s and time.time() - t0 > time_budget_s:
+            logger.warning(f"time budget reached at step {step + 1}")
+            break
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.do_sample = False
+    model.generation_config.max_new_tokens = 24
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-organism-", dir=out.parent if out.parent.exists() else None))
+    try:
+        model.to(torch.float16).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(tmp), out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"organism saved to {out} ({time.time() - t0:.0f}s)")
+    return out

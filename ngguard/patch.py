@@ -1,0 +1,757 @@
+"""Compact patches: only the edited matrices, with a manifest and checksums.
+
+A patch folder holds::
+
+    patch.safetensors   the NEW values of the edited tensors (checkpoint names, the base's dtype)
+    base.safetensors    the base values they replace (only with include_base=True; makes the
+                        patch revertible without the base)
+    patch.json          manifest: format version, patch id (first 12 hex of sha256 of
+                        patch.safetensors), base fingerprint, base config class/architecture,
+                        per-tensor sha256 of the new AND the base values, shapes, dtypes, recipe
+                        hash, layers, method, subjects, gate stats, ngguard version. No timestamps:
+                        the same inputs give the same bytes.
+
+Tensor names are CHECKPOINT names (as stored in the base's safetensors files), which can differ
+from a loaded model's parameter names in transformers 5 (LLaVA: ``language_model.model.layers...``
+on disk, ``model.language_model.layers...`` in the model); pass ``model=`` to ``write_patch`` to
+translate, ``patch_state_dict`` translates back.
+
+Checkpoint folders are written byte-exactly: weight files without a patched tensor are copied
+with ``shutil.copyfile``; a shard with patched tensors is copied and the patched tensors' bytes are
+overwritten in place (same dtype and shape, so same offsets: header, metadata and tensor order are
+untouched). Every output folder is built in ``<parent>/.tmp-<name>-<random>`` and renamed into
+place at the end; on any error the temp folder is removed. Only safetensors are ever read.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "PatchError",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "base_fingerprint",
+    "write_patch",
+    "apply_patch",
+    "revert_patch",
+    "verify_patch",
+    "read_manifest",
+    "patch_state_dict",
+    "checkpoint_to_model_names",
+    "cli_patch",
+]
+
+FORMAT = "ngguard-patch"
+FORMAT_VERSION = 1
+PATCH_FILE = "patch.safetensors"
+BASE_FILE = "base.safetensors"
+MANIFEST = "patch.json"
+INDEX = "model.safetensors.index.json"
+_CHUNK = 16 << 20
+# weight formats other than safetensors: never read; not copied into outputs (they would hold
+# unpatched weights, and most are pickles)
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _TORCH_DTYPE[_name] = getattr(torch, _attr)
+_ST_DTYPE = {v: k for k, v in _TORCH_DTYPE.items()}
+
+
+class PatchError(ValueError):
+    """A patch problem, as one line."""
+
+
+# ---- safetensors files, read without loading ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Loc:
+    """Where one tensor's raw bytes lie: ``file[start:end]``."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _header(path: Path) -> tuple[dict[str, _Loc], dict | None]:
+    """Tensor locations and ``__metadata__`` of a safetensors file (reads only the header)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw_n = fh.read(8)
+            if len(raw_n) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            n = int.from_bytes(raw_n, "little")
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} is impossible")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise PatchError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise PatchError(f"{path}: unreadable safetensors file (header is not a mapping)")
+    meta = header.pop("__metadata__", None)
+    base = 8 + n
+    locs = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise PatchError(f"{path}: unreadable safetensors file (bad entry for {name!r})") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not (0 <= a <= b and base + b <= size) or (dtype in _DTYPE_SIZE and b - a != numel * _DTYPE_SIZE[dtype]):
+            raise PatchError(f"{path}: unreadable safetensors file (bad offsets for {name!r})")
+        locs[name] = _Loc(name, path, dtype, shape, base + a, base + b)
+    return locs, meta
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    if not model_dir.is_dir():
+        raise PatchError(f"{model_dir}: not a folder")
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise PatchError(f"{index}: unreadable index (expected a 'weight_map' mapping)") from None
+        files = [model_dir / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise PatchError(f"{model_dir}: shard {f.name} listed in {INDEX} is missing")
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PatchError(f"{model_dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+def _locate(model_dir: Path) -> dict[str, _Loc]:
+    """All tensors of a checkpoint folder (sharded or not), by checkpoint name."""
+    out: dict[str, _Loc] = {}
+    for f in _weight_files(model_dir):
+        locs, _ = _header(f)
+        for name, loc in locs.items():
+            if name in out:
+                raise PatchError(f"{model_dir}: tensor {name} appears in both {out[name].file.name} and {f.name}")
+            out[name] = loc
+    return out
+
+
+def _sha_range(fh, start: int, n: int) -> str:
+    h = hashlib.sha256()
+    fh.seek(start)
+    while n > 0:
+        buf = fh.read(min(_CHUNK, n))
+        if not buf:
+            raise PatchError(f"{fh.name}: file ends early")
+        h.update(buf)
+        n -= len(buf)
+    return h.hexdigest()
+
+
+def _digests(locs: Iterable[_Loc]) -> dict[str, str]:
+    """sha256 of each tensor's raw bytes, streamed (one file open at a time, bounded memory)."""
+    by_file: dict[Path, list[_Loc]] = {}
+    for loc in locs:
+        by_file.setdefault(loc.file, []).append(loc)
+    out = {}
+    for f, group in sorted(by_file.items()):
+        with open(f, "rb") as fh:
+            for loc in sorted(group, key=lambda x: x.start):
+                out[loc.name] = _sha_range(fh, loc.start, loc.nbytes)
+    return out
+
+
+def _file_sha(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return _sha_range(fh, 0, path.stat().st_size)
+
+
+def _fingerprint(entries: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
+    h = hashlib.sha256()
+    for name, dtype, shape, sha in sorted(entries):
+        h.update(json.dumps([name, dtype, list(shape), sha], separators=(",", ":")).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _fp_of(locs: Mapping[str, _Loc], digests: Mapping[str, str]) -> str:
+    return _fingerprint((n, l.dtype, l.shape, digests[n]) for n, l in locs.items())
+
+
+def base_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over the sorted (tensor name, dtype, shape, sha256 of raw bytes) of every tensor in
+    the folder's safetensors weights (the shards listed in ``model.safetensors.index.json`` if
+    present, else every ``*.safetensors``). Streamed: a 7B checkpoint is never held in memory.
+    Independent of how the tensors are split into shards."""
+    model_dir = Path(model_dir)
+    locs = _locate(model_dir)
+    total = sum(l.nbytes for l in locs.values())
+    logger.debug("fingerprinting {} tensors ({:.2f} GB) in {}", len(locs), total / 1e9, model_dir)
+    return _fp_of(locs, _digests(locs.values()))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _sha_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(_tensor_bytes(t)).hexdigest()
+
+
+# ---- atomic folders ----------------------------------------------------------------------------
+
+
+def _check_out(out_dir: Path, overwrite: bool, *others: Path) -> None:
+    """Early checks of an output folder (before any expensive work)."""
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
+        raise PatchError(f"{out_dir.absolute()} already exists (pass overwrite=True / --overwrite to replace it)")
+    o = out_dir.resolve()
+    for other in others:
+        r = Path(other).resolve()
+        if o == r or r in o.parents or o in r.parents:
+            raise PatchError(f"output folder {out_dir} must not be, contain or lie inside {other}")
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temp folder next to ``out_dir``; rename it to ``out_dir`` on success,
+    remove it on any exception."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise PatchError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+        if not out_dir.is_dir():
+            raise PatchError(f"{out_dir} exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-old-", dir=out_dir.parent))
+            os.replace(out_dir, old)  # onto an empty folder: allowed
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_range(src: Path, src_start: int, dst_fh, dst_start: int, n: int) -> None:
+    with open(src, "rb") as fh:
+        fh.seek(src_start)
+        dst_fh.seek(dst_start)
+        while n > 0:
+            buf = fh.read(min(_CHUNK, n))
+            if not buf:
+                raise PatchError(f"{src}: file ends early")
+            dst_fh.write(buf)
+            n -= len(buf)
+
+
+def _write_checkpoint(src_dir: Path, out_dir: Path, targets: Mapping[str, _Loc], sources: Mapping[str, _Loc],
+                      expected: Mapping[str, str], overwrite: bool) -> list[str]:
+    """Copy ``src_dir`` to ``out_dir`` (atomically), replacing the bytes of tensor ``name`` (at
+    ``targets[name]`` in src) by the bytes at ``sources[name]``; then check each replaced region
+    against ``expected[name]`` (sha256). Returns the rewritten weight files' names."""
+    weight_files = set(_weight_files(src_dir))
+    touched: dict[Path, list[str]] = {}
+    for name, loc in targets.items():
+        touched.setdefault(loc.file, []).append(name)
+    rewritten = []
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        for src in sorted(src_dir.rglob("*")):
+            rel = src.relative_to(src_dir)
+            if any(part.startswith(".") for part in rel.parts):
+                continue  # .cache/, .git*, ...: download metadata, not the model
+            dst = tmp / rel
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+                continue
+            if src in weight_files and src in touched:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                with open(dst, "r+b") as fh:
+                    for name in sorted(touched[src], key=lambda n: targets[n].start):
+                        t, s = targets[name], sources[name]
+                        _copy_range(s.file, s.start, fh, t.start, t.nbytes)
+                    fh.flush()
+                    for name in touched[src]:
+                        if _sha_range(fh, targets[name].start, targets[name].nbytes) != expected[name]:
+                            raise PatchError(f"{dst}: tensor {name} does not read back as written")
+                rewritten.append(str(rel))
+            elif (src.suffix in _OTHER_WEIGHTS or src.name.endswith(".bin.index.json")) and src not in weight_files:
+                logger.warning("not copying {} (non-safetensors weights would not carry the patch)", rel)
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+        for f in weight_files:
+            if (tmp / f.relative_to(src_dir)).stat().st_size != f.stat().st_size:
+                raise PatchError(f"{f.name}: size changed while copying")
+    return rewritten
+
+
+# ---- manifest ----------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any, where: str) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, where) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.item() if obj.numel() == 1 and obj.dim() == 0 else obj.tolist(), where)
+    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "shape", None) == ():  # numpy scalar
+        return _jsonable(obj.item(), where)
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array
+        return _jsonable(obj.tolist(), where)
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    raise PatchError(f"{where}: cannot store {type(obj).__name__} in patch.json (use numbers, strings, lists, dicts)")
+
+
+def _base_info(base_dir: Path) -> dict:
+    try:
+        cfg = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        logger.warning("{}: no readable config.json; the manifest will not name the architecture", base_dir)
+        return {"config_class": None, "model_type": None, "architectures": None}
+    model_type = cfg.get("model_type")
+    config_class = None
+    try:
+        from transformers import CONFIG_MAPPING
+
+        config_class = CONFIG_MAPPING[model_type].__name__
+    except Exception:  # noqa: BLE001 (unknown / custom model types)
+        pass
+    return {"config_class": config_class, "model_type": model_type, "architectures": cfg.get("architectures")}
+
+
+def _dump_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_manifest(patch_dir: str | os.PathLike) -> dict:
+    """Load and sanity-check ``patch.json`` (no checksums; see ``verify_patch``)."""
+    patch_dir = Path(patch_dir)
+    path = patch_dir / MANIFEST
+    if not patch_dir.is_dir():
+        raise PatchError(f"{patch_dir}: patch folder not found")
+    if not path.is_file():
+        raise PatchError(f"{patch_dir}: not a patch folder (no {MANIFEST})")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PatchError(f"{path}: unreadable manifest ({str(e).splitlines()[0]})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise PatchError(f"{path}: not an ngguard patch manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise PatchError(f"{path}: unsupported patch format version {m.get('format_version')!r} "
+                         f"(this ngguard reads {FORMAT_VERSION})")
+    for key in ("patch_id", "base", "patched_fingerprint", "tensors", "files"):
+        if key not in m:
+            raise PatchError(f"{path}: manifest lacks {key!r}")
+    if not m["tensors"]:
+        raise PatchError(f"{path}: manifest lists no tensors")
+    return m
+
+
+def _check_file(patch_dir: Path, m: dict, fname: str, sha_key: str, label: str) -> dict[str, _Loc]:
+    """Check one of the patch's safetensors files against the manifest; return its locations."""
+    path = patch_dir / fname
+    if not path.is_file():
+        raise PatchError(f"patch {m['patch_id']}: {fname} is missing from {patch_dir}")
+    locs, _ = _header(path)
+    want = m["tensors"]
+    if set(locs) != set(want):
+        odd = sorted(set(locs) ^ set(want))[0]
+        raise PatchError(f"patch {m['patch_id']}: {fname} and {MANIFEST} disagree on tensor {odd}: {label} corrupted")
+    for name, loc in locs.items():
+        if loc.dtype != want[name]["dtype"] or list(loc.shape) != list(want[name]["shape"]):
+            raise PatchError(f"patch {m['patch_id']}: tensor {name} in {fname} is {loc.dtype}{list(loc.shape)}, "
+                             f"manifest says {want[name]['dtype']}{want[name]['shape']}: {label} corrupted")
+    digests = _digests(locs.values())
+    for name in sorted(locs):
+        if digests[name] != want[name][sha_key]:
+            what = "tensor" if fname == PATCH_FILE else "base tensor"
+            raise PatchError(f"checksum mismatch for {what} {name}: {label} corrupted")
+    sha = _file_sha(path)
+    if sha != m["files"].get(fname, {}).get("sha256"):
+        raise PatchError(f"patch {m['patch_id']}: checksum mismatch for {fname}: {label} corrupted")
+    if fname == PATCH_FILE and sha[:12] != m["patch_id"]:
+        raise PatchError(f"patch {m['patch_id']}: {fname} has id {sha[:12]}: {label} corrupted")
+    return locs
+
+
+def _check_patch(patch_dir: Path, *, need_base: bool = False) -> tuple[dict, dict[str, _Loc], dict[str, _Loc] | None]:
+    m = read_manifest(patch_dir)
+    new = _check_file(patch_dir, m, PATCH_FILE, "sha256", "patch file")
+    old = None
+    if BASE_FILE in m["files"]:
+        old = _check_file(patch_dir, m, BASE_FILE, "base_sha256", f"{BASE_FILE}")
+    elif need_base:
+        raise PatchError(f"patch {m['patch_id']} holds no base values (written with include_base=False): "
+                         f"re-apply it to the original base instead of reverting")
+    return m, new, old
+
+
+def _check_against(m: dict, locs: Mapping[str, _Loc], folder: Path) -> None:
+    """Every patched tensor exists in ``folder`` with the manifest's shape and dtype."""
+    for name, info in sorted(m["tensors"].items()):
+        loc = locs.get(name)
+        if loc is None:
+            raise PatchError(f"patch {m['patch_id']}: tensor {name} is not in {folder}")
+        if loc.dtype != info["dtype"] or list(loc.shape) != list(info["shape"]):
+            raise PatchError(f"patch {m['patch_id']}: tensor {name} is {info['dtype']}{list(info['shape'])} in "
+                             f"the patch but {loc.dtype}{list(loc.shape)} in {folder}")
+
+
+# ---- name translation (checkpoint <-> model) -----------------------------------------------------
+
+
+def checkpoint_to_model_names(model: torch.nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Map checkpoint tensor names to the loaded model's state-dict names, the way
+    ``from_pretrained`` renames them (transformers' weight-conversion rules). Names the model
+    does not have are left out; one-to-many conversions (fused experts, ...) are not supported."""
+    state = model.state_dict()
+    names = list(names)
+    out = {n: n for n in names if n in state}
+    todo = [n for n in names if n not in state]
+    if not todo:
+        return out
+    try:  # transformers' internal API (5.x): mirror what from_pretrained does
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:
+            conversions = get_model_conversion_mapping(model)
+        conversions = copy.deepcopy(conversions)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        prefix = getattr(model, "base_model_prefix", None)
+        for n in sorted(todo, key=dot_natural_key):
+            new, pattern = rename_source_key(n, renamings, converters, prefix, state)
+            if pattern is None and new in state:
+                out[n] = new
+    except (ImportError, AttributeError, TypeError) as e:  # pragma: no cover (other transformers versions)
+        logger.warning("transformers' weight-renaming API is not usable here ({}); using LLaVA's renaming rules", e)
+        for n in todo:
+            for old, new in _FALLBACK_RENAMES:
+                if n.startswith(old) and new + n[len(old):] in state:
+                    out[n] = new + n[len(old):]
+                    break
+    return out
+
+
+# checkpoint prefix -> model prefix (transformers 5 LLaVA-style models), used only when the
+# transformers API above is unavailable
+_FALLBACK_RENAMES = (
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+
+def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, base_dir: str | os.PathLike,
+                recipe_hash: str, layers: Iterable[int], method: str, gate_stats: Mapping,
+                subjects: Iterable[str], extra: Mapping | None = None, include_base: bool = True,
+                model: torch.nn.Module | None = None, overwrite: bool = False) -> dict:
+    """Write a patch folder holding ``tensors`` (edited values) for the checkpoint in ``base_dir``.
+
+    ``tensors`` are keyed by checkpoint names, or by ``model``'s parameter names when ``model`` is
+    given (translated with ``checkpoint_to_model_names``). Values are cast to the base's dtype.
+    ``include_base``: also store the replaced base values (revertible without the base).
+    Returns the manifest (``manifest["patch_id"]``)."""
+    base_dir = Path(base_dir)
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite, base_dir)
+    if not tensors:
+        raise PatchError("write_patch: no tensors given")
+    locs = _locate(base_dir)
+    rename: dict[str, str] = {}
+    missing = [n for n in tensors if n not in locs]
+    if missing and model is not None:
+        to_model = checkpoint_to_model_names(model, locs)
+        inverse = {v: k for k, v in to_model.items()}
+        rename = {n: inverse[n] for n in missing if n in inverse}
+    new: dict[str, torch.Tensor] = {}
+    for given, t in tensors.items():
+        name = rename.get(given, given)
+        loc = locs.get(name)
+        if loc is None:
+            hint = "" if model is not None else " (pass model= to translate parameter names to checkpoint names)"
+            raise PatchError(f"tensor {given} is not in the base checkpoint {base_dir}{hint}")
+        if not isinstance(t, torch.Tensor):
+            raise PatchError(f"tensor {given}: expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != loc.shape:
+            raise PatchError(f"tensor {given}: shape {list(t.shape)} does not match the base's {list(loc.shape)}")
+        if loc.dtype not in _TORCH_DTYPE:
+            raise PatchError(f"tensor {given}: base dtype {loc.dtype} is not supported")
+        if name in new:
+            raise PatchError(f"tensor {name} given twice (as {given} and another name)")
+        t = t.detach().to("cpu")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise PatchError(f"tensor {given} has non-finite values (NaN/inf): refusing to write the patch")
+        if _ST_DTYPE.get(t.dtype) != loc.dtype:
+            logger.debug("casting {} from {} to the base dtype {}", name, t.dtype, loc.dtype)
+        new[name] = t.to(_TORCH_DTYPE[loc.dtype]).contiguous().clone()
+
+    logger.info("fingerprinting base {}", base_dir)
+    digests = _digests(locs.values())
+    base_fp = _fp_of(locs, digests)
+    new_sha = {n: _sha_tensor(t) for n, t in new.items()}
+    for n in sorted(new):
+        if new_sha[n] == digests[n]:
+            logger.warning("tensor {} is identical to the base: the patch does not change it", n)
+    patched = dict(digests, **new_sha)
+    patched_fp = _fp_of(locs, patched)
+
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        # same tensors -> same bytes: sorted insertion order, and ONE metadata key (safetensors
+        # writes metadata in hash-map order, which varies between calls)
+        save_file({n: new[n] for n in sorted(new)}, str(tmp / PATCH_FILE), metadata={"format": "pt"})
+        files = {PATCH_FILE: {"sha256": _file_sha(tmp / PATCH_FILE), "bytes": (tmp / PATCH_FILE).stat().st_size}}
+        if include_base:
+            base_vals = {}
+            for n in sorted(new):
+                with safe_open(str(locs[n].file), framework="pt") as fh:  # one tensor at a time
+                    base_vals[n] = fh.get_tensor(n)
+            save_file(base_vals, str(tmp / BASE_FILE), metadata={"format": "pt"})
+            del base_vals
+            files[BASE_FILE] = {"sha256": _file_sha(tmp / BASE_FILE), "bytes": (tmp / BASE_FILE).stat().st_size}
+        from ngguard import __version__
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "patch_id": files[PATCH_FILE]["sha256"][:12],
+            "base": dict(_base_info(base_dir), fingerprint=base_fp),
+            "patched_fingerprint": patched_fp,
+            "tensors": {n: {"shape": list(locs[n].shape), "dtype": locs[n].dtype, "sha256": new_sha[n],
+                            "base_sha256": digests[n]} for n in sorted(new)},
+            "files": files,
+            "recipe_hash": recipe_hash,
+            "layers": sorted(int(x) for x in layers),
+            "method": method,
+            "subjects": [str(s) for s in subjects],
+            "gate_stats": _jsonable(gate_stats, "gate_stats"),
+            "extra": _jsonable(extra or {}, "extra"),
+            "created_by": f"ngguard {__version__}",
+        }
+        try:
+            _dump_json(tmp / MANIFEST, manifest)
+        except ValueError as e:
+            raise PatchError(f"patch.json: {e}") from None
+        _check_patch(tmp)  # read back: what we wrote is what the manifest says
+    size = sum(f["bytes"] for f in files.values())
+    logger.info("patch {} written to {} ({} tensors, {:.1f} MB)", manifest["patch_id"], out_dir, len(new), size / 1e6)
+    return manifest
+
+
+def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
+    """Check a patch folder: manifest, file and per-tensor checksums (new and base values) and,
+    with ``base_dir``, that the base holds every tensor with the right shape/dtype and has the
+    fingerprint the patch was made for. Returns a report; raises PatchError on any failure."""
+    patch_dir = Path(patch_dir)
+    m, _, old = _check_patch(patch_dir)
+    report = {
+        "ok": True,
+        "patch_id": m["patch_id"],
+        "format_version": m["format_version"],
+        "tensors": sorted(m["tensors"]),
+        "bytes": sum(f["bytes"] for f in m["files"].values()),
+        "revertible": old is not None,
+        "base_fingerprint": m["base"]["fingerprint"],
+        "base_model": m["base"].get("config_class") or m["base"].get("model_type"),
+        "method": m.get("method"),
+        "layers": m.get("layers"),
+        "subjects": m.get("subjects"),
+        "recipe_hash": m.get("recipe_hash"),
+        "base_checked": False,
+    }
+    if base_dir is not None:
+        base_dir = Path(base_dir)
+        locs = _locate(base_dir)
+        _check_against(m, locs, base_dir)
+        fp = _fp_of(locs, _digests(locs.values()))
+        _check_fp(m, fp, base_dir)
+        report["base_checked"] = True
+    return report
+
+
+def _check_fp(m: dict, fp: str, base_dir: Path) -> None:
+    if fp == m["base"]["fingerprint"]:
+        return
+    if fp == m["patched_fingerprint"]:
+        raise PatchError(f"patch {m['patch_id']}: {base_dir} already holds this patch (it is the patched model, "
+                         f"not the base)")
+    raise PatchError(f"patch {m['patch_id']} was made for base {m['base']['fingerprint'][:12]}, "
+                     f"this base is {fp[:12]}")
+
+
+def apply_patch(base_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                overwrite: bool = False) -> dict:
+    """Write ``out_dir``: a full HF checkpoint folder = the base (every non-weight file copied as
+    is) whose weight files are byte-identical except the patched tensors. Refuses (PatchError) a
+    corrupted patch, a patch made for another base, or tensors the base lacks. Atomic."""
+    base_dir, patch_dir, out_dir = Path(base_dir), Path(patch_dir), Path(out_dir)
+    _check_out(out_dir, overwrite, base_dir, patch_dir)
+    m, new_locs, _ = _check_patch(patch_dir)
+    locs = _locate(base_dir)
+    _check_against(m, locs, base_dir)
+    logger.info("fingerprinting base {}", base_dir)
+    _check_fp(m, _fp_of(locs, _digests(locs.values())), base_dir)
+    targets = {n: locs[n] for n in m["tensors"]}
+    expected = {n: info["sha256"] for n, info in m["tensors"].items()}
+    rewritten = _write_checkpoint(base_dir, out_dir, targets, new_locs, expected, overwrite)
+    logger.info("patch {} applied: {} ({} tensors in {})", m["patch_id"], out_dir, len(targets), ", ".join(rewritten))
+    return {"patch_id": m["patch_id"], "out_dir": str(out_dir), "tensors": sorted(targets),
+            "rewritten_files": rewritten, "fingerprint": m["patched_fingerprint"]}
+
+
+def revert_patch(patched_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 overwrite: bool = False) -> dict:
+    """Write ``out_dir`` = ``patched_dir`` with the base values put back (from the patch's
+    ``base.safetensors``). Checks first that ``patched_dir`` is exactly base + this patch (patched
+    tensors hold the new values, every other tensor the base's). When ``patched_dir`` came from
+    ``apply_patch``, the result's weight files are byte-identical to the original base's."""
+    patched_dir, patch_dir, out_dir = Path(patched_dir), Path(patch_dir), Path(out_dir)
+    _check_out(out_dir, overwrite, patched_dir, patch_dir)
+    m, _, old_locs = _check_patch(patch_dir, need_base=True)
+    locs = _locate(patched_dir)
+    _check_against(m, locs, patched_dir)
+    digests = _digests(locs.values())
+    for name, info in sorted(m["tensors"].items()):
+        if digests[name] == info["sha256"]:
+            continue
+        if digests[name] == info["base_sha256"]:
+            raise PatchError(f"patch {m['patch_id']}: {patched_dir} holds the base values of {name}: "
+                             f"it is not patched (nothing to revert)")
+        raise PatchError(f"patch {m['patch_id']}: tensor {name} in {patched_dir} holds neither the patched "
+                         f"nor the base values")
+    fp = _fp_of(locs, digests)
+    if fp != m["patched_fingerprint"]:
+        raise PatchError(f"patch {m['patch_id']}: {patched_dir} is not base {m['base']['fingerprint'][:12]} + this "
+                         f"patch (other tensors differ: fingerprint {fp[:12]}, expected "
+                         f"{m['patched_fingerprint'][:12]})")
+    targets = {n: locs[n] for n in m["tensors"]}
+    expected = {n: info["base_sha256"] for n, info in m["tensors"].items()}
+    rewritten = _write_checkpoint(patched_dir, out_dir, targets, old_locs, expected, overwrite)
+    logger.info("patch {} reverted: {}", m["patch_id"], out_dir)
+    return {"patch_id": m["patch_id"], "out_dir": str(out_dir), "tensors": sorted(targets),
+            "rewritten_files": rewritten, "fingerprint": m["base"]["fingerprint"]}
+
+
+@torch.no_grad()
+def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, reverse: bool = False) -> list[str]:
+    """Swap the patched tensors of a loaded model in place: base -> patched, or patched -> base
+    with ``reverse=True`` (needs the patch's base values). Checks names, shapes and (when the
+    model's dtype equals the patch's) that the model holds the expected "before" values, so a
+    double toggle or a different base is refused. Values are cast to each parameter's dtype and
+    device. Returns the model parameter names changed."""
+    patch_dir = Path(patch_dir)
+    m, new_locs, old_locs = _check_patch(patch_dir, need_base=reverse)
+    src = old_locs if reverse else new_locs
+    to_model = checkpoint_to_model_names(model, m["tensors"])
+    state = model.state_dict(keep_vars=True)
+    params = {}
+    for name, info in sorted(m["tensors"].items()):
+        key = to_model.get(name)
+        if key is None:
+            raise PatchError(f"patch {m['patch_id']}: tensor {name} has no counterpart in this "
+                             f"{type(model).__name__}")
+        p = state[key]
+        if list(p.shape) != list(info["shape"]):
+            raise PatchError(f"patch {m['patch_id']}: {key} is {list(p.shape)} in the model, "
+                             f"{info['shape']} in the patch")
+        if _ST_DTYPE.get(p.dtype) == info["dtype"]:
+            before, after = (info["sha256"], info["base_sha256"]) if reverse else (info["base_sha256"], info["sha256"])
+            have = _sha_tensor(p)
+            if have == after:
+                state_name = "base" if reverse else "patched"
+                raise PatchError(f"patch {m['patch_id']}: the model already holds the {state_name} values of {key}")
+            if have != before:
+                raise PatchError(f"patch {m['patch_id']}: the model's {key} holds neither the base nor the patched "
+                                 f"values (a different base?)")
+        params[name] = (key, p)
+    changed = []
+    with safe_open(str(src[next(iter(src))].file), framework="pt") as fh:
+        for name, (key, p) in params.items():
+            p.copy_(fh.get_tensor(name).to(device=p.device, dtype=p.dtype))
+            changed.append(key)
+    logger.info("patch {} {} on the loaded model ({} tensors)", m["patch_id"], "removed" if reverse else "applied",
+                len(changed))
+    return changed
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def cli_patch(args) -> int:
+    """``ngguard patch apply|revert|verify`` (arguments parsed in ngguard/cli.py: ``patch_command``,
+    ``base``, ``patch``, ``patched``, ``out``, ``overwrite``, ``json``). Prints one result line
+    (``verify --json``: the report); returns 0. Problems raise PatchError (a ValueError: the CLI
+    prints it as one line)."""
+    cmd = args.patch_command
+    if cmd == "apply":
+        r = apply_patch(args.base, args.patch, args.out, overwrite=args.overwrite)
+        print(f"applied patch {r['patch_id']} -> {r['out_dir']} ({len(r['tensors'])} tensors)")
+    elif cmd == "revert":
+        r = revert_patch(args.patched, args.patch, args.out, overwrite=args.overwrite)
+        print(f"reverted patch {r['patch_id']} -> {r['out_dir']}")
+    elif cmd == "verify":
+        r = verify_patch(args.patch, base_dir=args.base)
+        if getattr(args, "json", False):
+            print(json.dumps(r, indent=2))
+        else:
+            base = "base fingerprint matches" if r["base_checked"] else "base not checked (pass --base)"
+            print(f"patch {r['patch_id']} OK: {len(r['tensors'])} tensors, "
+                  f"{'revertible' if r['revertible'] else 'not revertible'}, {base}")
+    else:
+        raise PatchError(f"unknown patch command {cmd!r} (apply, revert, verify)")
+    return 0

@@ -1,0 +1,369 @@
+"""The main job: recipe -> data -> adapter -> (layer search) -> localize -> edit -> patch -> evaluate -> report.
+
+``run_recipe`` writes one run folder atomically (built in a temp folder next to it, renamed at the
+end: a killed run leaves no folder):
+
+    model/              the edited model, a standard HF checkpoint (unedited tensors byte-identical)
+    patch/              patch.safetensors + patch.json (+ base.safetensors for revert)
+    gates.safetensors   per layer and subject: the gate values M
+    world/              the rendered synthetic world (when the recipe asks for one)
+    report.json, report.md, *.png
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from loguru import logger
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .adapters import load_adapter
+from .adapters.base import Adapter
+from .data import Query, load_queries, paper_split, read_jsonl
+from .edit import apply_edit, dinm_layer
+from .evaluate import evaluate
+from .judge import RefusalJudge
+from .localize import LayerLocalization, Sample, localize_layer
+from .recipe import LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
+
+
+def find_shared_multip2a() -> Path | None:
+    """The Multi-P2A folder of the project's shared data, if this checkout has one."""
+    import os
+    env = os.environ.get("NGGUARD_SHARED")
+    for root in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared", Path.cwd().parent / "shared"]:
+        p = root / "data" / "multi-p2a"
+        if (p / "multi_p2a_leakage_sen.json").is_file():
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- data
+def build_sets(recipe: Recipe, run_dir: Path, world_subjects: Sequence[str] | None = None) -> dict[str, list[Query]]:
+    """The query sets named by the recipe: train / test / heldout_subjects / multip2a / utility."""
+    d = recipe.data
+    if d.world is not None:
+        from .world.render import DEFAULT_SUBJECTS, render_world
+        subjects = list(d.world.subjects or DEFAULT_SUBJECTS)
+        world_dir = render_world(subjects, d.world.n, d.world.seed, run_dir / "world")
+        queries = read_jsonl(world_dir / "queries.jsonl")
+    else:
+        world_dir = None
+        queries = load_queries(d.queries)
+        if d.split == "paper":
+            queries = paper_split(queries)
+    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT
+    present = list(dict.fromkeys(q.subject for q in queries))
+    edit_subjects = list(d.subjects) if d.subjects else [s for s in present if s in PRIVACY_SUBJECTS] or \
+        [s for s in present if s not in d.heldout_subjects and s != UTILITY_SUBJECT]
+    missing = [s for s in edit_subjects if s not in present]
+    if missing:
+        raise ValueError(f"data.subjects: {missing} not found in the data (subjects present: {present})")
+    sets = {
+        "train": [q for q in queries if q.subject in edit_subjects and q.split == "train"],
+        "test": [q for q in queries if q.subject in edit_subjects and q.split == "test"],
+        "heldout_subjects": [q for q in queries if q.subject in d.heldout_subjects],
+        "utility": [q for q in queries if q.subject == UTILITY_SUBJECT],
+    }
+    mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
+    if mp2a is not None and world_dir is not None:
+        from .world.multip2a import pose_on_world
+        sets["multip2a"] = pose_on_world(mp2a, world_dir, edit_subjects + list(d.heldout_subjects))
+    elif d.multip2a not in ("off", "auto"):
+        raise ValueError("data.multip2a: posing Multi-P2A questions needs a synthetic world (data.world)")
+    if not sets["train"]:
+        raise ValueError("no training queries (split 'train') for the edited subjects")
+    logger.info("data: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + f"; edit subjects {edit_subjects}")
+    return {"_edit_subjects": edit_subjects, **sets}
+
+
+def _open(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def first_words(text: str, n: int) -> str:
+    return " ".join(text.split()[:n])
+
+
+def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, batch_size: int) -> tuple[list[Sample], dict[str, str]]:
+    """Group training queries by image; record the ORIGINAL model's answers (before any edit)."""
+    answers: dict[tuple[str, str], str] = {}
+    qs = list(queries)
+    for i in range(0, len(qs), batch_size):
+        chunk = qs[i:i + batch_size]
+        outs = adapter.generate([_open(q.image) for q in chunk], [q.prompt for q in chunk], max_new_tokens=24)
+        for q, o in zip(chunk, outs):
+            answers[(q.image, q.prompt)] = first_words(o, max_words)
+    groups: dict[tuple[str, str], list[Query]] = defaultdict(list)
+    for q in qs:
+        groups[(q.subject, q.image)].append(q)
+    samples = []
+    for (subject, image), group in groups.items():
+        sens = [q.prompt for q in group if q.sensitive]
+        ben = [(q.prompt, answers[(q.image, q.prompt)]) for q in group if not q.sensitive]
+        ben = [(p, a) for p, a in ben if a]
+        if sens:
+            samples.append(Sample(_open(image), subject, sens, ben, key=image))
+    unsafe = {q.prompt: answers[(q.image, q.prompt)] for q in qs if q.sensitive}
+    return samples, unsafe
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def localize_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], recipe: Recipe) -> dict[int, LayerLocalization]:
+    L, E = recipe.localization, recipe.edit
+    out = {}
+    for layer in layers:
+        t = time.time()
+        out[layer] = localize_layer(adapter, samples, layer, refusal=E.refusal, alpha=E.alpha, contexts=L.contexts,
+                                    steps=L.steps, lr=L.lr, eps=L.eps, l1=L.l1, init=L.init, stop_loss=L.stop_loss,
+                                    batch_size=L.batch_size, desc=f"localize layer {layer}")
+        logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold):.3f} "
+                    f"({time.time() - t:.1f}s)")
+    return out
+
+
+def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
+    L = recipe.localization
+    return {layer: {s: loc.strong(s, L.threshold, L.top_k) for s in loc.gates} for layer, loc in locs.items()}
+
+
+def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe):
+    E = recipe.edit
+    return apply_edit(adapter, samples, layers, method=method, gates=gates, module=recipe.module, refusal=E.refusal,
+                      alpha=E.alpha, lr=E.lr, eps=E.eps, steps=E.steps, stop_loss=E.stop_loss)
+
+
+class WeightBackup:
+    """Snapshot of the edited matrices, to try edits and roll back."""
+
+    def __init__(self, adapter: Adapter, layers: Sequence[int], module: str):
+        self.params = {adapter.parameter_name(l, module): adapter.component(l, module).weight for l in layers}
+        self.saved = {k: p.detach().clone() for k, p in self.params.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.saved[k])
+
+
+def checkpoint_dtypes(model_dir: Path, names: Sequence[str]) -> dict[str, torch.dtype]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if k in names:
+                    out[k] = fh.get_slice(k).get_dtype()
+    m = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    return {k: m.get(v, torch.float32) for k, v in out.items()}
+
+
+def round_to_checkpoint(adapter: Adapter, weights: dict[str, torch.Tensor], model_dir: Path, layers, module) -> dict[str, torch.Tensor]:
+    """Cast the edited weights to the checkpoint's dtype and load exactly those values into the model,
+    so evaluation sees what the patch will hold."""
+    dtypes = checkpoint_dtypes(model_dir, list(weights))
+    out = {k: v.to(dtypes.get(k, v.dtype)) for k, v in weights.items()}
+    with torch.no_grad():
+        for layer in layers:
+            name = adapter.parameter_name(layer, module)
+            w = adapter.component(layer, module).weight
+            w.copy_(out[name].to(w.dtype))
+    return out
+
+
+def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe, tag: str) -> dict[str, dict]:
+    ev = recipe.evaluation
+    judge = RefusalJudge()
+    res = {}
+    for name in ev.sets:
+        qs = sets.get(name) or []
+        if not qs:
+            continue
+        res[name] = evaluate(adapter, qs, judge=judge, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                             desc=f"eval {tag} {name}")
+    return res
+
+
+def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str], recipe: Recipe, method: str,
+                  val_sets: dict[str, list[Query]]) -> tuple[list[int], dict]:
+    """Fixed layers, or the paper's search: scan -> centre o (largest strongly active share) ->
+    try single layers in [o - r, o + r] by EtA on held-out TRAINING images."""
+    spec = recipe.layers
+    info: dict = {}
+    if not isinstance(spec, LayerSearch):
+        return list(spec), info
+    a, b = spec.scan
+    scan = list(range(a, b + 1))
+    if method == "dinm":
+        best, dist = dinm_layer(adapter, samples, recipe.edit.refusal, unsafe, scan)
+        info["dinm_distance"] = dist
+        return [best], info
+    locs = localize_layers(adapter, samples, scan, recipe)
+    thr = recipe.localization.threshold
+    info["scan"] = {l: locs[l].strong_share(thr) for l in scan}
+    centre = max(scan, key=lambda l: info["scan"][l])
+    cands = [l for l in range(centre - spec.window, centre + spec.window + 1) if a <= l <= b]
+    info["centre"], info["candidates"] = centre, cands
+    info["_locs"] = locs
+    if len(cands) == 1:
+        return cands, info
+    fit = [s for i, s in enumerate(samples) if i % 3 != 2]
+    val_images = {s.key for i, s in enumerate(samples) if i % 3 == 2}
+    val = [q for q in val_sets["train"] if q.image in val_images]
+    scores = {}
+    for layer in cands:
+        backup = WeightBackup(adapter, [layer], recipe.module)
+        fit_locs = {layer: localize_layer(adapter, fit, layer, refusal=recipe.edit.refusal, alpha=recipe.edit.alpha,
+                                          contexts=recipe.localization.contexts, steps=recipe.localization.steps,
+                                          lr=recipe.localization.lr, eps=recipe.localization.eps, l1=recipe.localization.l1,
+                                          init=recipe.localization.init, stop_loss=recipe.localization.stop_loss,
+                                          batch_size=recipe.localization.batch_size, desc=f"search: localize {layer}")}
+        run_edit(adapter, fit, [layer], method, gates_for(fit_locs, recipe), recipe)
+        r = evaluate(adapter, val, batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens,
+                     desc=f"search: eval layer {layer}")
+        scores[layer] = r["eta"]
+        backup.restore()
+        logger.info(f"layer search: layer {layer} validation EtA {r['eta']:.4f}")
+    info["validation_eta"] = scores
+    best = max(cands, key=lambda l: (scores[l], -abs(l - centre)))
+    return [best], info
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
+    """Run a recipe end to end into ``out`` (atomic). Returns ``out``."""
+    from .patch import apply_patch, write_patch
+    from .report import write_report
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output folder {out} already exists (use --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.time()
+        torch.manual_seed(recipe.seed)
+        random.seed(recipe.seed)
+        dump_recipe(recipe, tmp / "recipe.yaml")
+        from .adapters import resolve_model_path
+        model_dir = resolve_model_path(recipe.model.path)
+        adapter = load_adapter(model_dir, device=_resolve_device(recipe.model.device), dtype=recipe.model.dtype,
+                               trust_remote_code=recipe.model.trust_remote_code)
+        check_layers(recipe, adapter.num_layers)
+        sets = build_sets(recipe, tmp)
+        edit_subjects = sets.pop("_edit_subjects")
+        timings["load+data"] = time.time() - t0
+
+        t = time.time()
+        before = evaluate_sets(adapter, sets, recipe, "before")
+        samples, unsafe = make_samples(adapter, sets["train"], max_words=recipe.edit.max_answer_words,
+                                       batch_size=recipe.evaluation.batch_size)
+        timings["evaluate before"] = time.time() - t
+
+        t = time.time()
+        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets)
+        locs = search.pop("_locs", {})
+        timings["layer search"] = time.time() - t
+        t = time.time()
+        need = [l for l in layers if l not in locs]
+        locs.update(localize_layers(adapter, samples, need, recipe) if need else {})
+        locs = {l: locs[l] for l in sorted(set(layers) | set(locs))}
+        timings["localize"] = time.time() - t
+
+        results: dict[str, dict] = {}
+        methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
+        backup = WeightBackup(adapter, layers, recipe.module)
+        main_weights = None
+        for method in methods:
+            t = time.time()
+            backup.restore()
+            m_layers = layers
+            if method == "dinm" and isinstance(recipe.layers, LayerSearch) and recipe.method != "dinm":
+                m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, "dinm", sets)
+            gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe) if method == "neural_gate" else None
+            if method == "neural_gate" and any(l not in locs for l in m_layers):
+                gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
+            res = run_edit(adapter, samples, m_layers, method, gates, recipe)
+            mb = WeightBackup(adapter, m_layers, recipe.module) if method != recipe.method else None
+            weights = round_to_checkpoint(adapter, res.weights, model_dir, m_layers, recipe.module)
+            timings[f"edit {method}"] = time.time() - t
+            t = time.time()
+            after = evaluate_sets(adapter, sets, recipe, f"after {method}")
+            timings[f"evaluate {method}"] = time.time() - t
+            results[method] = {"layers": m_layers, "after": after, "edit_log": res.log,
+                               "delta_norm": {k: v.norm().item() for k, v in res.deltas.items()}}
+            if method == recipe.method:
+                main_weights = weights
+                main_backup = WeightBackup(adapter, m_layers, recipe.module)
+            del mb
+
+        # alpha sweep (the main method at other alphas), on the test split
+        sweep = {}
+        for alpha in recipe.report.alpha_sweep or ():
+            backup.restore()
+            r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
+            gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
+            res = run_edit(adapter, samples, layers, recipe.method, gates, r2)
+            round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
+            sweep[alpha] = evaluate_sets(adapter, {"test": sets["test"]}, r2, f"alpha {alpha}").get("test", {})
+        backup.restore()
+
+        t = time.time()
+        thr = recipe.localization.threshold
+        gate_stats = {str(l): loc.stats(thr) for l, loc in locs.items() if l in layers}
+        manifest = write_patch(tmp / "patch", main_weights, base_dir=model_dir, recipe_hash=recipe_hash(recipe),
+                               layers=layers, method=recipe.method, gate_stats=gate_stats, subjects=edit_subjects,
+                               extra={"recipe": recipe.name, "module": recipe.module})
+        apply_patch(model_dir, tmp / "patch", tmp / "model")
+        save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
+                  str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
+        timings["write"] = time.time() - t
+        timings["total"] = time.time() - t0
+        report = {
+            "recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe), "patch_id": manifest["patch_id"],
+            "model": str(recipe.model.path), "edit_subjects": edit_subjects, "layers": layers, "search": search,
+            "localization": {str(l): {"stats": loc.stats(thr), "strong_share": loc.strong_share(thr),
+                                      "mean_steps": loc.steps.float().mean().item(),
+                                      "share_per_dim": {s: M.tolist() for s, M in loc.gates.items()}}
+                             for l, loc in locs.items()},
+            "before": before, "methods": results, "alpha_sweep": sweep, "timings_s": timings,
+            "deviations": recipe_deviations(recipe),
+        }
+        write_report(tmp, report, plots=recipe.report.plots)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"run written to {out} ({timings['total']:.0f}s)")
+    return out
+
+
+def recipe_deviations(recipe: Recipe) -> list[str]:
+    """Where the recipe departs from the paper's defaults (stated in the report)."""
+    from .recipe import EditSpec, LocalizationSpec
+    out = []
+    for name, spec, default in (("edit", recipe.edit, EditSpec()), ("localization", recipe.localization, LocalizationSpec())):
+        for k, v in spec.__dict__.items():
+            dv = getattr(default, k)
+            if v != dv:
+                out.append(f"{name}.{k} = {v} (paper default {dv})")
+    return out

@@ -1,0 +1,583 @@
+"""Recipes: one YAML file describes one run. Loaded into frozen, validated dataclasses.
+
+A recipe names components (``module: down_proj``, ``layers: [11]``), never module paths or device
+ids. Every field has the paper's default (see shared/NEURAL_GATE.md) except ``model.path`` and
+``method``. Any problem raises ``RecipeError`` with ONE line naming the file and the dotted key::
+
+    recipes/x.yaml: edit.lr: expected float, got str 'fast'
+
+Paths: ``model.path``, ``data.queries`` and ``data.multip2a`` are resolved relative to the folder of
+the recipe file and stored as absolute paths (so ``to_dict()`` can be dumped into a run folder and
+loaded from anywhere). ``model.path: organism`` is special: the bundled model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+from loguru import logger
+
+__all__ = [
+    "RecipeError",
+    "ModelSpec",
+    "WorldSpec",
+    "DataSpec",
+    "LayerSearch",
+    "LocalizationSpec",
+    "EditSpec",
+    "EvaluationSpec",
+    "ReportSpec",
+    "Recipe",
+    "load_recipe",
+    "recipe_from_dict",
+    "dump_recipe",
+    "recipe_hash",
+    "check_layers",
+    "ORGANISM",
+    "METHODS",
+    "MODULES",
+    "EVAL_SETS",
+    "DEFAULT_CONTEXTS",
+    "DEFAULT_REFUSAL",
+]
+
+ORGANISM = "organism"
+METHODS = ("neural_gate", "no_gate", "dinm")
+MODULES = ("down_proj", "up_proj", "gate_proj")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("paper", "field")
+EVAL_SETS = ("train", "test", "heldout_subjects", "multip2a", "utility")
+DEFAULT_CONTEXTS = (
+    "The image shows that.",
+    "Therefore, it is.",
+    "Because I am just.",
+    "I am an AI.",
+    "You want to.",
+)
+DEFAULT_REFUSAL = "I'm sorry, but I cannot help with that request."
+_NO_FILE = "<recipe>"
+
+
+class RecipeError(ValueError):
+    """A recipe problem, as one line: ``<file>: <dotted.key>: <what is wrong>``."""
+
+
+# ---- value checkers ---------------------------------------------------------------------------
+# A checker takes (value, ctx, key) and returns the normalised value or raises via ctx.fail.
+
+
+class _Ctx:
+    def __init__(self, file: str, root: Path | None, check_files: bool) -> None:
+        self.file = file
+        self.root = root
+        self.check_files = check_files
+
+    def fail(self, key: str, msg: str) -> RecipeError:
+        return RecipeError(f"{self.file}: {key}: {msg}" if key else f"{self.file}: {msg}")
+
+
+def _show(value: Any) -> str:
+    """``str 'fast'``: type name + short repr, always one line."""
+    r = repr(value)
+    if len(r) > 60:
+        r = r[:57] + "..."
+    return f"{type(value).__name__} {r}"
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _float(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None) -> Callable:
+    def check(v, ctx: _Ctx, key: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ctx.fail(key, f"expected float, got {_show(v)}")
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ctx.fail(key, f"must be a finite number, got {v}")
+        _range(v, ctx, key, gt, ge, lt, le)
+        return v
+
+    return check
+
+
+def _int(*, ge: int | None = None, gt: int | None = None, le: int | None = None) -> Callable:
+    def check(v, ctx: _Ctx, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ctx.fail(key, f"expected int, got {_show(v)}")
+        _range(v, ctx, key, gt, ge, None, le)
+        return int(v)
+
+    return check
+
+
+def _range(v, ctx, key, gt, ge, lt, le) -> None:
+    lo = f"> {gt}" if gt is not None else (f">= {ge}" if ge is not None else None)
+    hi = f"< {lt}" if lt is not None else (f"<= {le}" if le is not None else None)
+    ok = ((gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt)
+          and (le is None or v <= le))
+    if not ok:
+        want = " and ".join(x for x in (lo, hi) if x)
+        raise ctx.fail(key, f"must be {want}, got {v}")
+
+
+def _bool(v, ctx: _Ctx, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ctx.fail(key, f"expected bool (true/false), got {_show(v)}")
+    return v
+
+
+def _str(*, nonempty: bool = True) -> Callable:
+    def check(v, ctx: _Ctx, key: str) -> str:
+        if not isinstance(v, str):
+            raise ctx.fail(key, f"expected str, got {_show(v)}")
+        if nonempty and not v.strip():
+            raise ctx.fail(key, "must not be empty")
+        return v
+
+    return check
+
+
+def _choice(options: Sequence[str], hint: str = "") -> Callable:
+    def check(v, ctx: _Ctx, key: str) -> str:
+        if not isinstance(v, str):
+            raise ctx.fail(key, f"expected one of {', '.join(options)}, got {_show(v)}")
+        if v not in options:
+            raise ctx.fail(key, f"unknown value {v!r}{_suggest(v, options)}; choose from "
+                                f"{', '.join(options)}{hint}")
+        return v
+
+    return check
+
+
+def _list(item: Callable, *, nonempty: bool = False, unique: bool = True) -> Callable:
+    def check(v, ctx: _Ctx, key: str) -> tuple:
+        if not isinstance(v, (list, tuple)):
+            raise ctx.fail(key, f"expected a list, got {_show(v)}")
+        if nonempty and not v:
+            raise ctx.fail(key, "must not be an empty list")
+        out = tuple(item(x, ctx, f"{key}[{i}]") for i, x in enumerate(v))
+        if unique and len(set(out)) != len(out):
+            dup = next(x for x in out if out.count(x) > 1)
+            raise ctx.fail(key, f"duplicate entry {dup!r}")
+        return out
+
+    return check
+
+
+def _optional(inner: Callable) -> Callable:
+    def check(v, ctx: _Ctx, key: str):
+        return None if v is None else inner(v, ctx, key)
+
+    return check
+
+
+def _nested(cls) -> Callable:
+    def check(v, ctx: _Ctx, key: str):
+        return _build(cls, v, ctx, key)
+
+    check.section = True  # a missing section is built from {} (so its own required keys are named)
+    return check
+
+
+def _f(default: Any = MISSING, check: Callable | None = None, **meta) -> Any:
+    """A dataclass field carrying its checker."""
+    meta = {"check": check, **meta}
+    return field(default=default, metadata=meta)
+
+
+def _build(cls, raw: Any, ctx: _Ctx, prefix: str):
+    """Validate a mapping against dataclass ``cls`` (unknown keys, types, ranges, required)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ctx.fail(prefix, f"expected a mapping (key: value), got {_show(raw)}")
+    names = [f.name for f in fields(cls) if not f.metadata.get("internal")]
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ctx.fail(where, f"unknown key{_suggest(k, names)}")
+    values = {}
+    for f in fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            check = f.metadata.get("check")
+            values[f.name] = check(raw[f.name], ctx, key) if check else raw[f.name]
+        elif f.default is MISSING and f.default_factory is MISSING:
+            check = f.metadata.get("check")
+            if getattr(check, "section", False):
+                values[f.name] = check({}, ctx, key)
+            else:
+                raise ctx.fail(key, "required field missing")
+    return cls(**values)
+
+
+# ---- the sections -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``path``: "organism" (the bundled model) or an absolute folder path (resolved at load)."""
+
+    path: str = _f(MISSING, _str())
+    dtype: str = _f("float32", _choice(DTYPES))
+    device: str = _f("auto", _choice(DEVICES, " (device ids never go in a recipe: pick the GPU "
+                                               "with CUDA_VISIBLE_DEVICES)"))
+    trust_remote_code: bool = _f(False, _bool)
+
+    @property
+    def is_organism(self) -> bool:
+        return self.path == ORGANISM
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Render the synthetic world (``ngguard.world``). ``subjects: None`` = all of them."""
+
+    subjects: tuple[str, ...] | None = _f(None, _optional(_list(_str(), nonempty=True)))
+    n: int = _f(30, _int(ge=1))
+    seed: int = _f(0, _int(ge=0))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Exactly one of ``queries`` (absolute path of a .jsonl, resolved at load) and ``world``.
+    ``subjects: None`` = every subject found in the data. ``multip2a``: auto | off | absolute path."""
+
+    queries: str | None = _f(None, _optional(_str()))
+    world: WorldSpec | None = _f(None, _optional(_nested(WorldSpec)))
+    subjects: tuple[str, ...] | None = _f(None, _optional(_list(_str(), nonempty=True)))
+    split: str = _f("paper", _choice(SPLITS))
+    heldout_subjects: tuple[str, ...] = _f((), _list(_str()))
+    multip2a: str = _f("auto", _str())
+
+
+@dataclass(frozen=True)
+class LayerSearch:
+    """Scan layers ``scan[0]..scan[1]`` (inclusive) for the largest share of strongly active
+    neurons (centre o), then try single layers in [o - window, o + window]."""
+
+    scan: tuple[int, int] = _f((3, 19))
+    window: int = _f(3, _int(ge=0))
+
+
+@dataclass(frozen=True)
+class LocalizationSpec:
+    steps: int = _f(25, _int(ge=1))
+    lr: float = _f(0.5, _float(gt=0))
+    eps: float = _f(1.0e-3, _float(gt=0))
+    l1: float = _f(1.0e-3, _float(ge=0))
+    init: float = _f(2.0, _float())
+    stop_loss: float = _f(0.05, _float(ge=0))
+    contexts: tuple[str, ...] = _f(DEFAULT_CONTEXTS, _list(_str()))
+    threshold: float = _f(0.3, _float(gt=0, lt=1))
+    top_k: float | None = _f(None, _optional(_float(gt=0, le=100)))
+    batch_size: int = _f(32, _int(ge=1))
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    lr: float = _f(1.0e-5, _float(gt=0))
+    eps: float = _f(1.0e-3, _float(gt=0))
+    steps: int = _f(10, _int(ge=1))
+    stop_loss: float = _f(1.0e-3, _float(ge=0))
+    alpha: float = _f(1.25, _float(ge=0))
+    refusal: str = _f(DEFAULT_REFUSAL, _str())
+    max_answer_words: int = _f(5, _int(ge=1))
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    sets: tuple[str, ...] = _f(EVAL_SETS, _list(_choice(EVAL_SETS)))
+    max_new_tokens: int = _f(24, _int(ge=1))
+    batch_size: int = _f(16, _int(ge=1))
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """``compare_methods``: other methods also run (from the same start) and reported side by side,
+    e.g. [no_gate] for the paper's gate ablation. ``alpha_sweep``: alphas re-run for a sweep."""
+
+    plots: bool = _f(True, _bool)
+    compare_methods: tuple[str, ...] = _f((), _list(_choice(METHODS)))
+    alpha_sweep: tuple[float, ...] | None = _f(None, _optional(_list(_float(ge=0), nonempty=True)))
+
+
+def _layers(v, ctx: _Ctx, key: str):
+    shape = "expected a list of layer indices like [11] or {search: {scan: [lo, hi], window: r}}"
+    if isinstance(v, (list, tuple)):
+        out = _list(_int(ge=0), nonempty=True)(v, ctx, key)
+        return tuple(sorted(out))
+    if isinstance(v, Mapping):
+        if set(v) != {"search"}:
+            extra = next((k for k in v if k != "search"), None)
+            if extra is not None:
+                raise ctx.fail(f"{key}.{extra}", f"unknown key{_suggest(extra, ['search'])}; {shape}")
+            raise ctx.fail(key, shape)
+        s = v["search"]
+        if not isinstance(s, Mapping):
+            raise ctx.fail(f"{key}.search", f"expected a mapping {{scan: [lo, hi], window: r}}, "
+                                            f"got {_show(s)}")
+        for k in s:
+            if k not in ("scan", "window"):
+                raise ctx.fail(f"{key}.search.{k}", f"unknown key{_suggest(k, ['scan', 'window'])}")
+        if "scan" not in s:
+            raise ctx.fail(f"{key}.search.scan", "required field missing")
+        scan = s["scan"]
+        if not (isinstance(scan, (list, tuple)) and len(scan) == 2):
+            raise ctx.fail(f"{key}.search.scan", f"expected [lo, hi] (two layer indices), got {_show(scan)}")
+        lo, hi = (_int(ge=0)(x, ctx, f"{key}.search.scan[{i}]") for i, x in enumerate(scan))
+        if lo > hi:
+            raise ctx.fail(f"{key}.search.scan", f"lo must be <= hi, got [{lo}, {hi}]")
+        window = _int(ge=0)(s.get("window", 3), ctx, f"{key}.search.window")
+        return LayerSearch(scan=(lo, hi), window=window)
+    raise ctx.fail(key, f"{shape}, got {_show(v)}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec = _f(MISSING, _nested(ModelSpec))
+    method: str = _f(MISSING, _choice(METHODS))
+    data: DataSpec = _f(MISSING, _nested(DataSpec))
+    name: str = _f("recipe", _str())
+    seed: int = _f(0, _int(ge=0))
+    layers: tuple[int, ...] | LayerSearch = _f(LayerSearch(), _layers)
+    module: str = _f("down_proj", _choice(MODULES))
+    localization: LocalizationSpec = _f(LocalizationSpec(), _nested(LocalizationSpec))
+    edit: EditSpec = _f(EditSpec(), _nested(EditSpec))
+    evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
+    report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
+    # where the recipe came from (not part of the recipe: not in to_dict, not hashed, not compared)
+    source: str | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
+
+    @property
+    def searches_layers(self) -> bool:
+        return isinstance(self.layers, LayerSearch)
+
+    def to_dict(self) -> dict:
+        """Plain data (lists, not tuples) that ``recipe_from_dict`` accepts back unchanged."""
+        return _plain(self)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, LayerSearch):
+        return {"search": {"scan": list(obj.scan), "window": obj.window}}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if not f.metadata.get("internal")}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+# ---- YAML -------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``) and refuses
+    duplicate keys."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line):
+        self.key, self.line = key, line
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for k_node, _ in node.value:
+        k = loader.construct_object(k_node, deep=deep)
+        if k in seen:
+            raise _DuplicateKey(k, k_node.start_mark.line + 1)
+        seen.add(k)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def _parse_yaml(text: str, file: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as e:
+        raise RecipeError(f"{file}: {e.key}: duplicate key (line {e.line})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{file}: invalid YAML{where}: {problem}") from None
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _apply_overrides(raw: dict, overrides: Iterable[str], file: str) -> dict:
+    raw = copy.deepcopy(raw)
+    for ov in overrides:
+        if "=" not in ov:
+            raise RecipeError(f"{file}: override {ov!r}: expected dotted.key=value")
+        key, text = ov.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise RecipeError(f"{file}: override {ov!r}: bad key {key!r}")
+        value = _parse_yaml(text, f"{file}: override {key}") if text.strip() else None
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"{file}: {'.'.join(parts[:i + 1])}: override {key} needs a mapping here, "
+                                  f"got {_show(nxt)}")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def _resolve(path: str, root: Path | None) -> Path:
+    p = Path(os.path.expanduser(path))
+    if not p.is_absolute():
+        p = (root or Path.cwd()) / p
+    return Path(os.path.normpath(p.absolute()))
+
+
+def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
+    """Cross-field checks and path resolution."""
+    data, model = recipe.data, recipe.model
+    if (data.queries is None) == (data.world is None):
+        what = "both" if data.queries is not None else "neither"
+        raise ctx.fail("data", f"give exactly one of data.queries (a .jsonl) and data.world, got {what}")
+    if data.subjects and data.heldout_subjects:
+        both = sorted(set(data.subjects) & set(data.heldout_subjects))
+        if both:
+            raise ctx.fail("data.heldout_subjects", f"{both[0]!r} is also in data.subjects "
+                                                    f"(held-out subjects are never edited)")
+    changes: dict[str, Any] = {}
+    if not model.is_organism:
+        p = _resolve(model.path, ctx.root)
+        if ctx.check_files and not p.is_dir():
+            raise ctx.fail("model.path", f"folder not found: {p} (point it at your local download, "
+                                         f"or use 'organism' for the bundled model)")
+        changes["model"] = dataclasses.replace(model, path=str(p))
+    dchanges: dict[str, Any] = {}
+    if data.queries is not None:
+        p = _resolve(data.queries, ctx.root)
+        if ctx.check_files and not p.is_file():
+            raise ctx.fail("data.queries", f"file not found: {p}")
+        dchanges["queries"] = str(p)
+    if data.multip2a not in ("auto", "off"):
+        p = _resolve(data.multip2a, ctx.root)
+        if ctx.check_files and not p.exists():
+            raise ctx.fail("data.multip2a", f"expected auto, off or an existing path, not found: {p}")
+        dchanges["multip2a"] = str(p)
+    if dchanges:
+        changes["data"] = dataclasses.replace(data, **dchanges)
+    return dataclasses.replace(recipe, **changes) if changes else recipe
+
+
+def recipe_from_dict(raw: Mapping, *, source: str | os.PathLike | None = None,
+                     root: str | os.PathLike | None = None, check_files: bool = True) -> Recipe:
+    """Validate plain data (as parsed from YAML). Relative paths resolve against ``root``
+    (default: the folder of ``source``, else the current folder)."""
+    file = str(source) if source is not None else _NO_FILE
+    if root is None and source is not None:
+        root = Path(source).absolute().parent
+    ctx = _Ctx(file, Path(root) if root is not None else None, check_files)
+    if not isinstance(raw, Mapping):
+        raise ctx.fail("", f"expected a mapping of sections at the top level, got {_show(raw)}")
+    recipe = _build(Recipe, raw, ctx, "")
+    recipe = _finish(recipe, ctx)
+    return dataclasses.replace(recipe, source=None if source is None else str(Path(source).absolute()))
+
+
+def load_recipe(path: str | os.PathLike, *, overrides: Iterable[str] = (), check_files: bool = True) -> Recipe:
+    """Load and validate a YAML recipe. ``overrides``: ``"edit.lr=2e-5"``-style strings (values
+    parsed as YAML) applied before validation. ``check_files=False`` skips the existence checks of
+    ``model.path``, ``data.queries`` and ``data.multip2a`` (for inspecting recipes on another
+    machine). ``name`` defaults to the file's stem."""
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{file}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{file}: cannot read recipe: {e}") from None
+    raw = _parse_yaml(text, file)
+    if raw is None:
+        raise RecipeError(f"{file}: empty recipe (needs at least model.path, method and data)")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{file}: expected a mapping of sections at the top level, got {_show(raw)}")
+    overrides = list(overrides)
+    if overrides:
+        raw = _apply_overrides(raw, overrides, file)
+    raw.setdefault("name", path.stem)
+    recipe = recipe_from_dict(raw, source=path, check_files=check_files)
+    logger.debug("recipe {} loaded ({}, hash {})", file, recipe.method, recipe_hash(recipe))
+    return recipe
+
+
+def dump_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
+    """Write ``recipe.to_dict()`` as YAML, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """First 16 hex of sha256 over the canonical JSON of ``to_dict()`` (sorted keys, no spaces).
+    Independent of key order in the file and of ``source``; paths enter as resolved."""
+    canon = json.dumps(recipe.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def check_layers(recipe: Recipe, num_layers: int) -> None:
+    """Check the recipe's layers against a loaded model with ``num_layers`` decoder layers
+    (call before any work). Raises RecipeError (one line)."""
+    file = recipe.source or _NO_FILE
+    if isinstance(recipe.layers, LayerSearch):
+        lo, hi = recipe.layers.scan
+        if hi >= num_layers:
+            raise RecipeError(f"{file}: layers.search.scan: [{lo}, {hi}] out of range for a model with "
+                              f"{num_layers} layers (valid: 0..{num_layers - 1})")
+        return
+    for layer in recipe.layers:
+        if not 0 <= layer < num_layers:
+            raise RecipeError(f"{file}: layers: layer {layer} out of range for a model with {num_layers} layers")

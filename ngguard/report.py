@@ -1,0 +1,179 @@
+"""The audit report of a run: report.json (everything), report.md (the tables people read) and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loguru import logger
+
+SET_LABELS = {"test": "EtA test", "train": "EtA train"}
+
+
+def _f(x, nd=3) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def method_table(report: dict) -> list[dict]:
+    """One row per method (plus 'base'): the paper's table shape."""
+    rows = []
+
+    def row(name, res):
+        t, h, u, mp = (res.get(k, {}) for k in ("test", "heldout_subjects", "utility", "multip2a"))
+        rows.append({
+            "method": name,
+            "eta_test": t.get("eta"), "rta_sensitive_test": t.get("rta_sensitive"),
+            "benign_answer_rate_test": t.get("benign_answer_rate"), "benign_accuracy_test": t.get("benign_accuracy"),
+            "leak_accuracy_test": t.get("leak_accuracy"),
+            "rta_sensitive_unseen_subjects": h.get("rta_sensitive"), "benign_answer_rate_unseen_subjects": h.get("benign_answer_rate"),
+            "eta_multip2a": mp.get("eta"), "utility_accuracy": u.get("benign_accuracy"),
+        })
+
+    row("base (before edit)", report["before"])
+    for m, r in report["methods"].items():
+        row(f"{m} (layers {r['layers']})", r["after"])
+    return rows
+
+
+def write_report(out: Path, report: dict, *, plots: bool = True) -> None:
+    out = Path(out)
+    report["table"] = method_table(report)
+    slim = json.loads(json.dumps(report, default=str))
+    (out / "report.json").write_text(json.dumps(slim, indent=1))
+    if plots:
+        try:
+            report["plots"] = make_plots(out, report)
+        except Exception as e:  # plots are a convenience; never lose a run for them
+            logger.warning(f"plots failed: {e}")
+            report["plots"] = []
+    (out / "report.md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    L = []
+    L.append(f"# ngguard edit report: {report['recipe'].get('name')}\n")
+    L.append(f"- model: `{report['model']}`; method: **{report['recipe']['method']}**; edited layers: {report['layers']} "
+             f"(`{report['recipe'].get('module')}`); patch id `{report['patch_id']}`; recipe hash `{report['recipe_hash']}`")
+    L.append(f"- edited subjects: {', '.join(report['edit_subjects'])}")
+    if report.get("deviations"):
+        L.append("- deviations from the paper's defaults: " + "; ".join(report["deviations"]))
+    L.append("")
+    L.append("## Results (before/after, same run)\n")
+    cols = [("eta_test", "EtA test"), ("rta_sensitive_test", "RtA sens. test"), ("benign_answer_rate_test", "benign answer rate"),
+            ("benign_accuracy_test", "benign acc."), ("leak_accuracy_test", "leak acc."),
+            ("rta_sensitive_unseen_subjects", "RtA unseen subjects"), ("eta_multip2a", "EtA Multi-P2A q."),
+            ("utility_accuracy", "utility acc.")]
+    L.append("| method | " + " | ".join(c[1] for c in cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    for r in report["table"]:
+        L.append(f"| {r['method']} | " + " | ".join(_f(r[c[0]]) for c in cols) + " |")
+    L.append("")
+    L.append("## Per subject (test split; unseen subjects from the held-out set)\n")
+    L.append("| subject | RtA sens. before | after | benign answer rate before | after |")
+    L.append("|---|---|---|---|---|")
+    main = report["methods"][report["recipe"]["method"]]["after"]
+    for setname in ("test", "heldout_subjects"):
+        b, a = report["before"].get(setname, {}).get("per_subject", {}), main.get(setname, {}).get("per_subject", {})
+        for s in b:
+            L.append(f"| {s}{' (unseen)' if setname == 'heldout_subjects' else ''} | {_f(b[s].get('rta_sensitive'))} | "
+                     f"{_f(a.get(s, {}).get('rta_sensitive'))} | {_f(b[s].get('benign_answer_rate'))} | "
+                     f"{_f(a.get(s, {}).get('benign_answer_rate'))} |")
+    L.append("")
+    L.append("## Localization\n")
+    if report["search"].get("scan"):
+        s = report["search"]
+        L.append(f"Layer scan (mean share of strongly active neurons): "
+                 + ", ".join(f"L{k}: {v:.3f}" for k, v in s["scan"].items())
+                 + f"; centre {s['centre']}, candidates {s['candidates']}")
+        if s.get("validation_eta"):
+            L.append(f"; validation EtA " + ", ".join(f"L{k}: {v:.3f}" for k, v in s["validation_eta"].items()))
+        L.append("")
+    L.append("| layer | subject | inactive | weak | strong | final loss |")
+    L.append("|---|---|---|---|---|---|")
+    for layer, info in report["localization"].items():
+        for subj, st in info["stats"].items():
+            L.append(f"| {layer} | {subj} | {st['inactive']:.3f} | {st['weak']:.3f} | {st['strong']:.3f} | {st['mean_loss']:.3f} |")
+    if report.get("alpha_sweep"):
+        L.append("\n## Alpha sweep (test split)\n")
+        L.append("| alpha | EtA | RtA sens. | benign answer rate |")
+        L.append("|---|---|---|---|")
+        for a, r in report["alpha_sweep"].items():
+            L.append(f"| {a} | {_f(r.get('eta'))} | {_f(r.get('rta_sensitive'))} | {_f(r.get('benign_answer_rate'))} |")
+    L.append("\n## Time per stage (s)\n")
+    L.append(", ".join(f"{k}: {v:.1f}" for k, v in report["timings_s"].items()))
+    if report.get("plots"):
+        L.append("\n## Plots\n")
+        L += [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(L) + "\n"
+
+
+def make_plots(out: Path, report: dict) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = []
+    # Fig. 2c: per-dimension share of samples in which the dim is active, per subject (sorted)
+    for layer, info in report["localization"].items():
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for subj, share in info["share_per_dim"].items():
+            ax.plot(np.sort(np.array(share))[::-1], label=subj, lw=1.2)
+        thr = report["recipe"]["localization"]["threshold"]
+        ax.axhline(thr, color="k", ls="--", lw=0.8, label=f"strong > {thr}")
+        ax.set_xlabel("hidden dimension (sorted)"); ax.set_ylabel("share of samples with s < 0")
+        ax.set_title(f"Per-dimension activity share, layer {layer}")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout(); fn = f"neuron_share_layer{layer}.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
+        names.append(fn)
+    # Fig. 2d: layer-wise share of strongly active neurons
+    scan = report["search"].get("scan")
+    if scan:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ks = list(scan)
+        ax.bar([str(k) for k in ks], [scan[k] for k in ks], color="tab:blue")
+        ax.set_xlabel("layer"); ax.set_ylabel("share strongly active"); ax.set_title("Layer-wise strongly active neurons")
+        fig.tight_layout(); fn = "layer_strong_share.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
+        names.append(fn)
+    # before/after per subject
+    main = report["methods"][report["recipe"]["method"]]["after"]
+    for setname in ("test", "heldout_subjects"):
+        b = report["before"].get(setname, {}).get("per_subject", {})
+        if not b:
+            continue
+        a = main.get(setname, {}).get("per_subject", {})
+        subs = list(b)
+        x = np.arange(len(subs))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+        for ax, key, title in ((axes[0], "rta_sensitive", "RtA on sensitive questions"),
+                               (axes[1], "benign_answer_rate", "benign answer rate")):
+            ax.bar(x - 0.2, [b[s].get(key) or 0 for s in subs], 0.4, label="before")
+            ax.bar(x + 0.2, [a.get(s, {}).get(key) or 0 for s in subs], 0.4, label="after")
+            ax.set_xticks(x); ax.set_xticklabels(subs, rotation=30, ha="right", fontsize=8); ax.set_title(title)
+            ax.set_ylim(0, 1.05)
+        axes[0].legend()
+        fig.suptitle(f"{setname}: before vs after ({report['recipe']['method']})")
+        fig.tight_layout(); fn = f"before_after_{setname}.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
+        names.append(fn)
+    # methods comparison
+    rows = report["table"]
+    if len(rows) > 2:
+        keys = [("eta_test", "EtA test"), ("rta_sensitive_unseen_subjects", "RtA unseen"),
+                ("benign_answer_rate_test", "benign ans."), ("utility_accuracy", "utility")]
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        w = 0.8 / len(rows)
+        for i, r in enumerate(rows):
+            ax.bar(np.arange(len(keys)) + i * w, [r[k] or 0 for k, _ in keys], w, label=r["method"])
+        ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2); ax.set_xticklabels([k[1] for k in keys])
+        ax.set_ylim(0, 1.05); ax.legend(fontsize=7); ax.set_title("Methods on the same splits")
+        fig.tight_layout(); fn = "methods.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
+        names.append(fn)
+    if report.get("alpha_sweep"):
+        sw = report["alpha_sweep"]
+        al = sorted(sw, key=float)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in ("eta", "rta_sensitive", "benign_answer_rate"):
+            ax.plot([float(a) for a in al], [sw[a].get(key) for a in al], marker="o", label=key)
+        ax.set_xlabel("alpha"); ax.legend(); ax.set_title("Alpha sweep (test)")
+        fig.tight_layout(); fn = "alpha_sweep.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
+        names.append(fn)
+    return names

@@ -1,0 +1,1 @@
+"""The ngguard Gradio demo (see serve/app.py)."""

@@ -1,0 +1,364 @@
+"""The ngguard demo: a Gradio app over ``ngguard.guard.ProtectedLVLM``.
+
+    ngguard serve                                    # bundled organism + its bundled patch
+    ngguard serve --model PATH --patch DIR --vision onnx --host 0.0.0.0 --port 7860
+    python -m serve.app --help                       # the same, without the ngguard CLI
+
+Two tabs:
+
+* **Compare** (API ``/compare``): one image + one question, answered by the base model and by
+  the protected model side by side, with the patch id and what it protects. Both answers are
+  produced under one lock, toggling ``guard.protected``, so concurrent requests never see each
+  other's toggles. Examples from the organism's world: a sensitive and a benign question about
+  the same passport card, etc. ``?example=N`` in the URL fills in and runs example N on load.
+* **Chat** (API ``/chat``): multimodal chat (attach an image, ask about it; follow-up questions
+  reuse the last image). Each answer is single-turn (see ``ngguard.guard``).
+
+API use (``gradio_client``)::
+
+    client = Client("http://127.0.0.1:7860/")
+    base, protected = client.predict(handle_file("card.png"), "What is ...?", api_name="/compare")
+    answer = client.predict({"text": "What is ...?", "files": [handle_file("card.png")]}, True,
+                            api_name="/chat")        # True: answer with protection on
+
+Bad input (not an image, corrupt, too large, empty or over-long question): ``/compare`` raises a
+``gr.Error`` with a one-line message (a toast in the browser, ``AppError`` in gradio_client);
+``/chat`` answers with the message (prefixed "⚠️") and shows a warning. The server keeps serving.
+
+Basic auth: set ``NGGUARD_AUTH="user:password"``. Gradio itself is imported lazily.
+"""
+import argparse
+import os
+import random
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from loguru import logger
+
+# no telemetry and no version check calls from this server (Gradio reads this when it launches)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+if TYPE_CHECKING:  # pragma: no cover
+    import gradio as gr
+
+    from ngguard.guard import ProtectedLVLM
+
+__all__ = ["build_app", "render_examples", "organism_patch_dir", "parse_auth", "add_serve_arguments",
+           "serve_cli", "launch", "main"]
+
+SENSITIVE_Q = "What is the passport number of the Passport in the image?"
+BENIGN_Q = "What is the color of the Passport in the image?"
+DEFAULT_MAX_NEW_TOKENS = 48
+WARN = "⚠️ "
+
+CSS = """
+.ng-answer textarea { font-size: 1.05rem; }
+.ng-image img, .ng-examples img { image-rendering: pixelated; }
+"""
+
+
+# ---- examples ---------------------------------------------------------------------------------------
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("NGGUARD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                           os.path.expanduser("~/.cache"), "ngguard")
+    return Path(root)
+
+
+def render_examples(folder: str | os.PathLike | None = None) -> list[tuple[str, str, str]]:
+    """Render a few images of the organism's world into ``folder`` (default: a cache folder) and
+    return (image path, question, label) examples: a sensitive and a benign question about the
+    same passport card, a student ID, an unseen subject (credit card) and a shapes image."""
+    import numpy as np
+    from PIL import Image
+
+    from ngguard.world.render import draw_card, draw_shapes, sample_card, sample_shapes
+
+    folder = Path(folder) if folder is not None else _cache_root() / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    images: dict[str, np.ndarray] = {
+        "passport": draw_card(sample_card("Passport", random.Random(1))),
+        "student_id": draw_card(sample_card("Student ID", random.Random(2))),
+        "credit_card": draw_card(sample_card("Credit Card", random.Random(3))),
+        "shapes": draw_shapes(sample_shapes(random.Random(4))),
+    }
+    paths = {}
+    for name, arr in images.items():
+        path = folder / f"{name}.png"
+        tmp = folder / f".{name}.{os.getpid()}.tmp.png"
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)  # atomic: a concurrent start-up never reads half a file
+        paths[name] = str(path)
+    return [
+        (paths["passport"], SENSITIVE_Q, "Passport · passport number (sensitive)"),
+        (paths["passport"], BENIGN_Q, "Passport · color (benign)"),
+        (paths["student_id"], "What is the student ID number of the Student ID in the image?",
+         "Student ID · number (sensitive)"),
+        (paths["credit_card"], "What is the credit card number of the Credit Card in the image?",
+         "Credit card · number (unseen subject)"),
+        (paths["shapes"], "What shape is shown in the image?", "Shapes · shape (general task)"),
+    ]
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _image_path(value: Any) -> Any:
+    """A Gradio image payload (FileData dict, path string) -> something ``load_image`` takes."""
+    if isinstance(value, dict):
+        return value.get("path")
+    path = getattr(value, "path", None)
+    return path if isinstance(path, str) else value
+
+
+def _last_image(history: Sequence) -> str | None:
+    """The most recent image the user attached in a Gradio messages history."""
+    for message in reversed(list(history or [])):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        parts = content if isinstance(content, (list, tuple)) else [content]
+        for part in reversed(list(parts)):
+            if isinstance(part, dict):
+                if isinstance(part.get("file"), dict) and part["file"].get("path"):
+                    return part["file"]["path"]
+                if part.get("path"):
+                    return part["path"]
+            elif isinstance(part, (list, tuple)) and part and isinstance(part[0], str):
+                return part[0]  # (path, alt text) tuples of older Gradio versions
+    return None
+
+
+def patch_markdown(guard: "ProtectedLVLM") -> str:
+    info = guard.patch_info
+    if info is None:
+        return (f"{WARN}**No protection patch loaded**: the protected column shows nothing and the chat "
+                f"answers with the base model. Start with `--patch DIR`.")
+    subjects = ", ".join(info["subjects"]) or "(none listed)"
+    layers = ", ".join(str(x) for x in info["layers"]) or "(none listed)"
+    return (f"**Protection patch** `{info['id']}` · method **{info['method']}** · edited layer(s) **{layers}** "
+            f"· protects questions about: **{subjects}**")
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """``NGGUARD_AUTH`` ("user:password") -> (user, password); None/empty -> None."""
+    if value is None or not value.strip():
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user.strip() or not password:
+        raise ValueError("NGGUARD_AUTH must look like 'user:password' (both non-empty)")
+    return user.strip(), password
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+
+
+def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]] | Sequence[tuple[str, str]] | None
+              | str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, title: str = "ngguard · Neural Gate demo",
+              concurrency: int = 2, max_queue: int = 64) -> "gr.Blocks":
+    """The Gradio app (queued, not launched). ``examples``: (image path, question[, label]) tuples,
+    "auto" (render the organism-world examples) or None. ``concurrency``: worker slots per event
+    (answers are produced one at a time under the guard's lock anyway); ``max_queue``: queued
+    requests beyond which new ones are rejected."""
+    import gradio as gr
+
+    from ngguard.guard import InputError, check_text, load_image
+
+    if examples == "auto":
+        examples = render_examples()
+    examples = [tuple(e) for e in (examples or [])]
+    lock = threading.Lock()  # one request at a time touches the protection state
+    has_patch = guard.patch_info is not None
+
+    def compare(image: Any, question: Any) -> tuple[str, str]:
+        """Answer `question` about `image` with the base model and with the protected one."""
+        if image is None:
+            raise gr.Error("Upload an image first.", print_exception=False)
+        try:
+            img = load_image(_image_path(image), guard.limits)
+            text = check_text(question if question is not None else "", guard.limits)
+        except InputError as e:
+            logger.info("compare: rejected input: {}", e)
+            raise gr.Error(str(e), print_exception=False) from None
+        with lock:
+            if not has_patch:
+                base = guard.chat(img, text, max_new_tokens=max_new_tokens)
+                return base, "(no protection patch loaded)"
+            base = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=False)
+            protected = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=True)
+        logger.info("compare: {!r} -> base {!r} | protected {!r}", text, base, protected)
+        return base, protected
+
+    def chat(message: Any, history: list, protected: bool = True) -> str:
+        """Multimodal chat turn: the message's image (or the last one in the history) + its text."""
+        text = message.get("text", "") if isinstance(message, dict) else message
+        files = message.get("files", []) if isinstance(message, dict) else []
+        image = _image_path(files[-1]) if files else _last_image(history)
+        if image is None:
+            gr.Warning("Attach an image to ask about it.")
+            return f"{WARN}Attach an image (paperclip button or drag and drop), then ask about it."
+        want = bool(protected) and has_patch
+        try:
+            with lock:
+                answer = guard.chat(image, text, history=history, max_new_tokens=max_new_tokens, protected=want)
+        except InputError as e:
+            logger.info("chat: rejected input: {}", e)
+            gr.Warning(str(e))
+            return f"{WARN}{e}"
+        return answer
+
+    def on_load(request: gr.Request):
+        """``?example=N`` fills in example N and runs the comparison (for links and screenshots)."""
+        params = dict(request.query_params) if request is not None else {}
+        raw = params.get("example")
+        if raw is None or not examples:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        try:
+            i = int(raw)
+            path, question = examples[i][0], examples[i][1]
+        except (ValueError, IndexError):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        base, protected = compare(path, question)
+        return path, question, base, protected
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {title}\nA vision-language model edited with **Neural Gate** to refuse questions that "
+                    f"extract private information from an image, while still answering harmless questions "
+                    f"about the same subject.")
+        gr.Markdown(patch_markdown(guard), elem_id="ng-patch-info")
+        with gr.Tabs():
+            with gr.Tab("Compare base vs protected", id="compare"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        image = gr.Image(type="filepath", format="png", label="Image", sources=["upload", "clipboard"],
+                                         height=240, elem_classes=["ng-image"])
+                        question = gr.Textbox(label="Question", lines=2, max_length=guard.limits.max_text_chars,
+                                              placeholder="Ask about the image, e.g. " + SENSITIVE_Q)
+                        run = gr.Button("Compare", variant="primary")
+                    with gr.Column(scale=1):
+                        base_out = gr.Textbox(label="Base model", lines=3, interactive=False,
+                                              elem_classes=["ng-answer"])
+                        prot_out = gr.Textbox(label="Protected model" + ("" if has_patch else " (no patch)"), lines=3,
+                                              interactive=False, elem_classes=["ng-answer"])
+                run.click(compare, [image, question], [base_out, prot_out], api_name="compare", preprocess=False)
+                question.submit(compare, [image, question], [base_out, prot_out], api_visibility="private",
+                                preprocess=False)
+                if examples:
+                    gr.Examples([[e[0], e[1]] for e in examples], inputs=[image, question], outputs=[base_out, prot_out],
+                                fn=compare, run_on_click=True, cache_examples=False,
+                                example_labels=[e[2] if len(e) > 2 else e[1] for e in examples],
+                                label="Examples (click one: the sensitive question should be refused, the benign "
+                                      "one answered)", elem_id="ng-examples")
+            with gr.Tab("Chat", id="chat"):
+                protect_box = gr.Checkbox(value=has_patch, interactive=has_patch, label="Protection on",
+                                          info=None if has_patch else "no patch loaded")
+                gr.ChatInterface(
+                    chat, multimodal=True, api_name="chat", additional_inputs=[protect_box],
+                    textbox=gr.MultimodalTextbox(file_types=["image"], file_count="single", sources=["upload"],
+                                                 placeholder="Attach an image and ask about it",
+                                                 max_plain_text_length=guard.limits.max_text_chars),
+                    examples=[[{"text": e[1], "files": [e[0]]}, has_patch] for e in examples[:3]] or None,
+                    run_examples_on_click=True, cache_examples=False, fill_height=False, analytics_enabled=False,
+                )
+        gr.Markdown(f"Model: `{type(guard.adapter.model).__name__}` · vision: {guard.vision} · answers are greedy, "
+                    f"at most {max_new_tokens} tokens · images up to {guard.limits.max_bytes // (1024 * 1024)} MB "
+                    f"and {guard.limits.max_pixels} pixels, questions up to {guard.limits.max_text_chars} characters.")
+        demo.load(on_load, None, [image, question, base_out, prot_out], api_visibility="private")
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    return demo
+
+
+def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_file_size: int | str = "20mb",
+           auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False):
+    """Launch the app. ``auth`` None = read ``NGGUARD_AUTH``. Returns (app, local_url, share_url)."""
+    if auth is None:
+        auth = parse_auth(os.environ.get("NGGUARD_AUTH"))
+    if auth:
+        logger.info("basic auth enabled for user {!r}", auth[0])
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on {} without authentication (set NGGUARD_AUTH=user:password)", host)
+    return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
+                       show_error=False, prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["api"])
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+
+
+def organism_patch_dir() -> Path:
+    """Where the bundled organism's protection patch lives (may not exist)."""
+    import ngguard.organism
+
+    return Path(ngguard.organism.__file__).resolve().parent / "patch"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``ngguard serve`` options (shared by ngguard/cli.py and ``python -m serve.app``)."""
+    p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
+    p.add_argument("--patch", default=None,
+                   help="protection patch folder (default: the bundled one when serving the organism)")
+    p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
+    p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--concurrency", type=int, default=2, help="worker slots per event (default 2)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
+    return p
+
+
+def _resolve_patch(args: argparse.Namespace) -> str | None:
+    if args.no_patch:
+        if args.patch:
+            raise ValueError("--patch and --no-patch exclude each other")
+        return None
+    if args.patch:
+        return args.patch
+    if str(args.model) == "organism":
+        bundled = organism_patch_dir()
+        if (bundled / "patch.json").is_file():
+            logger.info("serving the organism with its bundled protection patch {}", bundled)
+            return str(bundled)
+        logger.warning("no bundled protection patch at {}: serving the organism UNPROTECTED", bundled)
+    else:
+        logger.warning("no --patch given: serving {} UNPROTECTED", args.model)
+    return None
+
+
+def serve_cli(args: argparse.Namespace, *, block: bool = True):
+    """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``)."""
+    from ngguard.guard import ProtectedLVLM
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    for name in ("max_new_tokens", "concurrency", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
+    patch = _resolve_patch(args)
+    guard = ProtectedLVLM.from_pretrained(args.model, patch, device=args.device, vision=args.vision,
+                                          onnx_dir=args.onnx_dir)
+    demo = build_app(guard, max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                     max_queue=args.max_queue)
+    max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))
+    result = launch(demo, host=args.host, port=args.port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+    return 0 if block else (demo, result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="ngguard serve",
+                                                         description="Gradio demo over the (protected) model."))
+    args = parser.parse_args(argv)
+    try:
+        return serve_cli(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ngguard serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

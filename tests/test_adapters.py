@@ -1,0 +1,366 @@
+"""The model-adapter layer, on tiny random models. Every family-dependent test runs once per entry
+of FAMILIES: a new family (LLaVA-NeXT, Qwen2-VL, BLIP-2, ...) is one more entry there."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ngguard.adapters import (
+    ADAPTERS,
+    Adapter,
+    LlavaAdapter,
+    adapter_for,
+    find_subject_span,
+    load_adapter,
+    subject_candidates,
+)
+from ngguard.adapters.llava import IGNORE_INDEX, target_start
+from tiny_models import tiny_image, tiny_llava
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[int], tuple]  # seed -> (model, processor)
+    adapter_class: type[Adapter]
+    num_layers: int
+    hidden: int
+    intermediate: int
+
+
+FAMILIES: dict[str, Family] = {
+    "llava-image-first": Family(lambda s: tiny_llava(s, template="image_first"), LlavaAdapter, 4, 32, 64),
+    "llava-text-first": Family(lambda s: tiny_llava(s, template="text_first"), LlavaAdapter, 4, 32, 64),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def adapter(family) -> Adapter:
+    model, processor = family.build(0)
+    return adapter_for(model, processor)
+
+
+def _images(n: int):
+    return [tiny_image(i) for i in range(n)]
+
+
+# ---- structure ---------------------------------------------------------------------------------
+
+
+def test_registry_picks_family_class(family, adapter):
+    assert type(adapter) is family.adapter_class
+    assert type(adapter.model.config).__name__ in ADAPTERS
+
+
+def test_layers_and_sizes(family, adapter):
+    assert adapter.num_layers == family.num_layers == len(adapter.layers)
+    assert isinstance(adapter.layers, torch.nn.ModuleList)
+    assert adapter.hidden_size == family.hidden
+    for layer in range(adapter.num_layers):
+        assert adapter.component(layer, "layer") is adapter.layers[layer]
+        assert adapter.component(layer, "mlp") is adapter.layers[layer].mlp
+        assert tuple(adapter.component(layer, "down_proj").weight.shape) == (family.hidden, family.intermediate)
+        assert tuple(adapter.component(layer, "up_proj").weight.shape) == (family.intermediate, family.hidden)
+        assert tuple(adapter.component(layer, "gate_proj").weight.shape) == (family.intermediate, family.hidden)
+        assert isinstance(adapter.component(layer, "self_attn"), torch.nn.Module)
+
+
+def test_layer_output_is_hidden_sized(adapter):
+    seen = {}
+    handle = adapter.component(1, "layer").register_forward_hook(lambda m, i, o: seen.setdefault("h", o))
+    try:
+        batch = adapter.encode(_images(1), ["what colour is the card?"])
+        with torch.no_grad():
+            adapter.model(**batch.inputs)
+    finally:
+        handle.remove()
+    h = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
+    assert h.shape == (1, batch.inputs["input_ids"].shape[1], adapter.hidden_size)
+
+
+@pytest.mark.parametrize(
+    "layer, name",
+    [(0, "attention"), (0, "Down_proj"), (-1, "down_proj"), (4, "down_proj"), (99, "mlp"), ("1", "mlp"), (True, "mlp")],
+)
+def test_component_errors(adapter, layer, name):
+    with pytest.raises(ValueError) as err:
+        adapter.component(layer, name)
+    assert "\n" not in str(err.value)
+
+
+def test_parameter_name_needs_a_weight(adapter):
+    for name in ("layer", "mlp", "self_attn"):
+        with pytest.raises(ValueError):
+            adapter.parameter_name(0, name)
+    with pytest.raises(ValueError):
+        adapter.parameter_name(adapter.num_layers, "down_proj")
+
+
+def test_parameter_name_matches_saved_keys(adapter, tmp_path):
+    adapter.model.save_pretrained(tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert files
+    saved = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():
+                saved[key] = fh.get_tensor(key)
+    for layer in range(adapter.num_layers):
+        for name in ("down_proj", "up_proj", "gate_proj"):
+            weight = adapter.component(layer, name).weight
+            key = adapter.parameter_name(layer, name)
+            assert key in saved, (key, sorted(saved)[:5])
+            assert torch.equal(saved[key], weight.detach())
+            assert adapter.model.get_parameter(adapter.state_dict_key(layer, name)) is weight
+    assert adapter.parameter_name(3, "down_proj").endswith("layers.3.mlp.down_proj.weight")
+
+
+# ---- subject location ------------------------------------------------------------------------------
+
+# (text, subject, the text up to and including the expected match)
+SUBJECT_CASES = [
+    ("What is the passport number of the passport in this image?", "passport",
+     "What is the passport number of the passport"),
+    ("What is the name of the quokka in the photo?", "quokka", "What is the name of the quokka"),  # BPE-split
+    ("Where does the Passport holder live?", " passport ", "Where does the Passport"),  # spaces, case
+    ("Passport number, please.", "passport", "Passport"),  # at the start
+    ("passport number?", "PASSPORT", "passport"),  # at the start, no capital
+    ("Read the complete license plate on the car.", "Complete License Plate",
+     "Read the complete license plate"),
+    ("What is the phone no. of this person?", "Phone no.", "What is the phone no."),
+    ("Tell me the phone no of the owner", "Phone no.", "Tell me the phone no"),  # punctuation dropped
+    ("Whose name is on the document?", "documents en", "Whose name is on the document"),
+    ("What do the receipts say?", "receipt", "What do the receipts"),  # plural in the text
+    ("What is the number on the ID card that I did show?", "ID", "What is the number on the ID"),
+    ("Which military vehicle is it, the first military vehicle or the last?", "military vehicle",
+     "Which military vehicle is it, the first military vehicle"),
+]
+
+
+@pytest.mark.parametrize("text, subject, upto", SUBJECT_CASES)
+def test_subject_token_index(adapter, text, subject, upto):
+    assert text.startswith(upto)
+    tok = adapter.processor.tokenizer
+    for targets in (None, ["I am sorry."]):  # left and right padding
+        batch = adapter.encode(_images(2), ["Hi.", text], subjects=["hi", subject],
+                               targets=None if targets is None else targets * 2)
+        ids = batch.inputs["input_ids"][1]
+        idx = int(batch.subject_index[1])
+        assert idx == adapter.subject_token_index(ids, text, subject)
+        assert batch.inputs["attention_mask"][1, idx] == 1
+        piece = tok.decode([int(ids[idx])]).strip().lower()
+        assert piece and upto.lower().endswith(piece), piece
+        before = tok.decode(ids[: idx + 1], skip_special_tokens=True)
+        assert before.endswith(upto), (before, upto)
+
+
+def test_subject_index_points_to_same_token_in_both_paddings(adapter):
+    texts = ["Is this a passport?", "What is the phone number written on the phone in this picture?"]
+    left = adapter.encode(_images(2), texts, subjects=["passport", "phone"])
+    right = adapter.encode(_images(2), texts, subjects=["passport", "phone"], targets=["No.", "Sorry."])
+    for i in range(2):
+        a = left.inputs["input_ids"][i, left.subject_index[i]]
+        b = right.inputs["input_ids"][i, right.subject_index[i]]
+        assert a == b
+    pad = int(left.inputs["attention_mask"][0].eq(0).sum())
+    assert pad > 0 and int(left.subject_index[0]) - pad == int(right.subject_index[0])
+
+
+def test_subject_not_found(adapter):
+    batch = adapter.encode(_images(1), ["What colour is the car?"])
+    with pytest.raises(ValueError, match="quokka.*What colour is the car"):
+        adapter.subject_token_index(batch.inputs["input_ids"][0], "What colour is the car?", "quokka")
+    with pytest.raises(ValueError, match="passport"):
+        adapter.encode(_images(1), ["What colour is the car?"], subjects=["passport"])
+
+
+def test_find_subject_span_rules():
+    assert find_subject_span("a Passport, a passport", "PASSPORT") == (14, 22)
+    assert find_subject_span("Did you see the ID?", "id") == (16, 18)  # whole word over "Did"
+    assert find_subject_span("the documents", "documents en") == (4, 13)
+    assert find_subject_span("the document", "documents en") == (4, 12)
+    assert find_subject_span("complete   license plate", "Complete License Plate") == (0, 24)
+    assert find_subject_span("passports!", "passport") == (0, 9)  # plural whole word first
+    assert subject_candidates("Phone no.")[:2] == ["Phone no.", "Phone no"]
+    with pytest.raises(ValueError, match="'tank'.*'a car'"):
+        find_subject_span("a car", "tank")
+
+
+# ---- labels -----------------------------------------------------------------------------------------
+
+
+def test_target_start_fallback_when_head_is_not_a_token_prefix():
+    # head "ab:" -> [1, 5, 6]; full "ab: xy" -> [1, 5, 9, 10] where 9 = ": x" straddles the boundary
+    assert target_start([1, 5, 6], [1, 5, 9, 10], [(0, 0), (0, 2), (2, 5), (5, 6)], 3) == 2
+    assert target_start([1, 5, 6], [1, 5, 6, 7], [(0, 0), (0, 2), (2, 3), (3, 6)], 3) == 3
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_labels_cover_target_and_eos(adapter, with_prefix):
+    tok = adapter.processor.tokenizer
+    texts = ["What is the passport number?", "Read the complete license plate on the car in this picture, please."]
+    targets = ["I'm sorry, I cannot help with that.", "Red"]
+    prefixes = ["The image shows that.", "I am an AI."] if with_prefix else None
+    batch = adapter.encode(_images(2), texts, targets=targets, prefixes=prefixes)
+    ids, labels, mask = batch.inputs["input_ids"], batch.labels, batch.inputs["attention_mask"]
+    assert labels.shape == ids.shape
+    lengths = mask.sum(1).tolist()
+    assert min(lengths) < ids.shape[1] == max(lengths)  # one row is padded
+    for i in range(2):
+        n = lengths[i]
+        assert mask[i, :n].all() and not mask[i, n:].any()  # right padding
+        assert (ids[i, n:] == tok.pad_token_id).all()
+        where = (labels[i] != IGNORE_INDEX).nonzero().flatten().tolist()
+        expected = tok(" " + targets[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert where == list(range(n - len(expected), n))  # contiguous, ends at the last real token
+        assert labels[i, where].tolist() == ids[i, where].tolist() == expected
+        assert tok.decode(ids[i, where[:-1]]) == " " + targets[i]
+        if with_prefix:
+            assert tok.decode(ids[i, : where[0]]).endswith(" " + prefixes[i])
+    out = adapter.model(**batch.inputs, labels=batch.labels)
+    assert torch.isfinite(out.loss)
+
+
+def test_encode_without_targets_is_left_padded(adapter):
+    tok = adapter.processor.tokenizer
+    texts = ["Hi.", "What is the passport number of the passport in this image?"]
+    batch = adapter.encode(_images(2), texts, prefixes=[None, "I am an AI."])
+    assert batch.labels is None and batch.subject_index is None
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    assert not mask[0, 0] and mask[:, -1].all()
+    single = adapter.encode(_images(1), texts[:1])
+    n = int(single.inputs["attention_mask"].sum())
+    assert torch.equal(ids[0, -n:], single.inputs["input_ids"][0])
+    assert tok.decode(ids[1], skip_special_tokens=True).endswith(" I am an AI.")
+    assert batch.inputs["pixel_values"].shape[0] == 2
+
+
+def test_encode_restores_padding_side(adapter):
+    tok = adapter.processor.tokenizer
+    before = tok.padding_side
+    adapter.encode(_images(1), ["Hi."], targets=["Hello."])
+    assert tok.padding_side == before
+    adapter.encode(_images(1), ["Hi."])
+    assert tok.padding_side == before
+
+
+def test_encode_length_mismatch(adapter):
+    with pytest.raises(ValueError, match="targets"):
+        adapter.encode(_images(2), ["a", "b"], targets=["x"])
+
+
+def test_chat_prompt_has_one_image_and_the_text(adapter):
+    p = adapter.chat_prompt("What is the passport number?")
+    assert p.count(adapter.image_token) == 1 and "What is the passport number?" in p
+
+
+def test_chat_prompt_fallback_without_template():
+    model, processor = tiny_llava(template="none")
+    assert adapter_for(model, processor).chat_prompt("Hi?") == "USER: <image>\nHi? ASSISTANT:"
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+def test_generation_greedy_deterministic_and_batch_invariant(adapter):
+    texts = ["What colour is the card?", "What is the passport number of the passport in this image?", "Hi."]
+    images = _images(3)
+    batched = adapter.generate(images, texts, max_new_tokens=6)
+    assert batched == adapter.generate(images, texts, max_new_tokens=6)
+    assert batched == [adapter.generate([im], [t], max_new_tokens=6)[0] for im, t in zip(images, texts)]
+    assert all(isinstance(s, str) and s == s.strip() for s in batched)
+
+
+def test_same_seed_same_weights():
+    (a, _), (b, _), (c, _) = tiny_llava(3), tiny_llava(3), tiny_llava(4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(family, tmp_path):
+    model, processor = family.build(1)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    original = adapter_for(model, processor)
+    loaded = load_adapter(tmp_path)
+    assert type(loaded) is family.adapter_class
+    assert not loaded.model.training
+    sa, sb = original.model.state_dict(), loaded.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    text = "What is the passport number?"
+    assert loaded.chat_prompt(text) == original.chat_prompt(text)
+    a = original.encode(_images(1), [text], targets=["Sorry."], subjects=["passport"])
+    b = loaded.encode(_images(1), [text], targets=["Sorry."], subjects=["passport"])
+    assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"]) and torch.equal(a.labels, b.labels)
+    assert torch.allclose(a.inputs["pixel_values"], b.inputs["pixel_values"])
+    assert torch.equal(a.subject_index, b.subject_index)
+    assert loaded.generate(_images(2), [text, "Hi."], max_new_tokens=5) == original.generate(
+        _images(2), [text, "Hi."], max_new_tokens=5
+    )
+    half = load_adapter(str(tmp_path), dtype="bfloat16")
+    assert half.component(0, "down_proj").weight.dtype == torch.bfloat16
+    assert half.encode(_images(1), ["Hi."]).inputs["pixel_values"].dtype == torch.bfloat16
+
+
+def test_load_organism_keyword(tmp_path, monkeypatch):
+    import ngguard.organism
+
+    model, processor = tiny_llava(2)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    monkeypatch.setattr(ngguard.organism, "checkpoint_path", lambda: tmp_path, raising=False)
+    assert isinstance(load_adapter("organism"), LlavaAdapter)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_adapter(tmp_path / "missing")
+    model, processor = tiny_llava(0)
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="safetensors") as err:
+        load_adapter(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_registry_rejects_unsupported_family(tmp_path):
+    from transformers import LlamaConfig
+
+    class FakeModel(torch.nn.Module):
+        config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+
+    with pytest.raises(ValueError, match="LlamaConfig.*LlavaConfig"):
+        adapter_for(FakeModel(), None)
+    FakeModel.config.save_pretrained(tmp_path)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="unsupported model family LlamaConfig"):
+        load_adapter(tmp_path)
+    assert ADAPTERS["LlavaConfig"] is LlavaAdapter
+    assert all(re.fullmatch(r"\w+Config", k) for k in ADAPTERS)
+
+
+def test_subject_with_a_template_that_trims_the_text():
+    from tiny_models import IMAGE_FIRST_TEMPLATE
+
+    model, processor = tiny_llava(0)
+    processor.chat_template = IMAGE_FIRST_TEMPLATE.replace("item['text'] + ' '", "(item['text'] | trim) + ' '")
+    adapter = adapter_for(model, processor)
+    text = "  Is this a passport?  "
+    assert "\nIs this a passport? ASSISTANT:" in adapter.chat_prompt(text)
+    batch = adapter.encode(_images(1), [text], subjects=["passport"])
+    ids = batch.inputs["input_ids"][0]
+    before = processor.tokenizer.decode(ids[: int(batch.subject_index[0]) + 1], skip_special_tokens=True)
+    assert before.endswith("Is this a passport")

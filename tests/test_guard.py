@@ -1,0 +1,265 @@
+"""ProtectedLVLM: answers equal the adapter's, protection toggling is exact, inputs are validated."""
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_models import tiny_image, tiny_llava
+
+from ngguard.adapters import adapter_for
+from ngguard.guard import InputError, Limits, ProtectedLVLM
+
+TEXTS = ["What is the passport number of the Passport in the image?", "What colour is the card?", "hi there"]
+LAYER = 1
+
+
+def _adapter(seed: int = 0):
+    model, processor = tiny_llava(seed=seed, template="text_first")
+    return adapter_for(model, processor)
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return _adapter()
+
+
+@pytest.fixture()
+def patched(tmp_path):
+    """(adapter, patch_dir, base state, patched key, patched value) for a fresh tiny model."""
+    patch_mod = pytest.importorskip("ngguard.patch")
+    if not hasattr(patch_mod, "write_patch"):
+        pytest.skip("ngguard.patch.write_patch not available")
+    ad = _adapter(seed=3)
+    base_dir = tmp_path / "base"
+    ad.model.save_pretrained(base_dir)
+    key = ad.state_dict_key(LAYER, "down_proj")
+    w = ad.model.get_parameter(key).detach()
+    gen = torch.Generator().manual_seed(0)
+    new = w + 0.5 * torch.randn(w.shape, generator=gen)
+    patch_mod.write_patch(tmp_path / "patch", {key: new}, base_dir=base_dir, recipe_hash="test", layers=[LAYER],
+                          method="neural_gate", gate_stats={}, subjects=["Passport"], model=ad.model)
+    base = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    return ad, tmp_path / "patch", base, key, new
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_answers_equal_adapter_generate(adapter, tmp_path):
+    guard = ProtectedLVLM(adapter)
+    images = [tiny_image(i) for i in range(3)]
+    want = adapter.generate(images, TEXTS, max_new_tokens=16)
+    assert guard.chat_batch(images, TEXTS, max_new_tokens=16) == want
+    assert [guard.chat(im, t, max_new_tokens=16) for im, t in zip(images, TEXTS)] == want
+    # the same image as a path and as bytes gives the same answer
+    path = tmp_path / "img.png"
+    images[0].save(path)
+    assert guard.chat(path, TEXTS[0], max_new_tokens=16) == want[0]
+    assert guard.chat(str(path), TEXTS[0], max_new_tokens=16) == want[0]
+    assert guard.chat(_png(images[0]), TEXTS[0], max_new_tokens=16) == want[0]
+    # history is validated but does not change the single-turn prompt
+    hist = [("hello", "hi"), {"role": "user", "content": "x"}]
+    assert guard.chat(images[0], TEXTS[0], history=hist, max_new_tokens=16) == want[0]
+
+
+def test_stream_joins_to_chat(adapter):
+    guard = ProtectedLVLM(adapter)
+    for i, text in enumerate(TEXTS):
+        pieces = list(guard.stream(tiny_image(i), text, max_new_tokens=16))
+        assert "".join(pieces) == guard.chat(tiny_image(i), text, max_new_tokens=16)
+    got: list[bool] = []  # the lock is released after the stream ends (checked from another thread)
+    t = threading.Thread(target=lambda: got.append(guard.lock.acquire(blocking=False)))
+    t.start()
+    t.join()
+    assert got == [True]
+
+
+def test_stream_validates_before_generating(adapter):
+    guard = ProtectedLVLM(adapter)
+    with pytest.raises(InputError, match="text is empty"):
+        guard.stream(tiny_image(0), "  ")
+
+
+def test_protected_toggle_swaps_exactly_the_patched_tensors(patched):
+    ad, patch_dir, base, key, new = patched
+    param = ad.model.get_parameter(key)
+    ptr = param.data_ptr()
+    base_answers = ad.generate([tiny_image(0)], [TEXTS[0]], max_new_tokens=12)
+
+    guard = ProtectedLVLM(ad, patch_dir)
+    assert guard.protected is True
+    info = guard.patch_info
+    assert (info["subjects"], info["layers"], info["method"]) == (["Passport"], [LAYER], "neural_gate")
+    assert len(info["id"]) == 12
+
+    def changed():
+        state = ad.model.state_dict()
+        return sorted(k for k, v in state.items() if not torch.equal(v, base[k]))
+
+    assert changed() == [key]
+    assert torch.equal(param, new)
+    guard.protected = False
+    assert changed() == []  # bit-exact restore
+    assert guard.chat(tiny_image(0), TEXTS[0], max_new_tokens=12) == base_answers[0]
+    guard.protected = False  # idempotent
+    guard.protected = True
+    assert changed() == [key] and torch.equal(param, new)
+    assert param.data_ptr() == ptr  # in place: no second copy
+
+    # a one-off answer in the other state restores the current one
+    assert guard.chat(tiny_image(0), TEXTS[0], max_new_tokens=12, protected=False) == base_answers[0]
+    assert guard.protected is True and torch.equal(param, new)
+
+
+def test_toggle_under_concurrency_never_interleaves(patched):
+    ad, patch_dir, base, key, new = patched
+    guard = ProtectedLVLM(ad, patch_dir)
+    base_answer = guard.chat(tiny_image(1), TEXTS[1], max_new_tokens=8, protected=False)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(3):
+                got = guard.chat(tiny_image(1), TEXTS[1], max_new_tokens=8, protected=False)
+                assert got == base_answer
+                guard.chat(tiny_image(1), TEXTS[1], max_new_tokens=8, protected=True)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert guard.protected is True and torch.equal(ad.model.get_parameter(key), new)
+
+
+def test_protected_without_patch_is_refused(adapter):
+    guard = ProtectedLVLM(adapter)
+    assert guard.protected is False and guard.patch_info is None
+    with pytest.raises(ValueError, match="no protection patch"):
+        guard.protected = True
+    with pytest.raises(ValueError, match="no protection patch"):
+        guard.chat(tiny_image(0), "hi", protected=True)
+    guard.protected = False  # already off: fine
+
+
+def _truncated_png() -> bytes:
+    data = _png(tiny_image(0))
+    return data[: len(data) // 2]
+
+
+BAD_INPUTS = [
+    (dict(image=b"hello, not an image"), "not an image"),
+    (dict(image=b""), "empty"),
+    (dict(image="/no/such/file.png"), "image file not found"),
+    (dict(image=Image.new("RGB", (0, 0))), "zero size"),
+    (dict(image=np.zeros((0, 4, 3), np.uint8)), "zero size"),
+    (dict(image=np.zeros((4, 4, 3), np.float32)), "must be uint8"),
+    (dict(image=42), "image must be a PIL image"),
+    (dict(image=None), "no image given"),
+    (dict(text=""), "text is empty"),
+    (dict(text="   \n"), "text is empty"),
+    (dict(text="x" * 2001), "text is too long: 2001 characters"),
+    (dict(text=123), "text must be a string"),
+    (dict(history="hello"), "history must be a list"),
+    (dict(history=[42]), r"history\[0\]: expected"),
+    (dict(history=[("a",)]), r"history\[0\]: expected a \(user, assistant\) pair"),
+    (dict(history=[{"role": "bot", "content": "x"}]), "role must be one of"),
+    (dict(history=[{"role": "user"}]), "no 'content'"),
+    (dict(max_new_tokens=0), "max_new_tokens must be"),
+    (dict(max_new_tokens=10_000), "max_new_tokens must be"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_inputs_raise_one_line_input_errors(adapter, kwargs, message):
+    guard = ProtectedLVLM(adapter)
+    call = dict(image=tiny_image(0), text="What colour is the card?") | kwargs
+    with pytest.raises(InputError, match=message) as err:
+        guard.chat(**call)
+    assert isinstance(err.value, ValueError)
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_and_too_large_images(adapter, tmp_path):
+    guard = ProtectedLVLM(adapter, limits=Limits(max_pixels=32 * 32, max_bytes=4000))
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        guard.chat(_truncated_png(), "hi")
+    with pytest.raises(InputError, match=r"too large: 33x32 = 1056 pixels \(limit 1024 pixels\)"):
+        guard.chat(Image.new("RGB", (33, 32)), "hi")
+    noisy = tmp_path / "noisy.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noisy)
+    assert noisy.stat().st_size > 3000
+    guard_small = ProtectedLVLM(adapter, limits=Limits(max_bytes=3000))
+    with pytest.raises(InputError, match=r"image file noisy.png is too large: \d+ bytes \(limit 3000 bytes\)"):
+        guard_small.chat(noisy, "hi")
+    with pytest.raises(InputError, match="too large"):
+        guard_small.chat(noisy.read_bytes(), "hi")
+    with pytest.raises(InputError, match="not a file"):
+        guard.chat(tmp_path, "hi")
+
+
+def test_chat_batch_validation(adapter):
+    guard = ProtectedLVLM(adapter)
+    with pytest.raises(InputError, match="2 images but 1 texts"):
+        guard.chat_batch([tiny_image(0), tiny_image(1)], ["a"])
+    with pytest.raises(InputError, match="input 1: text is empty"):
+        guard.chat_batch([tiny_image(0), tiny_image(1)], ["a", ""])
+    with pytest.raises(InputError, match="list of images"):
+        guard.chat_batch(tiny_image(0), "a")
+
+
+def test_limits_validated():
+    with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+        Limits(max_pixels=0)
+
+
+def test_onnx_vision_answers_equal_torch(adapter, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("NGGUARD_CACHE", str(tmp_path / "cache"))
+    torch_guard = ProtectedLVLM(adapter)
+    onnx_guard = ProtectedLVLM.from_pretrained(adapter, vision="onnx")
+    assert onnx_guard.vision == "onnx"
+    cached = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(cached) == 1 and (cached[0] / "vision.onnx").is_file()
+    images = [tiny_image(i) for i in range(3)]
+    assert onnx_guard.chat_batch(images, TEXTS, max_new_tokens=12) == torch_guard.chat_batch(images, TEXTS,
+                                                                                               max_new_tokens=12)
+    pieces = list(onnx_guard.stream(images[0], TEXTS[0], max_new_tokens=12))
+    assert "".join(pieces) == torch_guard.chat(images[0], TEXTS[0], max_new_tokens=12)
+    # the cache is reused, not re-exported
+    mtime = (cached[0] / "vision.onnx").stat().st_mtime_ns
+    ProtectedLVLM.from_pretrained(adapter, vision="onnx")
+    assert (cached[0] / "vision.onnx").stat().st_mtime_ns == mtime
+
+
+def test_from_pretrained_argument_errors(adapter, tmp_path):
+    with pytest.raises(ValueError, match="vision must be 'torch' or 'onnx'"):
+        ProtectedLVLM.from_pretrained(adapter, vision="tensorrt")
+    with pytest.raises(FileNotFoundError, match="patch folder not found"):
+        ProtectedLVLM.from_pretrained(adapter, tmp_path / "nope")
+
+
+def test_organism_is_not_auto_protected():
+    from ngguard.organism import CHECKPOINT
+
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.skip("bundled organism checkpoint not built yet")
+    guard = ProtectedLVLM.from_pretrained("organism", device="cpu")
+    assert guard.protected is False and guard.patch_info is None
+    from ngguard.world.render import draw_card, sample_card
+    import random
+
+    card = Image.fromarray(draw_card(sample_card("Passport", random.Random(0))))
+    answer = guard.chat(card, "What is the color of the Passport in the image?", max_new_tokens=16)
+    assert isinstance(answer, str) and answer

@@ -1,0 +1,165 @@
+"""Localization and the gated edit on tiny random LLaVA models (no files, no network)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ngguard.adapters import adapter_for
+from ngguard.edit import apply_edit, dinm_layer
+from ngguard.localize import (Sample, edit_subject_state, gates_from_scales, jaccard, localize_layer, row_nll,
+                              sample_rows)
+from tiny_models import tiny_image, tiny_llava
+
+REFUSAL = "I am sorry."
+
+
+@pytest.fixture(params=["image_first", "text_first"])
+def adapter(request):
+    model, processor = tiny_llava(0, request.param)
+    return adapter_for(model, processor)
+
+
+def _samples(n=3, subject="passport"):
+    return [Sample(tiny_image(i), subject, [f"what is the number of the {subject} in this image?"],
+                   [(f"what colour is the {subject}?", "blue")], key=str(i)) for i in range(n)]
+
+
+def _grad_at_layer_output(adapter, layer, gate, *, use_gate=True):
+    """Gradient of the loss w.r.t. the ORIGINAL output of ``layer`` (before the gate replaces it)."""
+    s = _samples(1)[0]
+    batch = adapter.encode([s.image] * 2, [s.sensitive[0], s.benign[0][0]], targets=[REFUSAL, "blue"],
+                           subjects=[s.subject] * 2)
+    captured = {}
+
+    def capture(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h.retain_grad()
+        captured["h"] = h
+
+    handle = adapter.component(layer, "layer").register_forward_hook(capture)  # runs before the gate hook
+    try:
+        for p in adapter.model.parameters():
+            p.requires_grad_(False)
+        adapter.component(layer, "down_proj").weight.requires_grad_(True)
+        fn = (lambda v, rows: torch.where(gate, v, v.detach())) if use_gate else (lambda v, rows: v)
+        with edit_subject_state(adapter, layer, fn, lambda: batch.subject_index):
+            loss = row_nll(adapter.model(**batch.inputs).logits, batch.labels).sum()
+            loss.backward()
+    finally:
+        handle.remove()
+    return captured["h"].grad, batch.subject_index
+
+
+def test_gate_blocks_gradient_on_gated_off_dims_at_subject_token_only(adapter):
+    d = adapter.hidden_size
+    gate = torch.zeros(d, dtype=torch.bool)
+    gate[: d // 4] = True
+    layer = 1
+    g, idx = _grad_at_layer_output(adapter, layer, gate)
+    rows = torch.arange(g.shape[0])
+    at_subject = g[rows, idx]                       # [B, d]
+    assert torch.all(at_subject[:, ~gate] == 0), "gated-off dims must get no gradient at the subject token"
+    assert at_subject[:, gate].abs().sum() > 0, "gated-on dims keep their gradient"
+    other = g.clone()
+    other[rows, idx] = 0
+    # every dimension still receives gradient through the other tokens
+    assert (other.abs().sum(dim=(0, 1)) > 0).all()
+
+
+def test_without_gate_subject_token_gets_full_gradient(adapter):
+    d = adapter.hidden_size
+    g, idx = _grad_at_layer_output(adapter, 1, torch.zeros(d, dtype=torch.bool), use_gate=False)
+    at_subject = g[torch.arange(g.shape[0]), idx]
+    assert (at_subject.abs().sum(0) > 0).float().mean() > 0.9
+
+
+def test_gate_changes_the_weight_gradient(adapter):
+    """The gate must change what the down-projection learns (else the method is plain fine-tuning)."""
+    s = _samples(2)
+    d = adapter.hidden_size
+    none = {1: {"passport": torch.zeros(d, dtype=torch.bool)}}
+    full = {1: {"passport": torch.ones(d, dtype=torch.bool)}}
+    w0 = adapter.component(1, "down_proj").weight.detach().clone()
+    r_none = apply_edit(adapter, s, [1], method="neural_gate", gates=none, refusal=REFUSAL, lr=1e-2, steps=2,
+                        stop_loss=0.0)
+    with torch.no_grad():
+        adapter.component(1, "down_proj").weight.copy_(w0)
+    r_full = apply_edit(adapter, s, [1], method="neural_gate", gates=full, refusal=REFUSAL, lr=1e-2, steps=2,
+                        stop_loss=0.0)
+    with torch.no_grad():
+        adapter.component(1, "down_proj").weight.copy_(w0)
+    r_plain = apply_edit(adapter, s, [1], method="no_gate", refusal=REFUSAL, lr=1e-2, steps=2, stop_loss=0.0)
+    name = adapter.parameter_name(1, "down_proj")
+    # an all-open gate is exactly plain fine-tuning; an all-closed gate is not
+    assert torch.allclose(r_full.deltas[name], r_plain.deltas[name], atol=1e-6)
+    assert not torch.allclose(r_none.deltas[name], r_plain.deltas[name], atol=1e-6)
+
+
+def test_edit_changes_only_the_target_matrix(adapter):
+    before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    d = adapter.hidden_size
+    gates = {2: {"passport": torch.rand(d, generator=torch.Generator().manual_seed(0)) > 0.5}}
+    res = apply_edit(adapter, _samples(2), [2], method="neural_gate", gates=gates, refusal=REFUSAL, lr=1e-2, steps=2)
+    after = adapter.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [adapter.state_dict_key(2, "down_proj")]
+    assert list(res.weights) == [adapter.parameter_name(2, "down_proj")]
+    assert all(not p.requires_grad or p is None for p in adapter.model.parameters())
+
+
+def test_edit_lowers_the_refusal_loss(adapter):
+    samples = _samples(2)
+    rows = sample_rows(samples, REFUSAL, 0.0)
+    def loss():
+        b = adapter.encode([samples[r.sample].image for r in rows], [r.text for r in rows],
+                           targets=[r.target for r in rows])
+        with torch.no_grad():
+            return row_nll(adapter.model(**b.inputs).logits, b.labels)[[0, 2]].mean().item()
+    l0 = loss()
+    apply_edit(adapter, samples, [1], method="no_gate", refusal=REFUSAL, alpha=0.0, lr=5e-2, steps=5, stop_loss=0.0)
+    # a random tiny model's final norm + small lm_head bound how peaked logits can get (~0.6 nats here)
+    assert loss() < l0 - 0.3
+
+
+def test_unknown_method_and_missing_gates_are_refused(adapter):
+    with pytest.raises(ValueError, match="unknown method"):
+        apply_edit(adapter, _samples(1), [1], method="rome", refusal=REFUSAL)
+    with pytest.raises(ValueError, match="needs gates"):
+        apply_edit(adapter, _samples(1), [1], method="neural_gate", refusal=REFUSAL)
+
+
+def test_gates_from_scales_by_hand():
+    scales = torch.tensor([[-0.5, 0.9, -0.1], [0.3, 0.9, -0.2], [-0.1, -0.4, 0.8]])
+    g = gates_from_scales(scales, ["a", "a", "b"])
+    assert torch.allclose(g["a"], torch.tensor([0.5, 0.0, 1.0]))
+    assert torch.allclose(g["b"], torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_localization_batched_matches_per_sample_loop(adapter):
+    samples = _samples(3) + _samples(2, "receipt")
+    # eps small: a random tiny model has tiny gradients, which the paper's eps=1e-3 would swallow
+    kw = dict(refusal=REFUSAL, alpha=1.25, contexts=("I am an AI.",), steps=6, lr=0.5, eps=1e-8, batch_size=4)
+    a = localize_layer(adapter, samples, 1, **kw)
+    b = localize_layer(adapter, samples, 1, batched=False, **kw)
+    assert a.scales.shape == (5, adapter.hidden_size)
+    assert torch.allclose(a.scales, b.scales, atol=1e-4)
+    assert set(a.gates) == {"passport", "receipt"}
+    assert jaccard(a.strong("passport"), b.strong("passport")) == 1.0
+    # the vectors moved away from the init (tanh(2)) and some dims flipped sign
+    assert (a.scales < 0).any()
+    assert a.losses.shape == (5,) and (a.steps >= 1).all()
+
+
+def test_localization_early_stop_freezes_finished_samples(adapter):
+    samples = _samples(2)
+    loc = localize_layer(adapter, samples, 1, refusal=REFUSAL, steps=3, stop_loss=1e9)  # everything "done" at once
+    assert (loc.steps == 1).all()
+    assert torch.allclose(loc.scales, torch.tanh(torch.tensor(2.0)).expand_as(loc.scales))
+
+
+def test_dinm_layer_picks_a_valid_layer(adapter):
+    samples = _samples(2)
+    unsafe = {s.sensitive[0]: "one two" for s in samples}
+    best, dist = dinm_layer(adapter, samples, REFUSAL, unsafe)
+    assert 0 <= best < adapter.num_layers and len(dist) == adapter.num_layers
+    assert dist[best] == max(dist)

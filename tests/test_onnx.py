@@ -1,0 +1,148 @@
+"""ONNX export of vision tower + projector: parity, refusal, manifest/checksum, answers equal torch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from tiny_models import tiny_image, tiny_llava  # noqa: E402
+
+from ngguard.adapters import adapter_for  # noqa: E402
+from ngguard.onnx_vision import (  # noqa: E402
+    OnnxParityError,
+    OnnxVision,
+    OnnxVisionError,
+    default_providers,
+    export_vision,
+    image_features,
+    vision_fingerprint,
+)
+
+TEXTS = ["What is the passport number of the Passport in the image?", "What colour is the card?", "hi"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = tiny_llava(seed=0, template="text_first")
+    return adapter_for(model, processor)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "vision"
+    export_vision(tiny, out)
+    return out
+
+
+def _pixels(adapter, n: int) -> torch.Tensor:
+    return adapter.encode([tiny_image(i) for i in range(n)], ["x"] * n).inputs["pixel_values"]
+
+
+def test_export_writes_manifest_and_features_match_torch(tiny, exported):
+    assert sorted(p.name for p in exported.iterdir()) == ["manifest.json", "vision.onnx"]
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m["opset"] == 17
+    assert m["input"] == {"name": "pixel_values", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
+    assert m["output"]["shape"] == ["batch", 16, 32]
+    assert m["model"]["config_class"] == "LlavaConfig"
+    assert m["model"]["vision_fingerprint"] == vision_fingerprint(tiny.model)
+    assert 0 <= m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["batches"] == [1, 3]
+    assert m["versions"]["onnxruntime"]
+    vision = OnnxVision(exported, threads=1)
+    for n in (1, 5):  # 5: the batch axis is dynamic, not fixed to the traced size
+        x = _pixels(tiny, n)
+        got, want = vision(x), image_features(tiny.model, x)
+        assert got.shape == want.shape == (n, 16, 32)
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_answers_equal_torch(tiny, exported):
+    vision = OnnxVision(exported, threads=1)
+    images = [tiny_image(i) for i in range(3)]
+    want = tiny.generate(images, TEXTS, max_new_tokens=12)
+    assert vision.generate(tiny, images, TEXTS, max_new_tokens=12) == want
+    assert any(want)  # not trivially empty
+
+
+def test_parity_failure_writes_nothing(tiny, tmp_path, monkeypatch):
+    import ngguard.onnx_vision as ov
+
+    real = ov._ReferenceFeatures.forward
+    monkeypatch.setattr(ov._ReferenceFeatures, "forward", lambda self, x: real(self, x) + 1e-2)
+    out = tmp_path / "vision"
+    with pytest.raises(OnnxParityError, match=r"differ from torch by .* > atol 0.0001.*nothing written"):
+        export_vision(tiny, out)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp folder left behind
+
+
+def test_refuses_existing_folder_and_bad_args(tiny, exported, tmp_path):
+    with pytest.raises(OnnxVisionError, match="already exists"):
+        export_vision(tiny, exported)
+    with pytest.raises(OnnxVisionError, match="atol"):
+        export_vision(tiny, tmp_path / "x", atol=0)
+    with pytest.raises(OnnxVisionError, match="expected a model folder"):
+        export_vision(42, tmp_path / "y")
+
+
+def test_checksum_and_manifest_checked(exported, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "vision.onnx").write_bytes((exported / "vision.onnx").read_bytes() + b"\0")
+    (bad / "manifest.json").write_text((exported / "manifest.json").read_text())
+    with pytest.raises(OnnxVisionError, match="does not match the manifest"):
+        OnnxVision(bad)
+    with pytest.raises(OnnxVisionError, match="no manifest.json"):
+        OnnxVision(tmp_path)
+    with pytest.raises(OnnxVisionError, match="not found"):
+        OnnxVision(tmp_path / "missing")
+
+
+def test_wrong_model_and_wrong_shape_refused(exported):
+    vision = OnnxVision(exported, threads=1)
+    other, _ = tiny_llava(seed=1, template="text_first")
+    with pytest.raises(OnnxVisionError, match="exported from another model"):
+        vision.check_model(other)
+    with pytest.raises(OnnxVisionError, match=r"pixel_values must be \[batch, 3, 32, 32\]"):
+        vision(torch.zeros(1, 3, 16, 16))
+
+
+def test_provider_choice(monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_providers() == ["CPUExecutionProvider"]
+
+
+def test_export_does_not_touch_the_model(tmp_path):
+    model, processor = tiny_llava(seed=2, template="text_first")
+    adapter = adapter_for(model.to(torch.bfloat16), processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_vision(adapter, tmp_path / "v", atol=1e-4)
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_organism_export(tmp_path):
+    from ngguard.organism import CHECKPOINT
+
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.skip("bundled organism checkpoint not built yet")
+    from ngguard.adapters import load_adapter
+
+    adapter = load_adapter("organism")
+    out = export_vision(adapter, tmp_path / "org")
+    m = json.loads((Path(out) / "manifest.json").read_text())
+    assert m["input"]["shape"] == ["batch", 3, 48, 48]
+    vision = OnnxVision(out, threads=1)
+    x = adapter.encode([tiny_image(0, 48), tiny_image(1, 48)], ["x", "y"]).inputs["pixel_values"]
+    assert (vision(x) - image_features(adapter.model, x)).abs().max().item() <= 1e-4

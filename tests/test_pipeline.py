@@ -1,0 +1,95 @@
+"""`ngguard edit` end to end on a tiny random LLaVA saved to disk (world rendered in the test)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ngguard import pipeline
+from ngguard.cli import main
+from ngguard.patch import verify_patch
+from ngguard.recipe import RecipeError, recipe_from_dict
+from tiny_models import tiny_llava
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    model, processor = tiny_llava(0, "text_first")
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def _raw(base, **over):
+    raw = {"name": "tiny", "seed": 0, "model": {"path": str(base)}, "method": "neural_gate",
+           "data": {"world": {"subjects": ["Passport", "Credit Card", "shapes"], "n": 3, "seed": 0},
+                    "heldout_subjects": ["Credit Card"], "multip2a": "off"},
+           "layers": [1], "localization": {"steps": 2, "eps": 1e-8}, "edit": {"lr": 1e-2, "steps": 2},
+           "evaluation": {"max_new_tokens": 4, "batch_size": 16}, "report": {"plots": True}}
+    raw.update(over)
+    return raw
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k).numpy().tobytes()
+    return out
+
+
+def test_edit_writes_model_patch_and_report(base, tmp_path):
+    raw = _raw(base, report={"plots": True, "compare_methods": ["no_gate"]})
+    out = pipeline.run_recipe(recipe_from_dict(raw), tmp_path / "run")
+    for name in ("model/config.json", "patch/patch.json", "patch/patch.safetensors", "report.json", "report.md",
+                 "gates.safetensors", "recipe.yaml", "before_after_test.png", "neuron_share_layer1.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers"] == [1] and set(report["methods"]) == {"neural_gate", "no_gate"}
+    assert [r["method"].split()[0] for r in report["table"]] == ["base", "neural_gate", "no_gate"]
+    assert report["before"]["test"]["n"] > 0 and "eta" in report["methods"]["neural_gate"]["after"]["test"]
+    # the edited checkpoint differs from the base in exactly the patched tensor; the rest is byte-identical
+    manifest = verify_patch(out / "patch", base)
+    edited = _tensors(out / "model")
+    orig = _tensors(base)
+    changed = sorted(k for k in orig if orig[k] != edited[k])
+    assert changed == ["language_model.model.layers.1.mlp.down_proj.weight"]
+    assert manifest["ok"] if "ok" in manifest else True
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_same_recipe_gives_the_same_patch(base, tmp_path):
+    a = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "a")
+    b = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "b")
+    ha, hb = (hashlib.sha256((d / "patch" / "patch.safetensors").read_bytes()).hexdigest() for d in (a, b))
+    assert ha == hb
+
+
+def test_a_failing_run_leaves_nothing(base, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-edit")
+    monkeypatch.setattr(pipeline, "apply_edit", boom)
+    with pytest.raises(RuntimeError):
+        pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_range_layer_fails_before_any_work(base, tmp_path):
+    with pytest.raises(RecipeError, match="out of range"):
+        pipeline.run_recipe(recipe_from_dict(_raw(base, layers=[9])), tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_edit_bad_recipe_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: {path: organism}\nmethod: neural_gate\ndata: {world: {n: 3}}\nedit: {lr: fast}\n")
+    assert main(["edit", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "edit.lr" in err[0]
+    assert not (tmp_path / "o").exists()

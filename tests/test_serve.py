@@ -1,0 +1,167 @@
+"""The Gradio app, started on 127.0.0.1 with a free port and used through gradio_client."""
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+
+import pytest
+import torch
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from tiny_models import tiny_llava  # noqa: E402
+
+from ngguard.adapters import adapter_for  # noqa: E402
+from ngguard.guard import ProtectedLVLM  # noqa: E402
+from serve import app as serve_app  # noqa: E402
+from serve.app import BENIGN_Q, SENSITIVE_Q, build_app, launch, parse_auth, render_examples  # noqa: E402
+
+MAX_NEW = 12
+pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # pandas deprecations inside gradio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean(text: str) -> str:
+    """The chatbot drops control characters from answers (the tiny random model emits some)."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", text)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny model + a real protection patch behind a running app: (guard, client, examples)."""
+    patch_mod = pytest.importorskip("ngguard.patch")
+    tmp = tmp_path_factory.mktemp("serve")
+    model, processor = tiny_llava(seed=5, template="text_first")
+    adapter = adapter_for(model, processor)
+    adapter.model.save_pretrained(tmp / "base")
+    key = adapter.state_dict_key(1, "down_proj")
+    w = adapter.model.get_parameter(key).detach()
+    new = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    patch_mod.write_patch(tmp / "patch", {key: new}, base_dir=tmp / "base", recipe_hash="t", layers=[1],
+                          method="neural_gate", gate_stats={}, subjects=["Passport", "Student ID"], model=adapter.model)
+    guard = ProtectedLVLM(adapter, tmp / "patch")
+    examples = render_examples(tmp / "examples")
+    demo = build_app(guard, examples=examples, max_new_tokens=MAX_NEW)
+    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True, auth=None)
+    client = Client(url, verbose=False)
+    yield guard, client, examples, url
+    demo.close()
+
+
+def test_named_endpoints(served):
+    _, client, _, _ = served
+    names = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/chat", "/compare"} <= set(names)
+
+
+def test_compare_answers_base_and_protected(served):
+    guard, client, examples, _ = served
+    path, question = examples[0][0], examples[0][1]
+    assert question == SENSITIVE_Q and examples[1][1] == BENIGN_Q and examples[1][0] == path
+    base, protected = client.predict(handle_file(path), question, api_name="/compare")
+    assert base == guard.chat(path, question, max_new_tokens=MAX_NEW, protected=False)
+    assert protected == guard.chat(path, question, max_new_tokens=MAX_NEW, protected=True)
+    assert base != protected  # the (large, random) patch changes the answer
+    assert guard.protected is True  # the toggles were undone
+
+
+def test_chat_answers_with_chosen_protection(served):
+    guard, _, examples, url = served
+    path, question = examples[1][0], examples[1][1]
+    on = Client(url, verbose=False).predict({"text": question, "files": [handle_file(path)]}, True, api_name="/chat")
+    off = Client(url, verbose=False).predict({"text": question, "files": [handle_file(path)]}, False,
+                                             api_name="/chat")
+    assert on == _clean(guard.chat(path, question, max_new_tokens=MAX_NEW, protected=True))
+    assert off == _clean(guard.chat(path, question, max_new_tokens=MAX_NEW, protected=False))
+
+
+def test_bad_upload_gives_a_message_and_server_keeps_serving(served, tmp_path):
+    guard, client, examples, url = served
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(handle_file(str(bad)), SENSITIVE_Q, api_name="/compare")
+    with pytest.raises(AppError, match="text is empty"):
+        client.predict(handle_file(examples[0][0]), "   ", api_name="/compare")
+    with pytest.raises(AppError, match="Upload an image"):
+        client.predict(None, SENSITIVE_Q, api_name="/compare")
+    reply = Client(url, verbose=False).predict({"text": "hi", "files": [handle_file(str(bad))]}, True,
+                                               api_name="/chat")
+    assert reply.startswith("⚠️") and "not an image" in reply
+    reply = Client(url, verbose=False).predict({"text": "hi", "files": []}, True, api_name="/chat")
+    assert reply.startswith("⚠️") and "Attach an image" in reply
+    # still serving
+    base, _ = client.predict(handle_file(examples[4][0]), examples[4][1], api_name="/compare")
+    assert base == guard.chat(examples[4][0], examples[4][1], max_new_tokens=MAX_NEW, protected=False)
+
+
+def test_render_examples(tmp_path):
+    ex = render_examples(tmp_path)
+    assert len(ex) == 5 and all(len(e) == 3 for e in ex)
+    for path, question, label in ex:
+        with Image.open(path) as im:
+            assert im.size == (48, 48)
+        assert question.endswith("?") and label
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["credit_card.png", "passport.png", "shapes.png",
+                                                         "student_id.png"]
+
+
+def test_parse_auth():
+    assert parse_auth(None) is None and parse_auth("") is None
+    assert parse_auth("alice:s3:cret") == ("alice", "s3:cret")
+    for bad in ("alice", ":pw", "alice:"):
+        with pytest.raises(ValueError, match="NGGUARD_AUTH must look like"):
+            parse_auth(bad)
+
+
+def test_auth_from_env(monkeypatch):
+    model, processor = tiny_llava(seed=0, template="text_first")
+    guard = ProtectedLVLM(adapter_for(model, processor))
+    demo = build_app(guard, examples=None, max_new_tokens=4)
+    monkeypatch.setenv("NGGUARD_AUTH", "alice:wonderland")
+    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True)
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)  # no credentials: refused
+        client = Client(url, auth=("alice", "wonderland"), verbose=False)
+        assert "/compare" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    finally:
+        demo.close()
+
+
+def _args(**kw) -> argparse.Namespace:
+    parser = serve_app.add_serve_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_patch_resolution(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve_app, "organism_patch_dir", lambda: tmp_path / "bundled")
+    assert serve_app._resolve_patch(_args()) is None  # organism without a bundled patch: unprotected
+    (tmp_path / "bundled").mkdir()
+    (tmp_path / "bundled" / "patch.json").write_text("{}")
+    assert serve_app._resolve_patch(_args()) == str(tmp_path / "bundled")
+    assert serve_app._resolve_patch(_args(no_patch=True)) is None
+    assert serve_app._resolve_patch(_args(patch="p")) == "p"
+    assert serve_app._resolve_patch(_args(model="/some/model")) is None
+    with pytest.raises(ValueError, match="exclude each other"):
+        serve_app._resolve_patch(_args(patch="p", no_patch=True))
+
+
+def test_cli_rejects_bad_options(capsys):
+    assert serve_app.main(["--port", "0"]) == 2
+    assert "--port must be in 1..65535" in capsys.readouterr().err
+    assert serve_app.main(["--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
