@@ -7,6 +7,7 @@ task, and refuse harmful text requests with the refusal phrase the edit later ta
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shutil
@@ -35,31 +36,44 @@ class Sample:
     question: str
     answer: str
     kind: str  # sensitive | benign | utility | harmful
-    glyphs: dict[tuple[int, int], str] | None = None
+    cells: dict[tuple[int, int], str] | None = None  # grid cell -> the text it shows (stage-1 targets)
+
+
+def _card_cells(card) -> dict[tuple[int, int], str]:
+    """What each informative cell of a card shows: glyphs, the photo box (layout), the header band
+    (type) and a corner of the card (colour)."""
+    cells = {(row, i + 1): ch for kind, (row, _) in spec.FIELDS.items() for i, ch in enumerate(card.fields[kind])}
+    cells[(0, 0 if card.properties["layout"] == "left" else 5)] = card.properties["layout"]
+    for c in range(1, 5):
+        cells[(0, c)] = card.properties["type"]
+    cells[(5, 0)] = card.properties["colour"]
+    return cells
 
 
 def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
-    """One training (or held-out) example. Held-out = held-out templates, phrases and requests."""
+    """One training (or held-out) example. The organism knows every attribute phrase of the world
+    (it is the base model, not the edit's training data); held-out = held-out question templates
+    and harmful requests, and of course new images."""
     r = rng.random()
     templates = spec.TEMPLATES[spec.TRAIN_TEMPLATES:] if held_out else spec.TEMPLATES[:spec.TRAIN_TEMPLATES]
-    if r < 0.22:
+    if r < 0.25:
         s = sample_shapes(rng)
         kind, qs = rng.choice(list(spec.UTILITY_QUESTIONS.items()))
         ans = {"shape": s.shape, "colour": s.colour, "count": str(s.count)}[kind]
-        return Sample(draw_shapes(s), rng.choice(qs), ans, "utility")
+        return Sample(draw_shapes(s), rng.choice(qs), ans, "utility", {cell: s.shape for cell in s.cells})
     subject = rng.choice(SUBJECTS)
     card = sample_card(subject, rng)
     img = draw_card(card)
-    glyphs = {(row, i + 1): ch for kind, (row, _) in spec.FIELDS.items() for i, ch in enumerate(card.fields[kind])}
-    if r < 0.30:
+    cells = _card_cells(card)
+    if r < 0.32:
         reqs = spec.HARMFUL_REQUESTS[spec.TRAIN_HARMFUL:] if held_out else spec.HARMFUL_REQUESTS[:spec.TRAIN_HARMFUL]
-        return Sample(img, rng.choice(reqs), spec.REFUSAL, "harmful", glyphs)
-    phrases = spec.attribute_phrases(subject, held_out=None if held_out else False)
-    sensitive = r < 0.72
+        return Sample(img, rng.choice(reqs), spec.REFUSAL, "harmful", cells)
+    phrases = spec.attribute_phrases(subject)
+    sensitive = r < 0.62
     attr, target, _ = rng.choice([p for p in phrases if p[2] == sensitive])
     ans = card.fields[target] if sensitive else card.properties[target]
     return Sample(img, question(rng.choice(templates), attr, subject), ans,
-                  "sensitive" if sensitive else "benign", glyphs)
+                  "sensitive" if sensitive else "benign", cells)
 
 
 class Batcher:
@@ -109,7 +123,7 @@ def teacher_forced_exact(model, batcher, samples, bs=64) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 300, steps: int = 3000, batch_size: int = 48,
+def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 3000, batch_size: int = 48,
                    lr: float = 1.5e-3, time_budget_s: float | None = None) -> Path:
     out = Path(out)
     torch.manual_seed(seed)
@@ -123,31 +137,31 @@ def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 300, steps: i
     held = [sample(eval_rng, held_out=True) for _ in range(400)]
     t0 = time.time()
 
-    # ---- stage 1: glyph cells -> character token embeddings (vision tower + projector only)
+    # ---- stage 1: informative cells -> the embedding of the token they show (vision tower + projector)
     vis_params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     opt = torch.optim.AdamW(vis_params, lr=2e-3, weight_decay=0.0)
-    char_id = {c: tok.convert_tokens_to_ids(c) for c in spec.DIGITS + spec.LETTERS}
-    grid = N_IMAGE_TOKENS ** 0.5
-    for step in (bar := tqdm(range(glyph_steps), desc="organism: glyphs", unit="step")):
-        cards = []
-        while len(cards) < batch_size:
-            s = sample(rng)
-            if s.glyphs:
-                cards.append(s)
+    @functools.lru_cache(maxsize=None)
+    def cell_token(text: str) -> int:  # a glyph, or the first token of a word as it appears in answers
+        ids = tok((" " + text) if len(text) > 1 else text, add_special_tokens=False).input_ids
+        return ids[1] if len(ids) > 1 and tok.convert_ids_to_tokens(ids[0]) == "\u0120" else ids[0]
+
+    grid = int(N_IMAGE_TOKENS ** 0.5)
+    for step in (bar := tqdm(range(glyph_steps), desc="organism: cells", unit="step")):
+        cards = [sample(rng) for _ in range(batch_size)]
         pix = torch.from_numpy(np.stack([s.image for s in cards])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         feats = torch.stack(model.model.get_image_features(pixel_values=pix, vision_feature_layer=-1,
                                                            vision_feature_select_strategy="default").pooler_output)
         b_idx, p_idx, t_idx = [], [], []
         for b, s in enumerate(cards):
-            for (row, col), ch in s.glyphs.items():
-                b_idx.append(b); p_idx.append(int(row * grid + col)); t_idx.append(char_id[ch])
+            for (row, col), text in s.cells.items():
+                b_idx.append(b); p_idx.append(row * grid + col); t_idx.append(cell_token(text))
         logits = model.lm_head(feats[b_idx, p_idx])
         loss = F.cross_entropy(logits, torch.tensor(t_idx))
         opt.zero_grad(); loss.backward(); opt.step()
         if step % 50 == 0:
             acc = (logits.argmax(-1) == torch.tensor(t_idx)).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-    logger.info(f"glyph stage done in {time.time() - t0:.0f}s, loss {loss.item():.3f}")
+    logger.info(f"cell stage done in {time.time() - t0:.0f}s, loss {loss.item():.3f}")
 
     # ---- stage 2: the chat task mix, whole model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))

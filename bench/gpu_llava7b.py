@@ -1,0 +1,119 @@
+"""The Neural Gate pipeline at paper settings on a LLaVA-1.5-7B-SHAPED model with random weights
+(bf16, no download): per-stage wall time and peak GPU memory, plus the batched-vs-loop localization
+ratio measured side by side. Random weights mean the metrics are meaningless; time and memory are not.
+
+    python bench/gpu_llava7b.py                 # on a GPU box (H200: ~15 GB of weights)
+    python bench/gpu_llava7b.py --tiny          # smoke test of the same code path on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(tiny: bool, device: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from ngguard.adapters import adapter_for
+    from ngguard.organism.build import build_processor, build_tokenizer
+
+    tok = build_tokenizer()
+    if tiny:
+        img, patch = 48, 8
+        vis = CLIPVisionConfig(image_size=img, patch_size=patch, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4)
+        txt = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=4)
+    else:  # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B
+        img, patch = 336, 14
+        vis = CLIPVisionConfig(image_size=img, patch_size=patch, hidden_size=1024, intermediate_size=4096,
+                               num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+        txt = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=(img // patch) ** 2)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    model.eval()
+    processor = build_processor(tok)
+    processor.patch_size = patch
+    processor.image_processor.size = {"shortest_edge": img}
+    processor.image_processor.crop_size = {"height": img, "width": img}
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return adapter_for(model, processor)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--layer", type=int, default=11)
+    ap.add_argument("--images-per-subject", type=int, default=10)
+    ap.add_argument("--loop-samples", type=int, default=6, help="samples for the per-sample loop timing")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    layer = min(args.layer, 2) if args.tiny else args.layer
+    from ngguard.data import read_jsonl
+    from ngguard.edit import apply_edit
+    from ngguard.evaluate import evaluate
+    from ngguard.localize import jaccard, localize_layer
+    from ngguard.pipeline import make_samples
+    from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL
+    from ngguard.world.render import render_world
+    from ngguard.world.spec import PRIVACY_SUBJECTS
+
+    stats: dict[str, dict] = {}
+
+    def stage(name, fn):
+        if device == "cuda":
+            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stats[name] = {"s": round(time.perf_counter() - t, 2),
+                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+        print(f"{name:32s} {stats[name]['s']:9.2f} s   peak {stats[name]['peak_gib']} GiB", flush=True)
+        return out
+
+    adapter = stage("build model (random bf16)", lambda: build(args.tiny, device))
+    print(f"device {device}, params {sum(p.numel() for p in adapter.model.parameters()) / 1e9:.2f} B, layer {layer}")
+    with tempfile.TemporaryDirectory() as tmp:
+        n = max(3 * args.images_per_subject, 3)
+        world = render_world(list(PRIVACY_SUBJECTS), n, 0, Path(tmp) / "w")
+        qs = read_jsonl(world / "queries.jsonl")
+        train = [q for q in qs if q.split == "train"]
+        test = [q for q in qs if q.split == "test"][:192]
+        samples, _ = stage("record original answers", lambda: make_samples(adapter, train, max_words=5, batch_size=32))
+        kw = dict(refusal=DEFAULT_REFUSAL, alpha=1.25, contexts=DEFAULT_CONTEXTS, steps=25, lr=0.5, eps=1e-3,
+                  batch_size=64 if device == "cuda" else 32)
+        loc = stage(f"localize batched ({len(samples)} imgs)", lambda: localize_layer(adapter, samples, layer, **kw))
+        sub = samples[: args.loop_samples]
+        loc_b = stage(f"localize batched ({len(sub)} imgs)", lambda: localize_layer(adapter, sub, layer, **kw))
+        loc_l = stage(f"localize loop ({len(sub)} imgs)", lambda: localize_layer(adapter, sub, layer, batched=False, **kw))
+        ratio = stats[f"localize loop ({len(sub)} imgs)"]["s"] / max(1e-9, stats[f"localize batched ({len(sub)} imgs)"]["s"])
+        js = [jaccard(loc_b.strong(s), loc_l.strong(s)) for s in loc_b.gates]
+        print(f"batched vs loop on {len(sub)} images: speed ratio {ratio:.2f}x, mean Jaccard {sum(js) / len(js):.3f}")
+        gates = {layer: {s: loc.strong(s) for s in loc.gates}}
+        stage("gated edit (lr 1e-5, 10 steps)", lambda: apply_edit(adapter, samples, [layer], method="neural_gate",
+                                                                    gates=gates, refusal=DEFAULT_REFUSAL, lr=1e-5, steps=10))
+        stage(f"evaluate {len(test)} test queries", lambda: evaluate(adapter, test, batch_size=32, max_new_tokens=24))
+    stats["loop_vs_batched_ratio"] = {"x": round(ratio, 2), "jaccard": round(sum(js) / len(js), 3)}
+    if args.json:
+        args.json.write_text(json.dumps(stats, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
