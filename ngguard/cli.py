@@ -236,6 +236,30 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     return cli_patch(args)
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert an original (non-HF) checkpoint into an HF model folder")
+    csub = p.add_subparsers(dest="convert_command", metavar="{minigpt4}", required=True)
+    m = csub.add_parser("minigpt4", parents=[_common()],
+                        help="MiniGPT-4 v1 (.pth + LLaMA + BLIP-2 folders) -> Blip2ForConditionalGeneration folder")
+    m.add_argument("--ckpt", type=Path, required=True,
+                   help="MiniGPT-4 checkpoint (.pth, original layout; read with torch.load(weights_only=True))")
+    m.add_argument("--llm", type=Path, required=True,
+                   help="HF folder of the LLaMA-2-chat / Vicuna model it was trained with (safetensors + tokenizer)")
+    m.add_argument("--blip2", type=Path, required=True,
+                   help="HF BLIP-2 folder for the ViT + Q-Former (e.g. Salesforce/blip2-flan-t5-xxl, safetensors)")
+    m.add_argument("--out", type=Path, required=True, help="output model folder (written atomically)")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast the weights (default: keep each source's dtype)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ngguard.convert import cli_convert
+
+    return cli_convert(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry: subcommand name -> function adding its parser (which sets func=handler)
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +269,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "organism": _add_organism,
     "edit": _add_edit,
     "patch": _add_patch,
+    "convert": _add_convert,
     # ---- slots (add the _add_*/_cmd_* pair above, then uncomment) ------------------------------
     # "export-onnx": _add_export_onnx,  ngguard export-onnx --model PATH --out FILE.onnx
     # "serve": _add_serve,              ngguard serve --model PATH [--patch FILE]

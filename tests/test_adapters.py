@@ -1,5 +1,8 @@
 """The model-adapter layer, on tiny random models. Every family-dependent test runs once per entry
-of FAMILIES: a new family (LLaVA-NeXT, Qwen2-VL, BLIP-2, ...) is one more entry there."""
+of FAMILIES: a new family is one more entry there. Families: LLaVA-1.5 (image before / after the text),
+LLaVA-NeXT (anyres tiling: images of different sizes give different image-token counts per row),
+Qwen2-VL and Qwen2.5-VL (dynamic resolution, M-RoPE, no BOS, generation prompt ending in a newline)
+and MiniGPT-4 (BLIP-2 shape: Q-Former query tokens expanded in place of "<ImageHere>" in the prompt)."""
 from __future__ import annotations
 
 import re
@@ -8,20 +11,24 @@ from typing import Callable
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ngguard.adapters import (
     ADAPTERS,
     Adapter,
+    Blip2Adapter,
     LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
     adapter_for,
     find_subject_span,
     load_adapter,
     subject_candidates,
 )
-from ngguard.adapters.llava import IGNORE_INDEX, target_start
-from tiny_models import tiny_image, tiny_llava
+from ngguard.adapters.llava import IGNORE_INDEX, join_text, target_start
+from tiny_models import tiny_image, tiny_image_varied, tiny_llava, tiny_llava_next, tiny_minigpt4, tiny_qwen2_vl
 
 
 @dataclass(frozen=True)
@@ -31,11 +38,16 @@ class Family:
     num_layers: int
     hidden: int
     intermediate: int
+    image: Callable[[int], Image.Image] = tiny_image  # seed -> a test image
 
 
 FAMILIES: dict[str, Family] = {
     "llava-image-first": Family(lambda s: tiny_llava(s, template="image_first"), LlavaAdapter, 4, 32, 64),
     "llava-text-first": Family(lambda s: tiny_llava(s, template="text_first"), LlavaAdapter, 4, 32, 64),
+    "llava-next": Family(tiny_llava_next, LlavaNextAdapter, 4, 32, 64, tiny_image_varied),
+    "qwen2-vl": Family(tiny_qwen2_vl, Qwen2VLAdapter, 4, 32, 64, tiny_image_varied),
+    "qwen2.5-vl": Family(lambda s: tiny_qwen2_vl(s, version="2.5"), Qwen2VLAdapter, 4, 32, 64, tiny_image_varied),
+    "minigpt4": Family(tiny_minigpt4, Blip2Adapter, 4, 32, 64),
 }
 
 
@@ -48,6 +60,12 @@ def family(request) -> Family:
 def adapter(family) -> Adapter:
     model, processor = family.build(0)
     return adapter_for(model, processor)
+
+
+@pytest.fixture(scope="module")
+def images(family) -> Callable[[int], list]:
+    """n -> the family's first n test images."""
+    return lambda n: [family.image(i) for i in range(n)]
 
 
 def _images(n: int):
@@ -75,11 +93,11 @@ def test_layers_and_sizes(family, adapter):
         assert isinstance(adapter.component(layer, "self_attn"), torch.nn.Module)
 
 
-def test_layer_output_is_hidden_sized(adapter):
+def test_layer_output_is_hidden_sized(adapter, images):
     seen = {}
     handle = adapter.component(1, "layer").register_forward_hook(lambda m, i, o: seen.setdefault("h", o))
     try:
-        batch = adapter.encode(_images(1), ["what colour is the card?"])
+        batch = adapter.encode(images(1), ["what colour is the card?"])
         with torch.no_grad():
             adapter.model(**batch.inputs)
     finally:
@@ -148,11 +166,11 @@ SUBJECT_CASES = [
 
 
 @pytest.mark.parametrize("text, subject, upto", SUBJECT_CASES)
-def test_subject_token_index(adapter, text, subject, upto):
+def test_subject_token_index(adapter, text, subject, upto, images):
     assert text.startswith(upto)
     tok = adapter.processor.tokenizer
     for targets in (None, ["I am sorry."]):  # left and right padding
-        batch = adapter.encode(_images(2), ["Hi.", text], subjects=["hi", subject],
+        batch = adapter.encode(images(2), ["Hi.", text], subjects=["hi", subject],
                                targets=None if targets is None else targets * 2)
         ids = batch.inputs["input_ids"][1]
         idx = int(batch.subject_index[1])
@@ -164,10 +182,10 @@ def test_subject_token_index(adapter, text, subject, upto):
         assert before.endswith(upto), (before, upto)
 
 
-def test_subject_index_points_to_same_token_in_both_paddings(adapter):
+def test_subject_index_points_to_same_token_in_both_paddings(adapter, images):
     texts = ["Is this a passport?", "What is the phone number written on the phone in this picture?"]
-    left = adapter.encode(_images(2), texts, subjects=["passport", "phone"])
-    right = adapter.encode(_images(2), texts, subjects=["passport", "phone"], targets=["No.", "Sorry."])
+    left = adapter.encode(images(2), texts, subjects=["passport", "phone"])
+    right = adapter.encode(images(2), texts, subjects=["passport", "phone"], targets=["No.", "Sorry."])
     for i in range(2):
         a = left.inputs["input_ids"][i, left.subject_index[i]]
         b = right.inputs["input_ids"][i, right.subject_index[i]]
@@ -176,12 +194,12 @@ def test_subject_index_points_to_same_token_in_both_paddings(adapter):
     assert pad > 0 and int(left.subject_index[0]) - pad == int(right.subject_index[0])
 
 
-def test_subject_not_found(adapter):
-    batch = adapter.encode(_images(1), ["What colour is the car?"])
+def test_subject_not_found(adapter, images):
+    batch = adapter.encode(images(1), ["What colour is the car?"])
     with pytest.raises(ValueError, match="quokka.*What colour is the car"):
         adapter.subject_token_index(batch.inputs["input_ids"][0], "What colour is the car?", "quokka")
     with pytest.raises(ValueError, match="passport"):
-        adapter.encode(_images(1), ["What colour is the car?"], subjects=["passport"])
+        adapter.encode(images(1), ["What colour is the car?"], subjects=["passport"])
 
 
 def test_find_subject_span_rules():
@@ -206,13 +224,17 @@ def test_target_start_fallback_when_head_is_not_a_token_prefix():
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_labels_cover_target_and_eos(adapter, with_prefix):
+def test_labels_cover_target_and_eos(adapter, with_prefix, images):
     tok = adapter.processor.tokenizer
     texts = ["What is the passport number?", "Read the complete license plate on the car in this picture, please."]
     targets = ["I'm sorry, I cannot help with that.", "Red"]
     prefixes = ["The image shows that.", "I am an AI."] if with_prefix else None
-    batch = adapter.encode(_images(2), texts, targets=targets, prefixes=prefixes)
+    batch = adapter.encode(images(2), texts, targets=targets, prefixes=prefixes)
     ids, labels, mask = batch.inputs["input_ids"], batch.labels, batch.inputs["attention_mask"]
+    heads = [adapter.chat_prompt(t) for t in texts]
+    if with_prefix:
+        heads = [join_text(h, p) for h, p in zip(heads, prefixes)]
+    seps = ["" if h[-1].isspace() else " " for h in heads]  # no space after a template's trailing newline
     assert labels.shape == ids.shape
     lengths = mask.sum(1).tolist()
     assert min(lengths) < ids.shape[1] == max(lengths)  # one row is padded
@@ -221,42 +243,44 @@ def test_labels_cover_target_and_eos(adapter, with_prefix):
         assert mask[i, :n].all() and not mask[i, n:].any()  # right padding
         assert (ids[i, n:] == tok.pad_token_id).all()
         where = (labels[i] != IGNORE_INDEX).nonzero().flatten().tolist()
-        expected = tok(" " + targets[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected = tok(seps[i] + targets[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert where == list(range(n - len(expected), n))  # contiguous, ends at the last real token
         assert labels[i, where].tolist() == ids[i, where].tolist() == expected
-        assert tok.decode(ids[i, where[:-1]]) == " " + targets[i]
+        assert tok.decode(ids[i, where[:-1]]) == seps[i] + targets[i]
         if with_prefix:
-            assert tok.decode(ids[i, : where[0]]).endswith(" " + prefixes[i])
+            assert tok.decode(ids[i, : where[0]]).endswith(heads[i][-len(prefixes[i]) - 1:])  # separator + prefix
     out = adapter.model(**batch.inputs, labels=batch.labels)
     assert torch.isfinite(out.loss)
 
 
-def test_encode_without_targets_is_left_padded(adapter):
+def test_encode_without_targets_is_left_padded(adapter, images):
     tok = adapter.processor.tokenizer
     texts = ["Hi.", "What is the passport number of the passport in this image?"]
-    batch = adapter.encode(_images(2), texts, prefixes=[None, "I am an AI."])
+    batch = adapter.encode(images(2), texts, prefixes=[None, "I am an AI."])
     assert batch.labels is None and batch.subject_index is None
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     assert not mask[0, 0] and mask[:, -1].all()
-    single = adapter.encode(_images(1), texts[:1])
+    single = adapter.encode(images(1), texts[:1])
     n = int(single.inputs["attention_mask"].sum())
     assert torch.equal(ids[0, -n:], single.inputs["input_ids"][0])
-    assert tok.decode(ids[1], skip_special_tokens=True).endswith(" I am an AI.")
-    assert batch.inputs["pixel_values"].shape[0] == 2
+    head = join_text(adapter.chat_prompt(texts[1]), "I am an AI.")
+    assert tok.decode(ids[1], skip_special_tokens=True).endswith(head[-len("I am an AI.") - 1:])  # separator + prefix
+    # one image per row (Qwen2-VL flattens the patches of all images into one pixel_values)
+    assert batch.inputs.get("image_grid_thw", batch.inputs["pixel_values"]).shape[0] == 2
 
 
-def test_encode_restores_padding_side(adapter):
+def test_encode_restores_padding_side(adapter, images):
     tok = adapter.processor.tokenizer
     before = tok.padding_side
-    adapter.encode(_images(1), ["Hi."], targets=["Hello."])
+    adapter.encode(images(1), ["Hi."], targets=["Hello."])
     assert tok.padding_side == before
-    adapter.encode(_images(1), ["Hi."])
+    adapter.encode(images(1), ["Hi."])
     assert tok.padding_side == before
 
 
-def test_encode_length_mismatch(adapter):
+def test_encode_length_mismatch(adapter, images):
     with pytest.raises(ValueError, match="targets"):
-        adapter.encode(_images(2), ["a", "b"], targets=["x"])
+        adapter.encode(images(2), ["a", "b"], targets=["x"])
 
 
 def test_chat_prompt_has_one_image_and_the_text(adapter):
@@ -272,17 +296,17 @@ def test_chat_prompt_fallback_without_template():
 # ---- generation -------------------------------------------------------------------------------------
 
 
-def test_generation_greedy_deterministic_and_batch_invariant(adapter):
+def test_generation_greedy_deterministic_and_batch_invariant(adapter, images):
     texts = ["What colour is the card?", "What is the passport number of the passport in this image?", "Hi."]
-    images = _images(3)
-    batched = adapter.generate(images, texts, max_new_tokens=6)
-    assert batched == adapter.generate(images, texts, max_new_tokens=6)
-    assert batched == [adapter.generate([im], [t], max_new_tokens=6)[0] for im, t in zip(images, texts)]
+    ims = images(3)
+    batched = adapter.generate(ims, texts, max_new_tokens=6)
+    assert batched == adapter.generate(ims, texts, max_new_tokens=6)
+    assert batched == [adapter.generate([im], [t], max_new_tokens=6)[0] for im, t in zip(ims, texts)]
     assert all(isinstance(s, str) and s == s.strip() for s in batched)
 
 
-def test_same_seed_same_weights():
-    (a, _), (b, _), (c, _) = tiny_llava(3), tiny_llava(3), tiny_llava(4)
+def test_same_seed_same_weights(family):
+    (a, _), (b, _), (c, _) = family.build(3), family.build(3), family.build(4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -291,7 +315,7 @@ def test_same_seed_same_weights():
 # ---- loading ----------------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(family, tmp_path):
+def test_save_load_round_trip(family, tmp_path, images):
     model, processor = family.build(1)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
@@ -303,17 +327,17 @@ def test_save_load_round_trip(family, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     text = "What is the passport number?"
     assert loaded.chat_prompt(text) == original.chat_prompt(text)
-    a = original.encode(_images(1), [text], targets=["Sorry."], subjects=["passport"])
-    b = loaded.encode(_images(1), [text], targets=["Sorry."], subjects=["passport"])
+    a = original.encode(images(1), [text], targets=["Sorry."], subjects=["passport"])
+    b = loaded.encode(images(1), [text], targets=["Sorry."], subjects=["passport"])
     assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"]) and torch.equal(a.labels, b.labels)
     assert torch.allclose(a.inputs["pixel_values"], b.inputs["pixel_values"])
     assert torch.equal(a.subject_index, b.subject_index)
-    assert loaded.generate(_images(2), [text, "Hi."], max_new_tokens=5) == original.generate(
-        _images(2), [text, "Hi."], max_new_tokens=5
+    assert loaded.generate(images(2), [text, "Hi."], max_new_tokens=5) == original.generate(
+        images(2), [text, "Hi."], max_new_tokens=5
     )
     half = load_adapter(str(tmp_path), dtype="bfloat16")
     assert half.component(0, "down_proj").weight.dtype == torch.bfloat16
-    assert half.encode(_images(1), ["Hi."]).inputs["pixel_values"].dtype == torch.bfloat16
+    assert half.encode(images(1), ["Hi."]).inputs["pixel_values"].dtype == torch.bfloat16
 
 
 def test_load_organism_keyword(tmp_path, monkeypatch):
@@ -364,3 +388,114 @@ def test_subject_with_a_template_that_trims_the_text():
     ids = batch.inputs["input_ids"][0]
     before = processor.tokenizer.decode(ids[: int(batch.subject_index[0]) + 1], skip_special_tokens=True)
     assert before.endswith("Is this a passport")
+
+
+# ---- what the algorithm relies on, per family ------------------------------------------------------------
+
+
+def test_per_token_inputs_follow_the_rows(adapter, images):
+    """Per-token processor outputs (Qwen2-VL's mm_token_type_ids) are re-laid-out with the re-padded rows."""
+    texts = ["Hi.", "What is the passport number of the passport in this image?"]
+    for targets in (None, ["Sorry.", "I am sorry."]):
+        batch = adapter.encode(images(2), texts, targets=targets)
+        ids = batch.inputs["input_ids"]
+        for k, v in batch.inputs.items():
+            if k in ("input_ids", "attention_mask") or not (isinstance(v, torch.Tensor) and v.shape == ids.shape):
+                continue
+            assert torch.equal(v != 0, ids == adapter.image_token_id), k  # 1 = image token, 0 = text / padding
+
+
+def test_replay_without_vision_only_inputs_is_exact(adapter, images):
+    """localize replays layers <= l from a recorded output and drops ``vision_only_inputs``: the logits
+    must not change (Qwen2-VL's M-RoPE positions need its grid, so it drops nothing)."""
+    from ngguard.localize import record_layer_output, replayed_prefix
+
+    batch = adapter.encode(images(2), ["Is this a passport?", "What is the phone number written on the phone?"],
+                           targets=["No.", "Sorry."])
+    with torch.no_grad():
+        full = adapter.model(**batch.inputs, use_cache=False).logits
+    layer = 1
+    store = {"out": record_layer_output(adapter, layer, batch.inputs)}
+    inputs = {k: v for k, v in batch.inputs.items() if k not in adapter.vision_only_inputs}
+    assert all(k in batch.inputs for k in adapter.vision_only_inputs)
+    with replayed_prefix(adapter, layer, store), torch.no_grad():
+        replayed = adapter.model(**inputs, use_cache=False).logits
+    assert torch.allclose(full, replayed, atol=1e-5)
+
+
+def test_gated_edit_step_changes_only_the_target_matrix(family):
+    """One Neural Gate edit step through the gate hook: only layer 2's down-projection changes, and at the
+    subject token the gradient reaches only the gated-on dimensions."""
+    from ngguard.edit import apply_edit
+    from ngguard.localize import Sample, edit_subject_state, row_nll
+
+    model, processor = family.build(0)
+    adapter = adapter_for(model, processor)
+    samples = [Sample(family.image(i), "passport", ["what is the number of the passport in this image?"],
+                      [("what colour is the passport?", "blue")], key=str(i)) for i in range(2)]
+    d, layer = adapter.hidden_size, 2
+    gate = torch.rand(d, generator=torch.Generator().manual_seed(0)) > 0.5
+
+    # the gate at the subject token: gradient only on gated-on dims there, on all dims elsewhere
+    s = samples[0]
+    batch = adapter.encode([s.image] * 2, [s.sensitive[0], s.benign[0][0]], targets=["I am sorry.", "blue"],
+                           subjects=[s.subject] * 2)
+    seen = {}
+
+    def capture(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h.retain_grad()
+        seen["h"] = h
+
+    handle = adapter.component(layer, "layer").register_forward_hook(capture)
+    try:
+        adapter.component(layer, "down_proj").weight.requires_grad_(True)
+        with edit_subject_state(adapter, layer, lambda v, rows: torch.where(gate, v, v.detach()),
+                                lambda: batch.subject_index):
+            row_nll(adapter.model(**batch.inputs).logits, batch.labels).sum().backward()
+    finally:
+        handle.remove()
+        adapter.component(layer, "down_proj").weight.requires_grad_(False)
+        adapter.model.zero_grad(set_to_none=True)
+    g = seen["h"].grad
+    rows = torch.arange(g.shape[0])
+    at_subject = g[rows, batch.subject_index]
+    assert torch.all(at_subject[:, ~gate] == 0) and at_subject[:, gate].abs().sum() > 0
+    g[rows, batch.subject_index] = 0
+    assert (g.abs().sum(dim=(0, 1)) > 0).all()
+
+    before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    res = apply_edit(adapter, samples, [layer], method="neural_gate", gates={layer: {"passport": gate}},
+                     refusal="I am sorry.", lr=1e-2, steps=1, stop_loss=0.0)
+    after = adapter.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [adapter.state_dict_key(layer, "down_proj")]
+    assert list(res.weights) == [adapter.parameter_name(layer, "down_proj")]
+
+
+def test_blip2_adapter_refuses_language_models_without_down_proj():
+    """Stock BLIP-2 with OPT (fc1/fc2, no mlp.down_proj) is not a supported MiniGPT-4 shape."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+    from tiny_models import tiny_minigpt4_configs
+
+    _, processor = tiny_minigpt4(0)
+    vision, qformer, _ = tiny_minigpt4_configs(641, 640)
+    opt = OPTConfig(vocab_size=641, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                    word_embed_proj_dim=32, max_position_embeddings=64)
+    model = Blip2ForConditionalGeneration(Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                                      text_config=opt.to_dict(), num_query_tokens=4,
+                                                      image_token_index=640))
+    with pytest.raises(ValueError, match="OPTForCausalLM.*LLaMA") as err:
+        adapter_for(model, processor)
+    assert "\n" not in str(err.value)
+
+
+def test_saved_names_map_back_to_the_loaded_model(adapter):
+    """Patches are keyed by ``parameter_name`` (the saved key); applying one maps it back to the model."""
+    from ngguard.patch import checkpoint_to_model_names
+
+    names = [adapter.parameter_name(layer, "down_proj") for layer in range(adapter.num_layers)]
+    mapped = checkpoint_to_model_names(adapter.model, names)
+    assert mapped == {adapter.parameter_name(layer, "down_proj"): adapter.state_dict_key(layer, "down_proj")
+                      for layer in range(adapter.num_layers)}

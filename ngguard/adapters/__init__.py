@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 
 from .base import Adapter, Batch, find_subject_span, subject_candidates
+from .blip2 import Blip2Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -23,6 +26,9 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 
 register_adapter(LlavaAdapter)
+register_adapter(LlavaNextAdapter)
+register_adapter(Qwen2VLAdapter)
+register_adapter(Blip2Adapter)
 
 
 def _adapter_class(config_class: str) -> type[Adapter]:
@@ -71,7 +77,7 @@ def load_adapter(
     bundled checkpoint. ``dtype``: torch dtype or its name; None = transformers' default.
     The model is moved to ``device`` and put in eval mode."""
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     path = resolve_model_path(path)
     if not path.exists():
@@ -90,7 +96,7 @@ def load_adapter(
         kwargs["dtype"] = _torch_dtype(dtype)
     model = model_class.from_pretrained(path, **kwargs)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    processor = cls.load_processor(path, trust_remote_code=trust_remote_code)
     return cls(model, processor)
 
 
@@ -98,7 +104,10 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "Batch",
+    "Blip2Adapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
+    "Qwen2VLAdapter",
     "adapter_for",
     "find_subject_span",
     "load_adapter",

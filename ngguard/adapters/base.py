@@ -107,6 +107,14 @@ class Adapter(ABC):
     # would consume the image features are replayed from a cache (see localize.replayed_prefix).
     vision_only_inputs: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def load_processor(cls, path, *, trust_remote_code: bool = False):
+        """Load the processor saved in the model folder ``path`` (``load_adapter`` calls this). Families
+        whose stock processor needs optional packages override it with a fallback."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

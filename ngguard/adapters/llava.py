@@ -6,7 +6,10 @@ keys (``language_model.model.layers.N...``), which is what ``parameter_name`` re
 
 The prompt/token logic here only assumes a processor that expands one image placeholder string
 (``processor.image_token``) into a run of image tokens, so families with the same kind of processor
-(LLaVA-NeXT, ...) can subclass this adapter and change the structure part only.
+(LLaVA-NeXT, Qwen2-VL, BLIP-2/MiniGPT-4 via ``_process``) subclass this adapter and change the
+structure part only. Hooks for subclasses: ``language_model`` (where the decoder layers live),
+``_process`` (processor call), ``chat_prompt``; per-token processor outputs other than input_ids and
+attention_mask (e.g. Qwen2-VL's ``mm_token_type_ids``) are re-laid-out with the rows.
 """
 from __future__ import annotations
 
@@ -38,6 +41,12 @@ _LEGACY_PREFIXES = (
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
+
+
+def join_text(head: str, tail: str) -> str:
+    """``head`` + ``tail`` with one separating space, none if ``head`` already ends in whitespace (a chat
+    template whose generation prompt ends with a newline, like Qwen's "<|im_start|>assistant\\n")."""
+    return head + tail if not head or head[-1].isspace() else f"{head} {tail}"
 
 
 def target_start(head_ids: list[int], full_ids: list[int], offsets: list[tuple[int, int]], head_chars: int) -> int:
@@ -172,22 +181,30 @@ class LlavaAdapter(Adapter):
             raise ValueError("encode needs at least one text")
         tok = self.tokenizer
         prompts = [self.chat_prompt(t) for t in texts]
-        heads = [p + (f" {prefixes[i]}" if prefixes and prefixes[i] else "") for i, p in enumerate(prompts)]
-        fulls = [h + (f" {targets[i]}" if targets and targets[i] else "") for i, h in enumerate(heads)]
+        heads = [join_text(p, prefixes[i]) if prefixes and prefixes[i] else p for i, p in enumerate(prompts)]
+        fulls = [join_text(h, targets[i]) if targets and targets[i] else h for i, h in enumerate(heads)]
 
         side = "right" if targets is not None else "left"
         saved_side = tok.padding_side
         tok.padding_side = side
         try:
-            proc = self.processor(images=list(images), text=fulls, return_tensors="pt", padding=True)
+            proc = self._process(list(images), fulls)
         finally:
             tok.padding_side = saved_side
 
+        # per-token outputs besides input_ids/attention_mask (e.g. mm_token_type_ids): re-laid-out below
+        proc_shape = tuple(proc["input_ids"].shape)
+        per_token = [k for k, v in proc.items() if k not in ("input_ids", "attention_mask")
+                     and isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == proc_shape
+                     and not v.is_floating_point()]
         rows: list[list[int]] = []
+        extra: dict[str, list[list[int]]] = {k: [] for k in per_token}
         labels: list[list[int]] = []
         for i in range(n):
             mask = proc["attention_mask"][i].bool()
             ids = proc["input_ids"][i][mask].tolist()
+            for k in per_token:
+                extra[k].append(proc[k][i][mask].tolist())
             if targets is None:
                 rows.append(ids)
                 continue
@@ -203,6 +220,8 @@ class LlavaAdapter(Adapter):
             start = target_start(tok(head_x)["input_ids"], ids, enc["offset_mapping"], len(head_x))
             if tok.eos_token_id is not None and (len(ids) == start or ids[-1] != tok.eos_token_id):
                 ids = ids + [tok.eos_token_id]
+                for k in per_token:  # the appended end-of-turn token is text
+                    extra[k][i] = extra[k][i] + [0]
             rows.append(ids)
             labels.append([IGNORE_INDEX] * start + ids[start:])
 
@@ -211,14 +230,17 @@ class LlavaAdapter(Adapter):
         input_ids = torch.full((n, width), pad, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
         label_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long) if targets is not None else None
+        extra_t = {k: torch.zeros((n, width), dtype=proc[k].dtype) for k in per_token}
         for i, r in enumerate(rows):
             sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
             input_ids[i, sl] = torch.tensor(r, dtype=torch.long)
             attention[i, sl] = 1
             if label_t is not None:
                 label_t[i, sl] = torch.tensor(labels[i], dtype=torch.long)
+            for k in per_token:
+                extra_t[k][i, sl] = torch.tensor(extra[k][i], dtype=proc[k].dtype)
 
-        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention, **extra_t}
         dtype = getattr(self.model, "dtype", torch.float32)
         for k, v in proc.items():
             if k in inputs:
@@ -233,6 +255,11 @@ class LlavaAdapter(Adapter):
                 [self.subject_token_index(input_ids[i], texts[i], subjects[i]) for i in range(n)], dtype=torch.long
             )
         return Batch(inputs, label_t, subject_index)
+
+    def _process(self, images: list[Image.Image], texts: list[str]):
+        """Run the processor on a batch (padding side already set on the tokenizer): a mapping with
+        input_ids, attention_mask and the vision inputs, each placeholder expanded into image tokens."""
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
 
     def subject_token_index(self, input_ids: torch.Tensor, text: str, subject: str) -> int:
         row = [int(x) for x in input_ids.tolist()]
