@@ -260,6 +260,52 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return cli_convert(args)
 
 
+def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-onnx", parents=[_common()], help="export the vision tower + projector to ONNX",
+                       description="Export vision tower + projector to OUT/vision.onnx (+ manifest.json) with a "
+                                   "parity check against torch (batches 1 and 3); nothing is written if it fails.")
+    p.add_argument("--model", required=True, help="model folder (HF checkpoint), or 'organism' for the bundled model")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute part of the allowed difference")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative part (times max abs feature)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_export_onnx)
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from ngguard.onnx_vision import cli_export_onnx
+
+    return cli_export_onnx(args)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", parents=[_common()], help="Gradio chat + base-vs-protected demo",
+                       description="Serve a Gradio app (chat + side-by-side comparison of the base and the "
+                                   "protected model). Without arguments: the bundled organism with its bundled "
+                                   "patch. Basic auth: NGGUARD_AUTH=user:password.")
+    p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
+    p.add_argument("--patch", default=None, help="protection patch folder (default: the bundled one when serving the organism)")
+    p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
+    p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="worker slots per event")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="queued requests before new ones are refused")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serve.app import serve_cli
+
+    return serve_cli(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry: subcommand name -> function adding its parser (which sets func=handler)
 # ---------------------------------------------------------------------------------------------
@@ -270,10 +316,8 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "edit": _add_edit,
     "patch": _add_patch,
     "convert": _add_convert,
-    # ---- slots (add the _add_*/_cmd_* pair above, then uncomment) ------------------------------
-    # "export-onnx": _add_export_onnx,  ngguard export-onnx --model PATH --out FILE.onnx
-    # "serve": _add_serve,              ngguard serve --model PATH [--patch FILE]
-    # "report": _add_report,            ngguard report RUN_DIR
+    "export-onnx": _add_export_onnx,
+    "serve": _add_serve,
 }
 
 

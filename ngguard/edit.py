@@ -76,6 +76,11 @@ def _encode(adapter: Adapter, sample: Sample, refusal: str):
     return batch, sens
 
 
+def _encode_retain(adapter: Adapter, sample: Sample):
+    return adapter.encode([sample.image] * len(sample.benign), [q for q, _ in sample.benign],
+                          targets=[a for _, a in sample.benign]).to(adapter.device)
+
+
 def _kl_on_targets(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row mean KL(original || edited) over the labelled (answer) positions."""
     mask = (labels[:, 1:] != -100).float()
@@ -88,10 +93,12 @@ def _kl_on_targets(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch
 def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, method: str = "neural_gate",
                gates: Mapping[int, Mapping[str, torch.Tensor]] | None = None, module: str = "down_proj",
                refusal: str, alpha: float = 1.25, lr: float = 1e-5, eps: float = 1e-3, steps: int = 10,
-               stop_loss: float = 1e-3) -> EditResult:
+               stop_loss: float = 1e-3, retain: Sequence[Sample] = ()) -> EditResult:
     """Edit ``module`` of ``layers`` in place on ``adapter.model``; returns the new weights.
 
     ``gates[layer][subject]``: boolean mask of the subject's strongly active dims (neural_gate only).
+    ``retain``: optional general samples (benign only, no subject) whose original answers are also
+    kept, weight ``alpha``, one sample per step in turn (not in the paper; off by default).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -103,6 +110,8 @@ def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
     model.eval()  # no dropout; gradients still flow
     subjects = list(dict.fromkeys(s.subject for s in samples))
     log: list[dict] = []
+    retain_batches = [_encode_retain(adapter, r) for r in retain if r.benign]
+    n_retain = 0
     current: dict = {}
     with _deltas(adapter, layers, module) as deltas, ExitStack() as stack:
         if method == "neural_gate":
@@ -133,6 +142,12 @@ def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
                     nll = row_nll(logits, batch.labels)
                     keep = _kl_on_targets(logits, ref_logits, batch.labels) if method == "dinm" else nll
                     loss = nll[sens].mean() + alpha * keep[~sens].mean() if (~sens).any() else nll[sens].mean()
+                    if retain_batches:  # general answers to keep (no subject token: the gate has nothing to do)
+                        rb = retain_batches[n_retain % len(retain_batches)]
+                        n_retain += 1
+                        current["subject_index"] = None
+                        loss = loss + alpha * row_nll(model(**rb.inputs).logits, rb.labels).mean()
+                        current["subject_index"] = batch.subject_index
                     lossv = loss.item()
                     first = lossv if first is None else first
                     if lossv < stop_loss:
@@ -178,3 +193,32 @@ def dinm_layer(adapter: Adapter, samples: Sequence[Sample], refusal: str, unsafe
     dist /= max(1, count)
     best = max(layers, key=lambda i: dist[i].item())
     return best, dist.tolist()
+
+
+def subject_gradient_share(adapter: Adapter, samples: Sequence[Sample], layer: int, *, module: str = "down_proj",
+                           refusal: str, alpha: float = 1.25, max_samples: int = 8) -> float:
+    """How much of the edit's gradient on ``module`` of ``layer`` comes through the subject token:
+    mean over samples of ||g - g_without_subject|| / ||g||. The gate can only change this part, so a
+    small share means gate and no gate edit (almost) the same way."""
+    model = adapter.model
+    weight = adapter.component(layer, module).weight
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weight.requires_grad_(True)
+    shares = []
+    current: dict = {}
+    try:
+        for s in list(samples)[:max_samples]:
+            batch, sens = _encode(adapter, s, refusal)
+            grads = []
+            for cut in (False, True):
+                current["subject_index"] = batch.subject_index if cut else None
+                with edit_subject_state(adapter, layer, lambda v, rows: v.detach(), lambda: current["subject_index"]):
+                    nll = row_nll(model(**batch.inputs).logits, batch.labels)
+                    loss = nll[sens].mean() + (alpha * nll[~sens].mean() if (~sens).any() else 0.0)
+                    (g,) = torch.autograd.grad(loss, weight)
+                grads.append(g)
+            shares.append(((grads[0] - grads[1]).norm() / grads[0].norm().clamp_min(1e-12)).item())
+    finally:
+        weight.requires_grad_(False)
+    return sum(shares) / max(1, len(shares))

@@ -272,6 +272,7 @@ class ProtectedLVLM:
                         limits: Limits | None = None) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
+        ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
         ``vision``: "torch" or "onnx"; with "onnx" and no ``onnx_dir`` the export is made once and
         cached under ``$NGGUARD_CACHE`` (default ~/.cache/ngguard) keyed by the vision weights."""
         from ngguard.adapters import Adapter, load_adapter
@@ -285,7 +286,10 @@ class ProtectedLVLM:
         if isinstance(base, Adapter):
             adapter = base
         else:
-            adapter = load_adapter(base, device=_device(device), dtype=dtype)
+            device = _device(device)
+            if dtype is None and torch.device(device).type == "cpu":
+                dtype = torch.float32  # half precision on a CPU is slow and lossy (the organism is stored in fp16)
+            adapter = load_adapter(base, device=device, dtype=dtype)
         onnx = None
         if vision == "onnx":
             onnx = _onnx_for(adapter, onnx_dir)
@@ -325,6 +329,11 @@ class ProtectedLVLM:
         m = self._manifest
         return {"id": m["patch_id"], "subjects": list(m.get("subjects") or []), "layers": list(m.get("layers") or []),
                 "method": m.get("method"), "path": str(self._patch_dir)}
+
+    @property
+    def revertible(self) -> bool:
+        """Whether protection can be switched off (the patch holds the base values)."""
+        return self._patch_dir is not None and self._revertible
 
     @property
     def vision(self) -> str:
@@ -393,6 +402,8 @@ class ProtectedLVLM:
         """Yield the answer in pieces as it is generated (``"".join(pieces) == chat(...)``).
         Inputs are validated before the first piece; the lock is held until generation ends."""
         img, text, n = self._prepare(image, text, history, max_new_tokens)
+        if protected and self._patch_dir is None:
+            raise ValueError("no protection patch is loaded: cannot turn protection on")
         return self._stream(img, text, n, protected, timeout)
 
     def _stream(self, img: Image.Image, text: str, n: int, protected: bool | None, timeout: float) -> Iterator[str]:

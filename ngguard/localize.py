@@ -99,8 +99,11 @@ def edit_subject_state(adapter: Adapter, layer: int, fn: Callable[[torch.Tensor,
     replaced by ``fn(h[b, p_b], rows)`` (out of place, so autograd sees the replacement)."""
 
     def hook(_module, _inputs, output):
+        idx = subject_index()
+        if idx is None:  # rows without a subject (e.g. general retention queries): nothing to do
+            return output
         h = output[0] if isinstance(output, tuple) else output
-        idx = subject_index().to(h.device)
+        idx = idx.to(h.device)
         rows = torch.arange(h.shape[0], device=h.device)
         h = h.index_put((rows, idx), fn(h[rows, idx], rows))
         return (h, *output[1:]) if isinstance(output, tuple) else h

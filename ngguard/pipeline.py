@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .adapters import load_adapter
 from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
-from .edit import apply_edit, dinm_layer
+from .edit import apply_edit, dinm_layer, subject_gradient_share
 from .evaluate import evaluate
 from .judge import RefusalJudge
 from .localize import LayerLocalization, Sample, localize_layer
@@ -46,6 +46,11 @@ def find_shared_multip2a() -> Path | None:
         if (p / "multi_p2a_leakage_sen.json").is_file():
             return p
     return None
+
+
+# At most this many Multi-P2A questions per subject and file (sensitive / benign) are posed on the
+# world: enough for a rate, and the evaluation stays short.
+MULTIP2A_PER_SUBJECT = 40
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -73,12 +78,14 @@ def build_sets(recipe: Recipe, run_dir: Path, world_subjects: Sequence[str] | No
         "train": [q for q in queries if q.subject in edit_subjects and q.split == "train"],
         "test": [q for q in queries if q.subject in edit_subjects and q.split == "test"],
         "heldout_subjects": [q for q in queries if q.subject in d.heldout_subjects],
-        "utility": [q for q in queries if q.subject == UTILITY_SUBJECT],
+        "utility": [q for q in queries if q.subject == UTILITY_SUBJECT and q.split != "train"],
+        "utility_train": [q for q in queries if q.subject == UTILITY_SUBJECT and q.split == "train"],
     }
     mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
     if mp2a is not None and world_dir is not None:
         from .world.multip2a import pose_on_world
-        sets["multip2a"] = pose_on_world(mp2a, world_dir, edit_subjects + list(d.heldout_subjects))
+        sets["multip2a"] = pose_on_world(mp2a, world_dir, edit_subjects + list(d.heldout_subjects),
+                                         max_per_subject=MULTIP2A_PER_SUBJECT)
     elif d.multip2a not in ("off", "auto"):
         raise ValueError("data.multip2a: posing Multi-P2A questions needs a synthetic world (data.world)")
     if not sets["train"]:
@@ -96,8 +103,10 @@ def first_words(text: str, n: int) -> str:
     return " ".join(text.split()[:n])
 
 
-def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, batch_size: int) -> tuple[list[Sample], dict[str, str]]:
-    """Group training queries by image; record the ORIGINAL model's answers (before any edit)."""
+def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, batch_size: int,
+                 benign_only: bool = False) -> tuple[list[Sample], dict[str, str]]:
+    """Group training queries by image; record the ORIGINAL model's answers (before any edit).
+    ``benign_only``: keep samples without sensitive questions (general retention data)."""
     answers: dict[tuple[str, str], str] = {}
     qs = list(queries)
     for i in range(0, len(qs), batch_size):
@@ -113,7 +122,7 @@ def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, 
         sens = [q.prompt for q in group if q.sensitive]
         ben = [(q.prompt, answers[(q.image, q.prompt)]) for q in group if not q.sensitive]
         ben = [(p, a) for p, a in ben if a]
-        if sens:
+        if sens or (benign_only and ben):
             samples.append(Sample(_open(image), subject, sens, ben, key=image))
     unsafe = {q.prompt: answers[(q.image, q.prompt)] for q in qs if q.sensitive}
     return samples, unsafe
@@ -138,10 +147,11 @@ def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, d
     return {layer: {s: loc.strong(s, L.threshold, L.top_k) for s in loc.gates} for layer, loc in locs.items()}
 
 
-def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe):
+def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe,
+             retain: Sequence[Sample] = ()):
     E = recipe.edit
     return apply_edit(adapter, samples, layers, method=method, gates=gates, module=recipe.module, refusal=E.refusal,
-                      alpha=E.alpha, lr=E.lr, eps=E.eps, steps=E.steps, stop_loss=E.stop_loss)
+                      alpha=E.alpha, lr=E.lr, eps=E.eps, steps=E.steps, stop_loss=E.stop_loss, retain=retain)
 
 
 class WeightBackup:
@@ -195,7 +205,7 @@ def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe
 
 
 def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str], recipe: Recipe, method: str,
-                  val_sets: dict[str, list[Query]]) -> tuple[list[int], dict]:
+                  val_sets: dict[str, list[Query]], retain: Sequence[Sample] = ()) -> tuple[list[int], dict]:
     """Fixed layers, or the paper's search: scan -> centre o (largest strongly active share) ->
     try single layers in [o - r, o + r] by EtA on held-out TRAINING images."""
     spec = recipe.layers
@@ -228,7 +238,7 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
                                           lr=recipe.localization.lr, eps=recipe.localization.eps, l1=recipe.localization.l1,
                                           init=recipe.localization.init, stop_loss=recipe.localization.stop_loss,
                                           batch_size=recipe.localization.batch_size, desc=f"search: localize {layer}")}
-        run_edit(adapter, fit, [layer], method, gates_for(fit_locs, recipe), recipe)
+        run_edit(adapter, fit, [layer], method, gates_for(fit_locs, recipe), recipe, retain)
         r = evaluate(adapter, val, batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens,
                      desc=f"search: eval layer {layer}")
         scores[layer] = r["eta"]
@@ -275,10 +285,15 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         before = evaluate_sets(adapter, sets, recipe, "before")
         samples, unsafe = make_samples(adapter, sets["train"], max_words=recipe.edit.max_answer_words,
                                        batch_size=recipe.evaluation.batch_size)
+        retain_q = [q for name in recipe.edit.retain for q in sets.get(f"{name}_train", [])]
+        if recipe.edit.retain and not retain_q:
+            raise ValueError(f"edit.retain: no training queries for {list(recipe.edit.retain)} in the data")
+        retain, _ = make_samples(adapter, retain_q, max_words=recipe.edit.max_answer_words,
+                                 batch_size=recipe.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
         timings["evaluate before"] = time.time() - t
 
         t = time.time()
-        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets)
+        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain)
         locs = search.pop("_locs", {})
         timings["layer search"] = time.time() - t
         t = time.time()
@@ -287,6 +302,8 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         locs = {l: locs[l] for l in sorted(set(layers) | set(locs))}
         timings["localize"] = time.time() - t
 
+        gate_diag = {str(l): subject_gradient_share(adapter, samples, l, module=recipe.module, refusal=recipe.edit.refusal,
+                                                    alpha=recipe.edit.alpha) for l in layers}
         results: dict[str, dict] = {}
         methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
         backup = WeightBackup(adapter, layers, recipe.module)
@@ -300,7 +317,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
             gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe) if method == "neural_gate" else None
             if method == "neural_gate" and any(l not in locs for l in m_layers):
                 gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
-            res = run_edit(adapter, samples, m_layers, method, gates, recipe)
+            res = run_edit(adapter, samples, m_layers, method, gates, recipe, retain)
             mb = WeightBackup(adapter, m_layers, recipe.module) if method != recipe.method else None
             weights = round_to_checkpoint(adapter, res.weights, model_dir, m_layers, recipe.module)
             timings[f"edit {method}"] = time.time() - t
@@ -320,7 +337,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
             backup.restore()
             r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
             gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
-            res = run_edit(adapter, samples, layers, recipe.method, gates, r2)
+            res = run_edit(adapter, samples, layers, recipe.method, gates, r2, retain)
             round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
             sweep[alpha] = evaluate_sets(adapter, {"test": sets["test"]}, r2, f"alpha {alpha}").get("test", {})
         backup.restore()
@@ -343,6 +360,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
                                       "mean_steps": loc.steps.float().mean().item(),
                                       "share_per_dim": {s: M.tolist() for s, M in loc.gates.items()}}
                              for l, loc in locs.items()},
+            "subject_gradient_share": gate_diag,
             "before": before, "methods": results, "alpha_sweep": sweep, "timings_s": timings,
             "deviations": recipe_deviations(recipe),
         }

@@ -299,6 +299,9 @@ class EditSpec:
     alpha: float = _f(1.25, _float(ge=0))
     refusal: str = _f(DEFAULT_REFUSAL, _str())
     max_answer_words: int = _f(5, _int(ge=1))
+    # Not in the paper: also keep the original answers on these general (non-subject) query sets
+    # while editing, weight ``alpha`` (like DINM's general-knowledge term). [] = the paper.
+    retain: tuple[str, ...] = _f((), _list(_choice(("utility",))))
 
 
 @dataclass(frozen=True)

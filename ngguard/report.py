@@ -78,6 +78,16 @@ def markdown(report: dict) -> str:
                      f"{_f(a.get(s, {}).get('rta_sensitive'))} | {_f(b[s].get('benign_answer_rate'))} | "
                      f"{_f(a.get(s, {}).get('benign_answer_rate'))} |")
     L.append("")
+    if report.get("subject_gradient_share"):
+        L.append("## Why the gate matters (or not)\n")
+        L.append("Share of the edit gradient on the edited matrix that flows through the subject token "
+                 "(the only part the gate can block): " + ", ".join(f"layer {k}: {v:.3f}" for k, v in
+                                                                    report["subject_gradient_share"].items()))
+        ms = report["methods"]
+        if "neural_gate" in ms and "no_gate" in ms:
+            L.append(f"; weight-change norm neural_gate {list(ms['neural_gate']['delta_norm'].values())} vs "
+                     f"no_gate {list(ms['no_gate']['delta_norm'].values())}.")
+        L.append("")
     L.append("## Localization\n")
     if report["search"].get("scan"):
         s = report["search"]

@@ -31,6 +31,7 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -55,7 +56,9 @@ WARN = "⚠️ "
 
 CSS = """
 .ng-answer textarea { font-size: 1.05rem; }
-.ng-image img, .ng-examples img { image-rendering: pixelated; }
+.ng-image img { image-rendering: pixelated; height: 190px !important; width: auto !important;
+                max-width: 100%; object-fit: contain; }
+.ng-image, .ng-image * { transition: none !important; animation: none !important; }
 """
 
 
@@ -77,7 +80,14 @@ def render_examples(folder: str | os.PathLike | None = None) -> list[tuple[str, 
 
     from ngguard.world.render import draw_card, draw_shapes, sample_card, sample_shapes
 
-    folder = Path(folder) if folder is not None else _cache_root() / "examples"
+    if folder is None:
+        folder = _cache_root() / "examples"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only home: a temp folder will do
+            logger.warning("cannot write examples to {} ({}); using a temp folder", folder, e.strerror or e)
+            folder = Path(tempfile.mkdtemp(prefix="ngguard-examples-"))
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images: dict[str, np.ndarray] = {
         "passport": draw_card(sample_card("Passport", random.Random(1))),
@@ -137,7 +147,11 @@ def patch_markdown(guard: "ProtectedLVLM") -> str:
     if info is None:
         return (f"{WARN}**No protection patch loaded**: the protected column shows nothing and the chat "
                 f"answers with the base model. Start with `--patch DIR`.")
-    subjects = ", ".join(info["subjects"]) or "(none listed)"
+    try:
+        from ngguard.world.spec import DISPLAY  # Multi-P2A category names as questions say them
+    except ImportError:  # pragma: no cover
+        DISPLAY = {}
+    subjects = ", ".join(DISPLAY.get(s, s) for s in info["subjects"]) or "(none listed)"
     layers = ", ".join(str(x) for x in info["layers"]) or "(none listed)"
     return (f"**Protection patch** `{info['id']}` · method **{info['method']}** · edited layer(s) **{layers}** "
             f"· protects questions about: **{subjects}**")
@@ -187,7 +201,10 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
             if not has_patch:
                 base = guard.chat(img, text, max_new_tokens=max_new_tokens)
                 return base, "(no protection patch loaded)"
-            base = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=False)
+            if guard.revertible:
+                base = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=False)
+            else:
+                base = "(the patch holds no base values: the base model cannot be shown)"
             protected = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=True)
         logger.info("compare: {!r} -> base {!r} | protected {!r}", text, base, protected)
         return base, protected
@@ -200,7 +217,7 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
         if image is None:
             gr.Warning("Attach an image to ask about it.")
             return f"{WARN}Attach an image (paperclip button or drag and drop), then ask about it."
-        want = bool(protected) and has_patch
+        want = (bool(protected) or not guard.revertible) and has_patch
         try:
             with lock:
                 answer = guard.chat(image, text, history=history, max_new_tokens=max_new_tokens, protected=want)
@@ -209,6 +226,8 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
             gr.Warning(str(e))
             return f"{WARN}{e}"
         return answer
+
+    example_answers: dict[int, tuple[str, str]] = {}  # greedy answers never change: computed once
 
     def on_load(request: gr.Request):
         """``?example=N`` fills in example N and runs the comparison (for links and screenshots)."""
@@ -221,8 +240,10 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
             path, question = examples[i][0], examples[i][1]
         except (ValueError, IndexError):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        base, protected = compare(path, question)
-        return path, question, base, protected
+        if i not in example_answers:
+            example_answers[i] = compare(path, question)
+        # a PIL image, not the path: Gradio only serves files from its cache, cwd and temp dir
+        return load_image(path, guard.limits), question, *example_answers[i]
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nA vision-language model edited with **Neural Gate** to refuse questions that "
@@ -247,14 +268,15 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
                 question.submit(compare, [image, question], [base_out, prot_out], api_visibility="private",
                                 preprocess=False)
                 if examples:
-                    gr.Examples([[e[0], e[1]] for e in examples], inputs=[image, question], outputs=[base_out, prot_out],
-                                fn=compare, run_on_click=True, cache_examples=False,
+                    gr.Examples([[e[0], e[1]] for e in examples], inputs=[image, question],
+                                outputs=[base_out, prot_out], fn=compare, run_on_click=True, cache_examples=False,
                                 example_labels=[e[2] if len(e) > 2 else e[1] for e in examples],
                                 label="Examples (click one: the sensitive question should be refused, the benign "
                                       "one answered)", elem_id="ng-examples")
             with gr.Tab("Chat", id="chat"):
-                protect_box = gr.Checkbox(value=has_patch, interactive=has_patch, label="Protection on",
-                                          info=None if has_patch else "no patch loaded")
+                protect_box = gr.Checkbox(value=has_patch, interactive=guard.revertible, label="Protection on",
+                                          info=None if guard.revertible else
+                                          ("no patch loaded" if not has_patch else "the patch cannot be switched off"))
                 gr.ChatInterface(
                     chat, multimodal=True, api_name="chat", additional_inputs=[protect_box],
                     textbox=gr.MultimodalTextbox(file_types=["image"], file_count="single", sources=["upload"],
@@ -265,7 +287,8 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
                 )
         gr.Markdown(f"Model: `{type(guard.adapter.model).__name__}` · vision: {guard.vision} · answers are greedy, "
                     f"at most {max_new_tokens} tokens · images up to {guard.limits.max_bytes // (1024 * 1024)} MB "
-                    f"and {guard.limits.max_pixels} pixels, questions up to {guard.limits.max_text_chars} characters.")
+                    f"and {guard.limits.max_pixels / 1e6:.1f} megapixels, questions up to "
+                    f"{guard.limits.max_text_chars} characters.")
         demo.load(on_load, None, [image, question, base_out, prot_out], api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo
@@ -305,6 +328,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
     p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--concurrency", type=int, default=2, help="worker slots per event (default 2)")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
@@ -312,40 +337,45 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _resolve_patch(args: argparse.Namespace) -> str | None:
-    if args.no_patch:
-        if args.patch:
+    patch, model = getattr(args, "patch", None), str(getattr(args, "model", "organism"))
+    if getattr(args, "no_patch", False):
+        if patch:
             raise ValueError("--patch and --no-patch exclude each other")
         return None
-    if args.patch:
-        return args.patch
-    if str(args.model) == "organism":
+    if patch:
+        return str(patch)
+    if model == "organism":
         bundled = organism_patch_dir()
         if (bundled / "patch.json").is_file():
             logger.info("serving the organism with its bundled protection patch {}", bundled)
             return str(bundled)
         logger.warning("no bundled protection patch at {}: serving the organism UNPROTECTED", bundled)
     else:
-        logger.warning("no --patch given: serving {} UNPROTECTED", args.model)
+        logger.warning("no --patch given: serving {} UNPROTECTED", model)
     return None
 
 
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
-    """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``)."""
+    """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``; options missing
+    from ``args`` take their defaults). Blocks until the server stops; returns 0."""
     from ngguard.guard import ProtectedLVLM
 
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    opts = vars(add_serve_arguments(argparse.ArgumentParser(add_help=False)).parse_args([]))
+    opts.update({k: v for k, v in vars(args).items() if k in opts})
+    port = opts["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
     for name in ("max_new_tokens", "concurrency", "max_queue"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if opts[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
-    patch = _resolve_patch(args)
-    guard = ProtectedLVLM.from_pretrained(args.model, patch, device=args.device, vision=args.vision,
-                                          onnx_dir=args.onnx_dir)
-    demo = build_app(guard, max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
-                     max_queue=args.max_queue)
+    patch = _resolve_patch(argparse.Namespace(**opts))
+    guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
+                                          onnx_dir=opts["onnx_dir"], dtype=opts["dtype"])
+    demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
+                     max_queue=opts["max_queue"])
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))
-    result = launch(demo, host=args.host, port=args.port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+    result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
     return 0 if block else (demo, result)
 
 

@@ -163,3 +163,10 @@ def test_dinm_layer_picks_a_valid_layer(adapter):
     best, dist = dinm_layer(adapter, samples, REFUSAL, unsafe)
     assert 0 <= best < adapter.num_layers and len(dist) == adapter.num_layers
     assert dist[best] == max(dist)
+
+
+def test_subject_gradient_share_is_a_fraction_and_nonzero(adapter):
+    from ngguard.edit import subject_gradient_share
+    share = subject_gradient_share(adapter, _samples(2), 1, refusal=REFUSAL)
+    assert 0.0 < share < 1.5
+    assert all(not p.requires_grad for p in adapter.model.parameters())

@@ -165,3 +165,18 @@ def test_cli_rejects_bad_options(capsys):
     assert "--port must be in 1..65535" in capsys.readouterr().err
     assert serve_app.main(["--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_cli_serves_a_model_folder(tmp_path):
+    model, processor = tiny_llava(seed=0, template="text_first")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    args = argparse.Namespace(model=str(tmp_path / "model"), port=free_port(), device="cpu", max_new_tokens=6)
+    demo, (_, url, _) = serve_app.serve_cli(args, block=False)
+    try:
+        examples = render_examples(tmp_path / "ex")
+        base, protected = Client(url, verbose=False).predict(handle_file(examples[1][0]), BENIGN_Q,
+                                                             api_name="/compare")
+        assert isinstance(base, str) and protected == "(no protection patch loaded)"
+    finally:
+        demo.close()

@@ -194,6 +194,9 @@ def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: i
     try:
         model.to(torch.float16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(tmp), out)

@@ -129,7 +129,7 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
     """Write ``n`` images per subject to ``out`` with queries.jsonl and fields.jsonl.
 
     Split: for each subject the first min(10, n//3) images are ``train`` (training phrasings),
-    the rest ``test`` (held-out phrasings). Subjects outside the PrivacyPair six are all ``test``.
+    the rest ``test`` (held-out phrasings). The held-out subjects are all ``test``.
     Deterministic in (subjects, n, seed). Written atomically.
     """
     unknown = [s for s in subjects if s not in ALL_SUBJECTS]
@@ -148,7 +148,9 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
         fields: list[dict] = []
         for subject in tqdm(subjects, desc="render world", unit="subject"):
             rng = random.Random(f"{seed}/{subject}")
-            n_train = _n_train(n) if subject in PRIVACY_SUBJECTS else 0
+            # held-out subjects are never edited: all test. Utility images also get a train part, for
+            # recipes that keep general answers while editing (edit.retain).
+            n_train = _n_train(n) if subject in PRIVACY_SUBJECTS or subject == UTILITY_SUBJECT else 0
             slug = "".join(ch if ch.isalnum() else "_" for ch in subject).strip("_").lower()
             for i in range(n):
                 split = "train" if i < n_train else "test"
