@@ -180,20 +180,23 @@ class LayerLocalization:
     def _idx(self, subject: str) -> list[int]:
         return [i for i, s in enumerate(self.subjects) if s == subject]
 
-    def stats(self, threshold: float = 0.3) -> dict[str, dict[str, float]]:
+    def stats(self, threshold: float = 0.3, top_k: float | None = None) -> dict[str, dict[str, float]]:
+        """Per subject: shares of inactive (M = 0), weak and strong dims; strong = the gate
+        (M > threshold, or the top_k% by M), weak = the other dims with M > 0."""
         out = {}
         for subject, M in self.gates.items():
+            strong = self.strong(subject, threshold, top_k)
             out[subject] = {
                 "inactive": (M == 0).float().mean().item(),
-                "weak": ((M > 0) & (M <= threshold)).float().mean().item(),
-                "strong": (M > threshold).float().mean().item(),
+                "weak": ((M > 0) & ~strong).float().mean().item(),
+                "strong": strong.float().mean().item(),
                 "mean_loss": self.losses[self._idx(subject)].mean().item(),
             }
         return out
 
-    def strong_share(self, threshold: float = 0.3) -> float:
+    def strong_share(self, threshold: float = 0.3, top_k: float | None = None) -> float:
         """Mean share of strongly active dims over subjects (the layer-search criterion)."""
-        return sum(s["strong"] for s in self.stats(threshold).values()) / max(1, len(self.gates))
+        return sum(s["strong"] for s in self.stats(threshold, top_k).values()) / max(1, len(self.gates))
 
 
 def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, refusal: str, alpha: float = 1.25,

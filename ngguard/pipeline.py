@@ -137,7 +137,7 @@ def localize_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequenc
         out[layer] = localize_layer(adapter, samples, layer, refusal=E.refusal, alpha=E.alpha, contexts=L.contexts,
                                     steps=L.steps, lr=L.lr, eps=L.eps, l1=L.l1, init=L.init, stop_loss=L.stop_loss,
                                     batch_size=L.batch_size, desc=f"localize layer {layer}")
-        logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold):.3f} "
+        logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold, L.top_k):.3f} "
                     f"({time.time() - t:.1f}s)")
     return out
 
@@ -219,7 +219,8 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
         info["dinm_distance"] = dist
         return [best], info
     locs = localize_layers(adapter, samples, scan, recipe)
-    thr = recipe.localization.threshold
+    thr, top_k = recipe.localization.threshold, recipe.localization.top_k
+    # with top_k every layer keeps the same share: the search then ranks layers by the threshold rule
     info["scan"] = {l: locs[l].strong_share(thr) for l in scan}
     centre = max(scan, key=lambda l: info["scan"][l])
     cands = [l for l in range(centre - spec.window, centre + spec.window + 1) if a <= l <= b]
@@ -344,7 +345,8 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
 
         t = time.time()
         thr = recipe.localization.threshold
-        gate_stats = {str(l): loc.stats(thr) for l, loc in locs.items() if l in layers}
+        top_k = recipe.localization.top_k
+        gate_stats = {str(l): loc.stats(thr, top_k) for l, loc in locs.items() if l in layers}
         manifest = write_patch(tmp / "patch", main_weights, base_dir=model_dir, recipe_hash=recipe_hash(recipe),
                                layers=layers, method=recipe.method, gate_stats=gate_stats, subjects=edit_subjects,
                                extra={"recipe": recipe.name, "module": recipe.module})
@@ -356,7 +358,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         report = {
             "recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe), "patch_id": manifest["patch_id"],
             "model": str(recipe.model.path), "edit_subjects": edit_subjects, "layers": layers, "search": search,
-            "localization": {str(l): {"stats": loc.stats(thr), "strong_share": loc.strong_share(thr),
+            "localization": {str(l): {"stats": loc.stats(thr, top_k), "strong_share": loc.strong_share(thr, top_k),
                                       "mean_steps": loc.steps.float().mean().item(),
                                       "share_per_dim": {s: M.tolist() for s, M in loc.gates.items()}}
                              for l, loc in locs.items()},

@@ -254,6 +254,13 @@ class WorldSpec:
     seed: int = _f(0, _int(ge=0))
 
 
+def _multip2a(v, ctx: "_Ctx", key: str) -> str:
+    """auto | off | a path. YAML reads a bare ``off`` as false: accept it as "off"."""
+    if v is False:
+        return "off"
+    return _str()(v, ctx, key)
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Exactly one of ``queries`` (absolute path of a .jsonl, resolved at load) and ``world``.
@@ -264,7 +271,7 @@ class DataSpec:
     subjects: tuple[str, ...] | None = _f(None, _optional(_list(_str(), nonempty=True)))
     split: str = _f("paper", _choice(SPLITS))
     heldout_subjects: tuple[str, ...] = _f((), _list(_str()))
-    multip2a: str = _f("auto", _str())
+    multip2a: str = _f("auto", _multip2a)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,9 @@ def markdown(report: dict) -> str:
         if s.get("validation_eta"):
             L.append(f"; validation EtA " + ", ".join(f"L{k}: {v:.3f}" for k, v in s["validation_eta"].items()))
         L.append("")
+    loc_spec = report["recipe"]["localization"]
+    rule = f"top {loc_spec['top_k']}% by M" if loc_spec.get("top_k") else f"M > {loc_spec['threshold']}"
+    L.append(f"Strong = the gate used by the edit ({rule}); weak = other dims with M > 0; inactive: M = 0.\n")
     L.append("| layer | subject | inactive | weak | strong | final loss |")
     L.append("|---|---|---|---|---|---|")
     for layer, info in report["localization"].items():
@@ -169,12 +172,13 @@ def make_plots(out: Path, report: dict) -> list[str]:
     if len(rows) > 2:
         keys = [("eta_test", "EtA test"), ("rta_sensitive_unseen_subjects", "RtA unseen"),
                 ("benign_answer_rate_test", "benign ans."), ("utility_accuracy", "utility")]
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = plt.subplots(figsize=(10, 3.6))
         w = 0.8 / len(rows)
         for i, r in enumerate(rows):
             ax.bar(np.arange(len(keys)) + i * w, [r[k] or 0 for k, _ in keys], w, label=r["method"])
         ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2); ax.set_xticklabels([k[1] for k in keys])
-        ax.set_ylim(0, 1.05); ax.legend(fontsize=7); ax.set_title("Methods on the same splits")
+        ax.set_ylim(0, 1.05); ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title("Methods on the same splits")
         fig.tight_layout(); fn = "methods.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
         names.append(fn)
     if report.get("alpha_sweep"):
