@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--images-per-subject", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--eps", type=float, default=1e-8, help="Adam eps (organism recipe: 1e-8; paper: 1e-3)")
+    ap.add_argument("--top-k", type=float, default=10.0, help="gate = top k%% dims by M (organism recipe)")
     args = ap.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -43,7 +45,7 @@ def main() -> None:
         train = [q for q in read_jsonl(world / "queries.jsonl") if q.split == "train"]
         samples, _ = make_samples(adapter, train, max_words=5, batch_size=64)
         kw = dict(refusal=DEFAULT_REFUSAL, alpha=1.25, contexts=DEFAULT_CONTEXTS, steps=args.steps, lr=0.5,
-                  eps=1e-3, batch_size=args.batch_size)
+                  eps=args.eps, batch_size=args.batch_size)
         t = time.perf_counter()
         batched = localize_layer(adapter, samples, args.layer, **kw)
         t_batched = time.perf_counter() - t
@@ -55,11 +57,12 @@ def main() -> None:
     print(f"per-sample loop (reference): {t_loop:8.2f} s")
     print(f"batched + replay (ngguard):  {t_batched:8.2f} s")
     print(f"speed ratio loop/batched:    {t_loop / t_batched:8.2f}x")
-    js = {s: jaccard(batched.strong(s), loop.strong(s)) for s in batched.gates}
+    js = {s: jaccard(batched.strong(s, top_k=args.top_k), loop.strong(s, top_k=args.top_k)) for s in batched.gates}
     print("Jaccard of strongly active sets: " + ", ".join(f"{s}: {v:.3f}" for s, v in js.items())
           + f"; mean {sum(js.values()) / len(js):.3f}")
     print(f"max |scale difference|: {(batched.scales - loop.scales).abs().max().item():.2e}; "
-          f"strong share batched {batched.strong_share():.3f} / loop {loop.strong_share():.3f}")
+          f"strong share (top {args.top_k}%) batched {batched.strong_share(top_k=args.top_k):.3f} / "
+          f"loop {loop.strong_share(top_k=args.top_k):.3f}")
 
 
 if __name__ == "__main__":
