@@ -18,7 +18,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 

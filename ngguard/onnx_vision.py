@@ -24,16 +24,15 @@ Output folder (written atomically: temp folder + rename)::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from .atomic import atomic_dir
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -225,33 +224,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
 def _atomic_dir(out_dir: Path, overwrite: bool):
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise OnnxVisionError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-        if not out_dir.is_dir():
-            raise OnnxVisionError(f"{out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-old-", dir=out_dir.parent))
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_dir(out_dir, overwrite=overwrite, error=OnnxVisionError)
 
 
 def _parity(session, reference: torch.nn.Module, shape: tuple[int, int, int], batches: Sequence[int],

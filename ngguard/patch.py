@@ -24,16 +24,16 @@ place at the end; on any error the temp folder is removed. Only safetensors are 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+
+from .atomic import atomic_dir
+from typing import Any, Iterable, Mapping
 
 import torch
 from loguru import logger
@@ -241,35 +241,8 @@ def _check_out(out_dir: Path, overwrite: bool, *others: Path) -> None:
             raise PatchError(f"output folder {out_dir} must not be, contain or lie inside {other}")
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temp folder next to ``out_dir``; rename it to ``out_dir`` on success,
-    remove it on any exception."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise PatchError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-        if not out_dir.is_dir():
-            raise PatchError(f"{out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-old-", dir=out_dir.parent))
-            os.replace(out_dir, old)  # onto an empty folder: allowed
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _atomic_dir(out_dir: Path, overwrite: bool):
+    return atomic_dir(out_dir, overwrite=overwrite, error=PatchError)
 
 
 def _copy_range(src: Path, src_start: int, dst_fh, dst_start: int, n: int) -> None:

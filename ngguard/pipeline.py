@@ -11,10 +11,7 @@ end: a killed run leaves no folder):
 """
 from __future__ import annotations
 
-import json
 import random
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -28,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapters import load_adapter
+from .atomic import atomic_dir
 from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
 from .edit import apply_edit, dinm_layer, subject_gradient_share
@@ -219,7 +217,7 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
         info["dinm_distance"] = dist
         return [best], info
     locs = localize_layers(adapter, samples, scan, recipe)
-    thr, top_k = recipe.localization.threshold, recipe.localization.top_k
+    thr = recipe.localization.threshold
     # with top_k every layer keeps the same share: the search then ranks layers by the threshold rule
     info["scan"] = {l: locs[l].strong_share(thr) for l in scan}
     centre = max(scan, key=lambda l: info["scan"][l])
@@ -263,12 +261,8 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
     from .report import write_report
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output folder {out} already exists (use --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     timings: dict[str, float] = {}
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         t0 = time.time()
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
@@ -307,19 +301,17 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
                                                     alpha=recipe.edit.alpha) for l in layers}
         results: dict[str, dict] = {}
         methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
-        backup = WeightBackup(adapter, layers, recipe.module)
         main_weights = None
-        for method in methods:
+        for method in methods:  # each from the same start: the edited matrices are restored after each
             t = time.time()
-            backup.restore()
             m_layers = layers
             if method == "dinm" and isinstance(recipe.layers, LayerSearch) and recipe.method != "dinm":
                 m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, "dinm", sets)
             gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe) if method == "neural_gate" else None
             if method == "neural_gate" and any(l not in locs for l in m_layers):
                 gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
+            backup = WeightBackup(adapter, m_layers, recipe.module)
             res = run_edit(adapter, samples, m_layers, method, gates, recipe, retain)
-            mb = WeightBackup(adapter, m_layers, recipe.module) if method != recipe.method else None
             weights = round_to_checkpoint(adapter, res.weights, model_dir, m_layers, recipe.module)
             timings[f"edit {method}"] = time.time() - t
             t = time.time()
@@ -329,19 +321,18 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
                                "delta_norm": {k: v.norm().item() for k, v in res.deltas.items()}}
             if method == recipe.method:
                 main_weights = weights
-                main_backup = WeightBackup(adapter, m_layers, recipe.module)
-            del mb
+            backup.restore()
 
         # alpha sweep (the main method at other alphas), on the test split
         sweep = {}
         for alpha in recipe.report.alpha_sweep or ():
-            backup.restore()
+            backup = WeightBackup(adapter, layers, recipe.module)
             r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
             gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
             res = run_edit(adapter, samples, layers, recipe.method, gates, r2, retain)
             round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
             sweep[alpha] = evaluate_sets(adapter, {"test": sets["test"]}, r2, f"alpha {alpha}").get("test", {})
-        backup.restore()
+            backup.restore()
 
         t = time.time()
         thr = recipe.localization.threshold
@@ -367,12 +358,6 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
             "deviations": recipe_deviations(recipe),
         }
         write_report(tmp, report, plots=recipe.report.plots)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info(f"run written to {out} ({timings['total']:.0f}s)")
     return out
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open

@@ -59,17 +59,16 @@ generation_config.json, sharded model*.safetensors (+ index), the processor/toke
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+
+from ..atomic import atomic_dir
+from typing import Callable
 
 import torch
 
@@ -261,33 +260,8 @@ def minigpt4_processor(tokenizer, image_processor, num_query_tokens: int):
 # ---- atomic output folder ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    out_dir = out_dir.absolute()
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise ConversionError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-        if not out_dir.is_dir():
-            raise ConversionError(f"{out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-old-", dir=out_dir.parent))
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _atomic_dir(out_dir: Path, overwrite: bool):
+    return atomic_dir(out_dir, overwrite=overwrite, error=ConversionError)
 
 
 # ---- the conversion ------------------------------------------------------------------------------------
