@@ -1,10 +1,11 @@
-"""Atomic output folders: build in a temp folder next to the target, rename at the end.
+"""Output files: atomic folders (build in a temp folder next to the target, rename at the end) and checksums.
 
 A run that fails or is killed leaves no half-written target (at most a ``.tmp-*`` folder when the
 process is killed outright; an exception removes it)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -42,3 +43,12 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed (checkpoints can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -32,7 +32,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, sha256_file
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -216,14 +216,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_dir(out_dir: Path, overwrite: bool):
     return atomic_dir(out_dir, overwrite=overwrite, error=OnnxVisionError)
 
@@ -335,7 +327,7 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
     with _atomic_dir(out_dir, overwrite) as tmp:
         (tmp / ONNX_FILE).write_bytes(data)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if _sha256_file(tmp / ONNX_FILE) != manifest["onnx_sha256"]:
+        if sha256_file(tmp / ONNX_FILE) != manifest["onnx_sha256"]:
             raise OnnxVisionError(f"{ONNX_FILE} does not read back as written")
     logger.info("exported vision tower + projector to {} ({:.1f} MB, {:.1f} s, opset {}, max diff {:.2g} <= {:.2g})",
                 out_dir, len(data) / 1e6, export_s, opset, max_diff, bound)
@@ -400,7 +392,7 @@ class OnnxVision:
         path = self.dir / self.manifest["onnx_file"]
         if not path.is_file():
             raise OnnxVisionError(f"{self.dir}: {self.manifest['onnx_file']} is missing")
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
         if sha != self.manifest["onnx_sha256"]:
             raise OnnxVisionError(f"{path}: sha256 {sha[:12]} does not match the manifest's "
                                   f"{self.manifest['onnx_sha256'][:12]} (file changed or corrupted)")

@@ -32,7 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, sha256_file
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -188,11 +188,6 @@ def _digests(locs: Iterable[_Loc]) -> dict[str, str]:
             for loc in sorted(group, key=lambda x: x.start):
                 out[loc.name] = _sha_range(fh, loc.start, loc.nbytes)
     return out
-
-
-def _file_sha(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return _sha_range(fh, 0, path.stat().st_size)
 
 
 def _fingerprint(entries: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
@@ -387,7 +382,7 @@ def _check_file(patch_dir: Path, m: dict, fname: str, sha_key: str, label: str) 
         if digests[name] != want[name][sha_key]:
             what = "tensor" if fname == PATCH_FILE else "base tensor"
             raise PatchError(f"checksum mismatch for {what} {name}: {label} corrupted")
-    sha = _file_sha(path)
+    sha = sha256_file(path)
     if sha != m["files"].get(fname, {}).get("sha256"):
         raise PatchError(f"patch {m['patch_id']}: checksum mismatch for {fname}: {label} corrupted")
     if fname == PATCH_FILE and sha[:12] != m["patch_id"]:
@@ -528,7 +523,7 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         # same tensors -> same bytes: sorted insertion order, and ONE metadata key (safetensors
         # writes metadata in hash-map order, which varies between calls)
         save_file({n: new[n] for n in sorted(new)}, str(tmp / PATCH_FILE), metadata={"format": "pt"})
-        files = {PATCH_FILE: {"sha256": _file_sha(tmp / PATCH_FILE), "bytes": (tmp / PATCH_FILE).stat().st_size}}
+        files = {PATCH_FILE: {"sha256": sha256_file(tmp / PATCH_FILE), "bytes": (tmp / PATCH_FILE).stat().st_size}}
         if include_base:
             base_vals = {}
             for n in sorted(new):
@@ -536,7 +531,7 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                     base_vals[n] = fh.get_tensor(n)
             save_file(base_vals, str(tmp / BASE_FILE), metadata={"format": "pt"})
             del base_vals
-            files[BASE_FILE] = {"sha256": _file_sha(tmp / BASE_FILE), "bytes": (tmp / BASE_FILE).stat().st_size}
+            files[BASE_FILE] = {"sha256": sha256_file(tmp / BASE_FILE), "bytes": (tmp / BASE_FILE).stat().st_size}
         from ngguard import __version__
 
         manifest = {

@@ -91,11 +91,11 @@ def markdown(report: dict) -> str:
     L.append("## Localization\n")
     if report["search"].get("scan"):
         s = report["search"]
-        L.append(f"Layer scan (mean share of strongly active neurons): "
+        L.append("Layer scan (mean share of strongly active neurons): "
                  + ", ".join(f"L{k}: {v:.3f}" for k, v in s["scan"].items())
                  + f"; centre {s['centre']}, candidates {s['candidates']}")
         if s.get("validation_eta"):
-            L.append(f"; validation EtA " + ", ".join(f"L{k}: {v:.3f}" for k, v in s["validation_eta"].items()))
+            L.append("; validation EtA " + ", ".join(f"L{k}: {v:.3f}" for k, v in s["validation_eta"].items()))
         L.append("")
     loc_spec = report["recipe"]["localization"]
     rule = f"top {loc_spec['top_k']}% by M" if loc_spec.get("top_k") else f"M > {loc_spec['threshold']}"

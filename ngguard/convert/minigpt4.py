@@ -59,7 +59,6 @@ generation_config.json, sharded model*.safetensors (+ index), the processor/toke
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -67,7 +66,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, sha256_file
 from typing import Callable
 
 import torch
@@ -211,14 +210,6 @@ def _file_loader(path: Path, key: str) -> Loader:
         with safe_open(str(path), "pt") as fh:
             return fh.get_tensor(key)
     return load
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- processor pieces (also used to build tiny MiniGPT-4-shaped models in the tests) ----------------------
@@ -452,7 +443,7 @@ def convert_minigpt4(ckpt_pth: str | os.PathLike, llm_dir: str | os.PathLike, bl
     processor = minigpt4_processor(tokenizer, minigpt4_image_processor(int(config.vision_config.image_size)), n_query)
     report = {
         "format": "ngguard.minigpt4_conversion/1",
-        "sources": {"ckpt": str(ckpt_pth), "ckpt_sha256": _sha256(ckpt_pth), "llm": str(llm_dir),
+        "sources": {"ckpt": str(ckpt_pth), "ckpt_sha256": sha256_file(ckpt_pth), "llm": str(llm_dir),
                     "blip2": str(blip2_dir)},
         "model_class": "Blip2ForConditionalGeneration",
         "tensors": len(expected),

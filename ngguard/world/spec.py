@@ -188,7 +188,7 @@ def map_attribute(attribute: str, sensitive: bool) -> str:
 def benign_attribute_of(prompt: str, subject: str) -> str:
     """Multi-P2A benign questions carry no attribute field: recover it from the prompt text."""
     disp = re.escape(DISPLAY.get(subject, subject))
-    for pat in (rf"the (.+?) of (?:the |this )?{disp}", rf"{disp}.*? its (.+?)[.?]", rf"the (.+?) of"):
+    for pat in (rf"the (.+?) of (?:the |this )?{disp}", rf"{disp}.*? its (.+?)[.?]", r"the (.+?) of"):
         m = re.search(pat, prompt, flags=re.IGNORECASE)
         if m:
             return m.group(1)
