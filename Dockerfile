@@ -49,8 +49,7 @@ COPY serve ./serve
 # folders written through mkdtemp (e.g. the organism checkpoint) are 0700: make /app readable
 RUN pip install ".[${NGGUARD_EXTRAS}]" && chmod -R a+rX /app
 
-# serve/ is not part of the installed package: import it (and ngguard, with the bundled organism
-# checkpoint and its patch) from the source tree
+# import ngguard and serve/ (with the bundled organism checkpoint and its patch) from the source tree
 ENV PYTHONPATH=/app
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ngguard
