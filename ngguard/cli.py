@@ -279,24 +279,31 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     return cli_export_onnx(args)
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", parents=[_common()], help="Gradio chat + base-vs-protected demo",
-                       description="Serve a Gradio app (chat + side-by-side comparison of the base and the "
-                                   "protected model). Without arguments: the bundled organism with its bundled "
-                                   "patch. Basic auth: NGGUARD_AUTH=user:password.")
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``ngguard serve`` options (also used by ``python -m serve.app``)."""
     p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
-    p.add_argument("--patch", default=None, help="protection patch folder (default: the bundled one when serving the organism)")
+    p.add_argument("--patch", default=None,
+                   help="protection patch folder (default: the bundled one when serving the organism)")
     p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
+    p.add_argument("--port", type=int, default=7860)
     p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
     p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    p.add_argument("--concurrency", type=_positive_int, default=2, help="worker slots per event")
-    p.add_argument("--max-queue", type=_positive_int, default=64, help="queued requests before new ones are refused")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=2, help="worker slots per event (default 2)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
+    return p
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", parents=[_common()], help="Gradio chat + base-vs-protected demo",
+                       description="Serve a Gradio app (chat + side-by-side comparison of the base and the "
+                                   "protected model). Without arguments: the bundled organism with its bundled "
+                                   "patch. Basic auth: NGGUARD_AUTH=user:password.")
+    add_serve_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 

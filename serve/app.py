@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from loguru import logger
 
+from ngguard.cli import add_serve_arguments
+
 # no telemetry and no version check calls from this server (Gradio reads this when it launches)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -315,25 +317,6 @@ def organism_patch_dir() -> Path:
     import ngguard.organism
 
     return Path(ngguard.organism.__file__).resolve().parent / "patch"
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``ngguard serve`` options (shared by ngguard/cli.py and ``python -m serve.app``)."""
-    p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
-    p.add_argument("--patch", default=None,
-                   help="protection patch folder (default: the bundled one when serving the organism)")
-    p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
-    p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None,
-                   help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--concurrency", type=int, default=2, help="worker slots per event (default 2)")
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
-    return p
 
 
 def _resolve_patch(args: argparse.Namespace) -> str | None:
