@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import load_adapter
+from .adapters import load_adapter, resolve_model_path
 from .atomic import atomic_dir
 from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
@@ -267,7 +267,6 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
         dump_recipe(recipe, tmp / "recipe.yaml")
-        from .adapters import resolve_model_path
         model_dir = resolve_model_path(recipe.model.path)
         adapter = load_adapter(model_dir, device=_resolve_device(recipe.model.device), dtype=recipe.model.dtype,
                                trust_remote_code=recipe.model.trust_remote_code)
