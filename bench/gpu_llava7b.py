@@ -17,42 +17,6 @@ from pathlib import Path
 import torch
 
 
-def build(tiny: bool, device: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from ngguard.adapters import adapter_for
-    from ngguard.organism.build import build_processor, build_tokenizer
-
-    tok = build_tokenizer()
-    if tiny:
-        img, patch = 48, 8
-        vis = CLIPVisionConfig(image_size=img, patch_size=patch, hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4)
-        txt = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=4)
-    else:  # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B
-        img, patch = 336, 14
-        vis = CLIPVisionConfig(image_size=img, patch_size=patch, hidden_size=1024, intermediate_size=4096,
-                               num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-        txt = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      image_seq_length=(img // patch) ** 2)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    with torch.device(device):
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(cfg).to(dtype)
-    model.eval()
-    processor = build_processor(tok)
-    processor.patch_size = patch
-    processor.image_processor.size = {"shortest_edge": img}
-    processor.image_processor.crop_size = {"height": img, "width": img}
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return adapter_for(model, processor)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
@@ -86,7 +50,9 @@ def main(argv=None) -> int:
         print(f"{name:32s} {stats[name]['s']:9.2f} s   peak {stats[name]['peak_gib']} GiB", flush=True)
         return out
 
-    adapter = stage("build model (random bf16)", lambda: build(args.tiny, device))
+    from llava_shapes import build_llava
+
+    adapter = stage("build model (random bf16)", lambda: build_llava("tiny" if args.tiny else "7b", device))
     print(f"device {device}, params {sum(p.numel() for p in adapter.model.parameters()) / 1e9:.2f} B, layer {layer}")
     with tempfile.TemporaryDirectory() as tmp:
         n = max(3 * args.images_per_subject, 3)

@@ -15,7 +15,7 @@ Methods are small differences of one loop:
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -25,7 +25,8 @@ from loguru import logger
 from tqdm import tqdm
 
 from .adapters.base import Adapter
-from .localize import Sample, edit_subject_state, row_nll
+from .localize import (Sample, edit_subject_state, forward_features, record_layer_output, replayed_prefix, row_nll,
+                       target_window)
 
 METHODS = ("neural_gate", "no_gate", "dinm")
 
@@ -81,6 +82,31 @@ def _encode_retain(adapter: Adapter, sample: Sample):
                           targets=[a for _, a in sample.benign]).to(adapter.device)
 
 
+@dataclass
+class _Frozen:
+    """A batch with the edit's exact shortcuts: the layers below the lowest edited one never change,
+    so their output is recorded once and replayed (``out``), and logits are computed only from the
+    first target token on (``labels`` cut to match)."""
+
+    inputs: dict
+    labels: torch.Tensor
+    out: torch.Tensor | None = None
+
+
+def _freeze(adapter: Adapter, batch, below: int, shortcuts: bool = True) -> _Frozen:
+    inputs, out = dict(batch.inputs), None
+    if not shortcuts:
+        return _Frozen(inputs, batch.labels)
+    if below >= 0:
+        out = record_layer_output(adapter, below, batch.inputs)
+        inputs = {k: v for k, v in inputs.items() if k not in adapter.vision_only_inputs}
+    labels = batch.labels
+    if forward_features(adapter.model)[1]:
+        keep = target_window(labels)
+        inputs["logits_to_keep"], labels = keep, labels[:, -keep:]
+    return _Frozen(inputs, labels, out)
+
+
 def _kl_on_targets(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row mean KL(original || edited) over the labelled (answer) positions."""
     mask = (labels[:, 1:] != -100).float()
@@ -93,12 +119,14 @@ def _kl_on_targets(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch
 def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, method: str = "neural_gate",
                gates: Mapping[int, Mapping[str, torch.Tensor]] | None = None, module: str = "down_proj",
                refusal: str, alpha: float = 1.25, lr: float = 1e-5, eps: float = 1e-3, steps: int = 10,
-               stop_loss: float = 1e-3, retain: Sequence[Sample] = ()) -> EditResult:
+               stop_loss: float = 1e-3, retain: Sequence[Sample] = (), shortcuts: bool = True) -> EditResult:
     """Edit ``module`` of ``layers`` in place on ``adapter.model``; returns the new weights.
 
     ``gates[layer][subject]``: boolean mask of the subject's strongly active dims (neural_gate only).
     ``retain``: optional general samples (benign only, no subject) whose original answers are also
     kept, weight ``alpha``, one sample per step in turn (not in the paper; off by default).
+    ``shortcuts`` (exact): replay the layers below the lowest edited one from one recorded forward
+    per batch and compute logits only where there are targets; off = the whole model at every step.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -110,9 +138,15 @@ def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
     model.eval()  # no dropout; gradients still flow
     subjects = list(dict.fromkeys(s.subject for s in samples))
     log: list[dict] = []
-    retain_batches = [_encode_retain(adapter, r) for r in retain if r.benign]
+    below = min(layers) - 1 if shortcuts else -1  # layers <= below are replayed (-1: none)
+    retain_batches = [_freeze(adapter, _encode_retain(adapter, r), below, shortcuts) for r in retain if r.benign]
     n_retain = 0
     current: dict = {}
+    store: dict = {}
+
+    def forward(fb: _Frozen) -> torch.Tensor:
+        store["out"] = fb.out
+        return model(**fb.inputs).logits
     with _deltas(adapter, layers, module) as deltas, ExitStack() as stack:
         if method == "neural_gate":
             for layer in layers:
@@ -126,36 +160,38 @@ def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
             current["subject"] = subject
             for s in tqdm(todo, desc=f"edit {method} {subject}", unit="image", leave=False):
                 batch, sens = _encode(adapter, s, refusal)
+                fb = _freeze(adapter, batch, below, shortcuts)
                 current["subject_index"] = batch.subject_index
-                ref_logits = None
-                if method == "dinm":
-                    for d in deltas.values():
-                        d.enabled = False
-                    with torch.no_grad():
-                        ref_logits = model(**batch.inputs).logits
-                    for d in deltas.values():
-                        d.enabled = True
                 first = lossv = None
                 n_steps = 0
-                for _ in range(steps):
-                    logits = model(**batch.inputs).logits
-                    nll = row_nll(logits, batch.labels)
-                    keep = _kl_on_targets(logits, ref_logits, batch.labels) if method == "dinm" else nll
-                    loss = nll[sens].mean() + alpha * keep[~sens].mean() if (~sens).any() else nll[sens].mean()
-                    if retain_batches:  # general answers to keep (no subject token: the gate has nothing to do)
-                        rb = retain_batches[n_retain % len(retain_batches)]
-                        n_retain += 1
-                        current["subject_index"] = None
-                        loss = loss + alpha * row_nll(model(**rb.inputs).logits, rb.labels).mean()
-                        current["subject_index"] = batch.subject_index
-                    lossv = loss.item()
-                    first = lossv if first is None else first
-                    if lossv < stop_loss:
-                        break
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    n_steps += 1
+                with replayed_prefix(adapter, below, store) if below >= 0 else nullcontext():
+                    ref_logits = None
+                    if method == "dinm":
+                        for d in deltas.values():
+                            d.enabled = False
+                        with torch.no_grad():
+                            ref_logits = forward(fb)
+                        for d in deltas.values():
+                            d.enabled = True
+                    for _ in range(steps):
+                        logits = forward(fb)
+                        nll = row_nll(logits, fb.labels)
+                        keep = _kl_on_targets(logits, ref_logits, fb.labels) if method == "dinm" else nll
+                        loss = nll[sens].mean() + alpha * keep[~sens].mean() if (~sens).any() else nll[sens].mean()
+                        if retain_batches:  # general answers to keep (no subject token: the gate has nothing to do)
+                            rb = retain_batches[n_retain % len(retain_batches)]
+                            n_retain += 1
+                            current["subject_index"] = None
+                            loss = loss + alpha * row_nll(forward(rb), rb.labels).mean()
+                            current["subject_index"] = batch.subject_index
+                        lossv = loss.item()
+                        first = lossv if first is None else first
+                        if lossv < stop_loss:
+                            break
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                        n_steps += 1
                 log.append({"subject": subject, "key": s.key, "steps": n_steps, "loss_first": first, "loss_last": lossv})
             logger.info(f"edit {method}: {subject} done ({len(todo)} images, "
                         f"mean last loss {sum(r['loss_last'] for r in log if r['subject'] == subject) / max(1, len(todo)):.4f})")

@@ -12,6 +12,7 @@ batched loop (they are independent: the model is frozen), with per-image early s
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from .adapters.base import Adapter, Batch
 
@@ -127,34 +129,170 @@ class _Replay(torch.nn.Module):
 
 
 @contextmanager
+def _swapped_layers(adapter: Adapter, stand_ins: dict[int, torch.nn.Module]):
+    originals = {i: adapter.layers[i] for i in stand_ins}
+    try:
+        for i, m in stand_ins.items():
+            adapter.layers[i] = m
+        yield
+    finally:
+        for i, m in originals.items():
+            adapter.layers[i] = m
+
+
 def replayed_prefix(adapter: Adapter, layer: int, store: dict):
     """While active, decoder layers 0..``layer`` are not computed: the output of ``layer`` is taken
     from ``store["out"]`` (recorded once, the model being frozen). Hooks registered on
     ``adapter.component(layer, "layer")`` inside this context attach to the stand-in."""
-    originals = [adapter.layers[i] for i in range(layer + 1)]
-    try:
-        for i in range(layer + 1):
-            adapter.layers[i] = _Replay(store, i == layer)
-        yield
-    finally:
-        for i, m in enumerate(originals):
-            adapter.layers[i] = m
+    return _swapped_layers(adapter, {i: _Replay(store, i == layer) for i in range(layer + 1)})
 
 
-@torch.no_grad()
-def record_layer_output(adapter: Adapter, layer: int, inputs: dict):
+def record_layer_output(adapter: Adapter, layer: int, inputs: dict) -> torch.Tensor:
+    """The output of decoder layer ``layer`` for ``inputs``; the layers above it are skipped."""
+    return _run(adapter, layer, inputs, above=False)[0]
+
+
+def prefix_length(batch: Batch, row_sample: torch.Tensor) -> int:
+    """How many leading positions are frozen for every row during localization: tokens the row shares
+    with the first row of its sample (same image, so the same states), cut at the earliest subject
+    token. Causal attention: positions before the subject never see the scaled state, so their keys and
+    values at every layer stay what they were; they are computed once instead of at every step."""
+    ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
+    first = torch.zeros_like(row_sample)
+    for s in row_sample.unique():
+        rows = (row_sample == s).nonzero().flatten()
+        first[rows] = rows[0]
+    same = (ids == ids[first]).long()
+    if mask is not None:
+        same = same * (mask != 0).long()
+    shared = int(same.cumprod(-1).sum(-1).min())  # length of the common run from position 0
+    return max(0, min(shared, int(batch.subject_index.min())))
+
+
+def target_window(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the one before the first target token on
+    (``logits_to_keep``; labels[:, -keep:] are then aligned with those logits)."""
+    first = (labels != -100).float().argmax(-1)
+    return labels.shape[1] - max(0, int(first.min()) - 1)
+
+
+def forward_features(model) -> tuple[str | None, bool]:
+    """Name of the forward's KV-cache argument (``cache`` in recent transformers, ``past_key_values``
+    before) and whether it takes ``logits_to_keep``."""
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    return name, "logits_to_keep" in params
+
+
+@dataclass
+class _Chunk:
+    """Whole samples' rows, prepared once for the batched optimisation loop."""
+
+    rows: list[int]                          # indices into the sample_rows list
+    inputs: dict[str, torch.Tensor]          # model inputs (positions >= start when a prefix is cached)
+    labels: torch.Tensor
+    subject_index: torch.Tensor
+    out: torch.Tensor | None = None          # replayed output of the layer (positions >= start)
+    start: int = 0                           # frozen prefix length (0: no cache)
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # K/V of layers > l, one row per sample
+    rep: torch.Tensor | None = None          # row -> its sample's row in ``prefix``
+    keep: int = 0                            # logits_to_keep (0 = all positions)
+
+    def forward_kwargs(self, layer: int, cache_arg: str | None) -> dict:
+        kw = {"logits_to_keep": self.keep} if self.keep else {}
+        if not self.start:
+            return kw | {"use_cache": False}
+        # Layers <= l are replayed stand-ins and never read the cache; they only need the right length
+        # (the model takes the past length from layer 0). Fresh tensors every step: the cache grows in place.
+        dummy = self.prefix[0][0].new_zeros(1, 1, self.start, 1)
+        rows = len(self.rep)
+        pick = (lambda t: t.expand(rows, *t.shape[1:])) if len(self.prefix[0][0]) == 1 else \
+            (lambda t: t.index_select(0, self.rep))  # one sample: a view, the cache copies it once
+        kv = [(dummy, dummy)] * (layer + 1) + [(pick(k), pick(v)) for k, v in self.prefix]
+        return kw | {cache_arg: DynamicCache(ddp_cache_data=kv), "use_cache": True}
+
+
+def causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive [1, 1, queries, keys] mask: the queries are the last ``queries`` of ``keys`` positions.
+    For right-padded rows it is exact without a padding term: a real token never sees a later pad."""
+    i = torch.arange(queries, device=device)[:, None] + (keys - queries)
+    j = torch.arange(keys, device=device)[None]
+    return torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill(j > i, torch.finfo(dtype).min)[None, None]
+
+
+def _run(adapter: Adapter, layer: int, inputs: dict, *, above: bool, cache=None):
+    """A frozen forward returning (output of ``layer``, the KV cache); ``above=False`` skips the
+    layers above ``layer`` (pass-through stand-ins) and the vocabulary projection."""
+    cache_arg, has_keep = forward_features(adapter.model)
     out = {}
 
     def hook(_m, _i, o):
         out["o"] = (o[0] if isinstance(o, tuple) else o).detach()
         return o
 
+    skip = {} if above else {i: _Replay({}, False) for i in range(layer + 1, adapter.num_layers)}
+    kw = ({"logits_to_keep": 1} if has_keep else {}) | ({cache_arg: cache} if cache is not None else {})
     h = adapter.component(layer, "layer").register_forward_hook(hook)
     try:
-        adapter.model(**inputs, use_cache=False)
+        with torch.no_grad(), _swapped_layers(adapter, skip):
+            res = adapter.model(**inputs, use_cache=cache is not None or above, **kw)
     finally:
         h.remove()
-    return out["o"]
+    return out["o"], getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+
+
+def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], row_sample: torch.Tensor, *,
+                   shortcuts: bool) -> _Chunk:
+    """Without ``shortcuts``: the batch as the reference runs it (whole model, all logits). With them
+    (all exact, the model being frozen): layers <= l are replayed from one recorded forward; with
+    ``adapter.prefix_cache``, the prefix before the subject token is run once per sample and taken
+    from a KV cache (``prefix_length``) and the causal mask is built once; logits are computed only
+    from the first target token on."""
+    if not shortcuts:
+        return _Chunk(rows, batch.inputs, batch.labels, batch.subject_index)
+    cache_arg, has_keep = forward_features(adapter.model)
+    ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
+    right_padded = mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
+    fast = adapter.prefix_cache and cache_arg is not None and right_padded
+    start = prefix_length(batch, row_sample) if fast else 0
+    vision = {k: v for k, v in batch.inputs.items() if k in adapter.vision_only_inputs}
+    text = {k: v for k, v in batch.inputs.items() if k not in adapter.vision_only_inputs}
+    firsts = [int((row_sample == s).nonzero()[0]) for s in row_sample.unique()]
+    if start:  # the image must lie wholly before the cut in every row, or wholly after it in every row
+        is_image = ids[firsts] == adapter.image_token_id
+        first_image = torch.where(is_image.any(-1), is_image.float().argmax(-1), ids.shape[1])
+        last_image = torch.where(is_image.any(-1), ids.shape[1] - 1 - is_image.flip(-1).float().argmax(-1), -1)
+        if bool((last_image >= start).any()):
+            start = min(start, int(first_image.min()))
+        image_in_prefix = bool((last_image >= 0).any()) and bool((last_image < start).all())
+        others = [k for k, v in text.items() if k not in ("input_ids", "attention_mask")
+                  and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == ids.shape[1]]
+        if others:
+            raise ValueError(f"prefix cache: per-token inputs {others} are not supported; set prefix_cache = False")
+    if not start:
+        out, _ = _run(adapter, layer, batch.inputs, above=False)
+        chunk = _Chunk(rows, text, batch.labels, batch.subject_index, out)
+    else:
+        # 1. the prefix, once per sample: every layer's keys/values
+        head = {"input_ids": ids[firsts, :start]} | ({"attention_mask": mask[firsts, :start]} if mask is not None else {})
+        _, cache = _run(adapter, layer, head | ({k: v[firsts] for k, v in vision.items()} if image_in_prefix else {}),
+                        above=True)
+        kv = [(cache.layers[i].keys, cache.layers[i].values) for i in range(adapter.num_layers)]
+        rep = torch.tensor([firsts.index(int((row_sample == s).nonzero()[0])) for s in row_sample], device=ids.device)
+        # 2. every row after the prefix, layers <= l only: the output to replay
+        tail = {"input_ids": ids[:, start:],
+                "attention_mask": causal_mask(ids.shape[1] - start, ids.shape[1], adapter.model.dtype, ids.device)}
+        lower = DynamicCache(ddp_cache_data=[(k.index_select(0, rep), v.index_select(0, rep)) for k, v in kv[:layer + 1]])
+        out, _ = _run(adapter, layer, tail | ({} if image_in_prefix else vision), above=False, cache=lower)
+        chunk = _Chunk(rows, tail, batch.labels[:, start:], batch.subject_index - start, out, start,
+                       [(k.clone(), v.clone()) for k, v in kv[layer + 1:]], rep)
+    if fast and not start:
+        chunk.inputs = {**chunk.inputs, "attention_mask": causal_mask(ids.shape[1], ids.shape[1], adapter.model.dtype,
+                                                                      ids.device)}
+    if has_keep:  # logits from the position before the first target token on
+        chunk.keep = target_window(chunk.labels)
+        chunk.labels = chunk.labels[:, -chunk.keep:]
+    return chunk
 
 
 @dataclass
@@ -201,13 +339,14 @@ class LayerLocalization:
 def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, refusal: str, alpha: float = 1.25,
                    contexts: Sequence[str] = DEFAULT_CONTEXTS, steps: int = 25, lr: float = 0.5, eps: float = 1e-3,
                    l1: float = 1e-3, init: float = 2.0, stop_loss: float = 0.05, batch_size: int = 64,
-                   batched: bool = True, replay: bool = True, desc: str | None = None) -> LayerLocalization:
+                   batched: bool = True, shortcuts: bool = True, desc: str | None = None) -> LayerLocalization:
     """Train one scaling vector per sample at ``layer``; return scales and per-subject gates.
 
     ``batched=False`` runs the reference procedure (one sample at a time, its own optimiser, the whole
     model at every step): used by the benchmark and the tests to check that the batched loop finds
-    the same neurons. ``replay``: compute layers <= ``layer`` once and replay their output (exact,
-    since the model is frozen).
+    the same neurons. ``shortcuts`` (exact, the model being frozen): replay layers <= ``layer`` from one
+    recorded forward, take the prefix before the subject token from a KV cache, compute logits only
+    where there are targets (see ``_prepare_chunk``).
     """
     model = adapter.model
     for p in model.parameters():
@@ -217,25 +356,19 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     if not batched:
         parts = [localize_layer(adapter, [s], layer, refusal=refusal, alpha=alpha, contexts=contexts, steps=steps,
                                 lr=lr, eps=eps, l1=l1, init=init, stop_loss=stop_loss, batch_size=batch_size,
-                                batched=True, replay=False, desc=None) for s in tqdm(samples, desc=desc or f"localize L{layer} (loop)")]
+                                batched=True, shortcuts=False, desc=None) for s in tqdm(samples, desc=desc or f"localize L{layer} (loop)")]
         out = LayerLocalization(layer, torch.cat([p.scales for p in parts]), [s.subject for s in samples],
                                 torch.cat([p.losses for p in parts]), torch.cat([p.steps for p in parts]))
         out.gates = gates_from_scales(out.scales, out.subjects)
         return out
 
     rows = sample_rows(samples, refusal, alpha, contexts)
-    chunks = []
-    for c in chunk_by_sample(rows, batch_size):
-        batch = encode_rows(adapter, samples, [rows[i] for i in c]).to(device)
-        if replay:  # layers <= l are frozen: run them once
-            cached = record_layer_output(adapter, layer, batch.inputs)
-            batch = Batch({k: v for k, v in batch.inputs.items() if k not in adapter.vision_only_inputs},
-                          batch.labels, batch.subject_index)
-        else:
-            cached = None
-        chunks.append((c, batch, cached))
     row_sample = torch.tensor([r.sample for r in rows], device=device)
     row_weight = torch.tensor([r.weight for r in rows], device=device)
+    chunks = [_prepare_chunk(adapter, layer, encode_rows(adapter, samples, [rows[i] for i in c]).to(device), c,
+                             row_sample[c], shortcuts=shortcuts)
+              for c in chunk_by_sample(rows, batch_size)]
+    cache_arg, _ = forward_features(model)
     m = torch.full((n, d), init, device=device, requires_grad=True)
     opt = torch.optim.Adam([m], lr=lr, eps=eps)
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -247,18 +380,18 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
         return v * torch.tanh(m[current["samples"][rows_]]).to(v.dtype)
 
     bar = tqdm(range(steps), desc=desc or f"localize L{layer}", unit="step", leave=False, disable=desc is None and n == 1)
-    with (replayed_prefix(adapter, layer, current) if replay else nullcontext()), \
+    with (replayed_prefix(adapter, layer, current) if shortcuts else nullcontext()), \
             edit_subject_state(adapter, layer, scale, lambda: current["subject_index"]):
         for step in bar:
             opt.zero_grad()
             sample_loss = torch.zeros(n, device=device)
-            for idx, batch, cached in chunks:
-                rs = row_sample[idx]
+            for ch in chunks:
+                rs = row_sample[ch.rows]
                 if done[rs].all():
                     continue
-                current["samples"], current["subject_index"], current["out"] = rs, batch.subject_index, cached
-                nll = row_nll(model(**batch.inputs, use_cache=False).logits, batch.labels)
-                per_row = nll * row_weight[idx]
+                current["samples"], current["subject_index"], current["out"] = rs, ch.subject_index, ch.out
+                nll = row_nll(model(**ch.inputs, **ch.forward_kwargs(layer, cache_arg)).logits, ch.labels)
+                per_row = nll * row_weight[ch.rows]
                 per_row.sum().backward()
                 sample_loss.index_add_(0, rs, per_row.detach())
             reg = (m.detach() - init).abs().mean(-1) * l1

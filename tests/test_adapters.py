@@ -499,3 +499,50 @@ def test_saved_names_map_back_to_the_loaded_model(adapter):
     mapped = checkpoint_to_model_names(adapter.model, names)
     assert mapped == {adapter.parameter_name(layer, "down_proj"): adapter.state_dict_key(layer, "down_proj")
                       for layer in range(adapter.num_layers)}
+
+
+def test_localization_and_edit_shortcuts_are_exact(family):
+    """The batched loop's shortcuts (replayed lower layers, the prefix before the subject from a KV
+    cache where the family allows it, logits only on targets) and the edit's (replayed layers below
+    the edited one) change nothing but the speed, in every family."""
+    from ngguard.edit import apply_edit
+    from ngguard.localize import Sample, localize_layer
+
+    model, processor = family.build(0)
+    adapter = adapter_for(model, processor)
+    samples = [Sample(family.image(i), subject, [f"what is the number of the {subject} in this image?",
+                                                 f"read the owner's name from the {subject}."],
+                      [(f"what colour is the {subject}?", "blue")], key=f"{subject}{i}")
+               for i in range(2) for subject in ("passport", "receipt")]
+    kw = dict(refusal="I am sorry.", alpha=1.25, contexts=("I am an AI.",), steps=4, lr=0.5, eps=1e-8, batch_size=8)
+    fast = localize_layer(adapter, samples, 1, **kw)
+    slow = localize_layer(adapter, samples, 1, shortcuts=False, **kw)
+    assert (fast.scales < 0.9).any()  # the vectors moved
+    assert torch.allclose(fast.scales, slow.scales, atol=1e-4)
+
+    edits = {}
+    for shortcuts in (True, False):
+        m, p = family.build(0)
+        res = apply_edit(adapter_for(m, p), samples, [2], method="no_gate", refusal="I am sorry.", lr=1e-2,
+                         steps=2, stop_loss=0.0, retain=samples[:1], shortcuts=shortcuts)
+        edits[shortcuts] = next(iter(res.deltas.values()))
+    assert edits[True].abs().sum() > 0
+    assert torch.allclose(edits[True], edits[False], atol=1e-5)
+
+
+def test_prefix_cache_covers_the_image_when_it_comes_first():
+    """LLaVA-1.5 puts the image before the question: the frozen prefix localization caches spans it."""
+    from ngguard.localize import prefix_length, sample_rows, encode_rows, Sample
+
+    adapter = adapter_for(*tiny_llava(0, template="image_first"))
+    samples = [Sample(tiny_image(0), "passport", ["what is the number of the passport?"],
+                      [("what colour is the passport?", "blue")])]
+    rows = sample_rows(samples, "I am sorry.", 1.25, ("I am an AI.",))
+    batch = encode_rows(adapter, samples, rows)
+    start = prefix_length(batch, torch.zeros(len(rows), dtype=torch.long))
+    image_at = (batch.inputs["input_ids"][0] == adapter.image_token_id).nonzero().flatten()
+    assert int(image_at[-1]) < start <= int(batch.subject_index.min())
+    text_first = adapter_for(*tiny_llava(0, template="text_first"))
+    batch = encode_rows(text_first, samples, rows)
+    assert prefix_length(batch, torch.zeros(len(rows), dtype=torch.long)) < int(
+        (batch.inputs["input_ids"][0] == text_first.image_token_id).nonzero()[0])

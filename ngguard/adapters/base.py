@@ -107,6 +107,12 @@ class Adapter(ABC):
     # would consume the image features are replayed from a cache (see localize.replayed_prefix).
     vision_only_inputs: ClassVar[tuple[str, ...]] = ()
 
+    # True when the language model takes a pre-filled ``DynamicCache`` for a prefix of the prompt and
+    # places the remaining tokens after it by the cache length alone (1-D RoPE positions): localization
+    # then computes the frozen prefix before the subject token once (see localize.prefix_length).
+    # M-RoPE (Qwen2-VL) and models that always re-run the vision tower (BLIP-2) keep it off.
+    prefix_cache: ClassVar[bool] = False
+
     @classmethod
     def load_processor(cls, path, *, trust_remote_code: bool = False):
         """Load the processor saved in the model folder ``path`` (``load_adapter`` calls this). Families

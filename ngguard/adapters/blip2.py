@@ -68,6 +68,7 @@ class Blip2Adapter(LlavaAdapter):
     config_classes = ("Blip2Config",)
     model_classes = {"Blip2Config": "Blip2ForConditionalGeneration"}
     vision_only_inputs = ()
+    prefix_cache = False
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         config = model.config

@@ -69,6 +69,7 @@ class LlavaAdapter(Adapter):
     config_classes = ("LlavaConfig",)
     model_classes = {"LlavaConfig": "LlavaForConditionalGeneration"}
     vision_only_inputs = ("pixel_values",)
+    prefix_cache = True
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__(model, processor)

@@ -71,6 +71,7 @@ class Qwen2VLAdapter(LlavaAdapter):
     model_classes = {"Qwen2VLConfig": "Qwen2VLForConditionalGeneration",
                      "Qwen2_5_VLConfig": "Qwen2_5_VLForConditionalGeneration"}
     vision_only_inputs = ()
+    prefix_cache = False
 
     @property
     def image_token(self) -> str:
