@@ -185,6 +185,25 @@ def forward_features(model) -> tuple[str | None, bool]:
 
 
 @dataclass
+class _Split:
+    """The rows of a chunk cut in two, for questions asked with several answer-start contexts: the
+    STEMS (each distinct question once, from the end of the frozen prefix to just before its first
+    target) carry the subject token; the TAILS (every row from its stem's end on) attend to their
+    stem's keys and values. One stem instead of six copies of each sensitive question."""
+
+    stem_inputs: dict[str, torch.Tensor]
+    stem_out: torch.Tensor                   # replayed output of the layer at the stem positions
+    stem_subject: torch.Tensor
+    stem_sample: torch.Tensor | None         # stem -> row of ``prefix`` (its sample); None without a prefix
+    stem_rows: torch.Tensor                  # stem -> one of its rows (for the scaling vector)
+    tail_inputs: dict[str, torch.Tensor]     # with explicit position_ids and a 4D mask that skips stem padding
+    tail_out: torch.Tensor
+    tail_labels: torch.Tensor
+    row_stem: torch.Tensor                   # row -> its stem
+    stem_len: int                            # padded stem length (after the prefix)
+
+
+@dataclass
 class _Chunk:
     """Whole samples' rows, prepared once for the batched optimisation loop."""
 
@@ -197,19 +216,85 @@ class _Chunk:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # K/V of layers > l, one row per sample
     rep: torch.Tensor | None = None          # row -> its sample's row in ``prefix``
     keep: int = 0                            # logits_to_keep (0 = all positions)
+    split: _Split | None = None
 
-    def forward_kwargs(self, layer: int, cache_arg: str | None) -> dict:
-        kw = {"logits_to_keep": self.keep} if self.keep else {}
-        if not self.start:
-            return kw | {"use_cache": False}
-        # Layers <= l are replayed stand-ins and never read the cache; they only need the right length
-        # (the model takes the past length from layer 0). Fresh tensors every step: the cache grows in place.
-        dummy = self.prefix[0][0].new_zeros(1, 1, self.start, 1)
-        rows = len(self.rep)
-        pick = (lambda t: t.expand(rows, *t.shape[1:])) if len(self.prefix[0][0]) == 1 else \
-            (lambda t: t.index_select(0, self.rep))  # one sample: a view, the cache copies it once
-        kv = [(dummy, dummy)] * (layer + 1) + [(pick(k), pick(v)) for k, v in self.prefix]
-        return kw | {cache_arg: DynamicCache(ddp_cache_data=kv), "use_cache": True}
+    def _cache(self, layer: int, length: int, kv: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor):
+        """A fresh cache (it grows in place) holding ``kv`` of the layers above ``layer`` for the rows
+        picked by ``index``. Layers <= l are replayed stand-ins and never read the cache; they only
+        need the right length (the model takes the past length from layer 0)."""
+        dummy = kv[0][0].new_zeros(1, 1, length, 1)
+        if len(kv[0][0]) == 1:  # one source row: a view, the cache copies it once
+            pick = lambda t: t.expand(len(index), *t.shape[1:])  # noqa: E731
+        else:
+            pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return DynamicCache(ddp_cache_data=[(dummy, dummy)] * (layer + 1) + [(pick(k), pick(v)) for k, v in kv])
+
+    def nll(self, model, layer: int, cache_arg: str | None, current: dict, row_sample: torch.Tensor) -> torch.Tensor:
+        """Per-row NLL of the targets under the current scaling vectors (``current`` feeds the hooks)."""
+        if self.split is None:
+            current["samples"], current["subject_index"], current["out"] = row_sample, self.subject_index, self.out
+            kw = {"logits_to_keep": self.keep} if self.keep else {}
+            if self.start:
+                kw |= {cache_arg: self._cache(layer, self.start, self.prefix, self.rep), "use_cache": True}
+            else:
+                kw |= {"use_cache": False}
+            return row_nll(model(**self.inputs, **kw).logits, self.labels)
+        sp = self.split
+        current["samples"], current["subject_index"], current["out"] = row_sample[sp.stem_rows], sp.stem_subject, sp.stem_out
+        kw = {cache_arg: self._cache(layer, self.start, self.prefix, sp.stem_sample)} if self.start else {}
+        res = model(**sp.stem_inputs, use_cache=True, logits_to_keep=1, **kw)
+        cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+        stems = [(cache.layers[i].keys, cache.layers[i].values) for i in range(layer + 1, len(cache.layers))]
+        current["subject_index"], current["out"] = None, sp.tail_out  # no subject token in the tails
+        tails = self._cache(layer, self.start + sp.stem_len, stems, sp.row_stem)
+        return row_nll(model(**sp.tail_inputs, **{cache_arg: tails}, use_cache=True).logits, sp.tail_labels)
+
+
+def _split(start: int, ids: torch.Tensor, labels: torch.Tensor, out: torch.Tensor, subject_index: torch.Tensor,
+           lengths: torch.Tensor, row_group: torch.Tensor, rep: torch.Tensor | None, dtype) -> _Split | None:
+    """Stems and tails of a chunk (see ``_Split``); None when no question has several rows or a stem
+    would not hold its subject token. All tensors are the rows AFTER the frozen prefix of length
+    ``start`` (positions counted from there); ``lengths``: real (unpadded) length of each row."""
+    device = ids.device
+    groups = row_group.unique()
+    if len(groups) == len(row_group):
+        return None
+    first_label = (labels != -100).float().argmax(-1)
+    stem_rows, stem_end, row_stem = [], [], torch.zeros_like(row_group)
+    for g_i, g in enumerate(groups.tolist()):
+        members = (row_group == g).nonzero().flatten()
+        r0 = int(members[0])
+        same = int((ids[members] == ids[r0]).long().cumprod(-1).sum(-1).min())  # the group's common run
+        end = min(same, int(first_label[members].min()) - 1)  # logits for every target come from the tails
+        if end <= int(subject_index[members].max()):  # the subject token must be in the stem
+            return None
+        stem_rows.append(r0)
+        stem_end.append(end)
+        row_stem[members] = g_i
+    stem_rows_t = torch.tensor(stem_rows, device=device)
+    S, n_stems = max(stem_end), len(stem_rows)
+    stem_ids = ids.new_zeros(n_stems, S)
+    stem_out = out.new_zeros(n_stems, S, out.shape[-1])
+    for g_i, (r, e) in enumerate(zip(stem_rows, stem_end)):
+        stem_ids[g_i, :e], stem_out[g_i, :e] = ids[r, :e], out[r, :e]
+    ends = torch.tensor(stem_end, device=device)[row_stem]              # per row: where its tail starts
+    C = int((lengths - ends).max())
+    pos = ends[:, None] + torch.arange(C, device=device)[None]          # [R, C], counted after the prefix
+    at = pos.clamp_max(ids.shape[1] - 1)
+    tail_labels = torch.where(pos < lengths[:, None], labels.gather(1, at), torch.full_like(at, -100))
+    # keys: [frozen prefix | stems, padded to S | tails]: a row sees the prefix and its own stem up to
+    # the stem's end, then its own tail causally
+    j = torch.arange(start + S + C, device=device)[None, None]
+    i = torch.arange(C, device=device)[None, :, None]
+    allowed = (j < start + ends[:, None, None]) | ((j >= start + S) & (j - start - S <= i))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return _Split(
+        stem_inputs={"input_ids": stem_ids, "attention_mask": causal_mask(S, start + S, dtype, device)},
+        stem_out=stem_out, stem_subject=subject_index[stem_rows_t],
+        stem_sample=None if rep is None else rep[stem_rows_t], stem_rows=stem_rows_t,
+        tail_inputs={"input_ids": ids.gather(1, at), "attention_mask": mask[:, None], "position_ids": pos + start},
+        tail_out=out.gather(1, at[..., None].expand(-1, -1, out.shape[-1])), tail_labels=tail_labels,
+        row_stem=row_stem, stem_len=S)
 
 
 def causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -241,13 +326,14 @@ def _run(adapter: Adapter, layer: int, inputs: dict, *, above: bool, cache=None)
     return out["o"], getattr(res, "cache", None) or getattr(res, "past_key_values", None)
 
 
-def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], row_sample: torch.Tensor, *,
-                   shortcuts: bool) -> _Chunk:
+def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], row_sample: torch.Tensor,
+                   row_group: torch.Tensor, *, shortcuts: bool) -> _Chunk:
     """Without ``shortcuts``: the batch as the reference runs it (whole model, all logits). With them
     (all exact, the model being frozen): layers <= l are replayed from one recorded forward; with
     ``adapter.prefix_cache``, the prefix before the subject token is run once per sample and taken
-    from a KV cache (``prefix_length``) and the causal mask is built once; logits are computed only
-    from the first target token on."""
+    from a KV cache (``prefix_length``), each question asked with several answer-start contexts is run
+    once up to its answer (``_Split``; ``row_group`` = question of each row), and the masks are built
+    once; logits are computed only from the first target token on."""
     if not shortcuts:
         return _Chunk(rows, batch.inputs, batch.labels, batch.subject_index)
     cache_arg, has_keep = forward_features(adapter.model)
@@ -289,6 +375,12 @@ def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], 
     if fast and not start:
         chunk.inputs = {**chunk.inputs, "attention_mask": causal_mask(ids.shape[1], ids.shape[1], adapter.model.dtype,
                                                                       ids.device)}
+    if fast and has_keep:
+        lengths = (mask.sum(-1) if mask is not None else torch.full_like(row_sample, ids.shape[1])) - start
+        chunk.split = _split(start, chunk.inputs["input_ids"], chunk.labels, chunk.out, chunk.subject_index, lengths,
+                             row_group, chunk.rep, adapter.model.dtype)
+        if chunk.split is not None:
+            return chunk
     if has_keep:  # logits from the position before the first target token on
         chunk.keep = target_window(chunk.labels)
         chunk.labels = chunk.labels[:, -chunk.keep:]
@@ -365,8 +457,10 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     rows = sample_rows(samples, refusal, alpha, contexts)
     row_sample = torch.tensor([r.sample for r in rows], device=device)
     row_weight = torch.tensor([r.weight for r in rows], device=device)
+    questions = {key: i for i, key in enumerate(dict.fromkeys((r.sample, r.text) for r in rows))}
+    row_group = torch.tensor([questions[(r.sample, r.text)] for r in rows], device=device)
     chunks = [_prepare_chunk(adapter, layer, encode_rows(adapter, samples, [rows[i] for i in c]).to(device), c,
-                             row_sample[c], shortcuts=shortcuts)
+                             row_sample[c], row_group[c], shortcuts=shortcuts)
               for c in chunk_by_sample(rows, batch_size)]
     cache_arg, _ = forward_features(model)
     m = torch.full((n, d), init, device=device, requires_grad=True)
@@ -389,8 +483,7 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
                 rs = row_sample[ch.rows]
                 if done[rs].all():
                     continue
-                current["samples"], current["subject_index"], current["out"] = rs, ch.subject_index, ch.out
-                nll = row_nll(model(**ch.inputs, **ch.forward_kwargs(layer, cache_arg)).logits, ch.labels)
+                nll = ch.nll(model, layer, cache_arg, current, rs)
                 per_row = nll * row_weight[ch.rows]
                 per_row.sum().backward()
                 sample_loss.index_add_(0, rs, per_row.detach())
