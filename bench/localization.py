@@ -3,13 +3,15 @@
 The reference procedure trains one scaling vector per training image, one image at a time (its
 question pairs batched), running the whole model at every step. ngguard optimises all images'
 vectors in one loop and skips everything the frozen model makes constant: layers <= l are replayed
-from one recorded forward, the prompt prefix before the subject token comes from a KV cache, and
-logits are computed only where there are targets. Both run here on the same samples; printed: wall
+from one recorded forward, the prompt prefix before the subject token comes from a KV cache, each
+question is run once up to its answer for all its answer-start contexts, and logits are computed
+only where there are targets. Both run here on the same samples; printed: wall
 time of each, the speed ratio, and the agreement of the strongly active sets (Jaccard per subject)
 and of the scales.
 
     .venv/bin/python bench/localization.py                      # the organism (text first, 4 layers)
-    .venv/bin/python bench/localization.py --shape llava-1.5    # LLaVA-1.5 geometry, random weights
+    .venv/bin/python bench/localization.py --shape llava-1.5 --images-per-subject 1 --steps 25
+                                                                # LLaVA-1.5 geometry, random weights (~13 min)
 
 ``--shape llava-1.5``: a random LlavaForConditionalGeneration with LLaVA-1.5's geometry (576 image
 tokens before the question, 32 decoder layers, its prompt, layer 11) and widths cut to 32, so that

@@ -7,8 +7,11 @@ frozen). m_i is trained to make the model refuse the sensitive questions (also a
 answer-start contexts) and keep its own answers to the benign ones. A dimension j is *active* in
 sample i when s_i[j] < 0; the gate of a subject is M[j] = share of its samples where j is active.
 
-Unlike the reference code, which loops image by image, all images' vectors are optimised in one
-batched loop (they are independent: the model is frozen), with per-image early stopping.
+Unlike the reference code, which loops image by image and runs the whole model at every step, all
+images' vectors are optimised in one batched loop (they are independent: the model is frozen), with
+per-image early stopping, and what the frozen model makes constant is computed once (exactly, see
+``_prepare_chunk``): the layers up to l, the prompt prefix before the subject token (a KV cache), and
+each question's shared part across its answer-start contexts (``_Split``).
 """
 from __future__ import annotations
 
@@ -218,16 +221,20 @@ class _Chunk:
     keep: int = 0                            # logits_to_keep (0 = all positions)
     split: _Split | None = None
 
-    def _cache(self, layer: int, length: int, kv: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor):
-        """A fresh cache (it grows in place) holding ``kv`` of the layers above ``layer`` for the rows
-        picked by ``index``. Layers <= l are replayed stand-ins and never read the cache; they only
-        need the right length (the model takes the past length from layer 0)."""
-        dummy = kv[0][0].new_zeros(1, 1, length, 1)
-        if len(kv[0][0]) == 1:  # one source row: a view, the cache copies it once
-            pick = lambda t: t.expand(len(index), *t.shape[1:])  # noqa: E731
-        else:
-            pick = lambda t: t.index_select(0, index)  # noqa: E731
-        return DynamicCache(ddp_cache_data=[(dummy, dummy)] * (layer + 1) + [(pick(k), pick(v)) for k, v in kv])
+    def _cache(self, layer: int, length: int, *parts: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]):
+        """A fresh cache (it grows in place) holding, for the layers above ``layer``, the keys/values of
+        each part (``kv`` list, rows picked by ``index``) one after the other along the positions.
+        Layers <= l are replayed stand-ins and never read the cache; they only need the right length
+        (the model takes the past length from layer 0)."""
+        def pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # one source row: a view
+            return t.expand(len(index), *t.shape[1:]) if len(t) == 1 else t.index_select(0, index)
+
+        dummy = parts[0][0][0][0].new_zeros(1, 1, length, 1)
+        kv = []
+        for i in range(len(parts[0][0])):
+            k, v = zip(*[(pick(p[i][0], index), pick(p[i][1], index)) for p, index in parts])
+            kv.append((torch.cat(k, 2) if len(k) > 1 else k[0], torch.cat(v, 2) if len(v) > 1 else v[0]))
+        return DynamicCache(ddp_cache_data=[(dummy, dummy)] * (layer + 1) + kv)
 
     def nll(self, model, layer: int, cache_arg: str | None, current: dict, row_sample: torch.Tensor) -> torch.Tensor:
         """Per-row NLL of the targets under the current scaling vectors (``current`` feeds the hooks)."""
@@ -235,18 +242,21 @@ class _Chunk:
             current["samples"], current["subject_index"], current["out"] = row_sample, self.subject_index, self.out
             kw = {"logits_to_keep": self.keep} if self.keep else {}
             if self.start:
-                kw |= {cache_arg: self._cache(layer, self.start, self.prefix, self.rep), "use_cache": True}
+                kw |= {cache_arg: self._cache(layer, self.start, (self.prefix, self.rep)), "use_cache": True}
             else:
                 kw |= {"use_cache": False}
             return row_nll(model(**self.inputs, **kw).logits, self.labels)
         sp = self.split
         current["samples"], current["subject_index"], current["out"] = row_sample[sp.stem_rows], sp.stem_subject, sp.stem_out
-        kw = {cache_arg: self._cache(layer, self.start, self.prefix, sp.stem_sample)} if self.start else {}
+        kw = {cache_arg: self._cache(layer, self.start, (self.prefix, sp.stem_sample))} if self.start else {}
         res = model(**sp.stem_inputs, use_cache=True, logits_to_keep=1, **kw)
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
-        stems = [(cache.layers[i].keys, cache.layers[i].values) for i in range(layer + 1, len(cache.layers))]
+        # the stems' own keys/values (the prefix part carries no gradient: taken from ``prefix`` again)
+        stems = [(cache.layers[i].keys[:, :, self.start:], cache.layers[i].values[:, :, self.start:])
+                 for i in range(layer + 1, len(cache.layers))]
         current["subject_index"], current["out"] = None, sp.tail_out  # no subject token in the tails
-        tails = self._cache(layer, self.start + sp.stem_len, stems, sp.row_stem)
+        parts = ([(self.prefix, self.rep)] if self.start else []) + [(stems, sp.row_stem)]
+        tails = self._cache(layer, self.start + sp.stem_len, *parts)
         return row_nll(model(**sp.tail_inputs, **{cache_arg: tails}, use_cache=True).logits, sp.tail_labels)
 
 
