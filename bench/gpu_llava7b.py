@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from llava_shapes import build_llava
 
-    adapter = stage("build model (random bf16)", lambda: build_llava("tiny" if args.tiny else "7b", device))
+    adapter = stage("build model (random weights)", lambda: build_llava("tiny" if args.tiny else "7b", device))
     print(f"device {device}, params {sum(p.numel() for p in adapter.model.parameters()) / 1e9:.2f} B, layer {layer}")
     with tempfile.TemporaryDirectory() as tmp:
         n = max(3 * args.images_per_subject, 3)
