@@ -155,20 +155,30 @@ def record_layer_output(adapter: Adapter, layer: int, inputs: dict) -> torch.Ten
     return _run(adapter, layer, inputs, above=False)[0]
 
 
+def _heads(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a row -> group key: the first row of each group (groups in sorted key order) and each
+    row's group number."""
+    groups, index = keys.unique(return_inverse=True)
+    heads = torch.stack([(keys == g).nonzero()[0, 0] for g in groups])
+    return heads, index
+
+
+def _common_run(ids: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per row: how many leading tokens it shares with its reference row ``ref``."""
+    return (ids == ref).long().cumprod(-1).sum(-1)
+
+
 def prefix_length(batch: Batch, row_sample: torch.Tensor) -> int:
     """How many leading positions are frozen for every row during localization: tokens the row shares
     with the first row of its sample (same image, so the same states), cut at the earliest subject
     token. Causal attention: positions before the subject never see the scaled state, so their keys and
     values at every layer stay what they were; they are computed once instead of at every step."""
     ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
-    first = torch.zeros_like(row_sample)
-    for s in row_sample.unique():
-        rows = (row_sample == s).nonzero().flatten()
-        first[rows] = rows[0]
-    same = (ids == ids[first]).long()
-    if mask is not None:
-        same = same * (mask != 0).long()
-    shared = int(same.cumprod(-1).sum(-1).min())  # length of the common run from position 0
+    heads, index = _heads(row_sample)
+    ref = ids[heads[index]]
+    if mask is not None:  # padding is never shared
+        ref = torch.where(mask != 0, ref, -1)
+    shared = int(_common_run(ids, ref).min())
     return max(0, min(shared, int(batch.subject_index.min())))
 
 
@@ -266,22 +276,18 @@ def _split(start: int, ids: torch.Tensor, labels: torch.Tensor, out: torch.Tenso
     would not hold its subject token. All tensors are the rows AFTER the frozen prefix of length
     ``start`` (positions counted from there); ``lengths``: real (unpadded) length of each row."""
     device = ids.device
-    groups = row_group.unique()
-    if len(groups) == len(row_group):
+    stem_rows_t, row_stem = _heads(row_group)
+    if len(stem_rows_t) == len(row_group):
         return None
     first_label = (labels != -100).float().argmax(-1)
-    stem_rows, stem_end, row_stem = [], [], torch.zeros_like(row_group)
-    for g_i, g in enumerate(groups.tolist()):
-        members = (row_group == g).nonzero().flatten()
-        r0 = int(members[0])
-        same = int((ids[members] == ids[r0]).long().cumprod(-1).sum(-1).min())  # the group's common run
-        end = min(same, int(first_label[members].min()) - 1)  # logits for every target come from the tails
+    shared = _common_run(ids, ids[stem_rows_t[row_stem]])
+    stem_rows, stem_end = stem_rows_t.tolist(), []
+    for g_i in range(len(stem_rows)):
+        members = row_stem == g_i
+        end = min(int(shared[members].min()), int(first_label[members].min()) - 1)  # targets' logits: in the tails
         if end <= int(subject_index[members].max()):  # the subject token must be in the stem
             return None
-        stem_rows.append(r0)
         stem_end.append(end)
-        row_stem[members] = g_i
-    stem_rows_t = torch.tensor(stem_rows, device=device)
     S, n_stems = max(stem_end), len(stem_rows)
     stem_ids = ids.new_zeros(n_stems, S)
     stem_out = out.new_zeros(n_stems, S, out.shape[-1])
@@ -353,7 +359,8 @@ def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], 
     start = prefix_length(batch, row_sample) if fast else 0
     vision = {k: v for k, v in batch.inputs.items() if k in adapter.vision_only_inputs}
     text = {k: v for k, v in batch.inputs.items() if k not in adapter.vision_only_inputs}
-    firsts = [int((row_sample == s).nonzero()[0]) for s in row_sample.unique()]
+    heads, rep = _heads(row_sample)  # the first row of each sample; row -> its sample
+    firsts = heads.tolist()
     if start:  # the image must lie wholly before the cut in every row, or wholly after it in every row
         is_image = ids[firsts] == adapter.image_token_id
         first_image = torch.where(is_image.any(-1), is_image.float().argmax(-1), ids.shape[1])
@@ -374,7 +381,6 @@ def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], 
         _, cache = _run(adapter, layer, head | ({k: v[firsts] for k, v in vision.items()} if image_in_prefix else {}),
                         above=True)
         kv = [(cache.layers[i].keys, cache.layers[i].values) for i in range(adapter.num_layers)]
-        rep = torch.tensor([firsts.index(int((row_sample == s).nonzero()[0])) for s in row_sample], device=ids.device)
         # 2. every row after the prefix, layers <= l only: the output to replay
         tail = {"input_ids": ids[:, start:],
                 "attention_mask": causal_mask(ids.shape[1] - start, ids.shape[1], adapter.model.dtype, ids.device)}
