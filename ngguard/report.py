@@ -80,13 +80,14 @@ def markdown(report: dict) -> str:
     L.append("")
     if report.get("subject_gradient_share"):
         L.append("## Why the gate matters (or not)\n")
-        L.append("Share of the edit gradient on the edited matrix that flows through the subject token "
-                 "(the only part the gate can block): " + ", ".join(f"layer {k}: {v:.3f}" for k, v in
-                                                                    report["subject_gradient_share"].items()))
+        line = ("Share of the edit gradient on the edited matrix that flows through the subject token "
+                "(the only part the gate can block): " + ", ".join(f"layer {k}: {v:.3f}" for k, v in
+                                                                   report["subject_gradient_share"].items()))
         ms = report["methods"]
         if "neural_gate" in ms and "no_gate" in ms:
-            L.append(f"; weight-change norm neural_gate {list(ms['neural_gate']['delta_norm'].values())} vs "
-                     f"no_gate {list(ms['no_gate']['delta_norm'].values())}.")
+            norms = {m: ", ".join(f"{v:.3f}" for v in ms[m]["delta_norm"].values()) for m in ("neural_gate", "no_gate")}
+            line += f"; weight-change norm neural_gate {norms['neural_gate']} vs no_gate {norms['no_gate']}."
+        L.append(line)
         L.append("")
     L.append("## Localization\n")
     if report["search"].get("scan"):
