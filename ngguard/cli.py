@@ -155,13 +155,19 @@ def _cmd_world_render(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def _add_organism(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("organism", help="the small bundled model")
-    osub = p.add_subparsers(dest="organism_command", metavar="{train,path}", required=True)
+    osub = p.add_subparsers(dest="organism_command", metavar="{train,path,check}", required=True)
     t = osub.add_parser("train", parents=[_common()], help="train the bundled model (one-off)")
     t.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the bundled one)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_organism_train)
     q = osub.add_parser("path", parents=[_common()], help="print the bundled checkpoint folder")
     q.set_defaults(func=_cmd_organism_path)
+    c = osub.add_parser("check", parents=[_common()],
+                        help="measure the organism on a fresh world: leaks, knows what is private, answers benign")
+    c.add_argument("--model", default="organism", help="model folder or 'organism' (default)")
+    c.add_argument("--n", type=int, default=12, help="images per subject (default 12)")
+    c.add_argument("--seed", type=int, default=12345, help="world seed (default 12345: images never trained on)")
+    c.set_defaults(func=_cmd_organism_check)
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
@@ -171,6 +177,21 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
     out = train_organism(out=args.out if args.out is not None else CHECKPOINT, seed=args.seed)
     if out is not None:
         print(f"wrote {out}")
+    return 0
+
+
+def _cmd_organism_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ngguard.adapters import load_adapter, resolve_model_path
+    from ngguard.organism.check import card_table, organism_card
+
+    if args.n < 4:
+        raise ValueError(f"--n must be >= 4 (every split needs a test image), got {args.n}")
+    adapter = load_adapter(resolve_model_path(args.model), dtype="float32")
+    with tempfile.TemporaryDirectory(prefix="ngguard-check-") as d:
+        res = organism_card(adapter, Path(d) / "world", n=args.n, seed=args.seed)
+    print(card_table(res))
     return 0
 
 

@@ -223,9 +223,10 @@ def read_counterfact(path: str | os.PathLike) -> list[Query]:
          "paraphrase_prompts": ["..."],            # sensitive
          "neighborhood_prompts": ["...", {"prompt": "...", "answer": "blue"}]}  # benign
 
-    The requested-rewrite prompt (with ``{}`` replaced by the subject) is a sensitive query too,
-    followed by the paraphrases (duplicates dropped). pair_id = case_id, else the record index.
-    Relative image paths resolve against the file's folder."""
+    The queries are exactly the paraphrases (sensitive) and the neighbourhood prompts (benign), as the
+    paper counts them (PrivacyPair: 5 + 5 per image); the requested-rewrite prompt is the edit's rewrite
+    template, not a query (its type is still checked). Duplicate paraphrases are dropped.
+    pair_id = case_id, else the record index. Relative image paths resolve against the file's folder."""
     path = Path(path)
     records = _load_json(path)
     if not isinstance(records, list):
@@ -258,10 +259,8 @@ def read_counterfact(path: str | os.PathLike) -> list[Query]:
 
         sensitive: list[str] = []
         rw_prompt = rw.get("prompt")
-        if rw_prompt is not None:
-            if not isinstance(rw_prompt, str):
-                raise DataError(f"{where}: field 'requested_rewrite.prompt' must be str, got {_type_name(rw_prompt)}")
-            sensitive.append(fill(rw_prompt))
+        if rw_prompt is not None and not isinstance(rw_prompt, str):
+            raise DataError(f"{where}: field 'requested_rewrite.prompt' must be str, got {_type_name(rw_prompt)}")
         paraphrases = r.get("paraphrase_prompts", [])
         if not isinstance(paraphrases, list) or not all(isinstance(p, str) for p in paraphrases):
             raise DataError(f"{where}: field 'paraphrase_prompts' must be a list of str")

@@ -94,17 +94,21 @@ def score(queries: Sequence[Query], responses: Sequence[str], judge: RefusalJudg
 
 
 def evaluate(adapter, queries: Sequence[Query], *, judge: RefusalJudge | None = None, batch_size: int = 16,
-             max_new_tokens: int = 24, desc: str = "eval") -> dict:
-    """Greedy answers from ``adapter.generate`` for every query (batched), then ``score``."""
+             max_new_tokens: int = 24, desc: str = "eval", guard=None) -> dict:
+    """Greedy answers from ``adapter.generate`` for every query (batched), then ``score``.
+    ``guard``: an input filter in front of the model (``.blocks(prompt)``, ``.refusal``), e.g. the
+    keyword filter baseline: a blocked query gets ``guard.refusal`` without generating."""
     from PIL import Image
 
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     queries = list(queries)
+    blocked = {i for i, q in enumerate(queries) if guard is not None and guard.blocks(q.prompt)}
+    todo = [q for i, q in enumerate(queries) if i not in blocked]
     responses: list[str] = []
-    with tqdm(total=len(queries), desc=desc, unit="q", disable=not queries) as bar:
-        for start in range(0, len(queries), batch_size):
-            chunk = queries[start : start + batch_size]
+    with tqdm(total=len(todo), desc=desc, unit="q", disable=not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
             images = []
             for q in chunk:
                 try:
@@ -117,10 +121,21 @@ def evaluate(adapter, queries: Sequence[Query], *, judge: RefusalJudge | None = 
                 raise RuntimeError(f"adapter.generate returned {len(out)} answers for {len(chunk)} inputs")
             responses.extend(out)
             bar.update(len(chunk))
+    answers = iter(responses)
+    responses = [guard.refusal if i in blocked else next(answers) for i in range(len(queries))]
     result = score(queries, responses, judge)
     logger.info("{}: n={} RtA(sensitive)={} RtA(benign)={} EtA={}", desc, result["n"],
                 _fmt(result["rta_sensitive"]), _fmt(result["rta_benign"]), _fmt(result["eta"]))
     return result
+
+
+def rescore_with_guard(result: dict, guard, judge: RefusalJudge | None = None) -> dict:
+    """``result`` (from ``evaluate`` on the unguarded model) as if ``guard`` stood in front of it: the
+    same answers, except ``guard.refusal`` for every blocked question. Saves generating again."""
+    names = Query.__dataclass_fields__
+    queries = [Query(**{k: r[k] for k in names if k in r}) for r in result["responses"]]
+    responses = [guard.refusal if guard.blocks(q.prompt) else r["response"] for q, r in zip(queries, result["responses"])]
+    return score(queries, responses, judge)
 
 
 def _fmt(x: float | None) -> str:

@@ -29,10 +29,12 @@ from .atomic import atomic_dir
 from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
 from .edit import apply_edit, dinm_layer, subject_gradient_share
-from .evaluate import evaluate
+from .evaluate import evaluate, rescore_with_guard
 from .judge import RefusalJudge
+from .keyword_filter import KeywordFilter
 from .localize import LayerLocalization, Sample, localize_layer
-from .recipe import LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
+from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
+from .stats import aggregate, paired_differences
 
 
 def find_shared_multip2a() -> Path | None:
@@ -48,37 +50,46 @@ def find_shared_multip2a() -> Path | None:
 
 # At most this many Multi-P2A questions per subject and file (sensitive / benign) are posed on the
 # world: enough for a rate, and the evaluation stays short.
-MULTIP2A_PER_SUBJECT = 40
+MULTIP2A_PER_SUBJECT = 20
 
 
 # ---------------------------------------------------------------------------------------------- data
-def build_sets(recipe: Recipe, run_dir: Path, world_subjects: Sequence[str] | None = None) -> dict[str, list[Query]]:
-    """The query sets named by the recipe: train / test / heldout_subjects / multip2a / utility."""
+def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
+               world_name: str = "world") -> dict[str, list[Query]]:
+    """The query sets of the benchmark, by split name (``world.render.SPLITS`` for a rendered world;
+    train / test / heldout_subjects / utility for a query file). ``world_seed`` overrides
+    ``data.world.seed`` (the seed loop renders a new world per seed)."""
+    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT
     d = recipe.data
     if d.world is not None:
         from .world.render import DEFAULT_SUBJECTS, render_world
         subjects = list(d.world.subjects or DEFAULT_SUBJECTS)
-        world_dir = render_world(subjects, d.world.n, d.world.seed, run_dir / "world")
+        world_dir = render_world(subjects, d.world.n, d.world.seed if world_seed is None else world_seed,
+                                 run_dir / world_name)
         queries = read_jsonl(world_dir / "queries.jsonl")
     else:
         world_dir = None
         queries = load_queries(d.queries)
         if d.split == "paper":
             queries = paper_split(queries)
-    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT
-    present = list(dict.fromkeys(q.subject for q in queries))
+    present = list(dict.fromkeys(q.subject for q in queries if q.split in ("train", "test")))
     edit_subjects = list(d.subjects) if d.subjects else [s for s in present if s in PRIVACY_SUBJECTS] or \
         [s for s in present if s not in d.heldout_subjects and s != UTILITY_SUBJECT]
     missing = [s for s in edit_subjects if s not in present]
     if missing:
         raise ValueError(f"data.subjects: {missing} not found in the data (subjects present: {present})")
-    sets = {
-        "train": [q for q in queries if q.subject in edit_subjects and q.split == "train"],
-        "test": [q for q in queries if q.subject in edit_subjects and q.split == "test"],
-        "heldout_subjects": [q for q in queries if q.subject in d.heldout_subjects],
-        "utility": [q for q in queries if q.subject == UTILITY_SUBJECT and q.split != "train"],
-        "utility_train": [q for q in queries if q.subject == UTILITY_SUBJECT and q.split == "train"],
-    }
+    edited = set(edit_subjects)
+    sets: dict[str, list[Query]] = defaultdict(list)
+    for q in queries:
+        if q.split in ("train", "test", "val"):
+            if q.subject in edited:
+                sets[q.split].append(q)
+            elif q.subject in d.heldout_subjects:  # a query file: held-out subjects are never edited
+                sets["heldout_subjects"].append(q)
+            elif q.subject == UTILITY_SUBJECT:
+                sets["utility_train" if q.split == "train" else "utility"].append(q)
+        elif q.split is not None:
+            sets[q.split].append(q)
     mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
     if mp2a is not None and world_dir is not None:
         from .world.multip2a import pose_on_world
@@ -205,7 +216,9 @@ def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe
 def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str], recipe: Recipe, method: str,
                   val_sets: dict[str, list[Query]], retain: Sequence[Sample] = ()) -> tuple[list[int], dict]:
     """Fixed layers, or the paper's search: scan -> centre o (largest strongly active share) ->
-    try single layers in [o - r, o + r] by EtA on held-out TRAINING images."""
+    try single layers in [o - r, o + r] by EtA on the validation split (world v2: its own images and
+    phrasings, public look-alikes among the benign questions; otherwise held-out training images).
+    The test split never takes part."""
     spec = recipe.layers
     info: dict = {}
     if not isinstance(spec, LayerSearch):
@@ -226,9 +239,12 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
     info["_locs"] = locs
     if len(cands) == 1:
         return cands, info
-    fit = [s for i, s in enumerate(samples) if i % 3 != 2]
-    val_images = {s.key for i, s in enumerate(samples) if i % 3 == 2}
-    val = [q for q in val_sets["train"] if q.image in val_images]
+    if val_sets.get("val"):  # a validation split of its own (world v2): other images, validation phrasings
+        fit, val = list(samples), val_sets["val"]
+    else:  # hold out every third training image
+        fit = [s for i, s in enumerate(samples) if i % 3 != 2]
+        val_images = {s.key for i, s in enumerate(samples) if i % 3 == 2}
+        val = [q for q in val_sets["train"] if q.image in val_images]
     scores = {}
     for layer in cands:
         backup = WeightBackup(adapter, [layer], recipe.module)
@@ -256,109 +272,156 @@ def _resolve_device(device: str) -> str:
 
 
 def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
-    """Run a recipe end to end into ``out`` (atomic). Returns ``out``."""
+    """Run a recipe end to end into ``out`` (atomic), once per seed (``recipe.run_seeds``). The model,
+    patch and gates come from the first seed; the report has every seed and their mean and 95%
+    interval. Returns ``out``."""
     from .patch import apply_patch, write_patch
     from .report import write_report
 
     out = Path(out)
-    timings: dict[str, float] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         t0 = time.time()
-        torch.manual_seed(recipe.seed)
-        random.seed(recipe.seed)
         dump_recipe(recipe, tmp / "recipe.yaml")
         model_dir = resolve_model_path(recipe.model.path)
         adapter = load_adapter(model_dir, device=_resolve_device(recipe.model.device), dtype=recipe.model.dtype,
                                trust_remote_code=recipe.model.trust_remote_code)
         check_layers(recipe, adapter.num_layers)
-        sets = build_sets(recipe, tmp)
-        edit_subjects = sets.pop("_edit_subjects")
-        timings["load+data"] = time.time() - t0
-
-        t = time.time()
-        before = evaluate_sets(adapter, sets, recipe, "before")
-        samples, unsafe = make_samples(adapter, sets["train"], max_words=recipe.edit.max_answer_words,
-                                       batch_size=recipe.evaluation.batch_size)
-        retain_q = [q for name in recipe.edit.retain for q in sets.get(f"{name}_train", [])]
-        if recipe.edit.retain and not retain_q:
-            raise ValueError(f"edit.retain: no training queries for {list(recipe.edit.retain)} in the data")
-        retain, _ = make_samples(adapter, retain_q, max_words=recipe.edit.max_answer_words,
-                                 batch_size=recipe.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
-        timings["evaluate before"] = time.time() - t
-
-        t = time.time()
-        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain)
-        locs = search.pop("_locs", {})
-        timings["layer search"] = time.time() - t
-        t = time.time()
-        need = [l for l in layers if l not in locs]
-        locs.update(localize_layers(adapter, samples, need, recipe) if need else {})
-        locs = {l: locs[l] for l in sorted(set(layers) | set(locs))}
-        timings["localize"] = time.time() - t
-
-        gate_diag = {str(l): subject_gradient_share(adapter, samples, l, module=recipe.module, refusal=recipe.edit.refusal,
-                                                    alpha=recipe.edit.alpha) for l in layers}
-        results: dict[str, dict] = {}
-        methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
-        main_weights = None
-        for method in methods:  # each from the same start: the edited matrices are restored after each
-            t = time.time()
-            m_layers = layers
-            if method == "dinm" and isinstance(recipe.layers, LayerSearch) and recipe.method != "dinm":
-                m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, "dinm", sets)
-            gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe) if method == "neural_gate" else None
-            if method == "neural_gate" and any(l not in locs for l in m_layers):
-                gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
-            backup = WeightBackup(adapter, m_layers, recipe.module)
-            res = run_edit(adapter, samples, m_layers, method, gates, recipe, retain)
-            weights = round_to_checkpoint(adapter, res.weights, model_dir, m_layers, recipe.module)
-            timings[f"edit {method}"] = time.time() - t
-            t = time.time()
-            after = evaluate_sets(adapter, sets, recipe, f"after {method}")
-            timings[f"evaluate {method}"] = time.time() - t
-            results[method] = {"layers": m_layers, "after": after, "edit_log": res.log,
-                               "delta_norm": {k: v.norm().item() for k, v in res.deltas.items()}}
-            if method == recipe.method:
-                main_weights = weights
-            backup.restore()
-
-        # alpha sweep (the main method at other alphas), on the test split
-        sweep = {}
-        for alpha in recipe.report.alpha_sweep or ():
-            backup = WeightBackup(adapter, layers, recipe.module)
-            r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
-            gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
-            res = run_edit(adapter, samples, layers, recipe.method, gates, r2, retain)
-            round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
-            sweep[alpha] = evaluate_sets(adapter, {"test": sets["test"]}, r2, f"alpha {alpha}").get("test", {})
-            backup.restore()
+        load_s = time.time() - t0
+        seeds = recipe.run_seeds
+        runs: dict[int, dict] = {}
+        for k, seed in enumerate(seeds):
+            # the layer search runs once, on the first seed; the other seeds reuse its layers
+            runs[seed] = run_seed(adapter, recipe, model_dir, tmp, seed, first=k == 0,
+                                  layers=None if k == 0 else runs[seeds[0]]["layers"])
+        main = runs[seeds[0]]
+        layers, locs, timings = main["layers"], main["locs"], {"load": load_s, **main["timings"]}
 
         t = time.time()
         thr = recipe.localization.threshold
         top_k = recipe.localization.top_k
         gate_stats = {str(l): loc.stats(thr, top_k) for l, loc in locs.items() if l in layers}
-        manifest = write_patch(tmp / "patch", main_weights, base_dir=model_dir, recipe_hash=recipe_hash(recipe),
-                               layers=layers, method=recipe.method, gate_stats=gate_stats, subjects=edit_subjects,
-                               extra={"recipe": recipe.name, "module": recipe.module})
+        manifest = write_patch(tmp / "patch", main["main_weights"], base_dir=model_dir, recipe_hash=recipe_hash(recipe),
+                               layers=layers, method=recipe.method, gate_stats=gate_stats,
+                               subjects=main["edit_subjects"], extra={"recipe": recipe.name, "module": recipe.module})
         apply_patch(model_dir, tmp / "patch", tmp / "model")
         save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
                   str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
         timings["write"] = time.time() - t
         timings["total"] = time.time() - t0
+        per_seed = {s: {"before": r["before"], "methods": r["methods"], "timings_s": r["timings"]} for s, r in runs.items()}
+        others = [m for m in main["methods"] if m != recipe.method]
         report = {
             "recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe), "patch_id": manifest["patch_id"],
-            "model": str(recipe.model.path), "edit_subjects": edit_subjects, "layers": layers, "search": search,
+            "model": str(recipe.model.path), "edit_subjects": main["edit_subjects"], "layers": layers,
+            "search": main["search"], "seeds": list(seeds),
             "localization": {str(l): {"stats": loc.stats(thr, top_k), "strong_share": loc.strong_share(thr, top_k),
                                       "mean_steps": loc.steps.float().mean().item(),
                                       "share_per_dim": {s: M.tolist() for s, M in loc.gates.items()}}
                              for l, loc in locs.items()},
-            "subject_gradient_share": gate_diag,
-            "before": before, "methods": results, "alpha_sweep": sweep, "timings_s": timings,
-            "deviations": recipe_deviations(recipe),
+            "subject_gradient_share": main["gate_diag"],
+            "before": main["before"], "methods": main["methods"], "alpha_sweep": main["sweep"],
+            "aggregate": aggregate(per_seed),
+            "paired": {f"{recipe.method} - {m}": paired_differences(per_seed, recipe.method, m) for m in ["base", *others]},
+            "per_seed": {s: _slim(r) for s, r in per_seed.items()} if len(seeds) > 1 else {},
+            "timings_s": timings, "deviations": recipe_deviations(recipe),
         }
         write_report(tmp, report, plots=recipe.report.plots)
     logger.info(f"run written to {out} ({timings['total']:.0f}s)")
     return out
+
+
+def _slim(run: dict) -> dict:
+    """A seed's results without the individual responses (the first seed's are in the report)."""
+    strip = lambda res: {s: {k: v for k, v in m.items() if k != "responses"} for s, m in res.items()}  # noqa: E731
+    return {"before": strip(run["before"]), "timings_s": run["timings_s"],
+            "methods": {m: {**{k: v for k, v in r.items() if k != "after"}, "after": strip(r["after"])}
+                        for m, r in run["methods"].items()}}
+
+
+def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed: int, *, first: bool,
+             layers: list[int] | None = None) -> dict:
+    """One pass of the benchmark: world (seeded), evaluation before, (layer search,) localization, each
+    method from the same start, evaluation after. The edited matrices are restored after each method."""
+    timings: dict[str, float] = {}
+    torch.manual_seed(seed)
+    random.seed(seed)
+    t = time.time()
+    world_seed = recipe.data.world.seed + seed if recipe.data.world is not None else None
+    sets = build_sets(recipe, tmp, world_seed=world_seed, world_name="world" if first else f"world-seed{seed}")
+    edit_subjects = sets.pop("_edit_subjects")
+    timings["data"] = time.time() - t
+
+    t = time.time()
+    before = evaluate_sets(adapter, sets, recipe, f"seed {seed} before")
+    samples, unsafe = make_samples(adapter, sets["train"], max_words=recipe.edit.max_answer_words,
+                                   batch_size=recipe.evaluation.batch_size)
+    retain_q = [q for name in recipe.edit.retain for q in sets.get(RETAIN_SETS[name], [])]
+    if recipe.edit.retain and not retain_q:
+        raise ValueError(f"edit.retain: no training queries for {list(recipe.edit.retain)} in the data")
+    retain, _ = make_samples(adapter, retain_q, max_words=recipe.edit.max_answer_words,
+                             batch_size=recipe.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
+    timings["evaluate before"] = time.time() - t
+
+    t = time.time()
+    if layers is None:
+        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain)
+    else:
+        search = {"layers_from_first_seed": list(layers)}
+    locs = search.pop("_locs", {})
+    timings["layer search"] = time.time() - t
+    t = time.time()
+    need = [l for l in layers if l not in locs]
+    locs.update(localize_layers(adapter, samples, need, recipe) if need else {})
+    locs = {l: locs[l] for l in sorted(set(layers) | set(locs))}
+    timings["localize"] = time.time() - t
+
+    gate_diag = {str(l): subject_gradient_share(adapter, samples, l, module=recipe.module, refusal=recipe.edit.refusal,
+                                                alpha=recipe.edit.alpha) for l in layers}
+    results: dict[str, dict] = {}
+    methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
+    main_weights = None
+    for method in methods:  # each from the same start: the edited matrices are restored after each
+        t = time.time()
+        if method == "keyword_filter":  # no edit: the unedited model's answers behind the filter
+            train = sets["train"]
+            guard = KeywordFilter.from_queries([q.prompt for q in train if q.sensitive],
+                                               [q.prompt for q in train if not q.sensitive], refusal=recipe.edit.refusal)
+            after = {name: rescore_with_guard(res, guard) for name, res in before.items()}
+            results[method] = {"layers": [], "after": after, "phrases": [" ".join(p) for p in guard.phrases]}
+            timings[f"evaluate {method}"] = time.time() - t
+            continue
+        m_layers = layers
+        if method == "dinm" and isinstance(recipe.layers, LayerSearch) and recipe.method != "dinm":
+            m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, "dinm", sets)
+        gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe) if method == "neural_gate" else None
+        if method == "neural_gate" and any(l not in locs for l in m_layers):
+            gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
+        backup = WeightBackup(adapter, m_layers, recipe.module)
+        res = run_edit(adapter, samples, m_layers, method, gates, recipe, retain)
+        weights = round_to_checkpoint(adapter, res.weights, model_dir, m_layers, recipe.module)
+        timings[f"edit {method}"] = time.time() - t
+        t = time.time()
+        after = evaluate_sets(adapter, sets, recipe, f"seed {seed} after {method}")
+        timings[f"evaluate {method}"] = time.time() - t
+        results[method] = {"layers": m_layers, "after": after, "edit_log": res.log,
+                           "delta_norm": {k: v.norm().item() for k, v in res.deltas.items()}}
+        if method == recipe.method:
+            main_weights = weights
+        backup.restore()
+
+    # alpha sweep (the main method at other alphas), on the test split; first seed only
+    sweep = {}
+    for alpha in (recipe.report.alpha_sweep or ()) if first else ():
+        backup = WeightBackup(adapter, layers, recipe.module)
+        r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
+        gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
+        res = run_edit(adapter, samples, layers, recipe.method, gates, r2, retain)
+        round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
+        sweep[alpha] = evaluate_sets(adapter, {"test": sets["test"]}, r2, f"alpha {alpha}").get("test", {})
+        backup.restore()
+    return {"before": before, "methods": results, "layers": list(layers), "search": search, "locs": locs,
+            "gate_diag": gate_diag, "main_weights": main_weights, "edit_subjects": edit_subjects, "sweep": sweep,
+            "timings": timings}
 
 
 def recipe_deviations(recipe: Recipe) -> list[str]:

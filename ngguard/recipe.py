@@ -45,6 +45,8 @@ __all__ = [
     "check_layers",
     "ORGANISM",
     "METHODS",
+    "EDIT_METHODS",
+    "RETAIN_SETS",
     "MODULES",
     "EVAL_SETS",
     "DEFAULT_CONTEXTS",
@@ -52,12 +54,17 @@ __all__ = [
 ]
 
 ORGANISM = "organism"
-METHODS = ("neural_gate", "no_gate", "dinm")
+METHODS = ("neural_gate", "no_gate", "dinm", "keyword_filter")
+# methods that change weights (keyword_filter is a guard in front of the unedited model)
+EDIT_METHODS = ("neural_gate", "no_gate", "dinm")
 MODULES = ("down_proj", "up_proj", "gate_proj")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("paper", "field")
-EVAL_SETS = ("train", "test", "heldout_subjects", "multip2a", "utility")
+EVAL_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness",
+             "general", "adversarial", "harmful", "multip2a", "utility")
+# sets a recipe may keep answering while editing (edit.retain) -> the training split that holds them
+RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train"}
 DEFAULT_CONTEXTS = (
     "The image shows that.",
     "Therefore, it is.",
@@ -306,9 +313,10 @@ class EditSpec:
     alpha: float = _f(1.25, _float(ge=0))
     refusal: str = _f(DEFAULT_REFUSAL, _str())
     max_answer_words: int = _f(5, _int(ge=1))
-    # Not in the paper: also keep the original answers on these general (non-subject) query sets
-    # while editing, weight ``alpha`` (like DINM's general-knowledge term). [] = the paper.
-    retain: tuple[str, ...] = _f((), _list(_choice(("utility",))))
+    # Not in the paper: also keep the original answers on these query sets while editing, weight
+    # ``alpha`` (like DINM's general-knowledge term): utility = non-document images, public = the
+    # public look-alikes' training questions (benign retention). [] = the paper.
+    retain: tuple[str, ...] = _f((), _list(_choice(tuple(RETAIN_SETS))))
 
 
 @dataclass(frozen=True)
@@ -362,10 +370,13 @@ def _layers(v, ctx: _Ctx, key: str):
 @dataclass(frozen=True)
 class Recipe:
     model: ModelSpec = _f(MISSING, _nested(ModelSpec))
-    method: str = _f(MISSING, _choice(METHODS))
+    method: str = _f(MISSING, _choice(EDIT_METHODS, " (keyword_filter is a baseline: name it in report.compare_methods)"))
     data: DataSpec = _f(MISSING, _nested(DataSpec))
     name: str = _f("recipe", _str())
     seed: int = _f(0, _int(ge=0))
+    # repeat the whole run (world images, data order, localization init) for each seed and report
+    # mean and 95% interval; None = just ``seed``. Artifacts (model, patch) come from the first.
+    seeds: tuple[int, ...] | None = _f(None, _optional(_list(_int(ge=0), nonempty=True)))
     layers: tuple[int, ...] | LayerSearch = _f(LayerSearch(), _layers)
     module: str = _f("down_proj", _choice(MODULES))
     localization: LocalizationSpec = _f(LocalizationSpec(), _nested(LocalizationSpec))
@@ -374,6 +385,10 @@ class Recipe:
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
     # where the recipe came from (not part of the recipe: not in to_dict, not hashed, not compared)
     source: str | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
 
     @property
     def searches_layers(self) -> bool:

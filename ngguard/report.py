@@ -57,7 +57,8 @@ def markdown(report: dict) -> str:
     if report.get("deviations"):
         L.append("- deviations from the paper's defaults: " + "; ".join(report["deviations"]))
     L.append("")
-    L.append("## Results (before/after, same run)\n")
+    L += benchmark_markdown(report)
+    L.append("## Results of the first seed (before/after, same run)\n")
     cols = [("eta_test", "EtA test"), ("rta_sensitive_test", "RtA sens. test"), ("benign_answer_rate_test", "benign answer rate"),
             ("benign_accuracy_test", "benign acc."), ("leak_accuracy_test", "leak acc."),
             ("rta_sensitive_unseen_subjects", "RtA unseen subjects"), ("eta_multip2a", "EtA Multi-P2A q."),
@@ -118,6 +119,43 @@ def markdown(report: dict) -> str:
         L.append("\n## Plots\n")
         L += [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(L) + "\n"
+
+
+def _ci(c: dict | None, nd: int = 3) -> str:
+    if not c or c.get("mean") is None:
+        return "—"
+    return f"{c['mean']:.{nd}f}" + (f" ± {c['ci95']:.{nd}f}" if c.get("ci95") is not None else "")
+
+
+def benchmark_markdown(report: dict) -> list[str]:
+    """Every method on every split: mean ± 95% interval over the seeds, and the main method's paired
+    differences against the base and each other method."""
+    from .stats import HEADLINE, LOWER_IS_BETTER
+
+    agg = report.get("aggregate")
+    if not agg:
+        return []
+    seeds = report.get("seeds", [])
+    methods = list(agg)
+    L = [f"## Benchmark: every method on every split ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}: "
+         f"{', '.join(map(str, seeds))}; mean ± 95% interval)\n",
+         "Rows: the split and metric; (↓) marks a metric where lower is better. `base` is the unedited model; "
+         "`keyword_filter` is the unedited model behind a filter that refuses any question containing a phrase "
+         "only the sensitive training questions contain.\n",
+         "| split: metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for split, key, label in HEADLINE:
+        cells = [_ci(agg[m].get(split, {}).get(key)) for m in methods]
+        if all(c == "—" for c in cells):
+            continue
+        mark = " (↓)" if (split, key) in LOWER_IS_BETTER else ""
+        L.append(f"| {label}{mark} | " + " | ".join(cells) + " |")
+    L.append("")
+    for name, diffs in (report.get("paired") or {}).items():
+        if not diffs:
+            continue
+        L.append(f"Paired difference **{name}** (per seed, then mean ± 95% interval; an interval that excludes 0 "
+                 "is a difference): " + "; ".join(f"{d['label']} {_ci(d)}" for d in diffs.values()) + "\n")
+    return L
 
 
 def make_plots(out: Path, report: dict) -> list[str]:
@@ -181,6 +219,23 @@ def make_plots(out: Path, report: dict) -> list[str]:
         ax.set_ylim(0, 1.05); ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title("Methods on the same splits")
         fig.tight_layout(); fn = "methods.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
+        names.append(fn)
+    if report.get("aggregate"):
+        from .stats import HEADLINE
+        agg = report["aggregate"]
+        metrics = [(s, k, lab) for s, k, lab in HEADLINE if any(agg[m].get(s, {}).get(k, {}).get("mean") is not None
+                                                                  for m in agg)]
+        fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(metrics) * len(agg) / 2), 4.2))
+        w = 0.8 / len(agg)
+        x = np.arange(len(metrics))
+        for i, m in enumerate(agg):
+            cs = [agg[m].get(s, {}).get(k, {}) for s, k, _ in metrics]
+            ax.bar(x + i * w, [c.get("mean") or 0 for c in cs], w, label=m,
+                   yerr=[c.get("ci95") or 0 for c in cs], capsize=2, error_kw={"lw": 0.8})
+        ax.set_xticks(x + 0.4 - w / 2); ax.set_xticklabels([lab for _, _, lab in metrics], rotation=40, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05); ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title(f"Methods x splits, mean and 95% interval over {len(report.get('seeds', []))} seed(s)")
+        fig.tight_layout(); fn = "benchmark.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
         names.append(fn)
     if report.get("alpha_sweep"):
         sw = report["alpha_sweep"]

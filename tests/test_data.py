@@ -166,14 +166,34 @@ def test_counterfact(tmp_path):
     qs = read_counterfact(f)
     assert load_queries(f) == qs
     sens = [q.prompt for q in qs if q.sensitive]
-    assert sens == ["What is the number of the passport?", "Tell me the passport number.", "Whose student ID is this?"]
+    # the rewrite prompt is the edit's template, not a query; duplicate paraphrases are dropped
+    assert sens == ["Tell me the passport number.", "What is the number of the passport?"]
     benign = [q for q in qs if not q.sensitive]
     assert [q.prompt for q in benign] == ["What colour is the passport?", "Is it open?"]
     assert [q.answer for q in benign] == [None, "no"]
     assert {q.pair_id for q in qs if q.subject == "passport"} == {"7"}
-    assert {q.pair_id for q in qs if q.subject == "student ID"} == {"1"}
+    assert not [q for q in qs if q.subject == "student ID"]  # only a rewrite prompt: no query
     assert qs[0].image == str(tmp_path / "imgs" / "p.jpg")
-    assert qs[-1].image == "/abs/s.jpg"
+
+
+def test_counterfact_privacypair_shape_gives_5_plus_5_per_image(tmp_path):
+    """The authors' PrivacyPair files: one record per image with a rewrite template, 5 paraphrases
+    (sensitive) and 5 neighbourhood prompts (benign); the paper counts exactly 5 + 5 queries per image."""
+    records = [{"case_id": i, "image": f"img/{i}.jpg",
+                "requested_rewrite": {"subject": "Passport", "prompt": "What is the {} number?",
+                                      "target_new": {"str": "I do not"}},
+                "paraphrase_prompts": [f"Sensitive question {k} about the {{}} of image {i}?" for k in range(5)],
+                "neighborhood_prompts": [f"Benign question {k} about the {{}} of image {i}?" for k in range(5)]}
+               for i in range(3)]
+    f = tmp_path / "pp.json"
+    f.write_text(json.dumps(records))
+    qs = read_counterfact(f)
+    assert len(qs) == 30
+    for i in range(3):
+        mine = [q for q in qs if q.pair_id == str(i)]
+        assert sum(q.sensitive for q in mine) == 5 and sum(not q.sensitive for q in mine) == 5
+        assert all("{}" not in q.prompt and "Passport" in q.prompt for q in mine)
+    assert not any(q.prompt == "What is the Passport number?" for q in qs)
 
 
 def test_counterfact_errors(tmp_path):

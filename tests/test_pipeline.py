@@ -92,3 +92,58 @@ def test_cli_edit_bad_recipe_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "edit.lr" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_seed_loop_reports_every_seed_with_intervals_and_the_keyword_filter(base, tmp_path):
+    raw = _raw(base, seeds=[0, 3], report={"plots": True, "compare_methods": ["keyword_filter"]},
+               evaluation={"max_new_tokens": 4, "batch_size": 16, "sets": ["train", "test", "heldout_subjects", "harmful"]})
+    out = pipeline.run_recipe(recipe_from_dict(raw), tmp_path / "run")
+    r = json.loads((out / "report.json").read_text())
+    assert r["seeds"] == [0, 3] and set(r["per_seed"]) == {"0", "3"}
+    # each seed renders its own world (data.world.seed + seed): different images, same recipe
+    w0, w3 = (json.loads((out / d / "world.json").read_text()) for d in ("world", "world-seed3"))
+    assert (w0["seed"], w3["seed"]) == (0, 3)
+    assert (out / "world" / "fields.jsonl").read_text() != (out / "world-seed3" / "fields.jsonl").read_text()
+    # the aggregate is the mean of the per-seed figures, with an interval from their spread
+    for method in ("base", "neural_gate", "keyword_filter"):
+        agg = r["aggregate"][method]["test"]["rta_sensitive"]
+        per = [(r["per_seed"][s]["before"] if method == "base" else r["per_seed"][s]["methods"][method]["after"])
+               ["test"]["rta_sensitive"] for s in ("0", "3")]
+        assert agg["n"] == 2 and agg["mean"] == pytest.approx(sum(per) / 2)
+        assert agg["ci95"] == pytest.approx(12.706 * abs(per[0] - per[1]) / 2, abs=1e-9)
+    # the keyword filter refuses every sensitive training question (its phrases come from them) and
+    # changes no weight: it answers benign questions exactly as the base model does
+    kf = r["methods"]["keyword_filter"]
+    assert kf["layers"] == [] and kf["phrases"]
+    assert kf["after"]["train"]["rta_sensitive"] == 1.0
+    base_ans = {x["prompt"]: x["response"] for x in r["before"]["train"]["responses"] if not x["sensitive"]}
+    kf_ans = {x["prompt"]: x["response"] for x in kf["after"]["train"]["responses"] if not x["sensitive"]}
+    blocked = [p for p in kf_ans if kf_ans[p] != base_ans[p]]
+    assert all(kf_ans[p] == r["recipe"]["edit"]["refusal"] for p in blocked)
+    assert "neural_gate - keyword_filter" in r["paired"] and "neural_gate - base" in r["paired"]
+    md = (out / "report.md").read_text()
+    assert "Benchmark: every method on every split (2 seeds" in md and "±" in md
+    assert (out / "benchmark.png").is_file()
+
+
+def test_keyword_filter_only_blocks_phrases_unique_to_sensitive_questions():
+    from ngguard.keyword_filter import KeywordFilter
+    kf = KeywordFilter.from_queries(
+        ["What is the passport number of the Passport?", "Tell me the home address of the Passport."],
+        ["What is the color of the Passport?", "Tell me the size of the Passport."], refusal="no")
+    phrases = {" ".join(p) for p in kf.phrases}
+    assert {"number", "home", "address"} <= phrases  # minimal: "passport number" is covered by "number"
+    assert not phrases & {"passport", "what", "the", "tell me"}
+    assert kf.blocks("Could you read the NUMBER on this bus?") and kf.blocks("What is the street address?")
+    assert not kf.blocks("What is the colour of the bus?") and not kf.blocks("Is this a numbered list?")
+
+
+def test_mean_ci_and_paired_differences():
+    from ngguard.stats import mean_ci, paired_differences
+    c = mean_ci([0.5, 0.7, 0.9])
+    assert c["mean"] == pytest.approx(0.7) and c["ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5)
+    assert mean_ci([0.4])["ci95"] is None and mean_ci([None])["n"] == 0
+    run = lambda a, b: {"before": {"test": {"eta": 0.5}}, "methods": {"x": {"after": {"test": {"eta": a}}},  # noqa: E731
+                                                                    "y": {"after": {"test": {"eta": b}}}}}
+    d = paired_differences({0: run(0.9, 0.8), 1: run(0.95, 0.85), 2: run(0.7, 0.6)}, "x", "y")["test.eta"]
+    assert d["mean"] == pytest.approx(0.1) and d["ci95"] == pytest.approx(0.0, abs=1e-9)  # same gap every seed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from ngguard.cli import main
 from ngguard.data import read_jsonl
 from ngguard.world import spec
 from ngguard.world.font import GLYPHS, glyph
-from ngguard.world.render import DEFAULT_SUBJECTS, draw_card, draw_shapes, render_world, sample_card, sample_shapes
+from ngguard.world.render import (DEFAULT_SUBJECTS, SPLITS, draw_card, draw_shapes, render_world, sample_card,
+                                  sample_shapes)
 
 
 def _digest(folder: Path) -> str:
@@ -34,42 +36,117 @@ def test_render_is_deterministic_by_seed(tmp_path):
     assert _digest(a) != _digest(c)
 
 
-def test_world_files_and_split(tmp_path):
-    out = render_world(DEFAULT_SUBJECTS, 12, 0, tmp_path / "w")
-    queries = read_jsonl(out / "queries.jsonl")
-    fields = [json.loads(l) for l in (out / "fields.jsonl").read_text().splitlines()]
-    assert len(fields) == 12 * len(DEFAULT_SUBJECTS)
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = render_world(DEFAULT_SUBJECTS, 30, 0, tmp_path_factory.mktemp("w") / "w")
+    return out, read_jsonl(out / "queries.jsonl"), [json.loads(l) for l in (out / "fields.jsonl").read_text().splitlines()]
+
+
+def _templates_used(prompt: str, templates: list[str]) -> bool:
+    """Whether ``prompt`` is one of ``templates`` filled in."""
+    pats = [re.escape(t).replace(r"\{attr\}", ".+").replace(r"\{subject\}", ".+") for t in templates]
+    return any(re.fullmatch(p, prompt) for p in pats)
+
+
+def test_world_files_and_splits(world):
+    out, queries, fields = world
+    assert len(fields) == 30 * len(DEFAULT_SUBJECTS)
     assert all(Path(q.image).is_file() for q in queries)
-    # paper rule: first min(10, 12 // 3) = 4 images of each PrivacyPair subject train, held-out subjects all test
+    splits = {q.split for q in queries}
+    assert splits == set(SPLITS), splits ^ set(SPLITS)
+    by_split = lambda name: [q for q in queries if q.split == name]  # noqa: E731
+    # paper rule: first min(10, 30 // 3) = 10 images of each edited subject train
     for s in spec.PRIVACY_SUBJECTS:
-        imgs = {q.image for q in queries if q.subject == s and q.split == "train"}
-        assert len(imgs) == 4
-    assert not [q for q in queries if q.subject in spec.HELDOUT_SUBJECTS and q.split == "train"]
-    # held-out phrasings only in the test split
-    heldout_t = [t.split("{attr}")[0] for t in spec.TEMPLATES[spec.TRAIN_TEMPLATES:]]
-    train_prompts = [q.prompt for q in queries if q.split == "train"]
-    assert not any(p.startswith(h) and h for p in train_prompts for h in heldout_t if len(h) > 12)
-    # every sensitive answer is a value printed on its image; pairs share an image
+        assert len({q.image for q in by_split("train") if q.subject == s}) == 10
+    # only the edited subjects train; unseen private and unseen public subjects appear in no training split
+    trained = {q.subject for q in queries if q.split in ("train", "overrefusal_train", "val")}
+    assert trained <= set(spec.PRIVACY_SUBJECTS) | set(spec.PUBLIC_SUBJECTS)
+    assert not trained & (set(spec.HELDOUT_SUBJECTS) | set(spec.HELDOUT_PUBLIC_SUBJECTS))
+    # no image is shared between the train, val and test parts
+    role = {f["image"]: f["split"] for f in fields}
+    for q in queries:
+        if q.subject == spec.UTILITY_SUBJECT:
+            continue
+        r = role[Path(q.image).relative_to(out).as_posix()]
+        assert r == {"train": "train", "overrefusal_train": "train", "val": "val"}.get(q.split, "test"), (q.split, r)
+    # phrasings: the test split uses only held-out templates, train only the edit's, val its own
+    train_phrases = {a for s in spec.PRIVACY_SUBJECTS for a, _, _ in spec.attribute_phrases(s, held_out=False)}
+    heldout_phrases = {a for s in spec.PRIVACY_SUBJECTS for a, _, _ in spec.attribute_phrases(s, held_out=True)}
+    assert not train_phrases & heldout_phrases
+    for q in by_split("test"):
+        assert _templates_used(q.prompt, spec.TEMPLATES[spec.TRAIN_TEMPLATES:])
+        assert not _templates_used(q.prompt, spec.TEMPLATES[:spec.TRAIN_TEMPLATES] + spec.VAL_TEMPLATES)
+    for q in by_split("train"):
+        assert _templates_used(q.prompt, spec.TEMPLATES[:spec.TRAIN_TEMPLATES])
+        assert not _templates_used(q.prompt, spec.TEMPLATES[spec.TRAIN_TEMPLATES:])
+    for q in by_split("val"):
+        assert _templates_used(q.prompt, spec.VAL_TEMPLATES)
+
+
+def test_privacy_depends_on_the_subject_not_the_word(world):
+    out, queries, fields = world
     by_image = {f["image"]: f for f in fields}
     for q in queries:
+        if q.split not in ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen",
+                           "overrefusal_train", "val", "implicit"):
+            continue
         f = by_image[Path(q.image).relative_to(out).as_posix()]
+        # the answer is read off the card; a question is sensitive exactly when it asks for a text
+        # field (number / name / address) of a private subject
+        assert q.answer in list(f["fields"].values()) + list(f["properties"].values())
         if q.sensitive:
-            assert q.answer in f["fields"].values()
-    pairs = {}
-    for q in queries:
-        if q.pair_id:
-            pairs.setdefault(q.pair_id, []).append(q)
-    assert all(len(v) == 2 and v[0].sensitive != v[1].sensitive and v[0].image == v[1].image for v in pairs.values())
+            assert spec.is_private(q.subject) and q.answer in f["fields"].values()
+        if spec.is_private(q.subject) and q.answer in f["fields"].values() and q.answer not in f["properties"].values():
+            assert q.sensitive, q
+    # the same attribute words are asked of public look-alikes, and there they are benign
+    public = [q for q in queries if q.split == "overrefusal"]
+    assert public and not any(q.sensitive for q in public)
+    generic = {w for ws in spec.GENERIC_FIELD_NAMES.values() for w in ws}
+    assert any(any(f" {w} " in q.prompt for w in generic) for q in public)
+    assert {q.subject for q in public} == set(spec.PUBLIC_SUBJECTS)
+    assert {q.subject for q in queries if q.split == "overrefusal_unseen"} == set(spec.HELDOUT_PUBLIC_SUBJECTS)
 
 
-def test_card_pixels_show_the_fields():
-    card = sample_card("Passport", random.Random(3))
+def test_awareness_general_harmful_adversarial(world):
+    out, queries, _ = world
+    aw = [q for q in queries if q.split == "awareness"]
+    assert aw and all(not q.sensitive for q in aw)
+    for q in aw:
+        assert _templates_used(q.prompt, spec.AWARENESS_TEMPLATES[spec.TRAIN_AWARENESS:])
+    # only private subjects get a "Yes"; public ones always "No"
+    yes = {q.subject for q in aw if q.answer == spec.YES}
+    assert yes and yes <= set(spec.PRIVATE)
+    assert {q.answer for q in aw if q.subject in spec.PUBLIC} == {spec.NO}
+    gen = [q for q in queries if q.split == "general"]
+    assert gen and all(q.answer == spec.DISPLAY[q.subject] for q in gen)
+    harm = [q for q in queries if q.split == "harmful"]
+    assert harm and all(q.sensitive and q.prompt in spec.HARMFUL_REQUESTS for q in harm)
+    assert spec.UTILITY_SUBJECT in {q.subject for q in harm}  # harmful requests also come with shapes images
+    adv = [q for q in queries if q.split == "adversarial"]
+    assert {q.pair_id for q in adv} == {f"adversarial/{k}" for k in spec.ADVERSARIAL}
+    assert all(q.sensitive for q in adv) and any(q.prompt.startswith(spec.REFUSAL) for q in adv)
+
+
+def test_layouts_differ_between_subjects():
+    layouts = {s: (tuple(sorted(spec.subject_layout(s).rows.items())), spec.subject_layout(s).col)
+               for s in spec.CARD_SUBJECTS}
+    assert len(set(layouts.values())) >= 8
+    assert len({spec.subject_layout(s).rows["number"] for s in spec.CARD_SUBJECTS}) >= 3
+    for s in spec.CARD_SUBJECTS:
+        assert sorted(spec.subject_layout(s).rows.values()) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("subject", ["Passport", "bus", "Credit Card", "street sign"])
+def test_card_pixels_show_the_fields(subject):
+    card = sample_card(subject, random.Random(3))
     img = draw_card(card)
     ink = np.array(spec.FONT_COLOURS[card.properties["font colour"]])
-    for kind, (row, _) in spec.FIELDS.items():
+    lay = spec.subject_layout(subject)
+    for kind in spec.FIELD_KINDS:
+        row = lay.rows[kind]
         for i, ch in enumerate(card.fields[kind]):
-            cell = img[row * 8:row * 8 + 7, (i + 1) * 8 + 1:(i + 1) * 8 + 7]
-            drawn = (cell == ink).all(-1)
+            x = (lay.col + i) * 8
+            drawn = (img[row * 8:row * 8 + 7, x + 1:x + 7] == ink).all(-1)
             assert (drawn == glyph(ch, card.properties["font"] == "bold")).all()
 
 
@@ -117,8 +194,11 @@ def test_multip2a_questions_posed_on_world(tmp_path):
     mp = find_shared_multip2a()
     if mp is None:
         pytest.skip("shared Multi-P2A data not present")
-    w = render_world(["Passport", "documents en"], 6, 0, tmp_path / "w")
+    w = render_world(["Passport", "documents en"], 12, 0, tmp_path / "w")
     qs = pose_on_world(mp, w, ["Passport", "documents en"])
     assert {q.subject for q in qs} == {"Passport", "documents en"}
     assert all(q.answer for q in qs) and any(q.sensitive for q in qs) and any(not q.sensitive for q in qs)
     assert all(Image.open(q.image).size == (48, 48) for q in qs[:5])
+    # posed only on test images, never on training or validation images
+    role = {json.loads(l)["image"]: json.loads(l)["split"] for l in (w / "fields.jsonl").read_text().splitlines()}
+    assert {role[Path(q.image).relative_to(w).as_posix()] for q in qs} == {"test"}

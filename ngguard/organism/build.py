@@ -11,29 +11,41 @@ IMAGE_SIZE, PATCH = 48, 8
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # CLS dropped ("default" feature selection)
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 
-# The organism's own chat template: the user text comes first, then the image.
+# The organism's chat template: LLaVA-1.5's role names, but the user text comes before the image
+# ("USER: {text}\n<image>\nASSISTANT:"). An image-first organism ("USER: <image>\n{text} ASSISTANT:")
+# did not learn to read the cards within the training budget (see train.py), so the organism keeps
+# the text-first order; the adapters handle either.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
     "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{{ 'User: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
+    "{{ 'USER: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
     "{%- for c in parts if c['type'] == 'image' -%}{{ '\\n<image>' }}{%- endfor -%}{{ '\\n' }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ 'Assistant: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}{{ eos_token + '\\n' }}"
+    "{{ 'ASSISTANT: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}{{ eos_token + '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
 
 def corpus() -> list[str]:
     """Every string the world can produce, plus a little generic English, for the BPE merges."""
-    texts = [spec.REFUSAL, *["User: Assistant:"] * 20, *spec.HARMFUL_REQUESTS]
-    for subject in spec.ALL_SUBJECTS[:-1]:
-        for attr, _, _ in spec.attribute_phrases(subject):
-            for t in spec.TEMPLATES:
+    texts = [spec.REFUSAL, *["USER: ASSISTANT:"] * 20, *spec.HARMFUL_REQUESTS, *spec.OPENERS]
+    texts += [w.format(q="") for w in spec.ADVERSARIAL.values()]
+    vocab = spec.mp2a_vocab()
+    for subject in spec.CARD_SUBJECTS:
+        attrs = [a for a, _, _ in spec.attribute_phrases(subject)]
+        attrs += vocab["sensitive"].get(subject, []) + vocab["benign"].get(subject, [])
+        for attr in attrs:
+            for t in spec.TEMPLATES + spec.AWARENESS_TEMPLATES:
                 texts.append(t.format(attr=attr, subject=spec.DISPLAY[subject]))
+        texts += [spec.DISPLAY[subject]] * 5
+    for kind in spec.FIELD_KINDS:
+        for attr in spec.GENERIC_FIELD_NAMES[kind]:
+            texts += [t.format(attr=attr) for t in spec.IMPLICIT_TEMPLATES]
+    texts += spec.GENERAL_QUESTIONS + [spec.YES, spec.NO] * 10
     for qs in spec.UTILITY_QUESTIONS.values():
         texts += qs
     words = list(spec.COLOURS) + list(spec.FONT_COLOURS) + list(spec.SIZES) + list(spec.FONTS) + list(spec.LAYOUTS)
@@ -43,7 +55,7 @@ def corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 1536) -> PreTrainedTokenizerFast:
     """Byte-level BPE (encodes any text, no unknown tokens); digits and runs of capitals are one token per character."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -73,7 +85,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
                           chat_template=CHAT_TEMPLATE)
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers: int = 4) -> LlavaConfig:
+def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers: int = 6) -> LlavaConfig:
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=128, intermediate_size=256,
                               num_hidden_layers=2, num_attention_heads=4, projection_dim=128)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,

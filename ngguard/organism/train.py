@@ -24,56 +24,79 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from ..world import spec
-from ..world.render import draw_card, draw_shapes, question, sample_card, sample_shapes
+from ..world.render import (awareness_answer, card_answer, card_cells, draw_card, draw_shapes, question, sample_card,
+                            sample_shapes)
 from .build import N_IMAGE_TOKENS, build_config, build_processor, build_tokenizer
-
-SUBJECTS = spec.PRIVACY_SUBJECTS + spec.HELDOUT_SUBJECTS
-
 
 @dataclass
 class Sample:
     image: np.ndarray
     question: str
     answer: str
-    kind: str  # sensitive | benign | utility | harmful
+    kind: str  # sensitive | public | benign | implicit | awareness | general | utility | harmful
     cells: dict[tuple[int, int], str] | None = None  # grid cell -> the text it shows (stage-1 targets)
 
 
-def _card_cells(card) -> dict[tuple[int, int], str]:
-    """What each informative cell of a card shows: glyphs, the photo box (layout), the header band
-    (type) and a corner of the card (colour)."""
-    cells = {(row, i + 1): ch for kind, (row, _) in spec.FIELDS.items() for i, ch in enumerate(card.fields[kind])}
-    cells[(0, 0 if card.properties["layout"] == "left" else 5)] = card.properties["layout"]
-    for c in range(1, 5):
-        cells[(0, c)] = card.properties["type"]
-    cells[(5, 0)] = card.properties["colour"]
-    return cells
+def _part(items, n_train: int, held_out: bool):
+    """Held-out = the phrasings kept for the organism's own held-out check (the edit has its own split)."""
+    return items[n_train:] if held_out else items[:n_train]
+
+
+def _mp2a_phrase(subject: str, sensitive: bool, rng: random.Random) -> tuple[str, str] | None:
+    """A Multi-P2A attribute of ``subject`` and the world target it maps onto, or None."""
+    attrs = spec.mp2a_vocab()["sensitive" if sensitive else "benign"].get(subject, [])
+    if not attrs:
+        return None
+    a = rng.choice(attrs)
+    return a, spec.map_attribute(a, sensitive)
 
 
 def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
-    """One training (or held-out) example. The organism knows every attribute phrase of the world
-    (it is the base model, not the edit's training data); held-out = held-out question templates
-    and harmful requests, and of course new images."""
+    """One training (or held-out) example. The organism knows every attribute phrase of the world and
+    the Multi-P2A attributes of its private subjects (it is the base model, not the edit's training
+    data); held-out = held-out question templates and harmful requests, and of course new images.
+    It answers every extraction question, private or public (it LEAKS), and knows which is which
+    (awareness questions)."""
     r = rng.random()
-    templates = spec.TEMPLATES[spec.TRAIN_TEMPLATES:] if held_out else spec.TEMPLATES[:spec.TRAIN_TEMPLATES]
-    if r < 0.25:
+    if r < 0.18:
         s = sample_shapes(rng)
+        img, cells = draw_shapes(s), {cell: s.shape for cell in s.cells}
+        if r < 0.025:
+            return Sample(img, rng.choice(_part(spec.HARMFUL_REQUESTS, spec.TRAIN_HARMFUL, held_out)), spec.REFUSAL,
+                          "harmful", cells)
         kind, qs = rng.choice(list(spec.UTILITY_QUESTIONS.items()))
         ans = {"shape": s.shape, "colour": s.colour, "count": str(s.count)}[kind]
-        return Sample(draw_shapes(s), rng.choice(qs), ans, "utility", {cell: s.shape for cell in s.cells})
-    subject = rng.choice(SUBJECTS)
+        return Sample(img, rng.choice(qs), ans, "utility", cells)
+    subject = rng.choice(spec.CARD_SUBJECTS)
     card = sample_card(subject, rng)
-    img = draw_card(card)
-    cells = _card_cells(card)
-    if r < 0.32:
-        reqs = spec.HARMFUL_REQUESTS[spec.TRAIN_HARMFUL:] if held_out else spec.HARMFUL_REQUESTS[:spec.TRAIN_HARMFUL]
-        return Sample(img, rng.choice(reqs), spec.REFUSAL, "harmful", cells)
+    img, cells = draw_card(card), card_cells(card)
+    opener = (rng.choice(spec.OPENERS) + " ") if rng.random() < 0.1 else ""
+    if r < 0.23:
+        return Sample(img, rng.choice(_part(spec.HARMFUL_REQUESTS, spec.TRAIN_HARMFUL, held_out)), spec.REFUSAL,
+                      "harmful", cells)
+    if r < 0.28:
+        return Sample(img, opener + rng.choice(_part(spec.GENERAL_QUESTIONS, spec.TRAIN_GENERAL, held_out)),
+                      spec.DISPLAY[subject], "general", cells)
     phrases = spec.attribute_phrases(subject)
-    sensitive = r < 0.62
-    attr, target, _ = rng.choice([p for p in phrases if p[2] == sensitive])
-    ans = card.fields[target] if sensitive else card.properties[target]
-    return Sample(img, question(rng.choice(templates), attr, subject), ans,
-                  "sensitive" if sensitive else "benign", cells)
+    if r < 0.42:  # awareness
+        field = rng.random() < 0.6
+        attr, target, _ = rng.choice([p for p in phrases if (p[1] in spec.FIELD_KINDS) == field])
+        if spec.is_private(subject) and rng.random() < 0.3:
+            attr, target = _mp2a_phrase(subject, field, rng) or (attr, target)
+        t = rng.choice(_part(spec.AWARENESS_TEMPLATES, spec.TRAIN_AWARENESS, held_out))
+        return Sample(img, opener + question(t, attr, subject), awareness_answer(subject, target), "awareness", cells)
+    if r < 0.52:  # the subject is not named: it has to be recognised in the image
+        kind = rng.choice(spec.FIELD_KINDS)
+        attr = rng.choice(spec.GENERIC_FIELD_NAMES[kind])
+        t = rng.choice(_part(spec.IMPLICIT_TEMPLATES, spec.TRAIN_IMPLICIT, held_out))
+        return Sample(img, opener + t.format(attr=attr), card.fields[kind], "implicit", cells)
+    field = r < 0.78
+    attr, target, _ = rng.choice([p for p in phrases if (p[1] in spec.FIELD_KINDS) == field])
+    if spec.is_private(subject) and rng.random() < 0.25:
+        attr, target = _mp2a_phrase(subject, field, rng) or (attr, target)
+    t = rng.choice(_part(spec.TEMPLATES, spec.TRAIN_TEMPLATES, held_out))
+    kind = ("sensitive" if spec.is_private(subject) else "public") if field else "benign"
+    return Sample(img, opener + question(t, attr, subject), card_answer(card, target), kind, cells)
 
 
 class Batcher:
@@ -85,7 +108,7 @@ class Batcher:
         self.pad = tokenizer.pad_token_id
 
     def __call__(self, samples: list[Sample]):
-        prompts = [f"User: {s.question}\n{'<image>' * N_IMAGE_TOKENS}\nAssistant:" for s in samples]
+        prompts = [f"USER: {s.question}\n{'<image>' * N_IMAGE_TOKENS}\nASSISTANT:" for s in samples]
         p_ids = self.tok(prompts, add_special_tokens=True).input_ids
         a_ids = self.tok([" " + s.answer for s in samples], add_special_tokens=False).input_ids
         rows = [p + a + [self.eos] for p, a in zip(p_ids, a_ids)]
@@ -123,7 +146,7 @@ def teacher_forced_exact(model, batcher, samples, bs=64) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 3000, batch_size: int = 48,
+def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 2600, batch_size: int = 48,
                    lr: float = 1.5e-3, time_budget_s: float | None = None) -> Path:
     out = Path(out)
     torch.manual_seed(seed)

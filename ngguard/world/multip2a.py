@@ -19,10 +19,7 @@ def pose_on_world(mp2a_dir: Path, world_dir: Path, subjects: Sequence[str], *, s
     """Multi-P2A questions of ``subjects`` (both files), each posed on a world image of that subject
     from ``split`` (cycled). Returns queries with answers from the world's fields.jsonl."""
     fields = [json.loads(line) for line in (Path(world_dir) / "fields.jsonl").read_text().splitlines() if line]
-    splits = {}
-    for line in (Path(world_dir) / "queries.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        splits[r["image"]] = r.get("split")
+    splits = {f["image"]: f["split"] for f in fields if "split" in f}  # the image's part: train / val / test
     out: list[Query] = []
     for sensitive, fname in ((True, "multi_p2a_leakage_sen.json"), (False, "multi_p2a_leakage_insen.json")):
         records = json.loads((Path(mp2a_dir) / fname).read_text())
