@@ -30,7 +30,7 @@ from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
 from .edit import apply_edit, dinm_layer, subject_gradient_share
 from .evaluate import evaluate
-from .judge import RefusalJudge
+from .judge import make_judge
 from .localize import LayerLocalization, Sample, localize_layer
 from .recipe import LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
 
@@ -191,7 +191,7 @@ def round_to_checkpoint(adapter: Adapter, weights: dict[str, torch.Tensor], mode
 
 def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe, tag: str) -> dict[str, dict]:
     ev = recipe.evaluation
-    judge = RefusalJudge()
+    judge = make_judge(recipe.judge)
     res = {}
     for name in ev.sets:
         qs = sets.get(name) or []
