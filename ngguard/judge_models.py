@@ -92,11 +92,15 @@ def _load(model_cls_name: str, folder: Path, device: str, kind: str):
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     model_cls = getattr(transformers, model_cls_name)
     try:
-        model = model_cls.from_pretrained(folder, config=config, use_safetensors=True, local_files_only=True,
-                                          trust_remote_code=False)
+        model, loading = model_cls.from_pretrained(folder, config=config, use_safetensors=True, local_files_only=True,
+                                                   trust_remote_code=False, output_loading_info=True)
     except ValueError as e:  # "Unrecognized configuration class ..." for the wrong model kind
         raise ValueError(f"{folder}: cannot load as a {kind} judge ({model_cls_name}): "
                          f"{str(e).splitlines()[0]}") from None
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:  # e.g. a classifier loaded as a causal LM: its lm_head would be random
+        raise ValueError(f"{folder}: cannot load as a {kind} judge ({model_cls_name}): weights missing from the "
+                         f"checkpoint ({', '.join(missing[:3])}); is it the right kind of model?")
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as e:
