@@ -335,10 +335,11 @@ class GenerativeJudge(_JudgeBase):
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
             with torch.no_grad():
-                logp = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
             for r, (p, o) in enumerate(chunk):
-                pos = torch.arange(len(p) - 1, len(p) + len(o) - 1, device=logp.device)  # positions predicting o
-                scores.append(float(logp[r, pos, torch.tensor(o, device=logp.device)].sum()))
+                pos = torch.arange(len(p) - 1, len(p) + len(o) - 1, device=logits.device)  # positions predicting o
+                logp = logits[r, pos].float().log_softmax(-1)  # [len(o), V]
+                scores.append(float(logp[torch.arange(len(o)), torch.tensor(o, device=logits.device)].sum()))
         return torch.tensor(scores).view(len(texts), len(options))
 
     def generate(self, texts: list[str]) -> list[str]:
