@@ -268,6 +268,14 @@ def test_eval_and_rescore_with_model_judges(classifier_dir, lm_dir, tmp_path, mo
     assert new["n_changed"] == sum(a != b for a, b in zip(expected.labels(TEXTS, PROMPTS), g.labels(TEXTS, PROMPTS)))
     assert new["model"] == str(tmp_path) and new["n"] == len(TEXTS)
     assert "judgements changed" in capsys.readouterr().out
+    # and the generative judge through `ngguard eval` itself
+    monkeypatch.setattr(ngguard.adapters, "load_adapter", lambda p, **kw: FakeAdapter(), raising=False)
+    out2 = tmp_path / "r2.json"
+    assert main(["eval", "--model", str(tmp_path), "--data", str(data), "--out", str(out2), "--judge", str(gen)]) == 0
+    res2 = json.loads(out2.read_text())
+    assert res2["judge"] == g.info() and [r["judgement"] for r in res2["responses"]] == g.labels(TEXTS, PROMPTS)
+    assert res2["rta_sensitive"] == pytest.approx(
+        sum(lab != "compliance" for lab in g.labels(TEXTS, PROMPTS)[::2]) / 3)
 
 
 def test_recipe_judge_resolves_paths_and_reaches_the_evaluation(classifier_dir, tmp_path):
