@@ -66,7 +66,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="only queries of this split (default: all)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
+    _add_judge_option(p)
     p.set_defaults(func=_cmd_eval)
+
+
+def _add_judge_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="rules", metavar="SPEC",
+                   help="refusal judge: rules (default), classifier:PATH, generative:PATH (with a template, so "
+                        "usually a spec file), or a .yaml/.json spec file like a recipe's judge: value")
 
 
 def _device(name: str | None) -> str:
@@ -104,14 +111,97 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from ngguard.adapters import load_adapter
     from ngguard.evaluate import evaluate, summary_table
+    from ngguard.judge import make_judge
 
+    judge = make_judge(args.judge, device=args.device)  # before the slow part too
     adapter = load_adapter(model_path, device=_device(args.device), dtype=args.dtype)
-    result = evaluate(adapter, queries, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    result = evaluate(adapter, queries, judge=judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     result = {"model": str(model_path), "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               **result}
     atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(summary_table(result))
     print(f"wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# judge score | validate
+# ---------------------------------------------------------------------------------------------
+def _add_judge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="re-judge saved responses, or check a judge against human labels")
+    jsub = p.add_subparsers(dest="judge_command", metavar="{score,validate}", required=True)
+    s = jsub.add_parser("score", parents=[_common()], help="re-judge the responses of an `ngguard eval` result",
+                        description="Re-judges the saved responses of RESULT.json with another judge (no generation) "
+                                    "and writes a result of the same shape.")
+    s.add_argument("--responses", required=True, type=Path, help="a result JSON written by `ngguard eval`")
+    _add_judge_option(s)
+    s.add_argument("--out", type=Path, default=None, help="result JSON to write (default: RESULT.rejudged.json)")
+    s.add_argument("--device", default=None, help="torch device for a model judge (default: cuda if available)")
+    s.set_defaults(func=_cmd_judge_score)
+    v = jsub.add_parser("validate", parents=[_common()], help="measure a judge against human labels",
+                        description="Judges every (prompt, response) of a labels file and prints accuracy, precision, "
+                                    "recall and F1 of refusal (full or partial) vs compliance, the three-way "
+                                    "confusion matrix and per-group accuracy; writes the disagreements as JSONL.")
+    v.add_argument("--labels", required=True, type=Path, help="a .csv or .jsonl file of prompt, response, label")
+    _add_judge_option(v)
+    v.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt; optional if absent)")
+    v.add_argument("--response-col", default="response", help="response column (default: response)")
+    v.add_argument("--label-col", default="label", help="label column (default: label)")
+    v.add_argument("--group-col", action="append", default=[], help="report accuracy per value of this column "
+                                                                    "(repeatable)")
+    v.add_argument("--label-map", default=None, metavar="V=LABEL,...",
+                   help="file label values -> refusal|partial|compliance, e.g. refused=refusal,0=compliance "
+                        "(refusal, partial, compliance are always known)")
+    v.add_argument("--disagreements", type=Path, default=None,
+                   help="JSONL of the rows where judge and label differ (default: LABELS.disagreements.jsonl in "
+                        "the current folder)")
+    v.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
+    v.add_argument("--device", default=None, help="torch device for a model judge (default: cuda if available)")
+    v.set_defaults(func=_cmd_judge_validate)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+
+
+def _cmd_judge_score(args: argparse.Namespace) -> int:
+    from ngguard.data import atomic_write_text
+    from ngguard.evaluate import judge_line, summary_table
+    from ngguard.judge import make_judge
+    from ngguard.validate_judge import rescore
+
+    result = _read_json(args.responses)
+    judge = make_judge(args.judge, device=args.device)
+    new = rescore(result, judge, str(args.responses))
+    out = args.out or args.responses.with_name(args.responses.stem + ".rejudged.json")
+    atomic_write_text(out, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
+    print(summary_table(new))
+    print(f"previous judge: {judge_line(new['previous_judge'])}; {new['n_changed']} of {new['n']} judgements changed")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_judge_validate(args: argparse.Namespace) -> int:
+    from ngguard.data import atomic_write_text
+    from ngguard.judge import make_judge
+    from ngguard.validate_judge import format_validation, parse_label_map, read_labels, validate, write_disagreements
+
+    rows = read_labels(args.labels, prompt_col=args.prompt_col or None, response_col=args.response_col,
+                       label_col=args.label_col, group_cols=args.group_col, label_map=parse_label_map(args.label_map))
+    judge = make_judge(args.judge, device=args.device)
+    res = validate(judge, rows)
+    print(format_validation(res))
+    dis = args.disagreements or Path(args.labels.stem + ".disagreements.jsonl")
+    write_disagreements(dis, res)
+    print(f"wrote {dis}")
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -339,6 +429,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "eval": _add_eval,
+    "judge": _add_judge,
     "world": _add_world,
     "organism": _add_organism,
     "edit": _add_edit,

@@ -30,7 +30,7 @@ from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
 from .edit import apply_edit, dinm_layer, subject_gradient_share
 from .evaluate import evaluate, rescore_with_guard
-from .judge import RefusalJudge
+from .judge import make_judge
 from .keyword_filter import KeywordFilter
 from .localize import LayerLocalization, Sample, localize_layer
 from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
@@ -202,7 +202,7 @@ def round_to_checkpoint(adapter: Adapter, weights: dict[str, torch.Tensor], mode
 
 def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe, tag: str) -> dict[str, dict]:
     ev = recipe.evaluation
-    judge = RefusalJudge()
+    judge = make_judge(recipe.judge)
     res = {}
     for name in ev.sets:
         qs = sets.get(name) or []
@@ -386,7 +386,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
             train = sets["train"]
             guard = KeywordFilter.from_queries([q.prompt for q in train if q.sensitive],
                                                [q.prompt for q in train if not q.sensitive], refusal=recipe.edit.refusal)
-            after = {name: rescore_with_guard(res, guard) for name, res in before.items()}
+            after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge)) for name, res in before.items()}
             results[method] = {"layers": [], "after": after, "phrases": [" ".join(p) for p in guard.phrases]}
             timings[f"evaluate {method}"] = time.time() - t
             continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 from loguru import logger
 
+from ngguard.judge import parse_judge_spec
+
 __all__ = [
     "RecipeError",
     "ModelSpec",
@@ -37,6 +40,7 @@ __all__ = [
     "EditSpec",
     "EvaluationSpec",
     "ReportSpec",
+    "JudgeSpec",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -336,6 +340,62 @@ class ReportSpec:
     alpha_sweep: tuple[float, ...] | None = _f(None, _optional(_list(_float(ge=0), nonempty=True)))
 
 
+@dataclass(frozen=True)
+class JudgeSpec:
+    """The refusal judge of the evaluation: ``rules`` (default), ``{classifier: PATH, labels: {...}}``
+    or ``{generative: PATH, template: FILE}`` (see ``ngguard.judge.parse_judge_spec``). Kept as the
+    canonical JSON of the plain value (paths resolved) so the recipe stays hashable and frozen;
+    ``value`` gives the plain value back, which ``ngguard.judge.make_judge`` accepts."""
+
+    canonical: str = '"rules"'
+
+    @property
+    def value(self) -> Any:
+        return json.loads(self.canonical)
+
+    @functools.cached_property
+    def judge(self):
+        """The judge, built once per spec (a model judge loads and fingerprints its weights once,
+        however many evaluations of a run use it)."""
+        from ngguard.judge import make_judge
+
+        return make_judge(self.value)
+
+
+def _judge(v, ctx: _Ctx, key: str) -> JudgeSpec:
+    """Validate ``judge:`` and resolve its paths against the recipe folder (a spec file is read
+    here and inlined)."""
+    if isinstance(v, JudgeSpec):
+        return v
+    if isinstance(v, str) and v.endswith((".yaml", ".yml", ".json")):
+        v = str(_resolve(v, ctx.root))
+    try:
+        spec = parse_judge_spec(v, key)
+    except ValueError as e:
+        raise ctx.fail("", str(e)) from None
+    except FileNotFoundError as e:
+        raise ctx.fail(key, str(e)) from None
+    kind = spec.pop("kind")
+    if kind == "rules":
+        plain: Any = "rules" if not spec else {"rules": spec}
+    else:
+        path = spec.pop("path")
+        p = _resolve(path, ctx.root)
+        if ctx.check_files and not p.is_dir():
+            raise ctx.fail(f"{key}.{kind}", f"folder not found: {p}")
+        plain = {kind: str(p), **spec}
+        tpl = spec.get("template")
+        if tpl is not None and (os.sep in tpl or tpl.endswith((".yaml", ".yml"))):
+            tp = _resolve(tpl, ctx.root)
+            if ctx.check_files and not tp.is_file():
+                raise ctx.fail(f"{key}.template", f"file not found: {tp}")
+            plain["template"] = str(tp)
+    try:
+        return JudgeSpec(json.dumps(plain, sort_keys=True, ensure_ascii=False))
+    except TypeError:
+        raise ctx.fail(key, "values must be plain YAML (strings, numbers, mappings, lists)") from None
+
+
 def _layers(v, ctx: _Ctx, key: str):
     shape = "expected a list of layer indices like [11] or {search: {scan: [lo, hi], window: r}}"
     if isinstance(v, (list, tuple)):
@@ -383,6 +443,7 @@ class Recipe:
     edit: EditSpec = _f(EditSpec(), _nested(EditSpec))
     evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
+    judge: JudgeSpec = _f(JudgeSpec(), _judge)
     # where the recipe came from (not part of the recipe: not in to_dict, not hashed, not compared)
     source: str | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
 
@@ -402,6 +463,8 @@ class Recipe:
 def _plain(obj: Any) -> Any:
     if isinstance(obj, LayerSearch):
         return {"search": {"scan": list(obj.scan), "window": obj.window}}
+    if isinstance(obj, JudgeSpec):
+        return obj.value
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if not f.metadata.get("internal")}
     if isinstance(obj, (list, tuple)):

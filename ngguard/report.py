@@ -6,6 +6,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from ngguard.evaluate import judge_line
+
 SET_LABELS = {"test": "EtA test", "train": "EtA train"}
 
 
@@ -54,6 +56,10 @@ def markdown(report: dict) -> str:
     L.append(f"- model: `{report['model']}`; method: **{report['recipe']['method']}**; edited layers: {report['layers']} "
              f"(`{report['recipe'].get('module')}`); patch id `{report['patch_id']}`; recipe hash `{report['recipe_hash']}`")
     L.append(f"- edited subjects: {', '.join(report['edit_subjects'])}")
+    judge = next((r["judge"] for r in report.get("before", {}).values() if isinstance(r, dict) and r.get("judge")), None)
+    if judge:
+        L.append(f"- refusal judge: {judge_line(judge)}; partial refusals count as refusals in RtA "
+                 f"(their share is in report.json as partial_sensitive / partial_benign)")
     if report.get("deviations"):
         L.append("- deviations from the paper's defaults: " + "; ".join(report["deviations"]))
     L.append("")

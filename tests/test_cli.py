@@ -25,10 +25,11 @@ def run_cli(*args):
 def test_help():
     r = run_cli("--help")
     assert r.returncode == 0
-    for name in ("eval", "world", "organism"):
+    for name in ("eval", "world", "organism", "judge"):
         assert name in r.stdout
     assert run_cli("eval", "--help").returncode == 0
     assert "--split-templates" in run_cli("world", "render", "--help").stdout
+    assert "--label-map" in run_cli("judge", "validate", "--help").stdout
 
 
 def test_subcommand_registry():

@@ -53,6 +53,9 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
     assert report["layers"] == [1] and set(report["methods"]) == {"neural_gate", "no_gate"}
     assert [r["method"].split()[0] for r in report["table"]] == ["base", "neural_gate", "no_gate"]
     assert report["before"]["test"]["n"] > 0 and "eta" in report["methods"]["neural_gate"]["after"]["test"]
+    judge = report["methods"]["neural_gate"]["after"]["test"]["judge"]  # every result names its judge
+    assert judge["kind"] == "rules" and judge == report["before"]["test"]["judge"]
+    assert f"refusal judge: rules (fingerprint {judge['fingerprint']})" in (out / "report.md").read_text()
     # the edited checkpoint differs from the base in exactly the patched tensor; the rest is byte-identical
     manifest = verify_patch(out / "patch", base)
     edited = _tensors(out / "model")
