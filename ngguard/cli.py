@@ -123,7 +123,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ngguard.evaluate import check_queries
 
     _check_out_file(args.out)
-    device = resolve_device(args.device)
     queries = load_queries(args.data)
     if args.split is not None:
         queries = [q for q in queries if q.split == args.split]
@@ -134,6 +133,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: no queries{where}")
     model_path = _resolve_model(args.model)
     check_queries(queries, LIMITS)  # prompts and image headers, before the model is loaded
+    device = resolve_device(args.device)
 
     from ngguard.adapters import load_adapter
     from ngguard.evaluate import evaluate, summary_table

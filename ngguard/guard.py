@@ -77,10 +77,11 @@ class ProtectedLVLM:
 
     Prefer ``from_pretrained``. ``patch``: a patch folder (``ngguard.patch`` format); it is applied
     at once (``protected`` = True). ``vision``: an ``OnnxVision`` for the image features, or None
-    (torch). ``limits``: input limits (``Limits``)."""
+    (torch). ``limits``: input limits (``Limits``). ``patch_key``: the operator's key
+    (``ngguard.patch.patch_key``): the patch must then carry a valid signature."""
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
-                 vision: "OnnxVision | None" = None, limits: Limits | None = None):
+                 vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
         self.lock = threading.RLock()
@@ -91,13 +92,16 @@ class ProtectedLVLM:
         self._manifest: dict | None = None
         self._revertible = False
         self._protected = False
+        self._patch_key = patch_key
+        self._expected: set[str] | None = None
         if patch is not None:
-            from ngguard.patch import BASE_FILE, patch_state_dict, read_manifest
+            from ngguard.patch import BASE_FILE, read_manifest
 
             self._patch_dir = Path(patch)
             self._manifest = read_manifest(self._patch_dir)
             self._revertible = BASE_FILE in self._manifest.get("files", {})
-            patch_state_dict(adapter.model, self._patch_dir)  # checks checksums and the base values
+            self._expected = _expected_names(adapter, self._manifest)
+            self._swap(reverse=False)  # checks signature, names, checksums, finite values and the base values
             self._protected = True
             if not self._revertible:
                 logger.warning("patch {} holds no base values: protection cannot be switched off",
@@ -107,7 +111,7 @@ class ProtectedLVLM:
     def from_pretrained(cls, base: "str | os.PathLike | Adapter" = "organism", patch: str | os.PathLike | None = None,
                         *, device: str | torch.device = "auto", vision: str = "torch",
                         onnx_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-                        limits: Limits | None = None) -> "ProtectedLVLM":
+                        limits: Limits | None = None, patch_key: bytes | None = None) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
@@ -131,7 +135,7 @@ class ProtectedLVLM:
         onnx = None
         if vision == "onnx":
             onnx = _onnx_for(adapter, onnx_dir)
-        guard = cls(adapter, patch, vision=onnx, limits=limits)
+        guard = cls(adapter, patch, vision=onnx, limits=limits, patch_key=patch_key)
         logger.info("ProtectedLVLM: {} on {} ({} vision), {}", type(adapter.model).__name__, adapter.device, vision,
                     f"patch {guard.patch_info['id']}" if guard.patch_info else "no patch")
         return guard
@@ -154,10 +158,14 @@ class ProtectedLVLM:
             if not value and not self._revertible:
                 raise ValueError(f"patch {self._manifest['patch_id']} holds no base values: "
                                  f"protection cannot be turned off")
-            from ngguard.patch import patch_state_dict
-
-            patch_state_dict(self.adapter.model, self._patch_dir, reverse=not value)
+            self._swap(reverse=not value)
             self._protected = value
+
+    def _swap(self, *, reverse: bool) -> None:
+        from ngguard.patch import patch_state_dict
+
+        patch_state_dict(self.adapter.model, self._patch_dir, reverse=reverse, key=self._patch_key,
+                         expected=self._expected)
 
     @property
     def patch_info(self) -> dict | None:
@@ -303,6 +311,24 @@ class ProtectedLVLM:
         info = self.patch_info
         patch = f"patch={info['id']!r}, protected={self._protected}" if info else "no patch"
         return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r})"
+
+
+def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:
+    """The checkpoint names a patch for this model may hold: the weight of the manifest's module
+    (``extra.module``, or any recipe module for manifests without it) in each of its layers, as the
+    adapter names them. A layer the model does not have is refused (PatchError)."""
+    from ngguard.patch import PatchError
+    from ngguard.recipe import MODULES
+
+    module = (manifest.get("extra") or {}).get("module")
+    names = set()
+    for layer in manifest.get("layers") or []:
+        for name in ([module] if module else MODULES):
+            try:
+                names.add(adapter.parameter_name(layer, name))
+            except ValueError as e:
+                raise PatchError(f"patch {manifest.get('patch_id')}: {e}") from None
+    return names
 
 
 def _onnx_for(adapter: "Adapter", onnx_dir: str | os.PathLike | None) -> "OnnxVision":
