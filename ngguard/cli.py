@@ -118,7 +118,6 @@ def _resolve_model(model: str) -> Path:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ngguard.adapters import resolve_device
     from ngguard.data import DataError, atomic_write_text, load_queries
     from ngguard.evaluate import check_queries
 
@@ -132,7 +131,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         where = f" with split '{args.split}'" if args.split else ""
         raise DataError(f"{args.data}: no queries{where}")
     model_path = _resolve_model(args.model)
-    check_queries(queries, LIMITS)  # prompts and image headers, before the model is loaded
+    check_queries(queries, LIMITS, decode=True)  # prompts and images, before the model is loaded
+    from ngguard.adapters import resolve_device
+
     device = resolve_device(args.device)
 
     from ngguard.adapters import load_adapter
@@ -231,14 +232,16 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from ngguard.pipeline import run_recipe
-    from ngguard.recipe import load_recipe
-
-    from ngguard.adapters import resolve_device
+    from ngguard.recipe import load_recipe  # the recipe is checked before the heavy imports
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    resolve_device(recipe.model.device)  # a CUDA recipe on a CPU machine: refused before any work
+    if recipe.model.device != "auto":  # a CUDA recipe on a CPU machine: refused before any work
+        from ngguard.adapters import resolve_device
+
+        resolve_device(recipe.model.device)
     out = args.out if args.out is not None else Path("runs") / recipe.name
+    from ngguard.pipeline import run_recipe
+
     run = run_recipe(recipe, out, overwrite=args.overwrite)
     print((run / "report.md").read_text().split("## Per subject")[0])
     print(f"wrote {run}")

@@ -94,18 +94,22 @@ def score(queries: Sequence[Query], responses: Sequence[str], judge: RefusalJudg
     return out
 
 
-def check_queries(queries: Sequence[Query], limits: Limits | None = None, adapter=None) -> None:
+def check_queries(queries: Sequence[Query], limits: Limits | None = None, adapter=None, *,
+                  decode: bool = False) -> None:
     """Check every query against ``limits`` before any work: its prompt (``check_text``; with an
     ``adapter`` also its token count) and its image file (regular file, size, supported format,
-    pixels and aspect ratio from the header; each distinct file once, nothing decoded).
-    Raises ``InputError`` naming the query."""
+    pixels and aspect ratio from the header; each distinct file once; with ``decode`` the pixels
+    are decoded too, which finds corrupt and truncated bodies). Raises ``InputError`` naming the query."""
     limits = limits or DEFAULT_LIMITS
     seen: set[str] = set()
     for i, q in enumerate(queries):
         try:
             check_text(q.prompt, limits, "prompt")
             if q.image not in seen:
-                check_image_file(q.image, limits)
+                if decode:
+                    load_image(q.image, limits)
+                else:
+                    check_image_file(q.image, limits)
                 seen.add(q.image)
         except InputError as e:
             raise InputError(f"query {i} ({q.subject}): {e}") from None
