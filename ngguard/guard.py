@@ -317,9 +317,10 @@ def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:
     """The checkpoint names a patch for this model may hold: the weight of the manifest's module
     (``extra.module``, or any recipe module for manifests without it) in each of its layers, as the
     adapter names them. A layer the model does not have is refused (PatchError)."""
-    from ngguard.patch import PatchError
+    from ngguard.patch import PatchError, check_tensor_names
     from ngguard.recipe import MODULES
 
+    check_tensor_names(manifest)  # the manifest's own claims first (names, layers, module)
     module = (manifest.get("extra") or {}).get("module")
     names = set()
     for layer in manifest.get("layers") or []:

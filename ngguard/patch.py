@@ -380,10 +380,10 @@ def read_manifest(patch_dir: str | os.PathLike) -> dict:
     return m
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, width: int = 40) -> str:
     from ngguard.limits import short_repr
 
-    return short_repr(value, 40)
+    return short_repr(value, width)
 
 
 def _check_schema(m: dict, path: Path) -> None:
@@ -446,7 +446,7 @@ def check_tensor_names(m: dict, expected: Iterable[str] | None = None) -> None:
     from ngguard.recipe import MODULES
 
     module = (m.get("extra") or {}).get("module")
-    allowed = {module} if module else set(MODULES)
+    allowed = ({module} if module else set(MODULES)) & set(MODULES)  # an edit only ever changes an MLP matrix
     layers = set(m["layers"])
     expected = None if expected is None else set(expected)
     for name in sorted(m["tensors"]):
@@ -455,7 +455,7 @@ def check_tensor_names(m: dict, expected: Iterable[str] | None = None) -> None:
         if ok and expected is not None:
             ok = name in expected
         if not ok:
-            raise PatchError(f"patch {m['patch_id']}: tensor {_short(name)} is not the {'/'.join(sorted(allowed))} "
+            raise PatchError(f"patch {m['patch_id']}: tensor {_short(name, 200)} is not the {'/'.join(sorted(allowed)) or module} "
                              f"weight of layer(s) {sorted(layers)} the manifest names: refused")
 
 

@@ -235,6 +235,27 @@ class LoginThrottle:
             self._succeeded(client)
 
 
+class KnownApiOnly:
+    """ASGI middleware: ``POST .../call/<name>`` for an API name the app does not have is answered
+    404 (Gradio itself raises inside the route: HTTP 500 and a traceback in the log). So an
+    endpoint that is switched off (``/compare`` with ``--expose-base off``) simply does not exist."""
+
+    def __init__(self, app, *, names: Sequence[str]) -> None:
+        self.app = app
+        self.names = frozenset(names)
+
+    async def __call__(self, scope, receive, send) -> None:
+        parts = str(scope.get("path", "")).rstrip("/").split("/")
+        if (scope.get("type") == "http" and scope.get("method") == "POST" and len(parts) >= 2
+                and parts[-2] == "call" and parts[-1] not in self.names):
+            body = json.dumps({"detail": "no such API endpoint"}).encode()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def _last_image(history: Sequence) -> Any:
     """The most recent image the user attached in a Gradio messages history (a client-supplied
     path: check it with ``uploaded_file``)."""
@@ -446,9 +467,10 @@ def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_
     bypass_proxy_for(host)
     free, first, longest = login_backoff
     throttle = Middleware(LoginThrottle, free_failures=free, base_delay=first, max_delay=longest)
+    known = Middleware(KnownApiOnly, names=[f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)])
     return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
                        show_error=False, prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["api"],
-                       app_kwargs={"middleware": [throttle]})
+                       app_kwargs={"middleware": [throttle, known]})
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
