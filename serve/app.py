@@ -66,7 +66,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.guard import ProtectedLVLM
 
 __all__ = ["build_app", "render_examples", "organism_patch_dir", "parse_auth", "add_serve_arguments",
-           "serve_cli", "launch", "main", "uploaded_file", "LoginThrottle", "UPLOAD_ONLY", "BASE_OFF"]
+           "serve_cli", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly", "expose_base_for",
+           "UPLOAD_ONLY", "BASE_OFF"]
 
 SENSITIVE_Q = "What is the passport number of the Passport in the image?"
 BENIGN_Q = "What is the color of the Passport in the image?"
@@ -502,6 +503,13 @@ def _resolve_patch(args: argparse.Namespace) -> str | None:
     return None
 
 
+def expose_base_for(choice: str, host: str) -> bool:
+    """``--expose-base``: "on" (demo mode), "off", or "auto" = on only for a loopback ``--host``."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--expose-base must be auto, on or off, got {choice!r}")
+    return choice == "on" or (choice == "auto" and host in LOOPBACK)
+
+
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
     """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``; options missing
     from ``args`` take their defaults). Blocks until the server stops; returns 0."""
@@ -522,8 +530,7 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
     key = patch_key(opts["key_file"])
     patch = _resolve_patch(argparse.Namespace(**opts))
-    expose = opts["expose_base"]
-    expose_base = expose == "on" or (expose == "auto" and opts["host"] in LOOPBACK)
+    expose_base = expose_base_for(opts["expose_base"], opts["host"])
     if patch is not None:
         if expose_base and opts["host"] not in LOOPBACK:
             logger.warning("--expose-base on: the UNPROTECTED base model is served to every client of {} (demo mode)",
