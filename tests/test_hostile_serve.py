@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
@@ -27,6 +27,7 @@ from tiny_models import (  # noqa: E402
     tiny_llava,
     tiny_llava_next,
     tiny_minigpt4,
+    tiny_patch,
     tiny_qwen2_vl,
 )
 
@@ -57,17 +58,8 @@ def free_port() -> int:
 
 
 def _guard(tmp: Path) -> ProtectedLVLM:
-    patch_mod = pytest.importorskip("ngguard.patch")
-    model, processor = tiny_llava(seed=5)
-    adapter = adapter_for(model, processor)
-    adapter.model.save_pretrained(tmp / "base")
-    key = adapter.state_dict_key(1, "down_proj")
-    w = adapter.model.get_parameter(key).detach()
-    new = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
-    patch_mod.write_patch(tmp / "patch", {key: new}, base_dir=tmp / "base", recipe_hash="t", layers=[1],
-                          method="neural_gate", gate_stats={}, subjects=["Passport"], model=adapter.model,
-                          extra={"module": "down_proj"})
-    return ProtectedLVLM(adapter, tmp / "patch")
+    adapter = adapter_for(*tiny_llava(seed=5))
+    return ProtectedLVLM(adapter, tiny_patch(adapter, tmp, extra={"module": "down_proj"}))
 
 
 @pytest.fixture(scope="module")
@@ -266,12 +258,24 @@ def test_the_bundled_organism_whatever_its_template():
 def test_token_heavy_text_is_refused_before_the_lock(servers):
     guard, url, _, image, _ = servers
     emoji = "\U0001F600" * 2000  # within 2000 characters, ~8000 byte-level tokens
-    got: list[bool] = []
-    with guard.lock:  # held by "another request": the check must not need it
+    held, release = threading.Event(), threading.Event()
+
+    def other_request() -> None:  # holds the model lock for a long generation
+        with guard.lock:
+            held.set()
+            release.wait(60)
+
+    t = threading.Thread(target=other_request)
+    t.start()
+    try:
+        assert held.wait(10)
+        t0 = time.perf_counter()
         with pytest.raises(InputError, match=r"text is too long: \d+ tokens \(limit 1024\)"):
             guard.chat(image, emoji)
-        got.append(True)
-    assert got
+        assert time.perf_counter() - t0 < 10  # refused without waiting for the lock
+    finally:
+        release.set()
+        t.join()
     reply = Client(url, verbose=False).predict({"text": emoji, "files": [handle_file(str(image))]}, True,
                                                api_name="/chat")
     assert reply.startswith(WARN) and "tokens" in reply
