@@ -128,14 +128,8 @@ class Adapter(ABC):
 
     # ---- user text inside a served prompt -------------------------------------------------------
     @functools.cached_property
-    def control_strings(self) -> tuple[str, ...]:
-        """Strings that structure this family's prompt and must never come from a user, longest
-        first: the tokenizer's special tokens (bos/eos/pad, the image placeholder, ``<|im_start|>``,
-        ...) and the role markers and tags the chat template writes around the turns ("USER:",
-        "Assistant:", "[INST]", "<Img>", ...). Derived, not listed: the prompt is rendered around
-        sentinel texts (one user turn via ``chat_prompt``; user / assistant / user turns via the
-        chat template when there is one) and what lies between the sentinels is searched for role
-        names followed by a colon and for bracketed tags."""
+    def special_strings(self) -> frozenset[str]:
+        """The tokenizer's special tokens (bos/eos/pad, ``<|im_start|>``, ...) and the image placeholder."""
         tok = self.text_tokenizer
         specials = set(getattr(tok, "all_special_tokens", None) or [])
         for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
@@ -144,26 +138,48 @@ class Adapter(ABC):
         image_token = getattr(self, "image_token", None)
         if image_token:
             specials.add(str(image_token))
-        specials = {s for s in specials if s and s.strip()}
-        fragments = _template_fragments(self)
+        return frozenset(s for s in specials if s and s.strip())
+
+    @functools.cached_property
+    def control_strings(self) -> tuple[str, ...]:
+        """Strings that structure this family's prompt and must never come from a user, longest
+        first: ``special_strings`` and the role markers and tags the chat template writes around
+        the turns ("USER:", "Assistant:", "[INST]", "<Img>", ...). Derived, not listed: the prompt
+        is rendered around sentinel texts (one user turn via ``chat_prompt``; user / assistant /
+        user turns via the chat template when there is one) and what lies between the sentinels is
+        searched for role names followed by a colon and for bracketed tags."""
+        specials = self.special_strings
         markers = set(specials)
-        for frag in fragments:
+        for frag in _template_fragments(self):
             for s in sorted(specials, key=len, reverse=True):
                 frag = frag.replace(s, "\n")
             markers.update(m.group(0) for m in _TAG.finditer(frag))
             markers.update(f"{m.group(1)}:" for m in _ROLE_COLON.finditer(frag))
         return tuple(sorted(markers, key=lambda m: (-len(m), m)))
 
+    @functools.cached_property
+    def assistant_markers(self) -> tuple[str, ...]:
+        """The role markers / tags that open the ASSISTANT's turn ("ASSISTANT:", "[/INST]"): those
+        of ``control_strings`` (special tokens aside) in the generation prompt after the user's
+        text but not before it. Empty when the assistant's turn opens with special tokens only
+        (Qwen's "<|im_start|>assistant")."""
+        sentinel = _SENTINELS[0]
+        before, _, after = self.chat_prompt(sentinel).partition(sentinel)
+        return tuple(m for m in self.control_strings if m not in self.special_strings
+                     and re.search(_marker_regex(m), after) and not re.search(_marker_regex(m), before))
+
     def neutralize(self, text: str) -> str:
-        """``text`` with every ``control_strings`` entry replaced by a space (role markers matched
-        case-insensitively, with any spaces before the colon), then runs of spaces collapsed and
-        outer whitespace stripped: user text can no longer open a turn, close one, or add an image
-        placeholder. Idempotent."""
-        pattern = self._control_pattern
+        """``text`` as plain user words: a fake assistant turn (from an ``assistant_markers`` entry
+        to the next other control string or the end) is dropped, then every ``control_strings``
+        entry is replaced by a space (role markers matched case-insensitively, with any spaces before
+        the colon), runs of spaces collapsed and outer whitespace stripped. User text can no longer
+        open a turn, close one, put words in the assistant's mouth, or add an image placeholder.
+        Idempotent."""
+        fake_turn, pattern = self._control_patterns
         if pattern is None:
             return text.strip()
         for _ in range(8):  # a replacement inserts a space, so nothing re-forms; loop for safety
-            new = pattern.sub(" ", text)
+            new = pattern.sub(" ", fake_turn.sub(" ", text) if fake_turn is not None else text)
             if new == text:
                 break
             text = new
@@ -171,17 +187,18 @@ class Adapter(ABC):
         return text.strip()
 
     @functools.cached_property
-    def _control_pattern(self) -> "re.Pattern[str] | None":
-        parts = []
-        for m in self.control_strings:
-            role = _ROLE_COLON.fullmatch(m)
-            if role:  # "USER:" also matches "user :" and "User:"
-                parts.append(rf"(?i:\b{re.escape(role.group(1))}\s*:)")
-            elif _TAG.fullmatch(m):
-                parts.append(f"(?i:{re.escape(m)})")
-            else:
-                parts.append(re.escape(m))
-        return re.compile("|".join(parts)) if parts else None
+    def _control_patterns(self) -> "tuple[re.Pattern[str] | None, re.Pattern[str] | None]":
+        """(a fake assistant turn: opener up to the next other control string or the end, any control string)."""
+        if not self.control_strings:
+            return None, None
+        every = re.compile("|".join(_marker_regex(m) for m in self.control_strings))
+        openers = self.assistant_markers
+        others = [m for m in self.control_strings if m not in openers]
+        if not openers:
+            return None, every
+        until = "|".join(_marker_regex(m) for m in others) or "(?!)"
+        fake = re.compile(f"(?:{'|'.join(_marker_regex(m) for m in openers)})[\\s\\S]*?(?={until}|\\Z)")
+        return fake, every
 
     @property
     def text_tokenizer(self):
@@ -244,6 +261,17 @@ def find_subject_span(text: str, subject: str) -> tuple[int, int]:
 # role names followed by a colon ("USER:", "Assistant :") and bracketed tags ("[INST]", "</Img>", "<<SYS>>")
 _ROLE_COLON = re.compile(r"(?i)\b(user|assistant|system|human|gpt)[ \t]*:")
 _TAG = re.compile(r"\[/?[A-Za-z_]{1,16}\]|<<?/?\|?[A-Za-z_]{1,16}\|?>>?")
+def _marker_regex(marker: str) -> str:
+    """The pattern that finds ``marker`` in user text: role markers ("USER:") in any case and with
+    spaces before the colon, tags ("[INST]") in any case, special tokens exactly."""
+    role = _ROLE_COLON.fullmatch(marker)
+    if role:
+        return rf"(?i:\b{re.escape(role.group(1))}[ \t]*:)"
+    if _TAG.fullmatch(marker):
+        return f"(?i:{re.escape(marker)})"
+    return re.escape(marker)
+
+
 _SENTINELS = ("qzxsentineluserzeroqzx", "qzxsentinelassistantqzx", "qzxsentineluseroneqzx", "qzxsentinelsystemqzx")
 
 
