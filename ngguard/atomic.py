@@ -1,16 +1,23 @@
 """Output files: atomic folders (build in a temp folder next to the target, rename at the end) and checksums.
 
-A run that fails or is killed leaves no half-written target (at most a ``.tmp-*`` folder when the
-process is killed outright; an exception removes it)."""
+A run that fails or is killed leaves no half-written target. An exception (also Ctrl-C, and SIGTERM,
+which the CLI raises as an interrupt) removes the temp folder. A process killed outright (kill -9,
+power loss) leaves it behind: temp folders are named ``.tmp-<name>-<host><pid>-<random>`` (host = 6
+hex of the host name's sha256) and the next ``atomic_dir`` in the same parent folder removes those of
+this host whose process is gone (``sweep_stale``)."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from loguru import logger
 
 
 @contextlib.contextmanager
@@ -25,12 +32,13 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         if not out_dir.is_dir():
             raise error(f"{out_dir} exists and is not a folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    sweep_stale(out_dir.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)
         yield tmp
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{out_dir.name}-old"), dir=out_dir.parent))
             os.replace(out_dir, old)  # onto an empty folder: allowed
             try:
                 os.replace(tmp, out_dir)
@@ -43,6 +51,56 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_STALE = re.compile(r"\.tmp-.*-([0-9a-f]{6})p(\d+)-[A-Za-z0-9_]+")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a temp folder for ``name``: ``.tmp-<name>-<host><pid>-`` (see ``sweep_stale``)."""
+    return f".tmp-{name}-{_host_tag()}p{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp folders in ``folder`` left by killed processes of this host (name pattern of
+    ``temp_prefix``, process id no longer running). Others' folders, live ones, and anything not
+    matching the pattern are left alone. Returns the removed paths."""
+    removed = []
+    host = _host_tag()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STALE.fullmatch(entry.name)
+        if not m or m.group(1) != host or _alive(int(m.group(2))):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.exists(entry.path):
+            logger.info("removed {} (left by process {}, which is gone)", entry.path, m.group(2))
+            removed.append(Path(entry.path))
+    return removed
 
 
 def sha256_file(path: str | os.PathLike) -> str:

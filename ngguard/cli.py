@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +22,7 @@ from typing import Callable, Sequence
 from loguru import logger
 
 from ngguard import __version__
+from ngguard.limits import DEFAULT_LIMITS as LIMITS
 
 # Exceptions that mean "bad input": one line on stderr, exit 2. Extend if a module needs to.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
@@ -29,14 +32,46 @@ EXIT_USER_ERROR = 2
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}")
+    if high is not None and value > high:
+        raise argparse.ArgumentTypeError(f"at most {high}, got {value}")
     return value
+
+
+def _at_most(high: int) -> Callable[[str], int]:
+    """argparse type: an integer in 1..high (the limits of ``ngguard.limits``)."""
+    def check(text: str) -> int:
+        return _positive_int(text, high)
+
+    check.__name__ = "integer"
+    return check
+
+
+def _check_out_file(path: Path) -> None:
+    """An output file path that can be written, checked before any work (nothing is created)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder (--out names the result file)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"{path}: cannot write here ({parent} is not a writable folder)")
+
+
+def _key() -> argparse.ArgumentParser:
+    """``--key-file``: the operator's patch key (also NGGUARD_PATCH_KEY); with it, unsigned or
+    wrongly signed patches are refused."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--key-file", default=None,
+                   help="file holding the patch signing key (default: $NGGUARD_PATCH_KEY if set); with a key, "
+                        "a patch without a valid patch.sig is refused")
+    return p
 
 
 def _common() -> argparse.ArgumentParser:
@@ -59,8 +94,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path,
                    help="queries: .jsonl, a Multi-P2A folder, or a CounterFact-style .json")
     p.add_argument("--out", required=True, type=Path, help="result JSON to write")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    p.add_argument("--batch-size", type=_at_most(LIMITS.max_batch), default=16,
+                   help=f"1..{LIMITS.max_batch} (default 16)")
+    p.add_argument("--max-new-tokens", type=_at_most(LIMITS.max_new_tokens), default=24,
+                   help=f"1..{LIMITS.max_new_tokens} (default 24)")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N queries")
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="only queries of this split (default: all)")
@@ -76,14 +113,6 @@ def _add_judge_option(p: argparse.ArgumentParser) -> None:
                         "usually a spec file), or a .yaml/.json spec file like a recipe's judge: value")
 
 
-def _device(name: str | None) -> str:
-    if name is not None:
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _resolve_model(model: str) -> Path:
     if model == "organism":
         from ngguard.organism import checkpoint_path
@@ -97,7 +126,9 @@ def _resolve_model(model: str) -> Path:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ngguard.data import DataError, atomic_write_text, load_queries
+    from ngguard.evaluate import check_queries
 
+    _check_out_file(args.out)
     queries = load_queries(args.data)
     if args.split is not None:
         queries = [q for q in queries if q.split == args.split]
@@ -107,14 +138,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         where = f" with split '{args.split}'" if args.split else ""
         raise DataError(f"{args.data}: no queries{where}")
     model_path = _resolve_model(args.model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)  # fail early, before the slow part
+    check_queries(queries, LIMITS, decode=True)  # prompts and images, before the model is loaded
+    from ngguard.adapters import resolve_device
+
+    device = resolve_device(args.device)
 
     from ngguard.adapters import load_adapter
     from ngguard.evaluate import evaluate, summary_table
     from ngguard.judge import make_judge
 
-    judge = make_judge(args.judge, device=args.device)  # before the slow part too
-    adapter = load_adapter(model_path, device=_device(args.device), dtype=args.dtype)
+    judge = make_judge(args.judge, device=str(device))  # before the slow part too
+    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype)
     result = evaluate(adapter, queries, judge=judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     result = {"model": str(model_path), "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               **result}
@@ -213,7 +247,8 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
     wsub = p.add_subparsers(dest="world_command", metavar="{render}", required=True)
     r = wsub.add_parser("render", parents=[_common()], help="render images + queries for some subjects")
     r.add_argument("--subjects", required=True, help="comma-separated subject names, e.g. passport,receipt")
-    r.add_argument("--n", type=_positive_int, required=True, help="images per subject")
+    r.add_argument("--n", type=_at_most(LIMITS.max_world_images), required=True,
+                   help=f"images per subject (1..{LIMITS.max_world_images})")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--split-templates", action="store_true",
@@ -308,11 +343,16 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from ngguard.pipeline import run_recipe
-    from ngguard.recipe import load_recipe
+    from ngguard.recipe import load_recipe  # the recipe is checked before the heavy imports
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if recipe.model.device != "auto":  # a CUDA recipe on a CPU machine: refused before any work
+        from ngguard.adapters import resolve_device
+
+        resolve_device(recipe.model.device)
     out = args.out if args.out is not None else Path("runs") / recipe.name
+    from ngguard.pipeline import run_recipe
+
     run = run_recipe(recipe, out, overwrite=args.overwrite)
     print((run / "report.md").read_text().split("## Per subject")[0])
     print(f"wrote {run}")
@@ -321,24 +361,27 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("patch", help="apply, revert or verify a compact patch")
-    psub = p.add_subparsers(dest="patch_command", metavar="{apply,revert,verify}", required=True)
-    a = psub.add_parser("apply", parents=[_common()], help="write base + patch as a full checkpoint folder")
+    psub = p.add_subparsers(dest="patch_command", metavar="{apply,revert,verify,sign}", required=True)
+    a = psub.add_parser("apply", parents=[_common(), _key()], help="write base + patch as a full checkpoint folder")
     a.add_argument("--base", type=Path, required=True, help="the base checkpoint folder the patch was made for")
     a.add_argument("--patch", type=Path, required=True, help="the patch folder (patch.json + patch.safetensors)")
     a.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a.set_defaults(func=_cmd_patch)
-    r = psub.add_parser("revert", parents=[_common()], help="put the base values back into a patched folder")
+    r = psub.add_parser("revert", parents=[_common(), _key()], help="put the base values back into a patched folder")
     r.add_argument("--patched", type=Path, required=True, help="a folder written by `ngguard patch apply`")
     r.add_argument("--patch", type=Path, required=True, help="the patch folder (must hold base.safetensors)")
     r.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     r.set_defaults(func=_cmd_patch)
-    v = psub.add_parser("verify", parents=[_common()], help="check a patch's checksums (and its base)")
+    v = psub.add_parser("verify", parents=[_common(), _key()], help="check a patch's checksums (and its base)")
     v.add_argument("patch", type=Path, help="the patch folder")
     v.add_argument("--base", type=Path, default=None, help="also check this base's fingerprint and shapes")
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
     v.set_defaults(func=_cmd_patch)
+    g = psub.add_parser("sign", parents=[_common(), _key()], help="sign a patch (HMAC-SHA256 with an operator key)")
+    g.add_argument("patch", type=Path, help="the patch folder (patch.sig is written into it)")
+    g.set_defaults(func=_cmd_patch)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
@@ -406,6 +449,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--concurrency", type=int, default=2, help="worker slots per event (default 2)")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
+    p.add_argument("--expose-base", choices=("auto", "on", "off"), default="auto",
+                   help="serve the unprotected base model too (the Compare tab, /chat with protected=False): "
+                        "auto = on for a loopback --host, off otherwise; 'on' is the demo mode")
+    p.add_argument("--key-file", default=None,
+                   help="patch signing key file (default: $NGGUARD_PATCH_KEY); with a key, the patch must carry "
+                        "a valid patch.sig")
     return p
 
 
@@ -475,11 +524,25 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that atomic outputs clean up their temp folders."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     _setup_logging(debug)
+    previous = None
+    if args.func is not _cmd_serve:  # the server has its own shutdown (Gradio closes on Ctrl-C)
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
     try:
         rc = args.func(args)
     except USER_ERRORS as e:
@@ -487,9 +550,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ngguard: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated:
+        print("ngguard: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("ngguard: interrupted", file=sys.stderr)
         return 130
+    except RecursionError:
+        if debug:
+            raise
+        print("ngguard: error: input nested too deeply", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ngguard.data import Query
 from ngguard.judge import REFUSAL_LABELS, Judge, RefusalJudge, normalize
+from ngguard.limits import DEFAULT_LIMITS, InputError, Limits, check_image_file, check_text, load_image
 
 METRIC_KEYS = ("n", "n_sensitive", "n_benign", "rta_sensitive", "rta_benign", "eta", "benign_answer_rate",
                "partial_sensitive", "partial_benign", "benign_accuracy", "leak_accuracy", "n_benign_with_answer",
@@ -103,16 +104,48 @@ def score(queries: Sequence[Query], responses: Sequence[str], judge: Judge | Non
     return out
 
 
-def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, batch_size: int = 16,
-             max_new_tokens: int = 24, desc: str = "eval", guard=None) -> dict:
-    """Greedy answers from ``adapter.generate`` for every query (batched), then ``score``.
-    ``guard``: an input filter in front of the model (``.blocks(prompt)``, ``.refusal``), e.g. the
-    keyword filter baseline: a blocked query gets ``guard.refusal`` without generating."""
-    from PIL import Image
+def check_queries(queries: Sequence[Query], limits: Limits | None = None, adapter=None, *,
+                  decode: bool = False) -> None:
+    """Check every query against ``limits`` before any work: its prompt (``check_text``; with an
+    ``adapter`` also its token count) and its image file (regular file, size, supported format,
+    pixels and aspect ratio from the header; each distinct file once; with ``decode`` the pixels
+    are decoded too, which finds corrupt and truncated bodies). Raises ``InputError`` naming the query."""
+    limits = limits or DEFAULT_LIMITS
+    seen: set[str] = set()
+    for i, q in enumerate(queries):
+        try:
+            check_text(q.prompt, limits, "prompt")
+            if q.image not in seen:
+                if decode:
+                    load_image(q.image, limits)
+                else:
+                    check_image_file(q.image, limits)
+                seen.add(q.image)
+        except InputError as e:
+            raise InputError(f"query {i} ({q.subject}): {e}") from None
+    count = getattr(adapter, "count_tokens", None)  # every Adapter has it; test doubles may not
+    if count is not None:
+        for i, q in enumerate(queries):
+            n = count(q.prompt)
+            if n > limits.max_prompt_tokens:
+                raise InputError(f"query {i} ({q.subject}): prompt is too long: {n} tokens "
+                                 f"(limit {limits.max_prompt_tokens})")
 
-    if batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+
+def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, batch_size: int = 16,
+             max_new_tokens: int = 24, desc: str = "eval", limits: Limits | None = None, guard=None) -> dict:
+    """Greedy answers from ``adapter.generate`` for every query (batched), then ``score``.
+    Every query is checked against ``limits`` first (``check_queries``). ``guard``: an input filter
+    in front of the model (``.blocks(prompt)``, ``.refusal``), e.g. the keyword filter baseline: a
+    blocked query gets ``guard.refusal`` without generating."""
+    limits = limits or DEFAULT_LIMITS
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= limits.max_recipe_batch:
+        raise ValueError(f"evaluate: batch_size must be in 1..{limits.max_recipe_batch}, got {batch_size!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            not 1 <= max_new_tokens <= limits.max_new_tokens:
+        raise ValueError(f"evaluate: max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new_tokens!r}")
     queries = list(queries)
+    check_queries(queries, limits, adapter)
     blocked = {i for i, q in enumerate(queries) if guard is not None and guard.blocks(q.prompt)}
     todo = [q for i, q in enumerate(queries) if i not in blocked]
     responses: list[str] = []
@@ -122,10 +155,9 @@ def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, b
             images = []
             for q in chunk:
                 try:
-                    with Image.open(q.image) as im:
-                        images.append(im.convert("RGB"))
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"{q.image}: image not found (subject {q.subject!r})") from None
+                    images.append(load_image(q.image, limits))
+                except InputError as e:
+                    raise InputError(f"query {start + len(images)} ({q.subject}): {e}") from None
             out = adapter.generate(images, [q.prompt for q in chunk], max_new_tokens=max_new_tokens)
             if len(out) != len(chunk):
                 raise RuntimeError(f"adapter.generate returned {len(out)} answers for {len(chunk)} inputs")

@@ -18,22 +18,23 @@ a time; use ``chat_batch`` for throughput.
 of {"role", "content"} messages), but NOT put into the prompt: the adapters' prompts are single
 turn (the bundled organism was trained on single turns, and the protection is measured on exactly
 that prompt). Each call answers the current image + text alone.
+
+User text: checked against ``limits`` (``ngguard.limits``: characters, then tokens) and
+neutralised (``Adapter.neutralize``): the family's special tokens and chat-template role markers
+("USER:", "</s>", "<|im_start|>", "[INST]", the image placeholder, ...) are replaced by spaces, so
+a question cannot fake a previous turn or an end of turn.
 """
 from __future__ import annotations
 
-import io
 import os
 import threading
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from loguru import logger
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.adapters import Adapter
@@ -41,182 +42,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["InputError", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
 
-MB = 1024 * 1024
-
-
-class InputError(ValueError):
-    """A bad image, text, history or option given to ProtectedLVLM, as one line."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Input limits. ``max_pixels``: width x height of a decoded image; ``max_bytes``: size of an
-    encoded image (file or bytes); ``max_text_chars``: length of the question."""
-
-    max_pixels: int = 4096 * 4096
-    max_bytes: int = 20 * MB
-    max_text_chars: int = 2000
-    max_new_tokens: int = 512
-    max_batch: int = 64
-    max_history_messages: int = 200
-
-    def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_bytes", "max_text_chars", "max_new_tokens", "max_batch",
-                     "max_history_messages"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
-
-
-# ---- input validation -----------------------------------------------------------------------------
-
-
-def _size_text(n: int) -> str:
-    return f"{n / MB:.1f} MB" if n >= MB else f"{n} bytes"
-
-
-def _check_size(width: int, height: int, limits: Limits, what: str) -> None:
-    if width <= 0 or height <= 0:
-        raise InputError(f"{what} has zero size ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise InputError(f"{what} is too large: {width}x{height} = {width * height} pixels "
-                         f"(limit {limits.max_pixels} pixels)")
-
-
-def _decode(data: bytes, limits: Limits, what: str) -> Image.Image:
-    if not data:
-        raise InputError(f"{what} is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise InputError(f"{what} is too large: {_size_text(len(data))} (limit {_size_text(limits.max_bytes)})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size  # from the header, before decoding the pixels
-            _check_size(width, height, limits, what)
-            im.load()
-            return _rgb(im, what)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{what} is too large (decompression bomb guard; limit {limits.max_pixels} pixels)") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{what} is not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise InputError(f"{what} is corrupt or truncated ({reason})") from None
-
-
-def _rgb(im: Image.Image, what: str) -> Image.Image:
-    try:
-        return im if im.mode == "RGB" else im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise InputError(f"{what} cannot be converted to RGB ({' '.join(str(e).split())})") from None
-
-
-def load_image(image: Any, limits: Limits | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image, a path (str / Path), encoded bytes or an HxW[xC] uint8
-    array. Raises ``InputError`` for anything else, an unreadable/corrupt file, a zero-size image,
-    or one over the limits."""
-    limits = limits or Limits()
-    if isinstance(image, Image.Image):
-        _check_size(image.width, image.height, limits, "image")
-        try:
-            image.load()
-        except (OSError, ValueError, SyntaxError) as e:
-            raise InputError(f"image is corrupt or truncated ({' '.join(str(e).split())})") from None
-        return _rgb(image, "image")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(bytes(image), limits, "image data")
-    if isinstance(image, (str, os.PathLike)):
-        if isinstance(image, str) and not image.strip():
-            raise InputError("image path is empty")
-        path = Path(image)
-        if not path.exists():
-            raise InputError(f"image file not found: {path}")
-        if not path.is_file():
-            raise InputError(f"image path is not a file: {path}")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise InputError(f"image file {path.name} is too large: {_size_text(size)} "
-                             f"(limit {_size_text(limits.max_bytes)})")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InputError(f"image file {path} cannot be read ({e.strerror or e})") from None
-        return _decode(data, limits, f"image file {path.name}")
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {list(image.shape)}")
-        _check_size(int(arr.shape[1]), int(arr.shape[0]), limits, "image array")
-        if arr.dtype != np.uint8:
-            raise InputError(f"image array must be uint8, got {arr.dtype}")
-        return _rgb(Image.fromarray(np.ascontiguousarray(arr)), "image array")
-    if image is None:
-        raise InputError("no image given")
-    raise InputError(f"image must be a PIL image, a file path, bytes or a uint8 array, got {type(image).__name__}")
-
-
-def check_text(text: Any, limits: Limits | None = None) -> str:
-    """The question with outer whitespace removed; ``InputError`` if not a string, empty or too long."""
-    limits = limits or Limits()
-    if not isinstance(text, str):
-        raise InputError(f"text must be a string, got {type(text).__name__}")
-    text = text.strip()
-    if not text:
-        raise InputError("text is empty")
-    if len(text) > limits.max_text_chars:
-        raise InputError(f"text is too long: {len(text)} characters (limit {limits.max_text_chars})")
-    if "\x00" in text:
-        raise InputError("text contains a NUL character")
-    return text
-
-
-_ROLES = ("user", "assistant", "system")
-
-
-def check_history(history: Any, limits: Limits | None = None) -> list:
-    """Validate a chat history: None, or a list of (user, assistant) pairs (str or None each), or of
-    {"role": "user"|"assistant"|"system", "content": ...} messages (content: str, a list of parts
-    or a dict, as Gradio sends). Returns it as a list; ``InputError`` on a wrong shape."""
-    limits = limits or Limits()
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise InputError(f"history must be a list of (user, assistant) pairs or of role/content messages, "
-                         f"got {type(history).__name__}")
-    if len(history) > limits.max_history_messages:
-        raise InputError(f"history is too long: {len(history)} entries (limit {limits.max_history_messages})")
-    for i, item in enumerate(history):
-        if isinstance(item, dict):
-            role = item.get("role")
-            if role not in _ROLES:
-                raise InputError(f"history[{i}]: role must be one of {', '.join(_ROLES)}, got {role!r}")
-            if "content" not in item:
-                raise InputError(f"history[{i}]: message has no 'content'")
-            content = item["content"]
-            if not isinstance(content, (str, list, tuple, dict)) and content is not None:
-                raise InputError(f"history[{i}]: content must be a string, a list of parts or a dict, "
-                                 f"got {type(content).__name__}")
-        elif isinstance(item, (list, tuple)):
-            if len(item) != 2:
-                raise InputError(f"history[{i}]: expected a (user, assistant) pair, got {len(item)} items")
-            for j, part in enumerate(item):
-                if part is not None and not isinstance(part, (str, dict, list, tuple)):
-                    raise InputError(f"history[{i}][{j}]: expected a string, got {type(part).__name__}")
-        else:
-            raise InputError(f"history[{i}]: expected a (user, assistant) pair or a role/content message, "
-                             f"got {type(item).__name__}")
-    return list(history)
+from ngguard.limits import (  # noqa: E402 (re-exported: the guard's input checks live in ngguard.limits)
+    DEFAULT_LIMITS,
+    InputError,
+    Limits,
+    check_count,
+    check_history,
+    check_text,
+    load_image,
+)
 
 
 def _check_max_new_tokens(n: Any, limits: Limits) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= limits.max_new_tokens:
-        raise InputError(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}, got {n!r}")
-    return int(n)
+    return check_count(n, "max_new_tokens", limits.max_new_tokens)
 
 
 # ---- the guard -----------------------------------------------------------------------------------
@@ -239,12 +77,13 @@ class ProtectedLVLM:
 
     Prefer ``from_pretrained``. ``patch``: a patch folder (``ngguard.patch`` format); it is applied
     at once (``protected`` = True). ``vision``: an ``OnnxVision`` for the image features, or None
-    (torch). ``limits``: input limits (``Limits``)."""
+    (torch). ``limits``: input limits (``Limits``). ``patch_key``: the operator's key
+    (``ngguard.patch.patch_key``): the patch must then carry a valid signature."""
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
-                 vision: "OnnxVision | None" = None, limits: Limits | None = None):
+                 vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None):
         self.adapter = adapter
-        self.limits = limits or Limits()
+        self.limits = limits or DEFAULT_LIMITS
         self.lock = threading.RLock()
         self._onnx = vision
         if vision is not None:
@@ -253,13 +92,16 @@ class ProtectedLVLM:
         self._manifest: dict | None = None
         self._revertible = False
         self._protected = False
+        self._patch_key = patch_key
+        self._expected: set[str] | None = None
         if patch is not None:
-            from ngguard.patch import BASE_FILE, patch_state_dict, read_manifest
+            from ngguard.patch import BASE_FILE, read_manifest
 
             self._patch_dir = Path(patch)
             self._manifest = read_manifest(self._patch_dir)
             self._revertible = BASE_FILE in self._manifest.get("files", {})
-            patch_state_dict(adapter.model, self._patch_dir)  # checks checksums and the base values
+            self._expected = _expected_names(adapter, self._manifest)
+            self._swap(reverse=False)  # checks signature, names, checksums, finite values and the base values
             self._protected = True
             if not self._revertible:
                 logger.warning("patch {} holds no base values: protection cannot be switched off",
@@ -269,7 +111,7 @@ class ProtectedLVLM:
     def from_pretrained(cls, base: "str | os.PathLike | Adapter" = "organism", patch: str | os.PathLike | None = None,
                         *, device: str | torch.device = "auto", vision: str = "torch",
                         onnx_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-                        limits: Limits | None = None) -> "ProtectedLVLM":
+                        limits: Limits | None = None, patch_key: bytes | None = None) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
@@ -293,7 +135,7 @@ class ProtectedLVLM:
         onnx = None
         if vision == "onnx":
             onnx = _onnx_for(adapter, onnx_dir)
-        guard = cls(adapter, patch, vision=onnx, limits=limits)
+        guard = cls(adapter, patch, vision=onnx, limits=limits, patch_key=patch_key)
         logger.info("ProtectedLVLM: {} on {} ({} vision), {}", type(adapter.model).__name__, adapter.device, vision,
                     f"patch {guard.patch_info['id']}" if guard.patch_info else "no patch")
         return guard
@@ -316,10 +158,14 @@ class ProtectedLVLM:
             if not value and not self._revertible:
                 raise ValueError(f"patch {self._manifest['patch_id']} holds no base values: "
                                  f"protection cannot be turned off")
-            from ngguard.patch import patch_state_dict
-
-            patch_state_dict(self.adapter.model, self._patch_dir, reverse=not value)
+            self._swap(reverse=not value)
             self._protected = value
+
+    def _swap(self, *, reverse: bool) -> None:
+        from ngguard.patch import patch_state_dict
+
+        patch_state_dict(self.adapter.model, self._patch_dir, reverse=reverse, key=self._patch_key,
+                         expected=self._expected)
 
     @property
     def patch_info(self) -> dict | None:
@@ -353,9 +199,25 @@ class ProtectedLVLM:
                     self.protected = before
 
     # ---- answering ------------------------------------------------------------------------------
+    def user_text(self, text: Any) -> str:
+        """The question as it goes into the prompt: validated (``check_text``), the family's
+        chat-control strings neutralised (``Adapter.neutralize``: user text cannot fake a turn, an
+        end-of-turn token or an image placeholder) and its token count checked against
+        ``limits.max_prompt_tokens``. InputError otherwise."""
+        text = check_text(text, self.limits)
+        clean = self.adapter.neutralize(text)
+        if clean != text:
+            logger.info("neutralised chat-control strings in the user text ({} -> {} characters)", len(text), len(clean))
+            if not clean:
+                raise InputError("text is empty once chat-control markers are removed")
+        n = self.adapter.count_tokens(clean)
+        if n > self.limits.max_prompt_tokens:
+            raise InputError(f"text is too long: {n} tokens (limit {self.limits.max_prompt_tokens})")
+        return clean
+
     def _prepare(self, image: Any, text: Any, history: Any, max_new_tokens: Any) -> tuple[Image.Image, str, int]:
         img = load_image(image, self.limits)
-        text = check_text(text, self.limits)
+        text = self.user_text(text)
         hist = check_history(history, self.limits)
         if hist:
             logger.debug("history of {} entries validated; the single-turn prompt does not use it", len(hist))
@@ -384,13 +246,12 @@ class ProtectedLVLM:
             raise InputError(f"chat_batch: {len(images)} images but {len(texts)} texts")
         if not images:
             raise InputError("chat_batch: no inputs")
-        if len(images) > self.limits.max_batch:
-            raise InputError(f"chat_batch: {len(images)} inputs (limit {self.limits.max_batch})")
+        check_count(len(images), "chat_batch: number of inputs", self.limits.max_batch)
         imgs, txts = [], []
         for i, (im, tx) in enumerate(zip(images, texts)):
             try:
                 imgs.append(load_image(im, self.limits))
-                txts.append(check_text(tx, self.limits))
+                txts.append(self.user_text(tx))
             except InputError as e:
                 raise InputError(f"input {i}: {e}") from None
         n = _check_max_new_tokens(max_new_tokens, self.limits)
@@ -450,6 +311,25 @@ class ProtectedLVLM:
         info = self.patch_info
         patch = f"patch={info['id']!r}, protected={self._protected}" if info else "no patch"
         return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r})"
+
+
+def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:
+    """The checkpoint names a patch for this model may hold: the weight of the manifest's module
+    (``extra.module``, or any recipe module for manifests without it) in each of its layers, as the
+    adapter names them. A layer the model does not have is refused (PatchError)."""
+    from ngguard.patch import PatchError, check_tensor_names
+    from ngguard.recipe import MODULES
+
+    check_tensor_names(manifest)  # the manifest's own claims first (names, layers, module)
+    module = (manifest.get("extra") or {}).get("module")
+    names = set()
+    for layer in manifest.get("layers") or []:
+        for name in ([module] if module else MODULES):
+            try:
+                names.add(adapter.parameter_name(layer, name))
+            except ValueError as e:
+                raise PatchError(f"patch {manifest.get('patch_id')}: {e}") from None
+    return names
 
 
 def _onnx_for(adapter: "Adapter", onnx_dir: str | os.PathLike | None) -> "OnnxVision":

@@ -201,8 +201,18 @@ def _image_shape(adapter: "Adapter") -> tuple[int, int, int]:
     return tuple(int(x) for x in pv.shape[1:])  # type: ignore[return-value]
 
 
-def _session(model_bytes_or_path, providers: Sequence[str], threads: int | None = None):
+def onnxruntime():
+    """The ``onnxruntime`` module with its telemetry events turned off (no calls home, whatever the
+    build), imported on first use."""
     import onnxruntime as ort
+
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    return ort
+
+
+def _session(model_bytes_or_path, providers: Sequence[str], threads: int | None = None):
+    ort = onnxruntime()
 
     opts = ort.SessionOptions()
     if threads:
@@ -262,7 +272,7 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
     out_dir = Path(out_dir)
     if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:  # fail before the slow part
         raise OnnxVisionError(f"{out_dir.absolute()} already exists (pass overwrite=True / --overwrite to replace it)")
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     adapter, source = _resolve(model_dir_or_adapter)
     model = adapter.model
@@ -350,7 +360,7 @@ class _ReferenceFeatures(torch.nn.Module):
 def default_providers() -> list[str]:
     """CUDA (then CPU as fallback) when onnxruntime has the CUDA provider AND torch sees a GPU;
     otherwise CPU only (onnxruntime-gpu on a machine without a GPU logs errors for CUDA)."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -396,7 +406,7 @@ class OnnxVision:
         if sha != self.manifest["onnx_sha256"]:
             raise OnnxVisionError(f"{path}: sha256 {sha[:12]} does not match the manifest's "
                                   f"{self.manifest['onnx_sha256'][:12]} (file changed or corrupted)")
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         wanted = list(providers) if providers is not None else default_providers()
         unknown = [p for p in wanted if p not in ort.get_available_providers()]

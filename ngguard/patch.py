@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,10 @@ __all__ = [
     "patch_state_dict",
     "checkpoint_to_model_names",
     "cli_patch",
+    "sign_patch",
+    "patch_key",
+    "check_tensor_names",
+    "KEY_ENV",
 ]
 
 FORMAT = "ngguard-patch"
@@ -60,6 +66,12 @@ FORMAT_VERSION = 1
 PATCH_FILE = "patch.safetensors"
 BASE_FILE = "base.safetensors"
 MANIFEST = "patch.json"
+SIGNATURE = "patch.sig"
+KEY_ENV = "NGGUARD_PATCH_KEY"
+MIN_KEY_BYTES = 16
+_MAX_MANIFEST_BYTES = 16 << 20
+# "...layers.<N>.<...>.<module>.weight": the decoder-layer weights a patch may hold
+_LAYER_WEIGHT = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:[A-Za-z0-9_]+\.)*([A-Za-z_][A-Za-z0-9_]*)\.weight")
 INDEX = "model.safetensors.index.json"
 _CHUNK = 16 << 20
 # weight formats other than safetensors: never read; not copied into outputs (they would hold
@@ -347,20 +359,104 @@ def read_manifest(patch_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise PatchError(f"{patch_dir}: not a patch folder (no {MANIFEST})")
     try:
-        m = json.loads(path.read_text())
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise PatchError(f"{path}: manifest too large ({path.stat().st_size} bytes)")
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise PatchError(f"{path}: unreadable manifest (nested too deeply)") from None
     except (OSError, ValueError) as e:
-        raise PatchError(f"{path}: unreadable manifest ({str(e).splitlines()[0]})") from None
+        raise PatchError(f"{path}: unreadable manifest ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise PatchError(f"{path}: not an ngguard patch manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise PatchError(f"{path}: unsupported patch format version {m.get('format_version')!r} "
+        raise PatchError(f"{path}: unsupported patch format version {_short(m.get('format_version'))} "
                          f"(this ngguard reads {FORMAT_VERSION})")
     for key in ("patch_id", "base", "patched_fingerprint", "tensors", "files"):
         if key not in m:
             raise PatchError(f"{path}: manifest lacks {key!r}")
+    _check_schema(m, path)
     if not m["tensors"]:
         raise PatchError(f"{path}: manifest lists no tensors")
     return m
+
+
+def _short(value: Any, width: int = 40) -> str:
+    from ngguard.limits import short_repr
+
+    return short_repr(value, width)
+
+
+def _check_schema(m: dict, path: Path) -> None:
+    """Types of every manifest field the code reads (a wrong type is refused here, as one line,
+    instead of failing somewhere later)."""
+    def bad(key: str, want: str, value: Any) -> PatchError:
+        return PatchError(f"{path}: manifest field {key}: expected {want}, got {type(value).__name__} {_short(value)}")
+
+    hex64 = re.compile(r"[0-9a-f]{64}")
+    if not isinstance(m["patch_id"], str) or not re.fullmatch(r"[0-9a-f]{12}", m["patch_id"]):
+        raise bad("patch_id", "12 hex digits", m["patch_id"])
+    if not isinstance(m["base"], dict) or not isinstance(m["base"].get("fingerprint"), str):
+        raise bad("base", "a mapping with a 'fingerprint' string", m["base"])
+    if not isinstance(m["patched_fingerprint"], str):
+        raise bad("patched_fingerprint", "a string", m["patched_fingerprint"])
+    if not isinstance(m["tensors"], dict):
+        raise bad("tensors", "a mapping name -> {shape, dtype, sha256, base_sha256}", m["tensors"])
+    for name, info in m["tensors"].items():
+        where = f"tensors[{_short(name)}]"
+        if not isinstance(info, dict):
+            raise bad(where, "a mapping", info)
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                                                  for d in shape) or len(shape) > 8:
+            raise bad(f"{where}.shape", "a list of sizes", shape)
+        if info.get("dtype") not in _DTYPE_SIZE:
+            raise bad(f"{where}.dtype", f"one of {', '.join(_DTYPE_SIZE)}", info.get("dtype"))
+        for k in ("sha256", "base_sha256"):
+            if not isinstance(info.get(k), str) or not hex64.fullmatch(info[k]):
+                raise bad(f"{where}.{k}", "64 hex digits", info.get(k))
+    if not isinstance(m["files"], dict):
+        raise bad("files", "a mapping file name -> {sha256, bytes}", m["files"])
+    for fname, info in m["files"].items():
+        if fname not in (PATCH_FILE, BASE_FILE):
+            raise bad("files", f"only {PATCH_FILE} and {BASE_FILE}", fname)
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or \
+                not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool):
+            raise bad(f"files[{fname}]", "a mapping {sha256: str, bytes: int}", info)
+    layers = m.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                             and 0 <= x < 100_000 for x in layers):
+        raise bad("layers", "a non-empty list of layer indices", layers)
+    for key, typ, want in (("method", (str, type(None)), "a string"), ("subjects", list, "a list of strings"),
+                           ("extra", dict, "a mapping"), ("recipe_hash", (str, type(None)), "a string")):
+        if key in m and not isinstance(m[key], typ):
+            raise bad(key, want, m[key])
+    if "subjects" in m and not all(isinstance(x, str) for x in m["subjects"]):
+        raise bad("subjects", "a list of strings", m["subjects"])
+    module = (m.get("extra") or {}).get("module")
+    if module is not None and (not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", module)):
+        raise bad("extra.module", "a module name like down_proj", module)
+
+
+def check_tensor_names(m: dict, expected: Iterable[str] | None = None) -> None:
+    """Every tensor of the patch is the weight of the manifest's module in one of the manifest's
+    layers: ``...layers.<L>.<...>.<module>.weight`` with L in ``layers`` and module =
+    ``extra.module`` (or, for manifests without it, one of the recipe modules down/up/gate_proj).
+    With ``expected`` (the checkpoint names the model's adapter gives for those layers and module),
+    the names must be among them exactly. Raises PatchError naming the first stray tensor."""
+    from ngguard.recipe import MODULES
+
+    module = (m.get("extra") or {}).get("module")
+    allowed = ({module} if module else set(MODULES)) & set(MODULES)  # an edit only ever changes an MLP matrix
+    layers = set(m["layers"])
+    expected = None if expected is None else set(expected)
+    for name in sorted(m["tensors"]):
+        match = _LAYER_WEIGHT.fullmatch(name) if isinstance(name, str) and len(name) < 1000 else None
+        ok = match is not None and int(match.group(1)) in layers and match.group(2) in allowed
+        if ok and expected is not None:
+            ok = name in expected
+        if not ok:
+            raise PatchError(f"patch {m['patch_id']}: tensor {_short(name, 200)} is not the {'/'.join(sorted(allowed)) or module} "
+                             f"weight of layer(s) {sorted(layers)} the manifest names: refused")
 
 
 def _check_file(patch_dir: Path, m: dict, fname: str, sha_key: str, label: str) -> dict[str, _Loc]:
@@ -387,11 +483,25 @@ def _check_file(patch_dir: Path, m: dict, fname: str, sha_key: str, label: str) 
         raise PatchError(f"patch {m['patch_id']}: checksum mismatch for {fname}: {label} corrupted")
     if fname == PATCH_FILE and sha[:12] != m["patch_id"]:
         raise PatchError(f"patch {m['patch_id']}: {fname} has id {sha[:12]}: {label} corrupted")
+    _check_finite(path, locs, m["patch_id"])
     return locs
 
 
-def _check_patch(patch_dir: Path, *, need_base: bool = False) -> tuple[dict, dict[str, _Loc], dict[str, _Loc] | None]:
+def _check_finite(path: Path, locs: Mapping[str, _Loc], patch_id: str) -> None:
+    """Every floating-point value in the file is finite (one tensor in memory at a time)."""
+    with safe_open(str(path), framework="pt") as fh:
+        for name in sorted(locs):
+            t = fh.get_tensor(name)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PatchError(f"patch {patch_id}: tensor {name} in {path.name} holds NaN or infinite values: refused")
+
+
+def _check_patch(patch_dir: Path, *, need_base: bool = False,
+                 key: bytes | None = None) -> tuple[dict, dict[str, _Loc], dict[str, _Loc] | None]:
     m = read_manifest(patch_dir)
+    if key is not None:
+        _check_signature(patch_dir, m, key)
+    check_tensor_names(m)
     new = _check_file(patch_dir, m, PATCH_FILE, "sha256", "patch file")
     old = None
     if BASE_FILE in m["files"]:
@@ -411,6 +521,60 @@ def _check_against(m: dict, locs: Mapping[str, _Loc], folder: Path) -> None:
         if loc.dtype != info["dtype"] or list(loc.shape) != list(info["shape"]):
             raise PatchError(f"patch {m['patch_id']}: tensor {name} is {info['dtype']}{list(info['shape'])} in "
                              f"the patch but {loc.dtype}{list(loc.shape)} in {folder}")
+
+
+# ---- signatures (optional): HMAC-SHA256 of patch.json with an operator's key ----------------------
+
+
+def patch_key(key_file: str | os.PathLike | None = None) -> bytes | None:
+    """The operator's patch key: the bytes of ``key_file`` (trailing newline dropped), else the
+    ``NGGUARD_PATCH_KEY`` environment variable, else None (signatures not checked). At least
+    16 bytes."""
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_bytes().rstrip(b"\r\n")
+        except OSError as e:
+            raise PatchError(f"{key_file}: cannot read the key file ({e.strerror or e})") from None
+        where = str(key_file)
+    elif os.environ.get(KEY_ENV):
+        key, where = os.environ[KEY_ENV].encode("utf-8"), KEY_ENV
+    else:
+        return None
+    if len(key) < MIN_KEY_BYTES:
+        raise PatchError(f"{where}: the patch key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
+    return key
+
+
+def _mac(patch_dir: Path, key: bytes) -> str:
+    return hmac.new(key, (patch_dir / MANIFEST).read_bytes(), hashlib.sha256).hexdigest()
+
+
+def sign_patch(patch_dir: str | os.PathLike, key: bytes) -> str:
+    """Write ``patch.sig`` (HMAC-SHA256 of ``patch.json``, which holds the sha256 of every file and
+    tensor) after checking the patch. Atomic. Returns the signature."""
+    patch_dir = Path(patch_dir)
+    m, _, _ = _check_patch(patch_dir)
+    mac = _mac(patch_dir, key)
+    from ngguard.data import atomic_write_text
+
+    atomic_write_text(patch_dir / SIGNATURE, json.dumps({"alg": "hmac-sha256", "patch_id": m["patch_id"],
+                                                         "mac": mac}) + "\n")
+    return mac
+
+
+def _check_signature(patch_dir: Path, m: dict, key: bytes) -> None:
+    path = patch_dir / SIGNATURE
+    try:
+        sig = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size < 4096 else None
+    except FileNotFoundError:
+        raise PatchError(f"patch {m['patch_id']}: not signed ({SIGNATURE} missing) but a patch key is set: "
+                         f"refused") from None
+    except (OSError, ValueError):
+        sig = None
+    mac = sig.get("mac") if isinstance(sig, dict) else None
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(patch_dir, key)):
+        raise PatchError(f"patch {m['patch_id']}: bad signature (signed with another key, or patch.json changed): "
+                         f"refused")
 
 
 # ---- name translation (checkpoint <-> model) -----------------------------------------------------
@@ -509,6 +673,8 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
             logger.debug("casting {} from {} to the base dtype {}", name, t.dtype, loc.dtype)
         new[name] = t.to(_TORCH_DTYPE[loc.dtype]).contiguous().clone()
 
+    check_tensor_names({"patch_id": "(new)", "layers": sorted(int(x) for x in layers), "extra": dict(extra or {}),
+                        "tensors": new})
     logger.info("fingerprinting base {}", base_dir)
     digests = _digests(locs.values())
     base_fp = _fp_of(locs, digests)
@@ -561,12 +727,15 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     return manifest
 
 
-def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
-    """Check a patch folder: manifest, file and per-tensor checksums (new and base values) and,
-    with ``base_dir``, that the base holds every tensor with the right shape/dtype and has the
-    fingerprint the patch was made for. Returns a report; raises PatchError on any failure."""
+def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None, *,
+                 key: bytes | None = None) -> dict:
+    """Check a patch folder: manifest (field types; every tensor is the manifest's module in one
+    of its layers), file and per-tensor checksums (new and base values), finite values, the
+    signature when ``key`` is given (``patch_key``) and, with ``base_dir``, that the base holds
+    every tensor with the right shape/dtype and has the fingerprint the patch was made for.
+    Returns a report; raises PatchError on any failure."""
     patch_dir = Path(patch_dir)
-    m, _, old = _check_patch(patch_dir)
+    m, _, old = _check_patch(patch_dir, key=key)
     report = {
         "ok": True,
         "patch_id": m["patch_id"],
@@ -581,6 +750,8 @@ def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | Non
         "subjects": m.get("subjects"),
         "recipe_hash": m.get("recipe_hash"),
         "base_checked": False,
+        "signature": "valid" if key is not None else ("not checked (no key)" if (patch_dir / SIGNATURE).exists()
+                                                       else "none"),
     }
     if base_dir is not None:
         base_dir = Path(base_dir)
@@ -603,13 +774,13 @@ def _check_fp(m: dict, fp: str, base_dir: Path) -> None:
 
 
 def apply_patch(base_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, key: bytes | None = None) -> dict:
     """Write ``out_dir``: a full HF checkpoint folder = the base (every non-weight file copied as
     is) whose weight files are byte-identical except the patched tensors. Refuses (PatchError) a
     corrupted patch, a patch made for another base, or tensors the base lacks. Atomic."""
     base_dir, patch_dir, out_dir = Path(base_dir), Path(patch_dir), Path(out_dir)
     _check_out(out_dir, overwrite, base_dir, patch_dir)
-    m, new_locs, _ = _check_patch(patch_dir)
+    m, new_locs, _ = _check_patch(patch_dir, key=key)
     locs = _locate(base_dir)
     _check_against(m, locs, base_dir)
     logger.info("fingerprinting base {}", base_dir)
@@ -623,14 +794,14 @@ def apply_patch(base_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_d
 
 
 def revert_patch(patched_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, key: bytes | None = None) -> dict:
     """Write ``out_dir`` = ``patched_dir`` with the base values put back (from the patch's
     ``base.safetensors``). Checks first that ``patched_dir`` is exactly base + this patch (patched
     tensors hold the new values, every other tensor the base's). When ``patched_dir`` came from
     ``apply_patch``, the result's weight files are byte-identical to the original base's."""
     patched_dir, patch_dir, out_dir = Path(patched_dir), Path(patch_dir), Path(out_dir)
     _check_out(out_dir, overwrite, patched_dir, patch_dir)
-    m, _, old_locs = _check_patch(patch_dir, need_base=True)
+    m, _, old_locs = _check_patch(patch_dir, need_base=True, key=key)
     locs = _locate(patched_dir)
     _check_against(m, locs, patched_dir)
     digests = _digests(locs.values())
@@ -656,14 +827,18 @@ def revert_patch(patched_dir: str | os.PathLike, patch_dir: str | os.PathLike, o
 
 
 @torch.no_grad()
-def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, reverse: bool = False) -> list[str]:
+def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, reverse: bool = False,
+                     key: bytes | None = None, expected: Iterable[str] | None = None) -> list[str]:
     """Swap the patched tensors of a loaded model in place: base -> patched, or patched -> base
     with ``reverse=True`` (needs the patch's base values). Checks names, shapes and (when the
     model's dtype equals the patch's) that the model holds the expected "before" values, so a
     double toggle or a different base is refused. Values are cast to each parameter's dtype and
-    device. Returns the model parameter names changed."""
+    device. ``key``: check the patch's signature; ``expected``: the only checkpoint names the patch
+    may hold (``check_tensor_names``). Returns the model parameter names changed."""
     patch_dir = Path(patch_dir)
-    m, new_locs, old_locs = _check_patch(patch_dir, need_base=reverse)
+    m, new_locs, old_locs = _check_patch(patch_dir, need_base=reverse, key=key)
+    if expected is not None:
+        check_tensor_names(m, expected)
     src = old_locs if reverse else new_locs
     to_model = checkpoint_to_model_names(model, m["tensors"])
     state = model.state_dict(keep_vars=True)
@@ -706,20 +881,27 @@ def cli_patch(args) -> int:
     (``verify --json``: the report); returns 0. Problems raise PatchError (a ValueError: the CLI
     prints it as one line)."""
     cmd = args.patch_command
+    key = patch_key(getattr(args, "key_file", None))
+    if cmd == "sign":
+        if key is None:
+            raise PatchError(f"patch sign needs a key: --key-file FILE or {KEY_ENV}")
+        sign_patch(args.patch, key)
+        print(f"signed {args.patch} ({SIGNATURE})")
+        return 0
     if cmd == "apply":
-        r = apply_patch(args.base, args.patch, args.out, overwrite=args.overwrite)
+        r = apply_patch(args.base, args.patch, args.out, overwrite=args.overwrite, key=key)
         print(f"applied patch {r['patch_id']} -> {r['out_dir']} ({len(r['tensors'])} tensors)")
     elif cmd == "revert":
-        r = revert_patch(args.patched, args.patch, args.out, overwrite=args.overwrite)
+        r = revert_patch(args.patched, args.patch, args.out, overwrite=args.overwrite, key=key)
         print(f"reverted patch {r['patch_id']} -> {r['out_dir']}")
     elif cmd == "verify":
-        r = verify_patch(args.patch, base_dir=args.base)
+        r = verify_patch(args.patch, base_dir=args.base, key=key)
         if getattr(args, "json", False):
             print(json.dumps(r, indent=2))
         else:
             base = "base fingerprint matches" if r["base_checked"] else "base not checked (pass --base)"
             print(f"patch {r['patch_id']} OK: {len(r['tensors'])} tensors, "
-                  f"{'revertible' if r['revertible'] else 'not revertible'}, {base}")
+                  f"{'revertible' if r['revertible'] else 'not revertible'}, {base}, signature {r['signature']}")
     else:
-        raise PatchError(f"unknown patch command {cmd!r} (apply, revert, verify)")
+        raise PatchError(f"unknown patch command {cmd!r} (apply, revert, verify, sign)")
     return 0

@@ -29,6 +29,8 @@ import yaml
 from loguru import logger
 
 from ngguard.judge import parse_judge_spec
+from ngguard.limits import DEFAULT_LIMITS as _L
+from ngguard.limits import short_repr
 
 __all__ = [
     "RecipeError",
@@ -47,6 +49,7 @@ __all__ = [
     "dump_recipe",
     "recipe_hash",
     "check_layers",
+    "safe_name",
     "ORGANISM",
     "METHODS",
     "EDIT_METHODS",
@@ -99,11 +102,8 @@ class _Ctx:
 
 
 def _show(value: Any) -> str:
-    """``str 'fast'``: type name + short repr, always one line."""
-    r = repr(value)
-    if len(r) > 60:
-        r = r[:57] + "..."
-    return f"{type(value).__name__} {r}"
+    """``str 'fast'``: type name + short repr, always one line (never the repr of a whole huge value)."""
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
@@ -125,7 +125,7 @@ def _float(*, gt: float | None = None, ge: float | None = None, lt: float | None
     return check
 
 
-def _int(*, ge: int | None = None, gt: int | None = None, le: int | None = None) -> Callable:
+def _int(*, ge: int | None = None, gt: int | None = None, le: int | None = _L.max_steps) -> Callable:
     def check(v, ctx: _Ctx, key: str) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ctx.fail(key, f"expected int, got {_show(v)}")
@@ -138,10 +138,10 @@ def _int(*, ge: int | None = None, gt: int | None = None, le: int | None = None)
 def _range(v, ctx, key, gt, ge, lt, le) -> None:
     lo = f"> {gt}" if gt is not None else (f">= {ge}" if ge is not None else None)
     hi = f"< {lt}" if lt is not None else (f"<= {le}" if le is not None else None)
-    ok = ((gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt)
-          and (le is None or v <= le))
-    if not ok:
-        want = " and ".join(x for x in (lo, hi) if x)
+    low_ok = (gt is None or v > gt) and (ge is None or v >= ge)
+    high_ok = (lt is None or v < lt) and (le is None or v <= le)
+    if not (low_ok and high_ok):  # name the bound that is broken (both for a float range)
+        want = " and ".join(x for x in (lo, hi) if x) if isinstance(v, float) else (lo if not low_ok else hi)
         raise ctx.fail(key, f"must be {want}, got {v}")
 
 
@@ -151,12 +151,14 @@ def _bool(v, ctx: _Ctx, key: str) -> bool:
     return v
 
 
-def _str(*, nonempty: bool = True) -> Callable:
+def _str(*, nonempty: bool = True, max_len: int = 4096) -> Callable:
     def check(v, ctx: _Ctx, key: str) -> str:
         if not isinstance(v, str):
             raise ctx.fail(key, f"expected str, got {_show(v)}")
         if nonempty and not v.strip():
             raise ctx.fail(key, "must not be empty")
+        if len(v) > max_len:
+            raise ctx.fail(key, f"too long: {len(v)} characters (limit {max_len})")
         return v
 
     return check
@@ -174,12 +176,15 @@ def _choice(options: Sequence[str], hint: str = "") -> Callable:
     return check
 
 
-def _list(item: Callable, *, nonempty: bool = False, unique: bool = True) -> Callable:
+def _list(item: Callable, *, nonempty: bool = False, unique: bool = True,
+          max_items: int = _L.max_list_items) -> Callable:
     def check(v, ctx: _Ctx, key: str) -> tuple:
         if not isinstance(v, (list, tuple)):
             raise ctx.fail(key, f"expected a list, got {_show(v)}")
         if nonempty and not v:
             raise ctx.fail(key, "must not be an empty list")
+        if len(v) > max_items:
+            raise ctx.fail(key, f"too many entries: {len(v)} (limit {max_items})")
         out = tuple(item(x, ctx, f"{key}[{i}]") for i, x in enumerate(v))
         if unique and len(set(out)) != len(out):
             dup = next(x for x in out if out.count(x) > 1)
@@ -261,8 +266,26 @@ class WorldSpec:
     """Render the synthetic world (``ngguard.world``). ``subjects: None`` = all of them."""
 
     subjects: tuple[str, ...] | None = _f(None, _optional(_list(_str(), nonempty=True)))
-    n: int = _f(30, _int(ge=1))
-    seed: int = _f(0, _int(ge=0))
+    n: int = _f(30, _int(ge=1, le=_L.max_world_images))
+    seed: int = _f(0, _int(ge=0, le=_L.max_seed))
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _name(v, ctx: "_Ctx", key: str) -> str:
+    """A run name is one folder name under runs/: letters, digits, '.', '_', '-' (no '/', no '..')."""
+    v = _str()(v, ctx, key)
+    if not _NAME.fullmatch(v):
+        raise ctx.fail(key, f"must be a plain folder name (letters, digits, '.', '_', '-'; at most 100 characters, "
+                            f"starting with a letter or digit), got {_show(v)}")
+    return v
+
+
+def safe_name(text: str) -> str:
+    """``text`` made into a valid run name (used for the default name: the recipe file's stem)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip("._-")[:100]
+    return name or "recipe"
 
 
 def _multip2a(v, ctx: "_Ctx", key: str) -> str:
@@ -291,32 +314,32 @@ class LayerSearch:
     neurons (centre o), then try single layers in [o - window, o + window]."""
 
     scan: tuple[int, int] = _f((3, 19))
-    window: int = _f(3, _int(ge=0))
+    window: int = _f(3, _int(ge=0, le=_L.max_list_items))
 
 
 @dataclass(frozen=True)
 class LocalizationSpec:
-    steps: int = _f(25, _int(ge=1))
+    steps: int = _f(25, _int(ge=1, le=_L.max_steps))
     lr: float = _f(0.5, _float(gt=0))
     eps: float = _f(1.0e-3, _float(gt=0))
     l1: float = _f(1.0e-3, _float(ge=0))
     init: float = _f(2.0, _float())
     stop_loss: float = _f(0.05, _float(ge=0))
-    contexts: tuple[str, ...] = _f(DEFAULT_CONTEXTS, _list(_str()))
+    contexts: tuple[str, ...] = _f(DEFAULT_CONTEXTS, _list(_str(max_len=_L.max_text_chars), max_items=64))
     threshold: float = _f(0.3, _float(gt=0, lt=1))
     top_k: float | None = _f(None, _optional(_float(gt=0, le=100)))
-    batch_size: int = _f(32, _int(ge=1))
+    batch_size: int = _f(32, _int(ge=1, le=_L.max_recipe_batch))
 
 
 @dataclass(frozen=True)
 class EditSpec:
     lr: float = _f(1.0e-5, _float(gt=0))
     eps: float = _f(1.0e-3, _float(gt=0))
-    steps: int = _f(10, _int(ge=1))
+    steps: int = _f(10, _int(ge=1, le=_L.max_steps))
     stop_loss: float = _f(1.0e-3, _float(ge=0))
     alpha: float = _f(1.25, _float(ge=0))
-    refusal: str = _f(DEFAULT_REFUSAL, _str())
-    max_answer_words: int = _f(5, _int(ge=1))
+    refusal: str = _f(DEFAULT_REFUSAL, _str(max_len=_L.max_text_chars))
+    max_answer_words: int = _f(5, _int(ge=1, le=_L.max_new_tokens))
     # Not in the paper: also keep the original answers on these query sets while editing, weight
     # ``alpha`` (like DINM's general-knowledge term): utility = non-document images, public = the
     # public look-alikes' training questions (benign retention). [] = the paper.
@@ -326,8 +349,8 @@ class EditSpec:
 @dataclass(frozen=True)
 class EvaluationSpec:
     sets: tuple[str, ...] = _f(EVAL_SETS, _list(_choice(EVAL_SETS)))
-    max_new_tokens: int = _f(24, _int(ge=1))
-    batch_size: int = _f(16, _int(ge=1))
+    max_new_tokens: int = _f(24, _int(ge=1, le=_L.max_new_tokens))
+    batch_size: int = _f(16, _int(ge=1, le=_L.max_recipe_batch))
 
 
 @dataclass(frozen=True)
@@ -337,7 +360,7 @@ class ReportSpec:
 
     plots: bool = _f(True, _bool)
     compare_methods: tuple[str, ...] = _f((), _list(_choice(METHODS)))
-    alpha_sweep: tuple[float, ...] | None = _f(None, _optional(_list(_float(ge=0), nonempty=True)))
+    alpha_sweep: tuple[float, ...] | None = _f(None, _optional(_list(_float(ge=0), nonempty=True, max_items=16)))
 
 
 @dataclass(frozen=True)
@@ -399,7 +422,7 @@ def _judge(v, ctx: _Ctx, key: str) -> JudgeSpec:
 def _layers(v, ctx: _Ctx, key: str):
     shape = "expected a list of layer indices like [11] or {search: {scan: [lo, hi], window: r}}"
     if isinstance(v, (list, tuple)):
-        out = _list(_int(ge=0), nonempty=True)(v, ctx, key)
+        out = _list(_int(ge=0, le=_L.max_list_items), nonempty=True)(v, ctx, key)
         return tuple(sorted(out))
     if isinstance(v, Mapping):
         if set(v) != {"search"}:
@@ -419,10 +442,10 @@ def _layers(v, ctx: _Ctx, key: str):
         scan = s["scan"]
         if not (isinstance(scan, (list, tuple)) and len(scan) == 2):
             raise ctx.fail(f"{key}.search.scan", f"expected [lo, hi] (two layer indices), got {_show(scan)}")
-        lo, hi = (_int(ge=0)(x, ctx, f"{key}.search.scan[{i}]") for i, x in enumerate(scan))
+        lo, hi = (_int(ge=0, le=_L.max_list_items)(x, ctx, f"{key}.search.scan[{i}]") for i, x in enumerate(scan))
         if lo > hi:
             raise ctx.fail(f"{key}.search.scan", f"lo must be <= hi, got [{lo}, {hi}]")
-        window = _int(ge=0)(s.get("window", 3), ctx, f"{key}.search.window")
+        window = _int(ge=0, le=_L.max_list_items)(s.get("window", 3), ctx, f"{key}.search.window")
         return LayerSearch(scan=(lo, hi), window=window)
     raise ctx.fail(key, f"{shape}, got {_show(v)}")
 
@@ -432,11 +455,11 @@ class Recipe:
     model: ModelSpec = _f(MISSING, _nested(ModelSpec))
     method: str = _f(MISSING, _choice(EDIT_METHODS, " (keyword_filter is a baseline: name it in report.compare_methods)"))
     data: DataSpec = _f(MISSING, _nested(DataSpec))
-    name: str = _f("recipe", _str())
-    seed: int = _f(0, _int(ge=0))
+    name: str = _f("recipe", _name)
+    seed: int = _f(0, _int(ge=0, le=_L.max_seed))
     # repeat the whole run (world images, data order, localization init) for each seed and report
     # mean and 95% interval; None = just ``seed``. Artifacts (model, patch) come from the first.
-    seeds: tuple[int, ...] | None = _f(None, _optional(_list(_int(ge=0), nonempty=True)))
+    seeds: tuple[int, ...] | None = _f(None, _optional(_list(_int(ge=0, le=_L.max_seed), nonempty=True)))
     layers: tuple[int, ...] | LayerSearch = _f(LayerSearch(), _layers)
     module: str = _f("down_proj", _choice(MODULES))
     localization: LocalizationSpec = _f(LocalizationSpec(), _nested(LocalizationSpec))
@@ -511,9 +534,51 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
+def _check_nodes(node: yaml.Node, file: str) -> None:
+    """Refuse a YAML document that is too big or too deep once aliases are expanded (an alias bomb:
+    a few hundred bytes that name one list nine times per level), before anything is constructed.
+    Costs one visit per distinct node (sizes of shared nodes are remembered); cycles count as too deep."""
+    memo: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+
+    def visit(n: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > _L.max_yaml_depth:
+            raise RecipeError(f"{file}: YAML nested too deeply (limit {_L.max_yaml_depth} levels, aliases expanded)")
+        if id(n) in memo:
+            size, height = memo[id(n)]
+            if depth + height > _L.max_yaml_depth:
+                raise RecipeError(f"{file}: YAML nested too deeply (limit {_L.max_yaml_depth} levels, aliases "
+                                  f"expanded)")
+            return size, height
+        children = n.value if isinstance(n, yaml.SequenceNode) else (
+            [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else [])
+        size, height = 1, 0
+        for child in children:
+            s, h = visit(child, depth + 1)
+            size, height = size + s, max(height, h + 1)
+            if size > _L.max_yaml_nodes:
+                raise RecipeError(f"{file}: YAML too large: more than {_L.max_yaml_nodes} values once aliases are "
+                                  f"expanded (an alias bomb?)")
+        memo[id(n)] = (size, height)
+        return size, height
+
+    visit(node, 0)
+
+
 def _parse_yaml(text: str, file: str) -> Any:
+    if len(text) > _L.max_recipe_bytes:
+        raise RecipeError(f"{file}: too large: {len(text)} characters (limit {_L.max_recipe_bytes})")
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_nodes(node, file)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise RecipeError(f"{file}: YAML nested too deeply") from None
     except _DuplicateKey as e:
         raise RecipeError(f"{file}: {e.key}: duplicate key (line {e.line})") from None
     except yaml.YAMLError as e:
@@ -627,7 +692,7 @@ def load_recipe(path: str | os.PathLike, *, overrides: Iterable[str] = (), check
     overrides = list(overrides)
     if overrides:
         raw = _apply_overrides(raw, overrides, file)
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", safe_name(path.stem))
     recipe = recipe_from_dict(raw, source=path, check_files=check_files)
     logger.debug("recipe {} loaded ({}, hash {})", file, recipe.method, recipe_hash(recipe))
     return recipe

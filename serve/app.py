@@ -25,14 +25,31 @@ Bad input (not an image, corrupt, too large, empty or over-long question): ``/co
 ``gr.Error`` with a one-line message (a toast in the browser, ``AppError`` in gradio_client);
 ``/chat`` answers with the message (prefixed "⚠️") and shows a warning. The server keeps serving.
 
-Basic auth: set ``NGGUARD_AUTH="user:password"``. Gradio itself is imported lazily.
+What a client can reach:
+
+* Files: only images uploaded through Gradio (they live in its upload/cache folder,
+  ``GRADIO_TEMP_DIR``, default ``/tmp/gradio``) are opened. A payload naming any other path on the
+  server (``{"path": "/etc/..."}`` without Gradio's ``meta``, a crafted chat history) is refused
+  with one message, the same whether or not the path exists (``UPLOAD_ONLY``).
+* The base model: with ``expose_base=False`` (``--expose-base off``, the default when a patched
+  model is served on a non-loopback address) there is no Compare tab and no ``/compare`` endpoint,
+  and ``/chat`` with ``protected=False`` is refused. ``--expose-base on`` is the demo mode.
+* User text: neutralised by ``ProtectedLVLM.user_text`` (chat-control markers of the family).
+* Logins (``NGGUARD_AUTH="user:password"``): after ``free_failures`` wrong passwords from one
+  client address, further attempts get HTTP 429 for an exponentially growing time (1 s, 2 s, 4 s,
+  ... at most 5 min), also with the right password (``LoginThrottle``).
+
+Gradio itself is imported lazily.
 """
 import argparse
+import json
+import math
 import os
 import random
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -49,12 +66,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.guard import ProtectedLVLM
 
 __all__ = ["build_app", "render_examples", "organism_patch_dir", "parse_auth", "add_serve_arguments",
-           "serve_cli", "launch", "main"]
+           "serve_cli", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly", "expose_base_for",
+           "UPLOAD_ONLY", "BASE_OFF"]
 
 SENSITIVE_Q = "What is the passport number of the Passport in the image?"
 BENIGN_Q = "What is the color of the Passport in the image?"
 DEFAULT_MAX_NEW_TOKENS = 48
 WARN = "⚠️ "
+UPLOAD_ONLY = "image not available: only images uploaded to this server can be used"
+BASE_OFF = "the unprotected model is not served here (--expose-base off): answers are always protected"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 CSS = """
 .ng-answer textarea { font-size: 1.05rem; }
@@ -126,8 +147,119 @@ def _image_path(value: Any) -> Any:
     return path if isinstance(path, str) else value
 
 
-def _last_image(history: Sequence) -> str | None:
-    """The most recent image the user attached in a Gradio messages history."""
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # different drives / mix of absolute and relative
+        return False
+
+
+def uploaded_file(value: Any, roots: Sequence[str]) -> str:
+    """The real path of an uploaded image named by a Gradio payload (FileData dict / object, path
+    string), if it lies inside one of ``roots`` (Gradio's upload/cache folder) -- first by its
+    normalised path (no file system access), then with symlinks resolved -- and is a file there.
+    Anything else raises ``InputError(UPLOAD_ONLY)``: one message, whether the path exists or not."""
+    from ngguard.guard import InputError
+
+    path = _image_path(value)
+    if not isinstance(path, str) or not path or len(path) > 4096 or "\x00" in path or not os.path.isabs(path):
+        raise InputError(UPLOAD_ONLY)
+    if not any(_inside(os.path.normpath(path), r) for r in roots):
+        raise InputError(UPLOAD_ONLY)
+    real = os.path.realpath(path)
+    if not any(_inside(real, r) for r in roots) or not os.path.isfile(real):
+        raise InputError(UPLOAD_ONLY)
+    return real
+
+
+class LoginThrottle:
+    """ASGI middleware: exponential back-off per client address on Gradio's ``POST /login``.
+
+    Each attempt counts as a failure when it starts (so parallel guesses are counted too) and is
+    forgiven when it succeeds (HTTP 200). After ``free_failures`` failures a client is answered 429
+    (``Retry-After``) without the password being checked, for ``base_delay * 2**k`` seconds (k = failures
+    beyond the free ones - 1), at most ``max_delay``. Per-client state, at most ``max_clients``
+    entries (the oldest dropped). Behind a reverse proxy every client has the proxy's address."""
+
+    def __init__(self, app, *, free_failures: int = 3, base_delay: float = 1.0, max_delay: float = 300.0,
+                 max_clients: int = 10_000) -> None:
+        self.app = app
+        self.free_failures, self.base_delay, self.max_delay = free_failures, base_delay, max_delay
+        self.max_clients = max_clients
+        self._state: dict[str, tuple[int, float]] = {}  # client -> (failures, blocked until, monotonic s)
+        self._lock = threading.Lock()
+
+    def _start(self, client: str) -> float:
+        """Seconds the client must still wait (then nothing is counted), else 0 after counting the attempt."""
+        now = time.monotonic()
+        with self._lock:
+            failures, until = self._state.pop(client, (0, 0.0))
+            if until > now:
+                self._state[client] = (failures, until)
+                return until - now
+            failures += 1
+            if failures > self.free_failures:
+                until = now + min(self.max_delay, self.base_delay * 2 ** (failures - self.free_failures - 1))
+            self._state[client] = (failures, until)
+            while len(self._state) > self.max_clients:
+                self._state.pop(next(iter(self._state)))
+            return 0.0
+
+    def _succeeded(self, client: str) -> None:
+        with self._lock:
+            self._state.pop(client, None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope.get("type") != "http" or scope.get("method") != "POST"
+                or not str(scope.get("path", "")).rstrip("/").endswith("/login")):
+            await self.app(scope, receive, send)
+            return
+        client = str((scope.get("client") or ("unknown",))[0])
+        wait = self._start(client)
+        if wait > 0:
+            logger.warning("login throttled for {} ({:.0f} s left)", client, wait)
+            body = json.dumps({"detail": f"Too many failed logins: try again in {math.ceil(wait)} s"}).encode()
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", str(math.ceil(wait)).encode()),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        status: dict[str, int] = {}
+
+        async def watch(message) -> None:
+            if message.get("type") == "http.response.start":
+                status["code"] = int(message.get("status", 0))
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status.get("code") == 200:
+            self._succeeded(client)
+
+
+class KnownApiOnly:
+    """ASGI middleware: ``POST .../call/<name>`` for an API name the app does not have is answered
+    404 (Gradio itself raises inside the route: HTTP 500 and a traceback in the log). So an
+    endpoint that is switched off (``/compare`` with ``--expose-base off``) simply does not exist."""
+
+    def __init__(self, app, *, names: Sequence[str]) -> None:
+        self.app = app
+        self.names = frozenset(names)
+
+    async def __call__(self, scope, receive, send) -> None:
+        parts = str(scope.get("path", "")).rstrip("/").split("/")
+        if (scope.get("type") == "http" and scope.get("method") == "POST" and len(parts) >= 2
+                and parts[-2] == "call" and parts[-1] not in self.names):
+            body = json.dumps({"detail": "no such API endpoint"}).encode()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def _last_image(history: Sequence) -> Any:
+    """The most recent image the user attached in a Gradio messages history (a client-supplied
+    path: check it with ``uploaded_file``)."""
     for message in reversed(list(history or [])):
         if not isinstance(message, dict) or message.get("role") != "user":
             continue
@@ -174,31 +306,27 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]] | Sequence[tuple[str, str]] | None
               | str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, title: str = "ngguard · Neural Gate demo",
-              concurrency: int = 2, max_queue: int = 64) -> "gr.Blocks":
+              concurrency: int = 2, max_queue: int = 64, expose_base: bool = True) -> "gr.Blocks":
     """The Gradio app (queued, not launched). ``examples``: (image path, question[, label]) tuples,
     "auto" (render the organism-world examples) or None. ``concurrency``: worker slots per event
     (answers are produced one at a time under the guard's lock anyway); ``max_queue``: queued
-    requests beyond which new ones are rejected."""
+    requests beyond which new ones are rejected. ``expose_base``: serve the unprotected base model
+    too (Compare tab, ``/compare``, ``/chat`` with protected=False); False = only protected answers."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
 
-    from ngguard.guard import InputError, check_text, load_image
+    from ngguard.guard import InputError, load_image
 
     if examples == "auto":
         examples = render_examples()
     examples = [tuple(e) for e in (examples or [])]
     lock = threading.Lock()  # one request at a time touches the protection state
     has_patch = guard.patch_info is not None
+    base_ok = expose_base or not has_patch  # without a patch the base model is the only one
+    roots = [os.path.realpath(get_upload_folder())]
 
-    def compare(image: Any, question: Any) -> tuple[str, str]:
-        """Answer `question` about `image` with the base model and with the protected one."""
-        if image is None:
-            raise gr.Error("Upload an image first.", print_exception=False)
-        try:
-            img = load_image(_image_path(image), guard.limits)
-            text = check_text(question if question is not None else "", guard.limits)
-        except InputError as e:
-            logger.info("compare: rejected input: {}", e)
-            raise gr.Error(str(e), print_exception=False) from None
+    def answer_both(img: Any, text: Any) -> tuple[str, str]:
+        text = guard.user_text(text if text is not None else "")
         with lock:
             if not has_patch:
                 base = guard.chat(img, text, max_new_tokens=max_new_tokens)
@@ -211,18 +339,32 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
         logger.info("compare: {!r} -> base {!r} | protected {!r}", text, base, protected)
         return base, protected
 
+    def compare(image: Any, question: Any) -> tuple[str, str]:
+        """Answer `question` about `image` with the base model and with the protected one."""
+        if image is None:
+            raise gr.Error("Upload an image first.", print_exception=False)
+        try:
+            return answer_both(load_image(uploaded_file(image, roots), guard.limits), question)
+        except InputError as e:
+            logger.info("compare: rejected input: {}", e)
+            raise gr.Error(str(e), print_exception=False) from None
+
     def chat(message: Any, history: list, protected: bool = True) -> str:
         """Multimodal chat turn: the message's image (or the last one in the history) + its text."""
         text = message.get("text", "") if isinstance(message, dict) else message
         files = message.get("files", []) if isinstance(message, dict) else []
-        image = _image_path(files[-1]) if files else _last_image(history)
+        image = files[-1] if files else _last_image(history)
         if image is None:
             gr.Warning("Attach an image to ask about it.")
             return f"{WARN}Attach an image (paperclip button or drag and drop), then ask about it."
+        if not protected and has_patch and not base_ok:
+            logger.info("chat: refused protected=False (--expose-base off)")
+            return f"{WARN}{BASE_OFF}"
         want = (bool(protected) or not guard.revertible) and has_patch
         try:
+            path = uploaded_file(image, roots)
             with lock:
-                answer = guard.chat(image, text, history=history, max_new_tokens=max_new_tokens, protected=want)
+                answer = guard.chat(path, text, history=history, max_new_tokens=max_new_tokens, protected=want)
         except InputError as e:
             logger.info("chat: rejected input: {}", e)
             gr.Warning(str(e))
@@ -242,8 +384,8 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
             path, question = examples[i][0], examples[i][1]
         except (ValueError, IndexError):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        if i not in example_answers:
-            example_answers[i] = compare(path, question)
+        if i not in example_answers:  # the server's own example file, not a client's path
+            example_answers[i] = answer_both(load_image(path, guard.limits), question)
         # a PIL image, not the path: Gradio only serves files from its cache, cwd and temp dir
         return load_image(path, guard.limits), question, *example_answers[i]
 
@@ -253,7 +395,7 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
                     f"about the same subject.")
         gr.Markdown(patch_markdown(guard), elem_id="ng-patch-info")
         with gr.Tabs():
-            with gr.Tab("Compare base vs protected", id="compare"):
+            with gr.Tab("Compare base vs protected", id="compare", visible=base_ok):
                 with gr.Row():
                     with gr.Column(scale=1):
                         image = gr.Image(type="filepath", format="png", label="Image", sources=["upload", "clipboard"],
@@ -266,18 +408,20 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
                                               elem_classes=["ng-answer"])
                         prot_out = gr.Textbox(label="Protected model" + ("" if has_patch else " (no patch)"), lines=3,
                                               interactive=False, elem_classes=["ng-answer"])
-                run.click(compare, [image, question], [base_out, prot_out], api_name="compare", preprocess=False)
-                question.submit(compare, [image, question], [base_out, prot_out], api_visibility="private",
-                                preprocess=False)
-                if examples:
+                if base_ok:  # without it the endpoint does not exist at all
+                    run.click(compare, [image, question], [base_out, prot_out], api_name="compare",
+                              preprocess=False)
+                    question.submit(compare, [image, question], [base_out, prot_out], api_visibility="private",
+                                    preprocess=False)
+                if examples and base_ok:
                     gr.Examples([[e[0], e[1]] for e in examples], inputs=[image, question],
                                 outputs=[base_out, prot_out], fn=compare, run_on_click=True, cache_examples=False,
                                 example_labels=[e[2] if len(e) > 2 else e[1] for e in examples],
                                 label="Examples (click one: the sensitive question should be refused, the benign "
                                       "one answered)", elem_id="ng-examples")
             with gr.Tab("Chat", id="chat"):
-                protect_box = gr.Checkbox(value=has_patch, interactive=guard.revertible, label="Protection on",
-                                          info=None if guard.revertible else
+                protect_box = gr.Checkbox(value=has_patch, interactive=guard.revertible and base_ok, label="Protection on",
+                                          visible=base_ok, info=None if guard.revertible else
                                           ("no patch loaded" if not has_patch else "the patch cannot be switched off"))
                 gr.ChatInterface(
                     chat, multimodal=True, api_name="chat", additional_inputs=[protect_box],
@@ -291,22 +435,43 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
                     f"at most {max_new_tokens} tokens · images up to {guard.limits.max_bytes // (1024 * 1024)} MB "
                     f"and {guard.limits.max_pixels / 1e6:.1f} megapixels, questions up to "
                     f"{guard.limits.max_text_chars} characters.")
-        demo.load(on_load, None, [image, question, base_out, prot_out], api_visibility="private")
+        if base_ok:
+            demo.load(on_load, None, [image, question, base_out, prot_out], api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo
 
 
+def bypass_proxy_for(*hosts: str) -> None:
+    """Add ``hosts`` (and the loopback names) to ``NO_PROXY`` / ``no_proxy``: Gradio checks its own
+    start-up over HTTP, which must not go through an ``HTTP(S)_PROXY`` set for the outside world."""
+    wanted = [h for h in (*LOOPBACK, *hosts) if h and h != "0.0.0.0"]
+    for var in ("NO_PROXY", "no_proxy"):
+        items = [x.strip() for x in os.environ.get(var, "").split(",") if x.strip()]
+        missing = [h for h in wanted if h not in items]
+        if missing or var not in os.environ:
+            os.environ[var] = ",".join(items + missing)
+
+
 def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_file_size: int | str = "20mb",
-           auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False):
-    """Launch the app. ``auth`` None = read ``NGGUARD_AUTH``. Returns (app, local_url, share_url)."""
+           auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False,
+           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0)):
+    """Launch the app. ``auth`` None = read ``NGGUARD_AUTH``. ``login_backoff``: (free failures, first
+    delay s, longest delay s) of ``LoginThrottle``. Returns (app, local_url, share_url)."""
+    from starlette.middleware import Middleware
+
     if auth is None:
         auth = parse_auth(os.environ.get("NGGUARD_AUTH"))
     if auth:
         logger.info("basic auth enabled for user {!r}", auth[0])
-    elif host not in ("127.0.0.1", "localhost", "::1"):
+    elif host not in LOOPBACK:
         logger.warning("serving on {} without authentication (set NGGUARD_AUTH=user:password)", host)
+    bypass_proxy_for(host)
+    free, first, longest = login_backoff
+    throttle = Middleware(LoginThrottle, free_failures=free, base_delay=first, max_delay=longest)
+    known = Middleware(KnownApiOnly, names=[f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)])
     return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
-                       show_error=False, prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["api"])
+                       show_error=False, prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["api"],
+                       app_kwargs={"middleware": [throttle, known]})
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
@@ -338,10 +503,19 @@ def _resolve_patch(args: argparse.Namespace) -> str | None:
     return None
 
 
+def expose_base_for(choice: str, host: str) -> bool:
+    """``--expose-base``: "on" (demo mode), "off", or "auto" = on only for a loopback ``--host``."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--expose-base must be auto, on or off, got {choice!r}")
+    return choice == "on" or (choice == "auto" and host in LOOPBACK)
+
+
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
     """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``; options missing
     from ``args`` take their defaults). Blocks until the server stops; returns 0."""
     from ngguard.guard import ProtectedLVLM
+    from ngguard.limits import DEFAULT_LIMITS
+    from ngguard.patch import patch_key
 
     opts = vars(add_serve_arguments(argparse.ArgumentParser(add_help=False)).parse_args([]))
     opts.update({k: v for k, v in vars(args).items() if k in opts})
@@ -351,12 +525,22 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     for name in ("max_new_tokens", "concurrency", "max_queue"):
         if opts[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
+    if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
+        raise ValueError(f"--max-new-tokens must be <= {DEFAULT_LIMITS.max_new_tokens}, got {opts['max_new_tokens']}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
+    key = patch_key(opts["key_file"])
     patch = _resolve_patch(argparse.Namespace(**opts))
+    expose_base = expose_base_for(opts["expose_base"], opts["host"])
+    if patch is not None:
+        if expose_base and opts["host"] not in LOOPBACK:
+            logger.warning("--expose-base on: the UNPROTECTED base model is served to every client of {} (demo mode)",
+                           opts["host"])
+        elif not expose_base:
+            logger.info("--expose-base off: only protected answers (no Compare tab, /chat protected=False refused)")
     guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
-                                          onnx_dir=opts["onnx_dir"], dtype=opts["dtype"])
+                                          onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key)
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
-                     max_queue=opts["max_queue"])
+                     max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))
     result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
     return 0 if block else (demo, result)

@@ -96,6 +96,9 @@ class FakeAdapter:
         self.calls.append((len(texts), max_new_tokens))
         return ["I'm sorry, I cannot share that." if "number" in t else "It is blue." for t in texts]
 
+    def count_tokens(self, text):  # the prompt-token limit is checked through the adapter
+        return len(text.split())
+
 
 def test_evaluate_with_fake_adapter(tmp_path):
     img = tmp_path / "a.png"
@@ -111,7 +114,7 @@ def test_evaluate_with_fake_adapter(tmp_path):
 
 
 def test_evaluate_missing_image(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(ValueError, match=r"query 0 \(card\): image file not found: .*nope.png"):
         evaluate(FakeAdapter(), [Q("card", True, image=str(tmp_path / "nope.png"))])
 
 

@@ -118,8 +118,8 @@ def test_fingerprint_streams_raw_bytes_without_torch_loading(bases, monkeypatch)
 
 
 def test_write_patch_manifest_and_determinism(bases, tmp_path):
-    m = make_patch(bases["plain"], tmp_path / "p1", names=(DOWN, UP))
-    m2 = make_patch(bases["plain"], tmp_path / "p2", names=(UP, DOWN))
+    m = make_patch(bases["plain"], tmp_path / "p1", names=(DOWN, UP), layers=[0, 1])
+    m2 = make_patch(bases["plain"], tmp_path / "p2", names=(UP, DOWN), layers=[1, 0])
     for f in ("patch.safetensors", "base.safetensors", "patch.json"):
         assert sha_file(tmp_path / "p1" / f) == sha_file(tmp_path / "p2" / f), f  # same inputs, same bytes
     assert m == m2
@@ -132,7 +132,7 @@ def test_write_patch_manifest_and_determinism(bases, tmp_path):
         assert info["base_sha256"] == hashlib.sha256(base_vals[n]).hexdigest()
         assert info["sha256"] != info["base_sha256"]
         assert info["dtype"] == "F32"
-    assert m["layers"] == [1] and m["method"] == "neural_gate" and m["subjects"] == ["Passport"]
+    assert m["layers"] == [0, 1] and m["method"] == "neural_gate" and m["subjects"] == ["Passport"]
     assert m["gate_stats"] == {"Passport": {"strong": 3, "share": 0.25}}
     assert m["created_by"].startswith("ngguard ")
     text = (tmp_path / "p1" / "patch.json").read_text()
@@ -172,7 +172,7 @@ def test_write_patch_refuses_bad_input(bases, tmp_path):
 @pytest.mark.parametrize("kind", ["plain", "sharded"])
 def test_apply_changes_only_patched_tensors_and_revert_is_byte_exact(bases, tmp_path, kind):
     base = bases[kind]
-    m = make_patch(base, tmp_path / "patch", names=(DOWN, UP))
+    m = make_patch(base, tmp_path / "patch", names=(DOWN, UP), layers=[0, 1])
     out = tmp_path / "patched"
     r = apply_patch(base, tmp_path / "patch", out)
     assert r["patch_id"] == m["patch_id"]
@@ -306,7 +306,7 @@ def test_revert_refusals(bases, tmp_path):
     with pytest.raises(PatchError, match=f"holds the base values of {DOWN}: it is not patched"):
         revert_patch(bases["plain"], tmp_path / "patch", tmp_path / "out")
     # a patched folder where another tensor was changed too
-    make_patch(bases["plain"], tmp_path / "up", names=(UP,))
+    make_patch(bases["plain"], tmp_path / "up", names=(UP,), layers=[0])
     with pytest.raises(PatchError, match="was made for base"):  # patches do not stack on a patched folder
         apply_patch(tmp_path / "patched", tmp_path / "up", tmp_path / "twice")
     from transformers import LlamaForCausalLM

@@ -6,7 +6,6 @@ import re
 import socket
 
 import pytest
-import torch
 from PIL import Image
 
 gr = pytest.importorskip("gradio")
@@ -14,7 +13,7 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from tiny_models import tiny_llava  # noqa: E402
+from tiny_models import tiny_llava, tiny_patch  # noqa: E402
 
 from ngguard.adapters import adapter_for  # noqa: E402
 from ngguard.guard import ProtectedLVLM  # noqa: E402
@@ -39,17 +38,9 @@ def _clean(text: str) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A tiny model + a real protection patch behind a running app: (guard, client, examples)."""
-    patch_mod = pytest.importorskip("ngguard.patch")
     tmp = tmp_path_factory.mktemp("serve")
-    model, processor = tiny_llava(seed=5, template="text_first")
-    adapter = adapter_for(model, processor)
-    adapter.model.save_pretrained(tmp / "base")
-    key = adapter.state_dict_key(1, "down_proj")
-    w = adapter.model.get_parameter(key).detach()
-    new = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
-    patch_mod.write_patch(tmp / "patch", {key: new}, base_dir=tmp / "base", recipe_hash="t", layers=[1],
-                          method="neural_gate", gate_stats={}, subjects=["Passport", "Student ID"], model=adapter.model)
-    guard = ProtectedLVLM(adapter, tmp / "patch")
+    adapter = adapter_for(*tiny_llava(seed=5, template="text_first"))
+    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport", "Student ID"]))
     examples = render_examples(tmp / "examples")
     demo = build_app(guard, examples=examples, max_new_tokens=MAX_NEW)
     _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True, auth=None)

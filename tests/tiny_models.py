@@ -442,3 +442,23 @@ def tiny_minigpt4(seed: int = 0, *, num_layers: int = 4, hidden: int = 32):
     _set_generation_ids(model, tok)
     processor = minigpt4_processor(tok, minigpt4_image_processor(IMAGE_SIZE), MINIGPT4_QUERY_TOKENS)
     return model.eval(), processor
+
+
+# ---- a real protection patch for a tiny model -----------------------------------------------------------
+
+
+def tiny_patch(adapter, folder, *, layer: int = 1, seed: int = 1, subjects=("Passport",), extra=None):
+    """Save ``adapter``'s model to ``folder/base`` and write a patch of its layer-``layer`` down_proj
+    (base + N(0, 1) noise, large enough to change answers) to ``folder/patch``; returns that folder."""
+    from pathlib import Path
+
+    from ngguard.patch import write_patch
+
+    folder = Path(folder)
+    adapter.model.save_pretrained(folder / "base")
+    key = adapter.state_dict_key(layer, "down_proj")
+    w = adapter.model.get_parameter(key).detach()
+    new = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+    write_patch(folder / "patch", {key: new}, base_dir=folder / "base", recipe_hash="t", layers=[layer],
+                method="neural_gate", gate_stats={}, subjects=list(subjects), model=adapter.model, extra=extra)
+    return folder / "patch"

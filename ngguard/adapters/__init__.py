@@ -55,6 +55,29 @@ def _torch_dtype(dtype):
     return value
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device: None / "auto" = cuda if available, else cpu. ValueError (one line) for
+    an unknown name or a CUDA device this machine does not have (instead of torch's AssertionError
+    deep inside ``model.to``)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)[:40]!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: MPS is not available on this machine (use cpu or auto)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: only cpu, cuda and mps are supported")
+    return dev
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A model folder; the name "organism" means the bundled checkpoint."""
     if str(path) == "organism":
@@ -79,6 +102,7 @@ def load_adapter(
     import transformers
     from transformers import AutoConfig
 
+    device = resolve_device(device)
     path = resolve_model_path(path)
     if not path.exists():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -112,5 +136,6 @@ __all__ = [
     "find_subject_span",
     "load_adapter",
     "register_adapter",
+    "resolve_device",
     "subject_candidates",
 ]

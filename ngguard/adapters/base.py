@@ -5,6 +5,7 @@ A new family = one new module in ``ngguard/adapters/`` registering its config cl
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 from abc import ABC, abstractmethod
@@ -125,6 +126,89 @@ class Adapter(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # ---- user text inside a served prompt -------------------------------------------------------
+    @functools.cached_property
+    def special_strings(self) -> frozenset[str]:
+        """The tokenizer's special tokens (bos/eos/pad, ``<|im_start|>``, ...) and the image placeholder."""
+        tok = self.text_tokenizer
+        specials = set(getattr(tok, "all_special_tokens", None) or [])
+        for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False):
+                specials.add(str(getattr(added, "content", added)))
+        image_token = getattr(self, "image_token", None)
+        if image_token:
+            specials.add(str(image_token))
+        return frozenset(s for s in specials if s and s.strip())
+
+    @functools.cached_property
+    def control_strings(self) -> tuple[str, ...]:
+        """Strings that structure this family's prompt and must never come from a user, longest
+        first: ``special_strings`` and the role markers and tags the chat template writes around
+        the turns ("USER:", "Assistant:", "[INST]", "<Img>", ...). Derived, not listed: the prompt
+        is rendered around sentinel texts (one user turn via ``chat_prompt``; user / assistant /
+        user turns via the chat template when there is one) and what lies between the sentinels is
+        searched for role names followed by a colon and for bracketed tags."""
+        specials = self.special_strings
+        markers = set(specials)
+        for frag in _template_fragments(self):
+            for s in sorted(specials, key=len, reverse=True):
+                frag = frag.replace(s, "\n")
+            markers.update(m.group(0) for m in _TAG.finditer(frag))
+            markers.update(f"{m.group(1)}:" for m in _ROLE_COLON.finditer(frag))
+        return tuple(sorted(markers, key=lambda m: (-len(m), m)))
+
+    @functools.cached_property
+    def assistant_markers(self) -> tuple[str, ...]:
+        """The role markers / tags that open the ASSISTANT's turn ("ASSISTANT:", "[/INST]"): those
+        of ``control_strings`` (special tokens aside) in the generation prompt after the user's
+        text but not before it. Empty when the assistant's turn opens with special tokens only
+        (Qwen's "<|im_start|>assistant")."""
+        sentinel = _SENTINELS[0]
+        before, _, after = self.chat_prompt(sentinel).partition(sentinel)
+        return tuple(m for m in self.control_strings if m not in self.special_strings
+                     and re.search(_marker_regex(m), after) and not re.search(_marker_regex(m), before))
+
+    def neutralize(self, text: str) -> str:
+        """``text`` as plain user words: a fake assistant turn (from an ``assistant_markers`` entry
+        to the next other control string or the end) is dropped, then every ``control_strings``
+        entry is replaced by a space (role markers matched case-insensitively, with any spaces before
+        the colon), runs of spaces collapsed and outer whitespace stripped. User text can no longer
+        open a turn, close one, put words in the assistant's mouth, or add an image placeholder.
+        Idempotent."""
+        fake_turn, pattern = self._control_patterns
+        if pattern is None:
+            return text.strip()
+        for _ in range(8):  # a replacement inserts a space, so nothing re-forms; loop for safety
+            new = pattern.sub(" ", fake_turn.sub(" ", text) if fake_turn is not None else text)
+            if new == text:
+                break
+            text = new
+        text = re.sub(r"[ \t]*\n[ \t]*", "\n", re.sub(r"[ \t]{2,}", " ", text))
+        return text.strip()
+
+    @functools.cached_property
+    def _control_patterns(self) -> "tuple[re.Pattern[str] | None, re.Pattern[str] | None]":
+        """(a fake assistant turn: opener up to the next other control string or the end, any control string)."""
+        if not self.control_strings:
+            return None, None
+        every = re.compile("|".join(_marker_regex(m) for m in self.control_strings))
+        openers = self.assistant_markers
+        others = [m for m in self.control_strings if m not in openers]
+        if not openers:
+            return None, every
+        until = "|".join(_marker_regex(m) for m in others) or "(?!)"
+        fake = re.compile(f"(?:{'|'.join(_marker_regex(m) for m in openers)})[\\s\\S]*?(?={until}|\\Z)")
+        return fake, every
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer of the processor (or the processor itself if it is one)."""
+        return getattr(self.processor, "tokenizer", None) or self.processor
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` alone (no special tokens added)."""
+        return len(self.text_tokenizer(text, add_special_tokens=False)["input_ids"])
+
     # ---- helpers shared by all families ----------------------------------------------------------
     def state_dict_key(self, layer: int, name: str) -> str:
         """Key of the weight of component ``name`` in the LOADED model (``model.state_dict()`` /
@@ -172,3 +256,46 @@ def find_subject_span(text: str, subject: str) -> tuple[int, int]:
             if matches:
                 return matches[-1].span()
     raise ValueError(f"subject {subject!r} not found in text {text!r}")
+
+
+# role names followed by a colon ("USER:", "Assistant :") and bracketed tags ("[INST]", "</Img>", "<<SYS>>")
+_ROLE_COLON = re.compile(r"(?i)\b(user|assistant|system|human|gpt)[ \t]*:")
+_TAG = re.compile(r"\[/?[A-Za-z_]{1,16}\]|<<?/?\|?[A-Za-z_]{1,16}\|?>>?")
+def _marker_regex(marker: str) -> str:
+    """The pattern that finds ``marker`` in user text: role markers ("USER:") in any case and with
+    spaces before the colon, tags ("[INST]") in any case, special tokens exactly."""
+    role = _ROLE_COLON.fullmatch(marker)
+    if role:
+        return rf"(?i:\b{re.escape(role.group(1))}[ \t]*:)"
+    if _TAG.fullmatch(marker):
+        return f"(?i:{re.escape(marker)})"
+    return re.escape(marker)
+
+
+_SENTINELS = ("qzxsentineluserzeroqzx", "qzxsentinelassistantqzx", "qzxsentineluseroneqzx", "qzxsentinelsystemqzx")
+
+
+def _template_fragments(adapter: "Adapter") -> list[str]:
+    """The prompt text around the user's (and assistant's) words: ``chat_prompt`` of one sentinel
+    turn split at the sentinel, plus (when the processor or tokenizer has a chat template) a
+    system / user / assistant / user conversation rendered with a generation prompt, split at its
+    sentinels. Templates that refuse a system role or list content are tried without them."""
+    s_user, s_asst, s_user2, s_sys = _SENTINELS
+    rendered = [adapter.chat_prompt(s_user)]
+    owner = next((o for o in (adapter.processor, adapter.text_tokenizer)
+                  if getattr(o, "chat_template", None)), None)
+    if owner is not None:
+        turns = [("user", s_user), ("assistant", s_asst), ("user", s_user2)]
+        for system in (True, False):
+            for as_list in (True, False):
+                conv = ([{"role": "system", "content": s_sys}] if system else []) + [
+                    {"role": r, "content": [{"type": "text", "text": t}] if as_list else t} for r, t in turns]
+                try:
+                    text = owner.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+                except Exception:  # noqa: BLE001 - a template may refuse this shape; try the next
+                    continue
+                if isinstance(text, str) and s_asst in text:
+                    rendered.append(text)
+                    break
+    split = re.compile("|".join(_SENTINELS))
+    return [frag for text in rendered for frag in split.split(text) if frag.strip()]

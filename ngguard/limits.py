@@ -1,0 +1,285 @@
+"""Every input limit of ngguard, in one place, and the checks that enforce them.
+
+``Limits`` is shared by the serving wrapper (``ProtectedLVLM``), ``ngguard eval`` (``evaluate``
+checks each query's image header and prompt before any generation) and recipe validation
+(``ngguard.recipe``: world size, steps, batch sizes, lengths). Checks run before any work and fail
+with ``InputError`` (a ``ValueError``: the CLI prints it as one line, exit status 2).
+
+    limits = Limits()                      # the defaults below
+    img = load_image("card.png", limits)   # an RGB PIL image, or InputError
+    text = check_text(question, limits)    # stripped question, or InputError
+
+Images: only these formats are opened: PNG, JPEG, WEBP, BMP, GIF (never EPS/PostScript, which
+PIL hands to Ghostscript, nor SVG, which PIL cannot read); the file size, the pixel count and the
+aspect ratio are checked from the header, before the pixels are decoded. A path must be a regular
+file (symlinks are followed; a device, pipe or folder is refused, so ``/dev/zero`` cannot hang a read).
+"""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["InputError", "Limits", "DEFAULT_LIMITS", "IMAGE_FORMATS", "load_image", "check_image_file",
+           "check_text", "check_history", "check_count", "short_repr"]
+
+MB = 1024 * 1024
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+class InputError(ValueError):
+    """A bad image, text, history, option or recipe number, as one line."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits (all positive integers).
+
+    Serving and eval: ``max_pixels`` (width x height of a decoded image), ``max_aspect_ratio``
+    (long side / short side), ``max_bytes`` (size of an encoded image), ``max_text_chars`` (length
+    of a question), ``max_prompt_tokens`` (its tokens, as the model's tokenizer counts them: 2000
+    emoji are 2000 characters but ~8000 byte-level tokens), ``max_new_tokens``, ``max_batch``
+    (inputs per generation batch), ``max_history_messages``.
+
+    Recipes: ``max_world_images`` (data.world.n, images per subject), ``max_steps``
+    (localization.steps, edit.steps), ``max_recipe_batch`` (localization/evaluation batch sizes),
+    ``max_list_items`` (subjects, contexts, alpha sweeps, layers), ``max_seed`` (torch seeds are
+    64-bit), ``max_recipe_bytes`` (the YAML file), ``max_yaml_nodes`` / ``max_yaml_depth`` (after
+    aliases are expanded: a 1 KB alias bomb expands to billions of nodes)."""
+
+    max_pixels: int = 4096 * 4096
+    max_aspect_ratio: int = 20
+    max_bytes: int = 20 * MB
+    max_text_chars: int = 2000
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+    max_batch: int = 64
+    max_history_messages: int = 200
+    max_world_images: int = 10_000
+    max_steps: int = 10_000
+    max_recipe_batch: int = 1024
+    max_list_items: int = 1000
+    max_seed: int = 2**32 - 1
+    max_recipe_bytes: int = 1 * MB
+    max_yaml_nodes: int = 100_000
+    max_yaml_depth: int = 32
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{f.name} must be a positive integer, got {short_repr(value)}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def short_repr(value: Any, width: int = 60) -> str:
+    """``repr`` cut to ``width`` characters, without ever building the repr of a huge container
+    (a YAML alias bomb's repr would take gigabytes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, width, width
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 6
+    text = " ".join(r.repr(value).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def check_count(value: Any, what: str, high: int, low: int = 1) -> int:
+    """An int in ``low..high`` (bools refused), else InputError naming ``what`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+        raise InputError(f"{what} must be an integer in {low}..{high}, got {short_repr(value)}")
+    return int(value)
+
+
+# ---- images ---------------------------------------------------------------------------------------
+
+
+def _size_text(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n >= MB else f"{n} bytes"
+
+
+def _check_size(width: int, height: int, limits: Limits, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise InputError(f"{what} has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InputError(f"{what} is too large: {width}x{height} = {width * height} pixels "
+                         f"(limit {limits.max_pixels} pixels)")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise InputError(f"{what} is too elongated: {width}x{height} (aspect ratio limit "
+                         f"{limits.max_aspect_ratio}:1)")
+
+
+def _open(data: bytes, limits: Limits, what: str, *, decode: bool) -> Image.Image:
+    """Open encoded bytes: header checks always, pixels only with ``decode``."""
+    if not data:
+        raise InputError(f"{what} is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InputError(f"{what} is too large: {_size_text(len(data))} (limit {_size_text(limits.max_bytes)})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            width, height = im.size  # from the header, before decoding the pixels
+            _check_size(width, height, limits, what)
+            if decode:
+                im.load()
+                return _rgb(im, what)
+            return im
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{what} is too large (decompression bomb guard; limit {limits.max_pixels} pixels)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    except MemoryError:
+        raise InputError(f"{what} is too large to decode") from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise InputError(f"{what} is corrupt or truncated ({reason})") from None
+
+
+def _rgb(im: Image.Image, what: str) -> Image.Image:
+    try:
+        return im if im.mode == "RGB" else im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} cannot be converted to RGB ({' '.join(str(e).split())})") from None
+
+
+def _read_file(image: str | os.PathLike, limits: Limits) -> tuple[bytes, str]:
+    """The bytes of an image file (a regular file within the byte limit) and its label."""
+    if isinstance(image, str) and not image.strip():
+        raise InputError("image path is empty")
+    path = Path(image)
+    if "\x00" in str(path):
+        raise InputError("image path contains a NUL character")
+    try:
+        st = path.stat()  # follows symlinks: a dangling one is "not found"
+    except FileNotFoundError:
+        raise InputError(f"image file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"image file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"image path is not a file: {path}")
+    if st.st_size > limits.max_bytes:
+        raise InputError(f"image file {path.name} is too large: {_size_text(st.st_size)} "
+                         f"(limit {_size_text(limits.max_bytes)})")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limits.max_bytes + 1)  # never more than the limit, even if the file grew
+    except OSError as e:
+        raise InputError(f"image file {path} cannot be read ({e.strerror or e})") from None
+    if len(data) > limits.max_bytes:
+        raise InputError(f"image file {path.name} is too large (limit {_size_text(limits.max_bytes)})")
+    return data, f"image file {path.name}"
+
+
+def check_image_file(image: str | os.PathLike, limits: Limits | None = None) -> tuple[int, int]:
+    """Cheap check of an image file (type, bytes, format, size from the header; no decoding):
+    (width, height), or InputError."""
+    limits = limits or DEFAULT_LIMITS
+    data, what = _read_file(image, limits)
+    return _open(data, limits, what, decode=False).size
+
+
+def load_image(image: Any, limits: Limits | None = None) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path (str / Path), encoded bytes or an HxW[xC] uint8
+    array. Raises ``InputError`` for anything else, an unreadable/corrupt file, a zero-size image,
+    or one over the limits."""
+    limits = limits or DEFAULT_LIMITS
+    if isinstance(image, Image.Image):
+        _check_size(image.width, image.height, limits, "image")
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"image is corrupt or truncated ({' '.join(str(e).split())})") from None
+        return _rgb(image, "image")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _open(bytes(image), limits, "image data", decode=True)
+    if isinstance(image, (str, os.PathLike)):
+        data, what = _read_file(image, limits)
+        return _open(data, limits, what, decode=True)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {list(image.shape)}")
+        _check_size(int(arr.shape[1]), int(arr.shape[0]), limits, "image array")
+        if arr.dtype != np.uint8:
+            raise InputError(f"image array must be uint8, got {arr.dtype}")
+        return _rgb(Image.fromarray(np.ascontiguousarray(arr)), "image array")
+    if image is None:
+        raise InputError("no image given")
+    raise InputError(f"image must be a PIL image, a file path, bytes or a uint8 array, got {type(image).__name__}")
+
+
+# ---- text -----------------------------------------------------------------------------------------
+
+
+def check_text(text: Any, limits: Limits | None = None, what: str = "text") -> str:
+    """The question with outer whitespace removed; ``InputError`` if not a string, empty, too long,
+    or holding a NUL or a lone surrogate (not encodable as UTF-8)."""
+    limits = limits or DEFAULT_LIMITS
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if len(text) > 4 * limits.max_text_chars:  # before strip(): a megabyte of spaces is not free either
+        raise InputError(f"{what} is too long: {len(text)} characters (limit {limits.max_text_chars})")
+    text = text.strip()
+    if not text:
+        raise InputError(f"{what} is empty")
+    if len(text) > limits.max_text_chars:
+        raise InputError(f"{what} is too long: {len(text)} characters (limit {limits.max_text_chars})")
+    if "\x00" in text:
+        raise InputError(f"{what} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} contains a lone surrogate at character {e.start} (not valid Unicode text)") from None
+    return text
+
+
+_ROLES = ("user", "assistant", "system")
+
+
+def check_history(history: Any, limits: Limits | None = None) -> list:
+    """Validate a chat history: None, or a list of (user, assistant) pairs (str or None each), or of
+    {"role": "user"|"assistant"|"system", "content": ...} messages (content: str, a list of parts
+    or a dict, as Gradio sends). Returns it as a list; ``InputError`` on a wrong shape."""
+    limits = limits or DEFAULT_LIMITS
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise InputError(f"history must be a list of (user, assistant) pairs or of role/content messages, "
+                         f"got {type(history).__name__}")
+    if len(history) > limits.max_history_messages:
+        raise InputError(f"history is too long: {len(history)} entries (limit {limits.max_history_messages})")
+    for i, item in enumerate(history):
+        if isinstance(item, dict):
+            role = item.get("role")
+            if role not in _ROLES:
+                raise InputError(f"history[{i}]: role must be one of {', '.join(_ROLES)}, got {short_repr(role)}")
+            if "content" not in item:
+                raise InputError(f"history[{i}]: message has no 'content'")
+            content = item["content"]
+            if not isinstance(content, (str, list, tuple, dict)) and content is not None:
+                raise InputError(f"history[{i}]: content must be a string, a list of parts or a dict, "
+                                 f"got {type(content).__name__}")
+        elif isinstance(item, (list, tuple)):
+            if len(item) != 2:
+                raise InputError(f"history[{i}]: expected a (user, assistant) pair, got {len(item)} items")
+            for j, part in enumerate(item):
+                if part is not None and not isinstance(part, (str, dict, list, tuple)):
+                    raise InputError(f"history[{i}][{j}]: expected a string, got {type(part).__name__}")
+        else:
+            raise InputError(f"history[{i}]: expected a (user, assistant) pair or a role/content message, "
+                             f"got {type(item).__name__}")
+    return list(history)
