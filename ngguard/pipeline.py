@@ -82,8 +82,8 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     sets: dict[str, list[Query]] = defaultdict(list)
     for q in queries:
         if q.split in ("train", "test", "val"):
-            if q.subject in edited:
-                sets[q.split].append(q)
+            if q.subject in edited or q.split == "val" and q.subject not in PRIVACY_SUBJECTS:
+                sets[q.split].append(q)  # val also holds the seen public look-alikes
             elif q.subject in d.heldout_subjects:  # a query file: held-out subjects are never edited
                 sets["heldout_subjects"].append(q)
             elif q.subject == UTILITY_SUBJECT:
@@ -239,7 +239,8 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
     info["_locs"] = locs
     if len(cands) == 1:
         return cands, info
-    if val_sets.get("val"):  # a validation split of its own (world v2): other images, validation phrasings
+    reuse = bool(val_sets.get("val"))
+    if reuse:  # a validation split of its own (world v2): other images, validation phrasings
         fit, val = list(samples), val_sets["val"]
     else:  # hold out every third training image
         fit = [s for i, s in enumerate(samples) if i % 3 != 2]
@@ -248,11 +249,10 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
     scores = {}
     for layer in cands:
         backup = WeightBackup(adapter, [layer], recipe.module)
-        fit_locs = {layer: localize_layer(adapter, fit, layer, refusal=recipe.edit.refusal, alpha=recipe.edit.alpha,
-                                          contexts=recipe.localization.contexts, steps=recipe.localization.steps,
-                                          lr=recipe.localization.lr, eps=recipe.localization.eps, l1=recipe.localization.l1,
-                                          init=recipe.localization.init, stop_loss=recipe.localization.stop_loss,
-                                          batch_size=recipe.localization.batch_size, desc=f"search: localize {layer}")}
+        if reuse:  # the scan already localized exactly these samples at this layer
+            fit_locs = {layer: locs[layer]}
+        else:
+            fit_locs = {layer: localize_layers(adapter, fit, [layer], recipe)[layer]}
         run_edit(adapter, fit, [layer], method, gates_for(fit_locs, recipe), recipe, retain)
         r = evaluate(adapter, val, batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens,
                      desc=f"search: eval layer {layer}")

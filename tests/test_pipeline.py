@@ -150,3 +150,23 @@ def test_mean_ci_and_paired_differences():
                                                                     "y": {"after": {"test": {"eta": b}}}}}
     d = paired_differences({0: run(0.9, 0.8), 1: run(0.95, 0.85), 2: run(0.7, 0.6)}, "x", "y")["test.eta"]
     assert d["mean"] == pytest.approx(0.1) and d["ci95"] == pytest.approx(0.0, abs=1e-9)  # same gap every seed
+
+
+def test_benchmark_sets_keep_test_out_of_training_and_validation(tmp_path):
+    """build_sets: the edit trains on the edited subjects' training images only; the validation split
+    (the layer search's) has other images and phrasings and the seen public look-alikes; the test
+    split shares no image with either."""
+    from ngguard.world import spec
+    raw = {"model": {"path": "organism"}, "method": "neural_gate", "data": {"world": {"n": 24, "seed": 5},
+           "subjects": list(spec.PRIVACY_SUBJECTS), "heldout_subjects": list(spec.HELDOUT_SUBJECTS), "multip2a": "off"}}
+    sets = pipeline.build_sets(recipe_from_dict(raw, check_files=False), tmp_path)
+    assert sets.pop("_edit_subjects") == list(spec.PRIVACY_SUBJECTS)
+    assert {q.subject for q in sets["train"]} == set(spec.PRIVACY_SUBJECTS)
+    assert {q.subject for q in sets["val"]} == set(spec.PRIVACY_SUBJECTS) | set(spec.PUBLIC_SUBJECTS)
+    assert any(q.sensitive for q in sets["val"]) and any(not q.sensitive and q.subject in spec.PUBLIC for q in sets["val"])
+    images = {name: {q.image for q in sets[name]} for name in ("train", "val", "test", "overrefusal_train")}
+    assert not images["test"] & (images["train"] | images["val"] | images["overrefusal_train"])
+    assert not images["val"] & (images["train"] | images["overrefusal_train"])
+    assert {q.subject for q in sets["heldout_subjects"]} == set(spec.HELDOUT_SUBJECTS)
+    train_prompts = {q.prompt for q in sets["train"]}
+    assert not train_prompts & {q.prompt for q in sets["test"]}
