@@ -32,6 +32,7 @@ from .edit import apply_edit, dinm_layer, subject_gradient_share
 from .evaluate import evaluate
 from .judge import RefusalJudge
 from .localize import LayerLocalization, Sample, localize_layer
+from .methods import REGISTRY, method_deviations
 from .recipe import LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
 
 
@@ -148,6 +149,9 @@ def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, d
 def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe,
              retain: Sequence[Sample] = ()):
     E = recipe.edit
+    if method in REGISTRY:  # methods of their own (ngguard/methods/): hyperparameters = the recipe section of that name
+        return REGISTRY[method][1](adapter, samples, layers, module=recipe.module, refusal=E.refusal,
+                                   hparams=getattr(recipe, method))
     return apply_edit(adapter, samples, layers, method=method, gates=gates, module=recipe.module, refusal=E.refusal,
                       alpha=E.alpha, lr=E.lr, eps=E.eps, steps=E.steps, stop_loss=E.stop_loss, retain=retain)
 
@@ -370,4 +374,4 @@ def recipe_deviations(recipe: Recipe) -> list[str]:
             dv = getattr(default, k)
             if v != dv:
                 out.append(f"{name}.{k} = {v} (paper default {dv})")
-    return out
+    return out + method_deviations(recipe)
