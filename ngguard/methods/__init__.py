@@ -41,7 +41,7 @@ def method_deviations(recipe: Recipe) -> list[str]:
         hp, default = getattr(recipe, name), cls()
         for f in dataclasses.fields(cls):
             v, dv = getattr(hp, f.name), getattr(default, f.name)
-            if v != dv and f.name != "cache_dir":
+            if v != dv and f.name not in ("cache_dir", "batch_size"):  # engineering knobs, not the papers
                 out.append(f"{name}.{f.name} = {v} (paper default {dv})")
         if recipe.edit.retain:
             out.append(f"{name}: edit.retain {list(recipe.edit.retain)} not used (no loss to add it to; the built-in "
