@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -141,7 +142,9 @@ def covariances(adapter: Adapter, layers: Sequence[int], module: str, *, corpus:
     layers = sorted(set(layers))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     texts = load_corpus(corpus, n_samples)
+    t = time.time()
     fps = model_fingerprints(adapter, layers)
+    logger.debug(f"key statistics: model fingerprinted in {time.time() - t:.1f}s")
     common = dict(format=FORMAT, module=module, corpus=corpus_hash(texts), n_texts=len(texts), max_tokens=max_tokens,
                   image_size=list(image_size), prompt=adapter.chat_prompt("{text}"), adapter=type(adapter).__name__)
     keys = {l: _key(kind="cov", fingerprint=fps[l], layer=l, **common) for l in layers}
