@@ -33,6 +33,7 @@ from .evaluate import evaluate, rescore_with_guard
 from .judge import make_judge
 from .keyword_filter import KeywordFilter
 from .localize import LayerLocalization, Sample, localize_layer
+from .methods import REGISTRY, method_deviations
 from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
 from .stats import aggregate, paired_differences
 
@@ -159,6 +160,9 @@ def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, d
 def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe,
              retain: Sequence[Sample] = ()):
     E = recipe.edit
+    if method in REGISTRY:  # methods of their own (ngguard/methods/): hyperparameters = the recipe section of that name
+        return REGISTRY[method][1](adapter, samples, layers, module=recipe.module, refusal=E.refusal,
+                                   hparams=getattr(recipe, method))
     return apply_edit(adapter, samples, layers, method=method, gates=gates, module=recipe.module, refusal=E.refusal,
                       alpha=E.alpha, lr=E.lr, eps=E.eps, steps=E.steps, stop_loss=E.stop_loss, retain=retain)
 
@@ -433,4 +437,4 @@ def recipe_deviations(recipe: Recipe) -> list[str]:
             dv = getattr(default, k)
             if v != dv:
                 out.append(f"{name}.{k} = {v} (paper default {dv})")
-    return out
+    return out + method_deviations(recipe)

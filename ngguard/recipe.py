@@ -43,6 +43,9 @@ __all__ = [
     "EvaluationSpec",
     "ReportSpec",
     "JudgeSpec",
+    "LocateEditHParams",
+    "MemitHParams",
+    "AlphaEditHParams",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -61,9 +64,9 @@ __all__ = [
 ]
 
 ORGANISM = "organism"
-METHODS = ("neural_gate", "no_gate", "dinm", "keyword_filter")
+METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter")
 # methods that change weights (keyword_filter is a guard in front of the unedited model)
-EDIT_METHODS = ("neural_gate", "no_gate", "dinm")
+EDIT_METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit")
 MODULES = ("down_proj", "up_proj", "gate_proj")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -347,6 +350,46 @@ class EditSpec:
 
 
 @dataclass(frozen=True)
+class LocateEditHParams:
+    """What MEMIT and AlphaEdit share (see ``ngguard/methods/``): the target values (MEMIT's compute_v:
+    Adam on one vector per sensitive question added to the last edited layer's output at the subject
+    token) and the key statistics C = E[k k^T] from a text corpus. Defaults: the authors' LLaMA
+    (Llama3-8B) hyperparameters."""
+
+    v_steps: int = _f(25, _int(ge=1))
+    v_lr: float = _f(0.1, _float(gt=0))
+    v_weight_decay: float = _f(0.5, _float(ge=0))
+    clamp_norm_factor: float = _f(0.75, _float(gt=0))
+    kl_factor: float = _f(0.0625, _float(ge=0))
+    stop_loss: float = _f(0.05, _float(ge=0))
+    contexts: tuple[str, ...] = _f(DEFAULT_CONTEXTS, _list(_str()))
+    # "world": the organism's built-in corpus (ngguard.world.spec strings); else a .txt (one text per
+    # line) or .jsonl ("text" field) file, resolved against the recipe's folder (e.g. wikitext-103)
+    corpus: str = _f("world", _str())
+    cov_samples: int = _f(100000, _int(ge=1, le=100_000_000))
+    cov_max_tokens: int = _f(2048, _int(ge=1))
+    # where the statistics are cached (null: $NGGUARD_CACHE or ~/.cache/ngguard, + /stats)
+    cache_dir: str | None = _f(None, _optional(_str()))
+    batch_size: int = _f(32, _int(ge=1))
+
+
+@dataclass(frozen=True)
+class MemitHParams(LocateEditHParams):
+    """MEMIT (Meng et al., ICLR 2023): ``mom2_update_weight`` = lambda in (lambda C + K K^T)^-1."""
+
+    mom2_update_weight: float = _f(15000.0, _float(ge=0))
+
+
+@dataclass(frozen=True)
+class AlphaEditHParams(LocateEditHParams):
+    """AlphaEdit (Fang et al., ICLR 2025): null space of C = eigenvectors with eigenvalue <
+    ``null_threshold``; ``l2``: the identity term of its solve."""
+
+    null_threshold: float = _f(2.0e-2, _float(gt=0))
+    l2: float = _f(10.0, _float(ge=0))
+
+
+@dataclass(frozen=True)
 class EvaluationSpec:
     sets: tuple[str, ...] = _f(EVAL_SETS, _list(_choice(EVAL_SETS)))
     max_new_tokens: int = _f(24, _int(ge=1, le=_L.max_new_tokens))
@@ -464,6 +507,8 @@ class Recipe:
     module: str = _f("down_proj", _choice(MODULES))
     localization: LocalizationSpec = _f(LocalizationSpec(), _nested(LocalizationSpec))
     edit: EditSpec = _f(EditSpec(), _nested(EditSpec))
+    memit: MemitHParams = _f(MemitHParams(), _nested(MemitHParams))
+    alphaedit: AlphaEditHParams = _f(AlphaEditHParams(), _nested(AlphaEditHParams))
     evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
     judge: JudgeSpec = _f(JudgeSpec(), _judge)
@@ -653,6 +698,21 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         dchanges["multip2a"] = str(p)
     if dchanges:
         changes["data"] = dataclasses.replace(data, **dchanges)
+    for name in ("memit", "alphaedit"):
+        hp = getattr(recipe, name)
+        paths = {}
+        for key in ("corpus", "cache_dir"):
+            value = getattr(hp, key)
+            if value is None or (key == "corpus" and value == "world"):
+                continue
+            p = _resolve(value, ctx.root)
+            if key == "corpus" and ctx.check_files and name in (recipe.method, *recipe.report.compare_methods) \
+                    and not p.is_file():
+                raise ctx.fail(f"{name}.corpus", f"file not found: {p} (a .txt or .jsonl text corpus, or 'world' "
+                                                 f"for the organism's built-in one)")
+            paths[key] = str(p)
+        if paths:
+            changes[name] = dataclasses.replace(hp, **paths)
     return dataclasses.replace(recipe, **changes) if changes else recipe
 
 

@@ -546,3 +546,39 @@ def test_prefix_cache_covers_the_image_when_it_comes_first():
     batch = encode_rows(text_first, samples, rows)
     assert prefix_length(batch, torch.zeros(len(rows), dtype=torch.long)) < int(
         (batch.inputs["input_ids"][0] == text_first.image_token_id).nonzero()[0])
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_memit_and_alphaedit_edit_only_their_matrices(family, method, tmp_path):
+    """MEMIT and AlphaEdit (ngguard/methods/) in every family: keys and target values at the subject
+    token, corpus statistics through the family's prompt, the closed form over two layers. Only the
+    edited down-projections change, and the last edited layer reaches the target values."""
+    from ngguard.localize import Sample
+    from ngguard.methods import REGISTRY
+    from ngguard.methods.covariance import covariances
+
+    model, processor = family.build(0)
+    adapter = adapter_for(model, processor)
+    samples = [Sample(family.image(i), subject, [f"what is the number of the {subject} in this image?"],
+                      [(f"what colour is the {subject}?", "blue")], key=f"{subject}{i}")
+               for i in range(2) for subject in ("passport", "receipt")]
+    layers, refusal = [1, 2], "I am sorry."
+    cls, apply = REGISTRY[method]
+    kw = dict(v_steps=4, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=4.0, contexts=("I am an AI.",), cov_samples=2,
+              cov_max_tokens=16, batch_size=16, cache_dir=str(tmp_path))
+    if method == "alphaedit":  # null space = the lower half of the spectrum (tiny keys: 2e-2 would take all)
+        covs = covariances(adapter, layers, "down_proj", corpus="world", n_samples=2, max_tokens=16,
+                           image_size=samples[0].image.size, cache_dir=tmp_path)
+        kw |= dict(null_threshold=min(float(torch.linalg.eigvalsh(c.double()).median()) for c in covs.values()),
+                   l2=1e-8)
+    else:
+        kw |= dict(mom2_update_weight=1e-4)
+
+    before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    res = apply(adapter, samples, layers, module="down_proj", refusal=refusal, hparams=cls(**kw))
+    after = adapter.model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == sorted(adapter.state_dict_key(l, "down_proj") for l in layers)
+    assert sorted(res.weights) == sorted(adapter.parameter_name(l, "down_proj") for l in layers)
+    gap = res.log[-1]["target_distance"]
+    assert gap["end"] < 0.05 * gap["start"]

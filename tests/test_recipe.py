@@ -57,7 +57,8 @@ def test_shipped_recipe_loads(path: Path):
     assert isinstance(r, Recipe) and r.name
     raw = yaml.safe_load(path.read_text())
     # portable: no absolute paths, no device ids
-    for section, key in (("model", "path"), ("data", "queries"), ("data", "multip2a")):
+    for section, key in (("model", "path"), ("data", "queries"), ("data", "multip2a"), ("memit", "corpus"),
+                         ("alphaedit", "corpus"), ("memit", "cache_dir"), ("alphaedit", "cache_dir")):
         value = (raw.get(section) or {}).get(key)
         if isinstance(value, str):
             assert not os.path.isabs(value) and not value.startswith("~"), f"{path.name}: {section}.{key}"
