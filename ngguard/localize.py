@@ -456,6 +456,10 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     recorded forward, take the prefix before the subject token from a KV cache, compute logits only
     where there are targets (see ``_prepare_chunk``).
     """
+    if layer >= adapter.num_layers - 1:
+        raise ValueError(f"layer {layer} is the top layer of {adapter.num_layers}: its output at the subject token reaches "
+                         f"no later token, so no scaling vector there can change the answer; localize layers "
+                         f"0..{adapter.num_layers - 2}")
     model = adapter.model
     for p in model.parameters():
         p.requires_grad_(False)

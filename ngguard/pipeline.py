@@ -228,7 +228,10 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
     if not isinstance(spec, LayerSearch):
         return list(spec), info
     a, b = spec.scan
+    b = min(b, adapter.num_layers - 2)  # the top layer's subject-token state reaches no later token
     scan = list(range(a, b + 1))
+    if b < spec.scan[1]:
+        info["top_layer_skipped"] = adapter.num_layers - 1
     if method == "dinm":
         best, dist = dinm_layer(adapter, samples, recipe.edit.refusal, unsafe, scan)
         info["dinm_distance"] = dist

@@ -519,6 +519,8 @@ def test_localization_and_edit_shortcuts_are_exact(family):
     slow = localize_layer(adapter, samples, 1, shortcuts=False, **kw)
     assert (fast.scales < 0.9).any()  # the vectors moved
     assert torch.allclose(fast.scales, slow.scales, atol=1e-4)
+    with pytest.raises(ValueError, match="top layer"):  # its subject-token state reaches no target
+        localize_layer(adapter, samples, adapter.num_layers - 1, **kw)
 
     edits = {}
     for shortcuts in (True, False):
