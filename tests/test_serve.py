@@ -72,8 +72,9 @@ def test_chat_answers_with_chosen_protection(served):
     on = Client(url, verbose=False).predict({"text": question, "files": [handle_file(path)]}, True, api_name="/chat")
     off = Client(url, verbose=False).predict({"text": question, "files": [handle_file(path)]}, False,
                                              api_name="/chat")
-    assert on == _clean(guard.chat(path, question, max_new_tokens=MAX_NEW, protected=True))
-    assert off == _clean(guard.chat(path, question, max_new_tokens=MAX_NEW, protected=False))
+    # which control characters survive the chatbot depends on Gradio: compare both sides cleaned
+    assert _clean(on) == _clean(guard.chat(path, question, max_new_tokens=MAX_NEW, protected=True))
+    assert _clean(off) == _clean(guard.chat(path, question, max_new_tokens=MAX_NEW, protected=False))
 
 
 def test_bad_upload_gives_a_message_and_server_keeps_serving(served, tmp_path):
