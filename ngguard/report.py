@@ -231,7 +231,7 @@ def make_plots(out: Path, report: dict) -> list[str]:
         agg = report["aggregate"]
         metrics = [(s, k, lab) for s, k, lab in HEADLINE if any(agg[m].get(s, {}).get(k, {}).get("mean") is not None
                                                                   for m in agg)]
-        fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(metrics) * len(agg) / 2), 4.2))
+        fig, ax = plt.subplots(figsize=(min(16, max(8, 0.2 * len(metrics) * len(agg))), 5.5))
         w = 0.8 / len(agg)
         x = np.arange(len(metrics))
         for i, m in enumerate(agg):
