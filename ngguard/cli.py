@@ -209,8 +209,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("patch", help="apply, revert or verify a compact patch")
-    psub = p.add_subparsers(dest="patch_command", metavar="{apply,revert,verify}", required=True)
+    p = sub.add_parser("patch", help="apply, revert, verify or export (LoRA) a compact patch")
+    psub = p.add_subparsers(dest="patch_command", metavar="{apply,revert,verify,export-lora}", required=True)
     a = psub.add_parser("apply", parents=[_common()], help="write base + patch as a full checkpoint folder")
     a.add_argument("--base", type=Path, required=True, help="the base checkpoint folder the patch was made for")
     a.add_argument("--patch", type=Path, required=True, help="the patch folder (patch.json + patch.safetensors)")
@@ -228,6 +228,23 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--base", type=Path, default=None, help="also check this base's fingerprint and shapes")
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
     v.set_defaults(func=_cmd_patch)
+    e = psub.add_parser("export-lora", parents=[_common()], help="the patch's delta as a PEFT LoRA adapter",
+                        description="Write the patch's weight delta as a PEFT LoRA adapter (truncated SVD per "
+                                    "edited matrix): adapter_config.json + adapter_model.safetensors, loadable "
+                                    "with PeftModel.from_pretrained and vLLM's multi-LoRA serving.")
+    e.add_argument("patch", type=Path, help="the patch folder")
+    e.add_argument("--rank", required=True, help="LoRA rank: a positive integer, or 'full'")
+    e.add_argument("--out", type=Path, required=True, help="output adapter folder (written atomically)")
+    e.add_argument("--base", default="organism",
+                   help="the base checkpoint the patch was made for (names the modules; default: the organism)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=_cmd_export_lora)
+
+
+def _cmd_export_lora(args: argparse.Namespace) -> int:
+    from ngguard.lora import cli_export_lora
+
+    return cli_export_lora(args)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
