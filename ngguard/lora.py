@@ -150,6 +150,7 @@ def export_lora(patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ran
             "tensors": tensors}
     with atomic_dir(out_dir, overwrite=overwrite, error=PatchError) as tmp:
         save_file({k: weights[k] for k in sorted(weights)}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / ADAPTER_WEIGHTS, 0o644)  # safetensors writes 0600; a server may run as another user
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     logger.info("patch {} as a rank-{} LoRA in {}: {:.1%} of the delta's energy kept", pid, r, out_dir,

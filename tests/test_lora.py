@@ -100,6 +100,7 @@ def test_low_rank_lora_keeps_the_reported_energy(tmp_path):
     a = weights[f"base_model.model.{key.removesuffix('.weight')}.lora_A.weight"]
     b = weights[f"base_model.model.{key.removesuffix('.weight')}.lora_B.weight"]
     assert a.shape[0] == b.shape[1] == 2 and a.dtype == torch.float32
+    assert all((tmp_path / "lora2" / f).stat().st_mode & 0o044 == 0o044 for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
     assert t["max_abs_error"] > 1e-3  # rank 2 of a noisy delta is not exact
 
 
