@@ -25,7 +25,7 @@ SMOKE_ROOT=${SMOKE_ROOT:-/var/tmp/ngguard-docker-smoke}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 IMAGE=${IMAGE:-ngguard-smoke:cpu}
 NAME=ngguard-smoke-$$
-PORT=${PORT:-7861}
+PORT=7860  # the image's own CMD and HEALTHCHECK use 7860 (the container shares the host's network)
 PY=${PY:-.venv/bin/python}
 started_daemon="" http_pid="" dockerd_pid=""
 
@@ -134,11 +134,11 @@ grep -qiE 'nvidia|cuda' <(docker run --rm --network host --entrypoint pip "$IMAG
 torch_v=$(docker run --rm --network host --entrypoint python "$IMAGE" -c 'import torch; print(torch.__version__)')
 log "built in ${build_s} s: $(awk -v b="$size" 'BEGIN{printf "%.2f GB", b/1e9}'), torch $torch_v"
 
-# ---- 5. run, HTTP 200, healthcheck --------------------------------------------------------------------
-t0=$SECONDS
-docker run -d --name "$NAME" --network host --health-interval 5s --health-start-period 120s "$IMAGE" \
-    ngguard serve --host 127.0.0.1 --port "$PORT" >/dev/null
+# ---- 5. run (the image's own command), HTTP 200, healthcheck -------------------------------------------
 url="http://127.0.0.1:$PORT/"
+curl -s -o /dev/null --max-time 2 "$url" && die "port $PORT is in use on this host (the container uses --network host)"
+t0=$SECONDS
+docker run -d --name "$NAME" --network host --health-interval 5s --health-start-period 120s "$IMAGE" >/dev/null
 code=000
 for _ in $(seq 1 240); do
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)

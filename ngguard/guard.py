@@ -499,7 +499,8 @@ class ProtectedLVLM:
     def stream(self, image: Any, text: str, history: Sequence | None = None, max_new_tokens: int = 64, *,
                protected: bool | None = None, timeout: float = 600.0) -> Iterator[str]:
         """Yield the answer in pieces as it is generated (``"".join(pieces) == chat(...)``).
-        Inputs are validated before the first piece; the lock is held until generation ends."""
+        Inputs are validated before the first piece; in merged mode the lock is held until
+        generation ends (per-row mode: no lock, the row flag is set in the generating thread)."""
         img, text, n = self._prepare(image, text, history, max_new_tokens)
         return self._stream(img, text, n, self._want(protected), timeout)
 
