@@ -44,7 +44,10 @@ cleanup() {
         log "stopping the daemon started here (pid $dockerd_pid)"
         kill "$dockerd_pid" 2>/dev/null
         for _ in $(seq 1 30); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
-        umount "$SMOKE_ROOT/exec/netns/default" 2>/dev/null
+        # what a daemon stopped mid-build leaves mounted under our roots (deepest first)
+        awk -v r="$SMOKE_ROOT/" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
+            umount "$m" 2>/dev/null
+        done
     fi
 }
 trap cleanup EXIT
