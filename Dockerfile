@@ -1,31 +1,45 @@
-# syntax=docker/dockerfile:1
 # ngguard demo server (Gradio). CPU image by default; GPU image with --build-arg VARIANT=gpu.
 #
-#   docker build -t ngguard .                                  # CPU (python:3.11-slim)
-#   docker build -t ngguard:gpu --build-arg VARIANT=gpu .      # GPU (CUDA runtime base, onnxruntime-gpu)
+#   docker build -t ngguard .                                  # CPU: python:3.11-slim + CPU torch wheels
+#   docker build -t ngguard:gpu --build-arg VARIANT=gpu .      # GPU: CUDA 13.0 base + PyPI torch (CUDA 13.0)
 #   docker run --rm -p 7860:7860 ngguard                       # http://127.0.0.1:7860/
 #   docker run --rm --gpus all -p 7860:7860 -e NGGUARD_AUTH=user:pass ngguard:gpu
 #
-# Install steps are the README's: torch pinned first, then the package with its extras.
-# TORCH_INDEX_URL (optional), e.g. https://download.pytorch.org/whl/cpu, keeps the CPU image small
-# where that index is reachable; the default uses the normal package index.
+# Build arguments (all optional):
+#   PYTHON_IMAGE, CUDA_IMAGE   base images (any image with python3 >= 3.11 and python3-venv, or apt)
+#   TORCH_VERSION              2.13.0
+#   TORCH_INDEX_URL            where torch comes from; default per variant: the CPU wheel index
+#                              (https://download.pytorch.org/whl/cpu, torch==X+cpu, ~200 MB instead of
+#                              ~2.6 GB of CUDA wheels) / PyPI for the GPU variant (its Linux wheels
+#                              bring CUDA 13.0, matching CUDA_IMAGE). For another CUDA pass both, e.g.
+#                              CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+#                              TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+# Dependencies are pinned by docker/constraints.txt and installed in their own layers before the
+# code is copied: a code change rebuilds only the last, small layers.
+# No "syntax" directive: the classic builder and BuildKit both build this file without fetching a
+# frontend image (builds without access to an image registry work).
 
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 # ---- base images: a Python with a venv at /opt/venv ------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base-cpu
-RUN python -m venv /opt/venv
-ENV NGGUARD_EXTRAS=ui,onnx
+RUN python3 -m venv /opt/venv
+ENV NGGUARD_EXTRAS=ui,onnx \
+    TORCH_INDEX_DEFAULT=https://download.pytorch.org/whl/cpu \
+    TORCH_LOCAL_VERSION=+cpu
 
 FROM ${CUDA_IMAGE} AS base-gpu
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
-# onnxruntime-gpu shares the module name with onnxruntime: only one of them is installed
-ENV NGGUARD_EXTRAS=ui,onnx-gpu
+# the LM runs on the GPU through torch; the optional ONNX vision path uses onnxruntime's CPU build
+# (onnxruntime-gpu wheels target CUDA 12, torch here brings CUDA 13: never mix the two in one image)
+ENV NGGUARD_EXTRAS=ui,onnx \
+    TORCH_INDEX_DEFAULT=https://pypi.org/simple \
+    TORCH_LOCAL_VERSION=
 
 # ---- the image ---------------------------------------------------------------------------------------
 FROM base-${VARIANT}
@@ -41,15 +55,25 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRANSFORMERS_OFFLINE=1
 
 WORKDIR /app
-# torch first, in its own layer (the slow, large one; changes to the code do not rebuild it)
-RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-COPY pyproject.toml README.md ./
+COPY docker/constraints.txt /tmp/constraints.txt
+# 1. torch, alone (the large layer); its own dependencies from PyPI, pinned
+RUN pip install --index-url "${TORCH_INDEX_URL:-$TORCH_INDEX_DEFAULT}" --extra-index-url https://pypi.org/simple \
+        -c /tmp/constraints.txt "torch==${TORCH_VERSION}${TORCH_LOCAL_VERSION}"
+# 2. the other dependencies, read from pyproject.toml (dependencies + the variant's extras), pinned
+COPY pyproject.toml ./
+RUN python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [d for e in sys.argv[1].split(',') for d in p['optional-dependencies'][e]]; \
+print('\n'.join(d for d in p['dependencies'] + extras if not d.startswith('torch')))" "$NGGUARD_EXTRAS" \
+        > /tmp/requirements.txt \
+    && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
+# 3. the code (with the bundled organism checkpoint and its patch); no dependency is resolved here
+COPY README.md ./
 COPY ngguard ./ngguard
 COPY serve ./serve
 # folders written through mkdtemp (e.g. the organism checkpoint) are 0700: make /app readable
-RUN pip install ".[${NGGUARD_EXTRAS}]" && chmod -R a+rX /app
+RUN pip install --no-deps . && chmod -R a+rX /app
 
-# import ngguard and serve/ (with the bundled organism checkpoint and its patch) from the source tree
+# import ngguard and serve/ from the source tree
 ENV PYTHONPATH=/app
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ngguard

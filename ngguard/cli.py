@@ -360,8 +360,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("patch", help="apply, revert or verify a compact patch")
-    psub = p.add_subparsers(dest="patch_command", metavar="{apply,revert,verify,sign}", required=True)
+    p = sub.add_parser("patch", help="apply, revert, verify, sign or export (LoRA) a compact patch")
+    psub = p.add_subparsers(dest="patch_command", metavar="{apply,revert,verify,sign,export-lora}", required=True)
     a = psub.add_parser("apply", parents=[_common(), _key()], help="write base + patch as a full checkpoint folder")
     a.add_argument("--base", type=Path, required=True, help="the base checkpoint folder the patch was made for")
     a.add_argument("--patch", type=Path, required=True, help="the patch folder (patch.json + patch.safetensors)")
@@ -382,6 +382,23 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     g = psub.add_parser("sign", parents=[_common(), _key()], help="sign a patch (HMAC-SHA256 with an operator key)")
     g.add_argument("patch", type=Path, help="the patch folder (patch.sig is written into it)")
     g.set_defaults(func=_cmd_patch)
+    e = psub.add_parser("export-lora", parents=[_common(), _key()], help="the patch's delta as a PEFT LoRA adapter",
+                        description="Write the patch's weight delta as a PEFT LoRA adapter (truncated SVD per "
+                                    "edited matrix): adapter_config.json + adapter_model.safetensors, loadable "
+                                    "with PeftModel.from_pretrained and vLLM's multi-LoRA serving.")
+    e.add_argument("patch", type=Path, help="the patch folder")
+    e.add_argument("--rank", required=True, help="LoRA rank: a positive integer, or 'full'")
+    e.add_argument("--out", type=Path, required=True, help="output adapter folder (written atomically)")
+    e.add_argument("--base", default="organism",
+                   help="the base checkpoint the patch was made for (names the modules; default: the organism)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=_cmd_export_lora)
+
+
+def _cmd_export_lora(args: argparse.Namespace) -> int:
+    from ngguard.lora import cli_export_lora
+
+    return cli_export_lora(args)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
@@ -447,7 +464,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None,
                    help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--concurrency", type=int, default=2, help="worker slots per event (default 2)")
+    p.add_argument("--protection", choices=("rows", "merged"), default="rows",
+                   help="rows (default): base weights + the patch applied per batch row, so base and protected "
+                        "answers share batches; merged: the patched weights in the model, toggled under a lock")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests generated together by the request batcher (default 16; 1 = no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long an idle batcher waits for more requests (default 5 ms)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="worker slots per event (default: max(2, --max-batch))")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
     p.add_argument("--expose-base", choices=("auto", "on", "off"), default="auto",
                    help="serve the unprotected base model too (the Compare tab, /chat with protected=False): "

@@ -6,13 +6,27 @@
     guard.chat(image, text, protected=True)    # one answer in a given state, atomically
     for piece in guard.stream(image, text): print(piece, end="")
 
+    # per-row protection + request batching (what `ngguard serve` and A/B callers use)
+    guard = ProtectedLVLM.from_pretrained("organism", patch, per_row=True, max_batch=16)
+    base, protected = guard.chat_batch([img, img], [q, q], protected=[False, True])   # one batch
+
 Prompts and generation go through the model's adapter (``adapter.generate``: greedy), so answers
 are the ones ``ngguard eval`` measures. With ``vision="onnx"`` the image features come from an
 onnxruntime session (``ngguard.onnx_vision``) and the language model stays torch.
 
-Thread safety: every generation and every protection toggle holds ``guard.lock`` (a re-entrant
-lock), so a request never sees the weights change under it. Requests are therefore served one at
-a time; use ``chat_batch`` for throughput.
+Two ways to hold the patch:
+
+- merged (default, zero overhead): the patched values are in the model. Every generation and
+  every protection toggle holds ``guard.lock`` (a re-entrant lock), so a request never sees the
+  weights change under it; a request in the other state waits for the lock.
+- ``per_row=True``: the model keeps the base values and ``ngguard.serving.RowPatch`` applies the
+  patch to the protected rows of each batch, so one batch mixes protected and base rows and no
+  weights are ever swapped (no lock around generation). ``protected`` then only sets the default.
+
+``max_batch > 1``: concurrent ``chat`` / ``chat_batch`` calls go through a request batcher
+(``ngguard.serving.Batcher``): collected for up to ``batch_wait_ms`` (or ``max_batch`` rows) and
+generated as one left-padded batch; each caller gets its own answer (greedy, the same tokens as
+alone; tested). ``stream`` is never batched: one generation per streaming request.
 
 ``history``: accepted for chat-style callers and validated (a list of (user, assistant) pairs or
 of {"role", "content"} messages), but NOT put into the prompt: the adapters' prompts are single
@@ -28,10 +42,11 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from loguru import logger
 from PIL import Image
@@ -39,6 +54,7 @@ from PIL import Image
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.adapters import Adapter
     from ngguard.onnx_vision import OnnxVision
+    from ngguard.serving import Batcher, RowPatch
 
 __all__ = ["InputError", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
 
@@ -78,13 +94,18 @@ class ProtectedLVLM:
     Prefer ``from_pretrained``. ``patch``: a patch folder (``ngguard.patch`` format); it is applied
     at once (``protected`` = True). ``vision``: an ``OnnxVision`` for the image features, or None
     (torch). ``limits``: input limits (``Limits``). ``patch_key``: the operator's key
-    (``ngguard.patch.patch_key``): the patch must then carry a valid signature."""
+    (``ngguard.patch.patch_key``): the patch must then carry a valid signature. ``per_row``: keep
+    the base weights and apply the patch per batch row (see the module docstring). ``max_batch`` > 1:
+    batch concurrent requests, waiting at most ``batch_wait_ms`` for company."""
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
-                 vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None):
+                 vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None,
+                 per_row: bool = False, max_batch: int = 1, batch_wait_ms: float = 5.0):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
         self.lock = threading.RLock()
+        self._rows: "RowPatch | None" = None
+        self._batcher: "Batcher | None" = None
         self._onnx = vision
         if vision is not None:
             vision.check_model(adapter.model)
@@ -101,22 +122,39 @@ class ProtectedLVLM:
             self._manifest = read_manifest(self._patch_dir)
             self._revertible = BASE_FILE in self._manifest.get("files", {})
             self._expected = _expected_names(adapter, self._manifest)
-            self._swap(reverse=False)  # checks signature, names, checksums, finite values and the base values
+            if per_row:
+                from ngguard.serving import RowPatch
+
+                # checks signature, names, checksums, finite values and the base values
+                self._rows = RowPatch(adapter.model, self._patch_dir, key=patch_key, expected=self._expected)
+                self._revertible = True  # the model itself holds the base values
+            else:
+                self._swap(reverse=False)  # checks signature, names, checksums, finite values and the base values
             self._protected = True
             if not self._revertible:
                 logger.warning("patch {} holds no base values: protection cannot be switched off",
                                self._manifest["patch_id"])
+        elif per_row:
+            raise ValueError("per_row=True needs a protection patch")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= self.limits.max_batch:
+            raise ValueError(f"max_batch must be an integer in 1..{self.limits.max_batch}, got {max_batch!r}")
+        if max_batch > 1:
+            from ngguard.serving import Batcher
+
+            self._batcher = Batcher(self._run_batch, max_batch=max_batch, wait_ms=batch_wait_ms)
 
     @classmethod
     def from_pretrained(cls, base: "str | os.PathLike | Adapter" = "organism", patch: str | os.PathLike | None = None,
                         *, device: str | torch.device = "auto", vision: str = "torch",
                         onnx_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-                        limits: Limits | None = None, patch_key: bytes | None = None) -> "ProtectedLVLM":
+                        limits: Limits | None = None, patch_key: bytes | None = None, per_row: bool = False,
+                        max_batch: int = 1, batch_wait_ms: float = 5.0) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
         ``vision``: "torch" or "onnx"; with "onnx" and no ``onnx_dir`` the export is made once and
-        cached under ``$NGGUARD_CACHE`` (default ~/.cache/ngguard) keyed by the vision weights."""
+        cached under ``$NGGUARD_CACHE`` (default ~/.cache/ngguard) keyed by the vision weights.
+        ``per_row``, ``max_batch``, ``batch_wait_ms``: as the constructor."""
         from ngguard.adapters import Adapter, load_adapter
 
         if vision not in ("torch", "onnx"):
@@ -135,7 +173,8 @@ class ProtectedLVLM:
         onnx = None
         if vision == "onnx":
             onnx = _onnx_for(adapter, onnx_dir)
-        guard = cls(adapter, patch, vision=onnx, limits=limits, patch_key=patch_key)
+        guard = cls(adapter, patch, vision=onnx, limits=limits, patch_key=patch_key, per_row=per_row,
+                    max_batch=max_batch, batch_wait_ms=batch_wait_ms)
         logger.info("ProtectedLVLM: {} on {} ({} vision), {}", type(adapter.model).__name__, adapter.device, vision,
                     f"patch {guard.patch_info['id']}" if guard.patch_info else "no patch")
         return guard
@@ -143,8 +182,9 @@ class ProtectedLVLM:
     # ---- protection -----------------------------------------------------------------------------
     @property
     def protected(self) -> bool:
-        """True while the patch's values are in the model. Setting it swaps the patched tensors in
-        place (``ngguard.patch.patch_state_dict``); True without a patch raises ValueError."""
+        """True while the patch's values are in the model (per-row mode: the default state of a
+        request). Setting it swaps the patched tensors in place (``ngguard.patch.patch_state_dict``;
+        per-row mode: nothing to swap); True without a patch raises ValueError."""
         return self._protected
 
     @protected.setter
@@ -153,12 +193,9 @@ class ProtectedLVLM:
         with self.lock:
             if value == self._protected:
                 return
-            if self._patch_dir is None:
-                raise ValueError("no protection patch is loaded: cannot turn protection on")
-            if not value and not self._revertible:
-                raise ValueError(f"patch {self._manifest['patch_id']} holds no base values: "
-                                 f"protection cannot be turned off")
-            self._swap(reverse=not value)
+            self._check_state(value)
+            if self._rows is None:
+                self._swap(reverse=not value)
             self._protected = value
 
     def _swap(self, *, reverse: bool) -> None:
@@ -166,6 +203,36 @@ class ProtectedLVLM:
 
         patch_state_dict(self.adapter.model, self._patch_dir, reverse=reverse, key=self._patch_key,
                          expected=self._expected)
+
+    def _check_state(self, value: bool) -> None:
+        if value and self._patch_dir is None:
+            raise ValueError("no protection patch is loaded: cannot turn protection on")
+        if not value and self._patch_dir is not None and not self._revertible:
+            raise ValueError(f"patch {self._manifest['patch_id']} holds no base values: "
+                             f"protection cannot be turned off")
+
+    def _want(self, protected: bool | None) -> bool:
+        """The state a request asks for (None = the current one), checked against the patch."""
+        if protected is None:
+            return self._protected
+        self._check_state(bool(protected))
+        return bool(protected)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the patch is applied per batch row (the model holds the base values)."""
+        return self._rows is not None
+
+    @property
+    def max_batch(self) -> int:
+        """Most requests the batcher puts in one batch (1: no batcher)."""
+        return 1 if self._batcher is None else self._batcher.max_batch
+
+    def close(self) -> None:
+        """Stop the request batcher (waiting requests fail); later calls generate directly."""
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
 
     @property
     def patch_info(self) -> dict | None:
@@ -228,17 +295,45 @@ class ProtectedLVLM:
             return self.adapter.generate(images, texts, max_new_tokens=max_new_tokens)
         return self._onnx.generate(self.adapter, images, texts, max_new_tokens=max_new_tokens)
 
+    def _generate_rows(self, images: list[Image.Image], texts: list[str], flags: list[bool],
+                       max_new_tokens: int) -> list[str]:
+        """Answers with row ``i`` protected iff ``flags[i]``: one batch in per-row mode, else one
+        batch per state, each under the lock with the weights in that state."""
+        if self._rows is not None:
+            with self._rows.rows(flags):
+                return self._generate(images, texts, max_new_tokens)
+        out: list[str] = [""] * len(images)
+        for state in dict.fromkeys(flags):
+            idx = [i for i, f in enumerate(flags) if f == state]
+            with self.state(state):
+                answers = self._generate([images[i] for i in idx], [texts[i] for i in idx], max_new_tokens)
+            for i, a in zip(idx, answers):
+                out[i] = a
+        return out
+
+    def _run_batch(self, items: list[tuple[Image.Image, str, bool, int]]) -> list[str]:
+        """The batcher's work: validated (image, text, protected, max_new_tokens) requests sharing
+        max_new_tokens (the batcher's key)."""
+        images, texts, flags, ns = (list(x) for x in zip(*items))
+        return self._generate_rows(images, texts, flags, ns[0])
+
+    def _answer(self, images: list[Image.Image], texts: list[str], flags: list[bool], n: int) -> list[str]:
+        if self._batcher is None:
+            return self._generate_rows(images, texts, flags, n)
+        futures = [self._batcher.submit((im, tx, f, n), key=n) for im, tx, f in zip(images, texts, flags)]
+        return [f.result() for f in futures]
+
     def chat(self, image: Any, text: str, history: Sequence | None = None, max_new_tokens: int = 64, *,
              protected: bool | None = None) -> str:
         """The greedy answer to ``text`` about ``image`` (PIL image, path or bytes).
         ``protected``: answer in that state (the previous state is restored), None = as it is."""
         img, text, n = self._prepare(image, text, history, max_new_tokens)
-        with self.state(protected):
-            return self._generate([img], [text], n)[0]
+        return self._answer([img], [text], [self._want(protected)], n)[0]
 
     def chat_batch(self, images: Sequence[Any], texts: Sequence[str], max_new_tokens: int = 64, *,
-                   protected: bool | None = None) -> list[str]:
-        """Answers for several (image, text) pairs in one batch."""
+                   protected: bool | Sequence[bool] | None = None) -> list[str]:
+        """Answers for several (image, text) pairs in one batch. ``protected``: one state for all
+        rows, or one per row (``[False, True]``: base and protected answers side by side)."""
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or isinstance(texts, str):
             raise InputError("chat_batch takes a list of images and a list of texts")
         images, texts = list(images), list(texts)
@@ -255,25 +350,32 @@ class ProtectedLVLM:
             except InputError as e:
                 raise InputError(f"input {i}: {e}") from None
         n = _check_max_new_tokens(max_new_tokens, self.limits)
-        with self.state(protected):
-            return self._generate(imgs, txts, n)
+        if protected is None or isinstance(protected, (bool, np.bool_)):
+            flags = [self._want(protected)] * len(imgs)
+        else:
+            flags = list(protected)
+            if len(flags) != len(imgs):
+                raise InputError(f"chat_batch: {len(imgs)} inputs but {len(flags)} protected flags")
+            flags = [self._want(bool(f)) for f in flags]
+        return self._answer(imgs, txts, flags, n)
 
     def stream(self, image: Any, text: str, history: Sequence | None = None, max_new_tokens: int = 64, *,
                protected: bool | None = None, timeout: float = 600.0) -> Iterator[str]:
         """Yield the answer in pieces as it is generated (``"".join(pieces) == chat(...)``).
-        Inputs are validated before the first piece; the lock is held until generation ends."""
+        Inputs are validated before the first piece; in merged mode the lock is held until
+        generation ends (per-row mode: no lock, the row flag is set in the generating thread)."""
         img, text, n = self._prepare(image, text, history, max_new_tokens)
-        if protected and self._patch_dir is None:
-            raise ValueError("no protection patch is loaded: cannot turn protection on")
-        return self._stream(img, text, n, protected, timeout)
+        return self._stream(img, text, n, self._want(protected), timeout)
 
-    def _stream(self, img: Image.Image, text: str, n: int, protected: bool | None, timeout: float) -> Iterator[str]:
+    def _stream(self, img: Image.Image, text: str, n: int, protected: bool, timeout: float) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         from ngguard.onnx_vision import greedy_config
 
         adapter = self.adapter
-        with self.state(protected):
+        # merged: the lock with the weights in the asked state; per-row: the row flag, no lock
+        rows = (lambda: self._rows.rows([protected])) if self._rows is not None else nullcontext
+        with self.state(protected) if self._rows is None else nullcontext():
             batch = adapter.encode([img], [text]).to(adapter.device)
             inputs = batch.inputs if self._onnx is None else self._onnx.generate_inputs(adapter.model, batch.inputs)
             streamer = TextIteratorStreamer(adapter.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
@@ -282,7 +384,7 @@ class ProtectedLVLM:
 
             def run() -> None:
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad(), rows():
                         adapter.model.generate(**inputs, generation_config=greedy_config(adapter, n),
                                                streamer=streamer)
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer below
@@ -310,7 +412,9 @@ class ProtectedLVLM:
     def __repr__(self) -> str:
         info = self.patch_info
         patch = f"patch={info['id']!r}, protected={self._protected}" if info else "no patch"
-        return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r})"
+        mode = (", per_row=True" if self._rows is not None else "") + \
+            (f", max_batch={self.max_batch}" if self._batcher is not None else "")
+        return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r}{mode})"
 
 
 def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:

@@ -53,6 +53,7 @@ __all__ = [
     "verify_patch",
     "read_manifest",
     "patch_state_dict",
+    "load_patch_tensors",
     "checkpoint_to_model_names",
     "cli_patch",
     "sign_patch",
@@ -824,6 +825,25 @@ def revert_patch(patched_dir: str | os.PathLike, patch_dir: str | os.PathLike, o
     logger.info("patch {} reverted: {}", m["patch_id"], out_dir)
     return {"patch_id": m["patch_id"], "out_dir": str(out_dir), "tensors": sorted(targets),
             "rewritten_files": rewritten, "fingerprint": m["base"]["fingerprint"]}
+
+
+def load_patch_tensors(patch_dir: str | os.PathLike, *, key: bytes | None = None,
+                       expected: Iterable[str] | None = None) -> tuple[dict, dict[str, torch.Tensor],
+                                                                        dict[str, torch.Tensor] | None]:
+    """(manifest, new values, base values or None) of a checked patch folder, keyed by checkpoint
+    names, in the patch's dtype on the CPU. Checksums are verified first (PatchError otherwise);
+    ``key`` and ``expected``: as ``patch_state_dict`` (signature, allowed tensor names)."""
+    m, new_locs, old_locs = _check_patch(Path(patch_dir), key=key)
+    if expected is not None:
+        check_tensor_names(m, expected)
+
+    def read(locs: Mapping[str, _Loc] | None) -> dict[str, torch.Tensor] | None:
+        if locs is None:
+            return None
+        with safe_open(str(next(iter(locs.values())).file), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in sorted(locs)}
+
+    return m, read(new_locs), read(old_locs)
 
 
 @torch.no_grad()

@@ -7,9 +7,10 @@
 Two tabs:
 
 * **Compare** (API ``/compare``): one image + one question, answered by the base model and by
-  the protected model side by side, with the patch id and what it protects. Both answers are
-  produced under one lock, toggling ``guard.protected``, so concurrent requests never see each
-  other's toggles. Examples from the organism's world: a sensitive and a benign question about
+  the protected model side by side, with the patch id and what it protects. Both answers come
+  from one ``guard.chat_batch(..., protected=[False, True])``: with per-row protection (the
+  ``ngguard serve`` default) one batch, shared with other requests by the guard's batcher; with
+  merged weights one generation per state under the guard's lock. Examples from the organism's world: a sensitive and a benign question about
   the same passport card, etc. ``?example=N`` in the URL fills in and runs example N on load.
 * **Chat** (API ``/chat``): multimodal chat (attach an image, ask about it; follow-up questions
   reuse the last image). Each answer is single-turn (see ``ngguard.guard``).
@@ -306,12 +307,12 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]] | Sequence[tuple[str, str]] | None
               | str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, title: str = "ngguard · Neural Gate demo",
-              concurrency: int = 2, max_queue: int = 64, expose_base: bool = True) -> "gr.Blocks":
+              concurrency: int | None = None, max_queue: int = 64, expose_base: bool = True) -> "gr.Blocks":
     """The Gradio app (queued, not launched). ``examples``: (image path, question[, label]) tuples,
     "auto" (render the organism-world examples) or None. ``concurrency``: worker slots per event
-    (answers are produced one at a time under the guard's lock anyway); ``max_queue``: queued
-    requests beyond which new ones are rejected. ``expose_base``: serve the unprotected base model
-    too (Compare tab, ``/compare``, ``/chat`` with protected=False); False = only protected answers."""
+    (None: max(2, guard.max_batch), so the guard's batcher can fill its batches); ``max_queue``:
+    queued requests beyond which new ones are rejected. ``expose_base``: serve the unprotected base
+    model too (Compare tab, ``/compare``, ``/chat`` with protected=False); False = only protected answers."""
     import gradio as gr
     from gradio.utils import get_upload_folder
 
@@ -320,21 +321,22 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
     if examples == "auto":
         examples = render_examples()
     examples = [tuple(e) for e in (examples or [])]
-    lock = threading.Lock()  # one request at a time touches the protection state
+    if concurrency is None:
+        concurrency = max(2, guard.max_batch)
     has_patch = guard.patch_info is not None
     base_ok = expose_base or not has_patch  # without a patch the base model is the only one
     roots = [os.path.realpath(get_upload_folder())]
 
     def answer_both(img: Any, text: Any) -> tuple[str, str]:
         text = guard.user_text(text if text is not None else "")
-        with lock:
-            if not has_patch:
-                base = guard.chat(img, text, max_new_tokens=max_new_tokens)
-                return base, "(no protection patch loaded)"
-            if guard.revertible:
-                base = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=False)
-            else:
-                base = "(the patch holds no base values: the base model cannot be shown)"
+        if not has_patch:
+            base = guard.chat(img, text, max_new_tokens=max_new_tokens)
+            return base, "(no protection patch loaded)"
+        if guard.revertible:  # base and protected rows side by side (one batch in per-row mode)
+            base, protected = guard.chat_batch([img, img], [text, text], max_new_tokens=max_new_tokens,
+                                               protected=[False, True])
+        else:
+            base = "(the patch holds no base values: the base model cannot be shown)"
             protected = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=True)
         logger.info("compare: {!r} -> base {!r} | protected {!r}", text, base, protected)
         return base, protected
@@ -363,8 +365,7 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
         want = (bool(protected) or not guard.revertible) and has_patch
         try:
             path = uploaded_file(image, roots)
-            with lock:
-                answer = guard.chat(path, text, history=history, max_new_tokens=max_new_tokens, protected=want)
+            answer = guard.chat(path, text, history=history, max_new_tokens=max_new_tokens, protected=want)
         except InputError as e:
             logger.info("chat: rejected input: {}", e)
             gr.Warning(str(e))
@@ -522,14 +523,16 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     port = opts["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
-    for name in ("max_new_tokens", "concurrency", "max_queue"):
-        if opts[name] < 1:
+    for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch"):
+        if opts[name] is not None and opts[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
     if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
         raise ValueError(f"--max-new-tokens must be <= {DEFAULT_LIMITS.max_new_tokens}, got {opts['max_new_tokens']}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
     key = patch_key(opts["key_file"])
     patch = _resolve_patch(argparse.Namespace(**opts))
+    if not 0 <= opts["batch_wait_ms"] <= 10_000:
+        raise ValueError(f"--batch-wait-ms must be in 0..10000, got {opts['batch_wait_ms']}")
     expose_base = expose_base_for(opts["expose_base"], opts["host"])
     if patch is not None:
         if expose_base and opts["host"] not in LOOPBACK:
@@ -538,7 +541,9 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
         elif not expose_base:
             logger.info("--expose-base off: only protected answers (no Compare tab, /chat protected=False refused)")
     guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
-                                          onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key)
+                                          onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key,
+                                          per_row=patch is not None and opts["protection"] == "rows",
+                                          max_batch=opts["max_batch"], batch_wait_ms=opts["batch_wait_ms"])
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
                      max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))

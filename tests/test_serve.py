@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 import socket
+import threading
 
 import pytest
 from PIL import Image
@@ -31,22 +32,28 @@ def free_port() -> int:
 
 
 def _clean(text: str) -> str:
-    """The chatbot drops control characters from answers (the tiny random model emits some)."""
+    """Answers without control characters (the tiny random model emits some; depending on the Gradio
+    version the chatbot drops them or not), for comparing API answers with the guard's."""
     return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", text)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A tiny model + a real protection patch behind a running app: (guard, client, examples)."""
+@pytest.fixture(scope="module", params=["merged", "rows"])
+def served(tmp_path_factory, request):
+    """A tiny model + a real protection patch behind a running app: (guard, client, examples, url).
+    "merged": the patched weights, toggled under the lock, no batcher (the old server); "rows":
+    per-row protection + the request batcher (the ``ngguard serve`` default)."""
     tmp = tmp_path_factory.mktemp("serve")
     adapter = adapter_for(*tiny_llava(seed=5, template="text_first"))
-    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport", "Student ID"]))
+    rows = request.param == "rows"
+    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport", "Student ID"]), per_row=rows,
+                          max_batch=8 if rows else 1)
     examples = render_examples(tmp / "examples")
     demo = build_app(guard, examples=examples, max_new_tokens=MAX_NEW)
     _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True, auth=None)
     client = Client(url, verbose=False)
     yield guard, client, examples, url
     demo.close()
+    guard.close()
 
 
 def test_named_endpoints(served):
@@ -64,6 +71,35 @@ def test_compare_answers_base_and_protected(served):
     assert protected == guard.chat(path, question, max_new_tokens=MAX_NEW, protected=True)
     assert base != protected  # the (large, random) patch changes the answer
     assert guard.protected is True  # the toggles were undone
+
+
+def test_concurrent_compare_and_chat_each_get_their_own_answers(served):
+    guard, _, examples, url = served
+    want = {i: (guard.chat(examples[i][0], examples[i][1], max_new_tokens=MAX_NEW, protected=False),
+                guard.chat(examples[i][0], examples[i][1], max_new_tokens=MAX_NEW, protected=True)) for i in range(4)}
+    errors: list[str] = []
+
+    def one(k: int) -> None:
+        i, client = k % 4, Client(url, verbose=False)
+        try:
+            if k % 2:
+                got = tuple(client.predict(handle_file(examples[i][0]), examples[i][1], api_name="/compare"))
+                ok = got == want[i]
+            else:
+                got = client.predict({"text": examples[i][1], "files": [handle_file(examples[i][0])]}, k % 4 == 0,
+                                     api_name="/chat")
+                ok = _clean(got) == _clean(want[i][k % 4 == 0])
+            if not ok:
+                errors.append(f"request {k}: {got!r}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"request {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
 
 
 def test_chat_answers_with_chosen_protection(served):
