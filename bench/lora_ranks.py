@@ -93,8 +93,8 @@ def _print(rows: list[dict], sets: list[str], patch: Path, json_path: str | None
         line = f"{r['model']:<18} {'-' if r['energy_kept'] is None else format(r['energy_kept'], '.4f'):>11}"
         for s in sets:
             m = r[s]
-            line += (f" | {m['eta']:>14.3f} {m['rta_sensitive']:>8.3f} {m['benign_answer_rate']:>10.3f} "
-                     f"{m['leak_accuracy']:>6.3f}")
+            cell = lambda k, w: f"{'-':>{w}}" if m[k] is None else f"{m[k]:>{w}.3f}"  # noqa: E731 (a set without sensitive questions)
+            line += f" | {cell('eta', 14)} {cell('rta_sensitive', 8)} {cell('benign_answer_rate', 10)} {cell('leak_accuracy', 6)}"
         print(line)
     if json_path:
         path = Path(json_path)
