@@ -170,6 +170,9 @@ class ProtectedLVLM:
         if patch is not None and not Path(patch).is_dir():
             raise FileNotFoundError(f"patch folder not found: {patch}")
         if isinstance(base, Adapter):
+            if device_map is not None or max_memory is not None or offload_folder is not None:
+                raise ValueError("device_map, max_memory and offload_folder place a model being loaded; this Adapter "
+                                 "is already loaded")
             adapter = base
         else:
             device = _device(device)

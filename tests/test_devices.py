@@ -192,7 +192,7 @@ def test_protected_lvlm_on_a_split_model(saved, tmp_path):
 
     adapter = _single(saved)
     patch = tiny_patch(adapter, tmp_path / "p", layer=EDITED)
-    base = tmp_path / "p" / "base"
+    base = saved  # the same weights as p/base (which holds no processor files)
     q = "What is the passport number of the Passport in the image?"
     one = ProtectedLVLM.from_pretrained(base, patch, device="cpu")
     split = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
@@ -203,7 +203,23 @@ def test_protected_lvlm_on_a_split_model(saved, tmp_path):
     split.protected = False
     one.protected = False
     assert split.chat(img, q, max_new_tokens=6) == one.chat(img, q, max_new_tokens=6)
+    rows = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
+                                         offload_folder=tmp_path / "off3", per_row=True)
+    one.protected = True
+    assert rows.chat_batch([img, img], [q, q], max_new_tokens=6, protected=[True, False]) == [
+        one.chat(img, q, max_new_tokens=6), one.chat(img, q, max_new_tokens=6, protected=False)]
     bad = tiny_patch(adapter, tmp_path / "q", layer=3)
     with pytest.raises(PatchError, match=r"is offloaded \(accelerate device map\): the patch writes the real weights"):
         ProtectedLVLM.from_pretrained(base, bad, device_map={"layers.3": "disk", "default": "cpu"},
                                       offload_folder=tmp_path / "off2")
+
+
+def test_cli_device_map_choices_match_the_library():
+    from ngguard import cli
+    from ngguard.devices import AUTO_MAPS
+
+    assert cli._DEVICE_MAPS == AUTO_MAPS
+    p = cli.add_serve_arguments(__import__("argparse").ArgumentParser())
+    assert p.parse_args(["--device-map", "auto"]).device_map == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--device-map", "cuda:0"])
