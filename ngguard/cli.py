@@ -153,7 +153,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ngguard.judge import make_judge
 
     judge = make_judge(args.judge, device=str(device))  # before the slow part too
-    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype, device_map=args.device_map)
+    placement = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
+    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype, **placement)
     result = evaluate(adapter, queries, judge=judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     result = {"model": str(model_path), "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               **result}

@@ -223,3 +223,26 @@ def test_cli_device_map_choices_match_the_library():
     assert p.parse_args(["--device-map", "auto"]).device_map == "auto"
     with pytest.raises(SystemExit):
         p.parse_args(["--device-map", "cuda:0"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: accelerate's real CPU offload next to it")
+def test_gpu_with_cpu_and_disk_offload_equals_one_gpu(saved, tmp_path):
+    """On a GPU box: "cpu" next to a GPU is accelerate's CPU offload (weights copied in per forward),
+    inputs and outputs on the GPU; the same scales and edit as the whole model on that GPU."""
+    one = load_adapter(saved, device="cuda")
+    split = load_adapter(saved, device_map={"layers.0": "cpu", "layers.3": "disk", "default": 0},
+                         offload_folder=tmp_path / "off")
+    assert [offload_kind(split.component(i, "down_proj")) for i in range(4)] == ["cpu", None, None, "disk"]
+    assert split.device.type == "cuda" and split.layer_device(0).type == "cuda"
+    samples = _samples()
+    kw = dict(refusal=REFUSAL, steps=4, stop_loss=0.0, contexts=("I am an AI.",))
+    a, b = (localize_layer(x, samples, EDITED, **kw) for x in (one, split))
+    torch.testing.assert_close(b.scales, a.scales, atol=1e-4, rtol=1e-4)
+    gates = {EDITED: {"passport": a.strong("passport", 0.3)}}
+    ra, rb = (apply_edit(x, samples, [EDITED], gates=gates, refusal=REFUSAL, lr=1e-2, steps=3, stop_loss=0.0)
+              for x in (one, split))
+    (name, d0), = ra.deltas.items()
+    torch.testing.assert_close(rb.deltas[name], d0, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RecipeError, match="edited layer 0 .* offloaded to the CPU"):
+        recipe_from_dict({"model": {"path": "organism", "device_map": {"layers.0": "cpu", "default": 0}},
+                          "method": "neural_gate", "data": {"world": {}}, "layers": [0]})
