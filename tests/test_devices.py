@@ -109,14 +109,17 @@ def test_memit_on_a_split_model_equals_the_single_device_run(saved, tmp_path):
                       cov_samples=8, cov_max_tokens=16, batch_size=16, cache_dir=str(tmp_path / "stats"))
     samples = _samples(2)
     single, split = _single(saved), _split(saved, tmp_path)
+    # separate caches: the split run computes its own key statistics and target values
     a = apply_memit(single, samples, [1, EDITED], refusal=REFUSAL, hparams=hp)
-    b = apply_memit(split, samples, [1, EDITED], refusal=REFUSAL, hparams=hp)
+    b = apply_memit(split, samples, [1, EDITED], refusal=REFUSAL,
+                    hparams=dataclasses.replace(hp, cache_dir=str(tmp_path / "stats2")))
     assert set(a.deltas) == set(b.deltas)
     for k in a.deltas:
         assert a.deltas[k].abs().max() > 0
         torch.testing.assert_close(b.deltas[k], a.deltas[k], atol=1e-5, rtol=1e-4)
-    # the covariance cache key reads the offloaded weights' real values: the split run hit the same files
-    assert len(list((tmp_path / "stats").glob("cov-*"))) == 2
+    # the cache keys read the offloaded weights' real values: the split run names the same files
+    names = [sorted(f.name for f in (tmp_path / d).iterdir()) for d in ("stats", "stats2")]
+    assert names[0] == names[1] and len([n for n in names[0] if n.startswith("cov-")]) == 2
 
 
 def test_offloaded_edited_layers_are_refused_with_one_line(saved, tmp_path):
