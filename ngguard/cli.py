@@ -24,6 +24,9 @@ from loguru import logger
 from ngguard import __version__
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
 
+# = ngguard.devices.AUTO_MAPS (not imported: it pulls torch; tests/test_devices.py checks they agree)
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
 # Exceptions that mean "bad input": one line on stderr, exit 2. Extend if a module needs to.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 EXIT_USER_ERROR = 2
@@ -102,6 +105,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="only queries of this split (default: all)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
+                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     _add_judge_option(p)
     p.set_defaults(func=_cmd_eval)
@@ -148,7 +153,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ngguard.judge import make_judge
 
     judge = make_judge(args.judge, device=str(device))  # before the slow part too
-    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype)
+    placement = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
+    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype, **placement)
     result = evaluate(adapter, queries, judge=judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     result = {"model": str(model_path), "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               **result}
@@ -468,6 +474,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
     p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
+                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None,
                    help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=48)

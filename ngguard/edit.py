@@ -25,6 +25,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from .adapters.base import Adapter
+from .devices import check_editable
 from .localize import (Sample, edit_subject_state, forward_features, record_layer_output, replayed_prefix, row_nll,
                        target_window)
 
@@ -50,7 +51,8 @@ class _Delta:
     def _hook(self, _m, inputs, output):
         if not self.enabled:
             return output
-        return output + F.linear(inputs[0].to(torch.float32), self.delta).to(output.dtype)
+        x = inputs[0].to(self.delta.device, torch.float32)  # the layer's own device (a dispatched model)
+        return output + F.linear(x, self.delta).to(output.device, output.dtype)
 
     def merged(self) -> torch.Tensor:
         w = self.module.weight
@@ -59,6 +61,7 @@ class _Delta:
 
 @contextmanager
 def _deltas(adapter: Adapter, layers: Sequence[int], module: str):
+    check_editable(adapter, layers, module)
     ds = {adapter.parameter_name(layer, module): _Delta(adapter.component(layer, module)) for layer in layers}
     try:
         yield ds
@@ -223,7 +226,8 @@ def dinm_layer(adapter: Adapter, samples: Sequence[Sample], refusal: str, unsafe
             hs = adapter.model(**b.inputs, output_hidden_states=True).hidden_states
             last = b.inputs["attention_mask"].sum(-1) - 1  # right padding: last real token
             rows = torch.arange(len(qs))
-            outs.append(torch.stack([h[rows, last] for h in hs[1:]]))  # [layers, rows, d]
+            outs.append(torch.stack([h[rows.to(h.device), last.to(h.device)].to(adapter.device)
+                                     for h in hs[1:]]))  # [layers, rows, d]
         dist += (outs[0] - outs[1]).float().norm(dim=-1).mean(-1).cpu()
         count += 1
     dist /= max(1, count)

@@ -237,7 +237,7 @@ class _Chunk:
         Layers <= l are replayed stand-ins and never read the cache; they only need the right length
         (the model takes the past length from layer 0)."""
         def pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # one source row: a view
-            return t.expand(len(index), *t.shape[1:]) if len(t) == 1 else t.index_select(0, index)
+            return t.expand(len(index), *t.shape[1:]) if len(t) == 1 else t.index_select(0, index.to(t.device))
 
         dummy = parts[0][0][0][0].new_zeros(1, 1, length, 1)
         kv = []
@@ -309,7 +309,7 @@ def _split(start: int, ids: torch.Tensor, labels: torch.Tensor, out: torch.Tenso
         stem_out=stem_out, stem_subject=subject_index[stem_rows_t],
         stem_sample=None if rep is None else rep[stem_rows_t], stem_rows=stem_rows_t,
         tail_inputs={"input_ids": ids.gather(1, at), "attention_mask": mask[:, None], "position_ids": pos + start},
-        tail_out=out.gather(1, at[..., None].expand(-1, -1, out.shape[-1])), tail_labels=tail_labels,
+        tail_out=out.gather(1, at.to(out.device)[..., None].expand(-1, -1, out.shape[-1])), tail_labels=tail_labels,
         row_stem=row_stem, stem_len=S)
 
 
@@ -384,7 +384,8 @@ def _prepare_chunk(adapter: Adapter, layer: int, batch: Batch, rows: list[int], 
         # 2. every row after the prefix, layers <= l only: the output to replay
         tail = {"input_ids": ids[:, start:],
                 "attention_mask": causal_mask(ids.shape[1] - start, ids.shape[1], adapter.model.dtype, ids.device)}
-        lower = DynamicCache(ddp_cache_data=[(k.index_select(0, rep), v.index_select(0, rep)) for k, v in kv[:layer + 1]])
+        lower = DynamicCache(ddp_cache_data=[(k.index_select(0, rep.to(k.device)), v.index_select(0, rep.to(v.device)))
+                                             for k, v in kv[:layer + 1]])
         out, _ = _run(adapter, layer, tail | ({} if image_in_prefix else vision), above=False, cache=lower)
         chunk = _Chunk(rows, tail, batch.labels[:, start:], batch.subject_index - start, out, start,
                        [(k.clone(), v.clone()) for k, v in kv[layer + 1:]], rep)
@@ -483,7 +484,9 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
                              row_sample[c], row_group[c], shortcuts=shortcuts)
               for c in chunk_by_sample(rows, batch_size)]
     cache_arg, _ = forward_features(model)
-    m = torch.full((n, d), init, device=device, requires_grad=True)
+    # the scaling vectors live on the layer's own device (a model spread by a device_map), the
+    # per-sample bookkeeping where the logits come back (``adapter.device``)
+    m = torch.full((n, d), init, device=adapter.layer_device(layer), requires_grad=True)
     opt = torch.optim.Adam([m], lr=lr, eps=eps)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     used = torch.zeros(n, dtype=torch.long)
@@ -491,7 +494,8 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     current: dict[str, torch.Tensor] = {}
 
     def scale(v: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
-        return v * torch.tanh(m[current["samples"][rows_]]).to(v.dtype)
+        idx = current["samples"].to(m.device)[rows_.to(m.device)]
+        return v * torch.tanh(m[idx]).to(v.device, v.dtype)
 
     bar = tqdm(range(steps), desc=desc or f"localize L{layer}", unit="step", leave=False, disable=desc is None and n == 1)
     with (replayed_prefix(adapter, layer, current) if shortcuts else nullcontext()), \
@@ -507,19 +511,20 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
                 per_row = nll * row_weight[ch.rows]
                 per_row.sum().backward()
                 sample_loss.index_add_(0, rs, per_row.detach())
-            reg = (m.detach() - init).abs().mean(-1) * l1
+            reg = (m.detach() - init).abs().mean(-1).to(device) * l1
             sample_loss += reg
             active = ~done
             last[active.cpu()] = sample_loss[active].cpu()
             used[active.cpu()] += 1
             newly_done = active & (sample_loss < stop_loss)
             # L1 pull towards "no change" (only for samples still training)
-            (l1 * (m - init).abs().mean(-1) * active.float()).sum().backward()
-            keep = m.detach()[~active | newly_done].clone()
-            m.grad[~active | newly_done] = 0
+            (l1 * (m - init).abs().mean(-1) * active.float().to(m.device)).sum().backward()
+            frozen = (~active | newly_done).to(m.device)
+            keep = m.detach()[frozen].clone()
+            m.grad[frozen] = 0
             opt.step()
             with torch.no_grad():  # finished samples keep their vector exactly
-                m[~active | newly_done] = keep
+                m[frozen] = keep
             done |= newly_done
             bar.set_postfix(loss=f"{sample_loss[active].mean().item():.3f}", done=f"{int(done.sum())}/{n}")
             if done.all():

@@ -34,7 +34,7 @@ from .judge import make_judge
 from .keyword_filter import KeywordFilter
 from .localize import LayerLocalization, Sample, localize_layer
 from .methods import REGISTRY, method_deviations
-from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
+from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .stats import aggregate, paired_differences
 
 
@@ -290,9 +290,13 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         t0 = time.time()
         dump_recipe(recipe, tmp / "recipe.yaml")
         model_dir = resolve_model_path(recipe.model.path)
-        adapter = load_adapter(model_dir, device=_resolve_device(recipe.model.device), dtype=recipe.model.dtype,
-                               trust_remote_code=recipe.model.trust_remote_code)
+        placement = recipe.model.placement()
+        if "device" in placement:
+            placement["device"] = _resolve_device(placement["device"])
+        adapter = load_adapter(model_dir, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                               **placement)
         check_layers(recipe, adapter.num_layers)
+        check_placement(recipe, adapter)
         load_s = time.time() - t0
         seeds = recipe.run_seeds
         runs: dict[int, dict] = {}

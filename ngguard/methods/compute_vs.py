@@ -52,7 +52,8 @@ def compute_vs(adapter: Adapter, samples: Sequence[Sample], requests: Sequence[R
     def add_delta(v: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
         if current.get("delta") is None:
             return v
-        return v + current["delta"][current["row_request"][rows_]].to(v.dtype)
+        rr, delta = current["row_request"], current["delta"]
+        return v + delta[rr[rows_.to(rr.device)].to(delta.device)].to(v.device, v.dtype)
 
     store: dict = {}
     for chunk in tqdm(chunk_by_sample(rows, batch_size), desc=f"target values L{layer}", unit="chunk", leave=False):

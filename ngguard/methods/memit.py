@@ -21,6 +21,7 @@ import torch
 from loguru import logger
 
 from ..adapters.base import Adapter
+from ..devices import check_editable
 from ..edit import EditResult
 from ..localize import Sample
 from ..recipe import MemitHParams, LocateEditHParams
@@ -57,6 +58,7 @@ def locate_then_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequen
     """Steps 1-3 above with ``update`` as the solve; edits ``adapter.model`` in place."""
     check_module(module, method)
     layers = sorted(set(layers))
+    check_editable(adapter, layers, module, method)
     if not samples or not any(s.sensitive for s in samples):
         raise ValueError(f"{method}: no sensitive questions to edit")
     hp = hparams
