@@ -439,6 +439,10 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
         if base_ok:
             demo.load(on_load, None, [image, question, base_out, prot_out], api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    # Gradio runs at most `max_threads` jobs at once across all events (its queue has that many job
+    # slots, and sync functions share a pool of that many threads); its default, 40, would cap the
+    # requests reaching the guard's batcher below `concurrency` per event. `launch` reads this.
+    demo.ngguard_max_threads = max(40, 2 * concurrency + 8)
     return demo
 
 
@@ -455,9 +459,11 @@ def bypass_proxy_for(*hosts: str) -> None:
 
 def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_file_size: int | str = "20mb",
            auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False,
-           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0)):
+           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0), max_threads: int | None = None):
     """Launch the app. ``auth`` None = read ``NGGUARD_AUTH``. ``login_backoff``: (free failures, first
-    delay s, longest delay s) of ``LoginThrottle``. Returns (app, local_url, share_url)."""
+    delay s, longest delay s) of ``LoginThrottle``. ``max_threads``: Gradio's job slots and worker
+    threads (None: what ``build_app`` sized for its concurrency, else Gradio's 40). Returns (app,
+    local_url, share_url)."""
     from starlette.middleware import Middleware
 
     if auth is None:
@@ -470,7 +476,10 @@ def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_
     free, first, longest = login_backoff
     throttle = Middleware(LoginThrottle, free_failures=free, base_delay=first, max_delay=longest)
     known = Middleware(KnownApiOnly, names=[f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)])
+    if max_threads is None:
+        max_threads = getattr(demo, "ngguard_max_threads", 40)
     return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
+                       max_threads=max_threads,
                        show_error=False, prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["api"],
                        app_kwargs={"middleware": [throttle, known]})
 

@@ -167,6 +167,25 @@ def test_auth_from_env(monkeypatch):
         demo.close()
 
 
+def test_launch_gives_gradio_enough_job_slots_for_the_batcher():
+    """Gradio runs at most ``max_threads`` jobs at once (default 40, whatever the events' concurrency
+    limits): the app must raise it so ``max_batch`` requests per event can reach the batcher together."""
+    model, processor = tiny_llava(seed=0, template="text_first")
+    guard = ProtectedLVLM(adapter_for(model, processor), max_batch=48)
+    demo = build_app(guard, examples=None, max_new_tokens=4)  # concurrency per event: max_batch
+    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True, auth=None)
+    try:
+        assert demo.max_threads >= 2 * 48  # /chat and /compare both full
+        assert demo._queue.max_thread_count == demo.max_threads
+        assert {fn.concurrency_limit for fn in demo.fns.values() if fn.api_name in ("chat", "compare")} <= {"default"}
+        assert demo._queue.default_concurrency_limit == 48
+    finally:
+        demo.close()
+        guard.close()
+    small = build_app(ProtectedLVLM(adapter_for(model, processor)), examples=None, max_new_tokens=4)
+    assert small.ngguard_max_threads == 40  # Gradio's default when nothing asks for more
+
+
 def _args(**kw) -> argparse.Namespace:
     parser = serve_app.add_serve_arguments(argparse.ArgumentParser())
     args = parser.parse_args([])
