@@ -179,6 +179,7 @@ def test_launch_gives_gradio_enough_job_slots_for_the_batcher():
         assert demo._queue.max_thread_count == demo.max_threads
         assert {fn.concurrency_limit for fn in demo.fns.values() if fn.api_name in ("chat", "compare")} <= {"default"}
         assert demo._queue.default_concurrency_limit == 48
+        assert demo._queue.sleep_when_free >= serve_app.QUEUE_POLL_S  # no 1 kHz polling of an idle queue
     finally:
         demo.close()
         guard.close()
