@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -533,6 +534,10 @@ def expose_base_for(choice: str, host: str) -> bool:
     return choice == "on" or (choice == "auto" and host in LOOPBACK)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
     """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``; options missing
     from ``args`` take their defaults). Blocks until the server stops; returns 0."""
@@ -569,6 +574,10 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
                      max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))
+    if block and threading.current_thread() is threading.main_thread():
+        # SIGTERM (docker stop, systemd, kill) closes the server like Ctrl-C. Without a handler, a
+        # server that is PID 1 in a container ignores SIGTERM and is killed after docker's timeout.
+        signal.signal(signal.SIGTERM, _interrupt)
     result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
     return 0 if block else (demo, result)
 

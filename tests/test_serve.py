@@ -228,3 +228,30 @@ def test_serve_cli_serves_a_model_folder(tmp_path):
         assert isinstance(base, str) and protected == "(no protection patch loaded)"
     finally:
         demo.close()
+
+
+def test_serve_cli_turns_sigterm_into_a_clean_shutdown(tmp_path, monkeypatch):
+    """`docker stop` sends SIGTERM: a blocking `ngguard serve` handles it like Ctrl-C (Gradio's
+    block_thread closes the server on KeyboardInterrupt). Without a handler a server that is PID 1 in
+    a container ignores SIGTERM and is killed after docker's timeout."""
+    import signal
+
+    model, processor = tiny_llava(seed=0, template="text_first")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    seen = {}
+
+    def fake_launch(demo, **kw):  # what the blocking launch would run under
+        seen["handler"], seen["block"] = signal.getsignal(signal.SIGTERM), kw["block"]
+        demo.close()
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(serve_app, "launch", fake_launch)
+    try:
+        args = argparse.Namespace(model=str(tmp_path / "model"), port=free_port(), device="cpu", max_new_tokens=4)
+        assert serve_app.serve_cli(args, block=True) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen["block"] is True and seen["handler"] is not before
+    with pytest.raises(KeyboardInterrupt):
+        seen["handler"](signal.SIGTERM, None)
