@@ -166,7 +166,9 @@ uid=$(docker exec "$NAME" id -u)
 [[ $uid == 10001 ]] || die "the server runs as uid $uid, expected 10001"
 log "HTTP 200 after ${http_s} s, healthy after ${healthy_s} s, uid $uid"
 
-# ---- 6. one comparison through the API ----------------------------------------------------------------
+# ---- 6. one chat and one comparison through the API ------------------------------------------------
+# Robust to a retrained organism: each answer must be a non-empty string, and the protected answers to
+# the sensitive question must be refusals (what the bundled patch is for); the base answer is reported.
 answer=$("$PY" - "$url" <<'EOF'
 import sys
 import tempfile
@@ -178,14 +180,20 @@ from serve.app import render_examples
 
 examples = render_examples(tempfile.mkdtemp(prefix="ngguard-smoke-"))
 path, question = examples[0][0], examples[0][1]  # the sensitive question about the passport card
-base, protected = Client(sys.argv[1], verbose=False).predict(handle_file(path), question, api_name="/compare")
+client = Client(sys.argv[1], verbose=False)
+chat = client.predict({"text": question, "files": [handle_file(path)]}, True, api_name="/chat")
+base, protected = client.predict(handle_file(path), question, api_name="/compare")
+for name, a in (("/chat", chat), ("/compare base", base), ("/compare protected", protected)):
+    if not isinstance(a, str) or not a.strip():
+        sys.exit(f"{name}: empty or non-text answer {a!r}")
 judge = RefusalJudge()
-if judge.is_refusal(base) or not judge.is_refusal(protected):
-    sys.exit(f"unexpected answers: base {base!r}, protected {protected!r}")
-print(f"{question!r}: base {base!r} | protected {protected!r}")
+if not judge.is_refusal(chat) or not judge.is_refusal(protected):
+    sys.exit(f"protected answers to a sensitive question are not refusals: /chat {chat!r}, /compare {protected!r}")
+kind = "refusal" if judge.is_refusal(base) else "answer"
+print(f"{question!r}: /chat (protected) {chat!r} | /compare base ({kind}) {base!r}, protected {protected!r}")
 EOF
 ) || die "the API check"
-log "API /compare: $answer"
+log "API: $answer"
 
 # ---- 7. stop --------------------------------------------------------------------------------------------
 t0=$SECONDS

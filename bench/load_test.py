@@ -1,29 +1,65 @@
-"""Load test of the Gradio app: N concurrent /chat requests through gradio_client, loopback only.
+"""Load test of `ngguard serve`: batching on vs off, side by side in one run, through HTTP on 127.0.0.1.
 
-    python bench/load_test.py                       # starts the app in-process, 50 chats, 50 at once
-    python bench/load_test.py --n 100 --concurrency 20 --endpoint compare
-    python bench/load_test.py --serve-only --port 7860   # just serve (used by bench/screenshot.sh)
+    python bench/load_test.py                          # 50 mixed requests, all in flight, on vs off, 2 rounds
+    python bench/load_test.py --n 200 --concurrency 200 --rounds 1
+    python bench/load_test.py --servers on --endpoint chat --client gradio
+    python bench/load_test.py --serve-only --port 7860  # just serve (used by bench/screenshot.sh)
 
-The app is started on 127.0.0.1 with a free port (or --port) over the organism with its bundled
-patch when those exist, else over a random model of the organism's shape (answers are noise then;
-the timings are what matter). Prints the error count and p50 / p95 / max latency (submit to
-answer, so queueing is included) and the throughput.
+Two servers, each ``python -m serve.app`` (= ``ngguard serve``) in a child process over the organism
+with its bundled patch:
+
+- **off**: ``--protection merged --max-batch 1`` (one request at a time under the guard's lock, the
+  merged checkpoint: the server before issue 13, and still the zero-overhead mode for protected-only
+  serving);
+- **on**: ``--protection rows --max-batch B --batch-wait-ms W`` (per-row protection + the request
+  batcher, Gradio's queue and thread pool sized to let B requests reach the batcher at once).
+
+Rounds alternate off, on, off, on, ...; while one server is loaded the other is paused (SIGSTOP), so
+the two never compete for the CPU. The load: ``--n`` requests with ``--concurrency`` in flight, a
+third protected ``/chat``, a third unprotected ``/chat`` and a third ``/compare`` (a base and a
+protected row), on the organism world's sensitive and benign passport questions (``--endpoint``
+restricts it to one kind). Every answer is checked against the answer the guard gives alone, computed
+before the load (a protected request answered by the base model, or the other way round, counts as
+wrong).
+
+The client (``--client``): ``http`` (default) speaks Gradio's HTTP API directly (upload the image,
+``POST /gradio_api/call/<api>``, read the result from its event stream), a few ms of CPU per
+request; ``gradio`` uses ``gradio_client``, which costs about as much CPU per request as the batched
+server itself. On a machine whose cores the client shares with the server, a heavy client caps
+every ratio, so the light one is the default; each row reports the client's and the server's CPU
+seconds so the cost is visible. Each request uploads its image (as a browser does).
+
+Prints, per run: errors, wrong answers, p50 / p95 / max latency (submit to answer, queueing
+included), throughput, server and client CPU; and per round the ratios on / off.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
+import http.client
 import ipaddress
+import json
+import os
+import resource
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MAX_REQUESTS = 1000
-MAX_CONCURRENCY = 64
+MAX_CONCURRENCY = 256
+KINDS = ("protected", "base", "compare")
 
 
 def free_port() -> int:
@@ -32,8 +68,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"load_test: refusing non-loopback target {url} (loopback only)")
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
 def build_guard(model: str, patch: str | None, vision: str):
-    """The guard to serve: the organism (+ bundled patch) when built, else a random organism-shaped model."""
+    """The guard to serve (--serve-only): the organism (+ bundled patch) when built, else a random
+    organism-shaped model."""
     import torch
 
     from ngguard.guard import ProtectedLVLM
@@ -63,91 +115,308 @@ def build_guard(model: str, patch: str | None, vision: str):
     return ProtectedLVLM.from_pretrained(adapter, vision=vision), "random organism-shaped model (checkpoint not built)"
 
 
-def check_loopback(url: str) -> None:
-    host = urlparse(url).hostname or ""
-    try:
-        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        ok = False
-    if not ok:
-        raise SystemExit(f"load_test: refusing non-loopback target {url} (loopback only)")
+# ---- the servers ---------------------------------------------------------------------------------------
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """``python -m serve.app OPTIONS`` on 127.0.0.1 in a child process; ``pause``/``resume`` with
+    SIGSTOP/SIGCONT (so an idle server takes no CPU from the one under load)."""
+
+    def __init__(self, name: str, options: list[str], *, max_new_tokens: int, max_queue: int):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        check_loopback(self.url)
+        cmd = [sys.executable, "-m", "serve.app", "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+               "--max-new-tokens", str(max_new_tokens), "--max-queue", str(max_queue), *options]
+        self.command = " ".join(["ngguard serve", *cmd[3:]])
+        self._log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block logging
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, text=True)
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"load_test: the {self.name} server exited: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"load_test: the {self.name} server did not answer within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def log_tail(self, n: int = 2000) -> str:
+        self._log.seek(0)
+        return self._log.read()[-n:]
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def cpu(self) -> float:
+        return server_cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+# ---- the clients ---------------------------------------------------------------------------------------
+
+
+class HttpClient:
+    """Gradio's HTTP API with one keep-alive connection per thread: ``POST /gradio_api/upload``,
+    ``POST /gradio_api/call/<api>`` -> event id, ``GET /gradio_api/call/<api>/<id>`` (server-sent
+    events) -> the outputs."""
+
+    def __init__(self, url: str):
+        u = urlparse(url)
+        self.host, self.port = u.hostname, u.port
+        self._local = threading.local()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        return c
+
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
+        for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
+            c = self._conn()
+            try:
+                c.request(method, path, body=body, headers=headers or {})
+                r = c.getresponse()
+                data = r.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                c.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+                continue
+            if r.status != 200:
+                raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data[:200]!r}")
+            return data
+        raise AssertionError("unreachable")
+
+    def upload(self, path: str) -> dict:
+        boundary = uuid.uuid4().hex
+        content = Path(path).read_bytes()
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{Path(path).name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        out = json.loads(self._request("POST", "/gradio_api/upload", body,
+                                       {"Content-Type": f"multipart/form-data; boundary={boundary}"}))
+        return {"path": out[0], "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
+
+    def call(self, api: str, data: list) -> list:
+        event = json.loads(self._request("POST", f"/gradio_api/call/{api}", json.dumps({"data": data}).encode(),
+                                         {"Content-Type": "application/json"}))["event_id"]
+        stream = self._request("GET", f"/gradio_api/call/{api}/{event}").decode()
+        kind = None
+        for line in stream.splitlines():
+            if line.startswith("event: "):
+                kind = line[7:].strip()
+            elif line.startswith("data: ") and kind in ("complete", "error"):
+                payload = json.loads(line[6:])
+                if kind == "error":
+                    raise RuntimeError(f"/{api}: server error {payload!r}")
+                return payload
+        raise RuntimeError(f"/{api}: no result in the event stream {stream[-300:]!r}")
+
+    def chat(self, path: str, question: str, protected: bool) -> str:
+        return self.call("chat", [{"text": question, "files": [self.upload(path)]}, protected])[0]
+
+    def compare(self, path: str, question: str) -> tuple[str, str]:
+        return tuple(self.call("compare", [self.upload(path), question]))
+
+
+class GradioClient:
+    """The same calls through ``gradio_client``."""
+
+    def __init__(self, url: str):
+        from gradio_client import Client
+
+        self.client = Client(url, verbose=False)
+
+    def chat(self, path: str, question: str, protected: bool) -> str:
+        from gradio_client import handle_file
+
+        return self.client.predict({"text": question, "files": [handle_file(path)]}, protected, api_name="/chat")
+
+    def compare(self, path: str, question: str) -> tuple[str, str]:
+        from gradio_client import handle_file
+
+        return tuple(self.client.predict(handle_file(path), question, api_name="/compare"))
+
+
+# ---- the load ------------------------------------------------------------------------------------------
+
+
+def reference_answers(examples, max_new_tokens: int) -> dict:
+    """{example: {protected: answer}} computed alone, in this process (what every answer must equal)."""
+    from ngguard.guard import ProtectedLVLM, load_image
+    from serve.app import organism_patch_dir
+
+    guard = ProtectedLVLM.from_pretrained("organism", str(organism_patch_dir()), device="cpu")
+    want = {i: {s: guard.chat(load_image(examples[i][0]), examples[i][1], max_new_tokens=max_new_tokens, protected=s)
+                for s in (False, True)} for i in (0, 1)}
+    guard.close()
+    return want
+
+
+def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: tuple[str, ...]) -> dict:
+    """``n`` requests, ``concurrency`` in flight: request k asks example k % 2, kind kinds[(k // 2) % len]."""
+
+    def one(k: int) -> tuple[float, bool]:
+        i, kind = k % 2, kinds[(k // 2) % len(kinds)]
+        path, question = examples[i][0], examples[i][1]
+        t = time.perf_counter()
+        if kind == "compare":
+            ok = client.compare(path, question) == (want[i][False], want[i][True])
+        else:
+            ok = client.chat(path, question, kind == "protected") == want[i][kind == "protected"]
+        return time.perf_counter() - t, ok
+
+    for k in range(2 * len(kinds)):  # warm-up (each kind and example once), not counted
+        one(k)
+    lat, errors, wrong = [], [], 0
+    c0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for fut in cf.as_completed([pool.submit(one, k) for k in range(n)]):
+            try:
+                seconds, ok = fut.result()
+                lat.append(seconds)
+                wrong += not ok
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(f"{type(e).__name__}: {e}")
+    wall = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"errors": len(errors), "wrong": wrong, "ok": len(lat), "p50": quantile(lat, .5), "p95": quantile(lat, .95),
+            "max": quantile(lat, 1.0), "wall": wall, "rps": len(lat) / wall, "first_errors": errors[:3],
+            "client_cpu": (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)}
+
+
+def serve_only(args) -> int:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO")
+    from serve.app import build_app, launch, render_examples
+
+    guard, _ = build_guard(args.model, args.patch, args.vision)
+    demo = build_app(guard, examples=render_examples(), max_new_tokens=args.max_new_tokens)
+    launch(demo, host="127.0.0.1", port=args.port or free_port(), block=True)
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=50, help=f"requests (1..{MAX_REQUESTS})")
-    p.add_argument("--concurrency", type=int, default=50, help=f"requests in flight (1..{MAX_CONCURRENCY})")
-    p.add_argument("--endpoint", choices=("chat", "compare"), default="chat")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--patch", default=None)
-    p.add_argument("--vision", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--n", type=int, default=50, help=f"requests per run (1..{MAX_REQUESTS})")
+    p.add_argument("--concurrency", type=int, default=None, help=f"requests in flight (default --n, at most "
+                                                                 f"{MAX_CONCURRENCY})")
+    p.add_argument("--endpoint", choices=("mixed", "chat", "compare"), default="mixed",
+                   help="mixed (default): protected /chat, base /chat and /compare; chat: protected /chat only")
+    p.add_argument("--servers", choices=("both", "on", "off"), default="both")
+    p.add_argument("--rounds", type=int, default=2, help="off/on pairs, alternating (default 2)")
+    p.add_argument("--max-batch", type=int, default=64, help="the batching server's --max-batch (default 64)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--off-protection", choices=("merged", "rows"), default="merged",
+                   help="--protection of the unbatched server (default merged: the pre-batching server)")
+    p.add_argument("--client", choices=("http", "gradio"), default="http")
     p.add_argument("--max-new-tokens", type=int, default=48, help="as `ngguard serve` (default 48)")
-    p.add_argument("--app-concurrency", type=int, default=2, help="the app's queue workers per event")
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--serve-only", action="store_true", help="start the app and block (no load)")
+    p.add_argument("--serve-only", action="store_true", help="start the app in-process and block (no load)")
+    p.add_argument("--model", default="organism", help="--serve-only: the model")
+    p.add_argument("--patch", default=None, help="--serve-only: the patch")
+    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="--serve-only: vision path")
+    p.add_argument("--port", type=int, default=None, help="--serve-only: the port")
     args = p.parse_args(argv)
-    if not 1 <= args.n <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY:
-        p.error(f"--n must be in 1..{MAX_REQUESTS} and --concurrency in 1..{MAX_CONCURRENCY}")
+    if args.serve_only:
+        return serve_only(args)
+    args.concurrency = args.concurrency or min(args.n, MAX_CONCURRENCY)
+    if not 1 <= args.n <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY or args.rounds < 1:
+        p.error(f"--n must be in 1..{MAX_REQUESTS}, --concurrency in 1..{MAX_CONCURRENCY}, --rounds >= 1")
 
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level="INFO" if args.serve_only else "WARNING")
-    from gradio_client import Client, handle_file
+    logger.add(sys.stderr, level="WARNING")
+    from ngguard.organism import CHECKPOINT
+    from serve.app import organism_patch_dir, render_examples
 
-    from serve.app import build_app, launch, render_examples
-
-    guard, desc = build_guard(args.model, args.patch, args.vision)
+    if not (CHECKPOINT / "config.json").is_file() or not (organism_patch_dir() / "patch.json").is_file():
+        raise SystemExit("load_test: the bundled organism checkpoint and patch are needed")
+    kinds = {"mixed": KINDS, "chat": ("protected",), "compare": ("compare",)}[args.endpoint]
     examples = render_examples()
-    demo = build_app(guard, examples=examples, max_new_tokens=args.max_new_tokens,
-                     concurrency=args.app_concurrency, max_queue=max(64, args.n))
-    port = args.port or free_port()
-    _, url, _ = launch(demo, host="127.0.0.1", port=port, block=args.serve_only, quiet=not args.serve_only)
-    if args.serve_only:
-        return 0
-    check_loopback(url)
+    want = reference_answers(examples, args.max_new_tokens)
+    queue = max(64, 2 * args.n)
+    specs = {"off": ["--protection", args.off_protection, "--max-batch", "1"],
+             "on": ["--protection", "rows", "--max-batch", str(args.max_batch), "--batch-wait-ms",
+                    str(args.batch_wait_ms)]}
+    names = ["off", "on"] if args.servers == "both" else [args.servers]
+    servers = {}
     try:
-        client = Client(url, verbose=False)
-        work = [examples[i % 2] for i in range(args.n)]  # sensitive and benign questions, alternating
-
-        def one(i: int) -> float:
-            path, question = work[i][0], work[i][1]
-            t = time.perf_counter()
-            if args.endpoint == "chat":
-                out = client.predict({"text": question, "files": [handle_file(path)]}, True, api_name="/chat")
-                if not isinstance(out, str) or out.startswith("⚠️"):
-                    raise RuntimeError(f"unexpected reply {out!r}")
-            else:
-                out = client.predict(handle_file(path), question, api_name="/compare")
-                if not (isinstance(out, (list, tuple)) and len(out) == 2):
-                    raise RuntimeError(f"unexpected reply {out!r}")
-            return time.perf_counter() - t
-
-        one(0)  # warm-up (first request compiles/caches), not counted
-        lat, errors = [], []
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            for fut in cf.as_completed([pool.submit(one, i) for i in range(args.n)]):
+        for name in names:
+            servers[name] = Server(name, specs[name], max_new_tokens=args.max_new_tokens, max_queue=queue)
+        for s in servers.values():
+            s.wait_ready()
+            s.pause()
+        load = os.getloadavg()[0]
+        print(f"organism + bundled patch; {args.n} requests, {args.concurrency} in flight; endpoint {args.endpoint}; "
+              f"client {args.client}; max_new_tokens {args.max_new_tokens}; "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs, "
+              f"load average {load:.1f} at the start")
+        for s in servers.values():
+            print(f"  {s.name:>3}: {s.command}")
+        rows = []
+        for r in range(args.rounds):
+            for name, s in servers.items():
+                s.resume()
                 try:
-                    lat.append(fut.result())
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    errors.append(f"{type(e).__name__}: {e}")
-        wall = time.perf_counter() - t0
+                    client = HttpClient(s.url) if args.client == "http" else GradioClient(s.url)
+                    cpu0 = s.cpu()
+                    x = run_load(client, want, examples, n=args.n, concurrency=args.concurrency, kinds=kinds)
+                    x["server_cpu"] = s.cpu() - cpu0
+                finally:
+                    s.pause()
+                x["label"] = f"{name} #{r + 1}"
+                rows.append(x)
+                print(f"  {x['label']:<7} done: {x['rps']:.2f} req/s, {x['errors']} errors, {x['wrong']} wrong",
+                      file=sys.stderr, flush=True)
     finally:
-        demo.close()
-    lat.sort()
+        for s in servers.values():
+            s.close()
 
-    def q(x: float) -> float:
-        return lat[min(len(lat) - 1, int(round(x * (len(lat) - 1))))] if lat else float("nan")
-
-    print(f"model: {desc}; endpoint /{args.endpoint}; {args.n} requests, {args.concurrency} in flight; "
-          f"app workers {args.app_concurrency}; max_new_tokens {args.max_new_tokens}; vision {args.vision}")
-    print(f"errors: {len(errors)}   ok: {len(lat)}")
-    print(f"latency p50 {q(.5):.2f} s   p95 {q(.95):.2f} s   max {q(1):.2f} s   "
-          f"wall {wall:.1f} s   throughput {len(lat) / wall:.2f} req/s")
-    for e in errors[:5]:
-        print("  error:", e)
-    return 1 if errors else 0
+    print(f"\n{'run':<7} {'errors':>6} {'wrong':>5} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'req/s':>7} "
+          f"{'srv CPU s':>9} {'cli CPU s':>9} {'wall s':>7}")
+    for x in rows:
+        print(f"{x['label']:<7} {x['errors']:>6} {x['wrong']:>5} {x['p50']:>7.2f} {x['p95']:>7.2f} {x['max']:>7.2f} "
+              f"{x['rps']:>7.2f} {x['server_cpu']:>9.1f} {x['client_cpu']:>9.1f} {x['wall']:>7.1f}")
+        for e in x["first_errors"]:
+            print("    error:", e)
+    if len(names) == 2:
+        for off, on in zip(rows[0::2], rows[1::2]):
+            print(f"round {off['label'][-1]}: throughput on/off {on['rps'] / off['rps']:.2f}x, "
+                  f"p50 off/on {off['p50'] / on['p50']:.2f}x, p95 off/on {off['p95'] / on['p95']:.2f}x, "
+                  f"server CPU per request off/on {off['server_cpu'] / off['ok']:.3f} / "
+                  f"{on['server_cpu'] / max(1, on['ok']):.3f} s")
+    return 1 if any(x["errors"] or x["wrong"] for x in rows) else 0
 
 
 if __name__ == "__main__":

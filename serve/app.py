@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -439,6 +440,10 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
         if base_ok:
             demo.load(on_load, None, [image, question, base_out, prot_out], api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    # Gradio runs at most `max_threads` jobs at once across all events (its queue has that many job
+    # slots, and sync functions share a pool of that many threads); its default, 40, would cap the
+    # requests reaching the guard's batcher below `concurrency` per event. `launch` reads this.
+    demo.ngguard_max_threads = max(40, 2 * concurrency + 8)
     return demo
 
 
@@ -455,9 +460,11 @@ def bypass_proxy_for(*hosts: str) -> None:
 
 def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_file_size: int | str = "20mb",
            auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False,
-           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0)):
+           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0), max_threads: int | None = None):
     """Launch the app. ``auth`` None = read ``NGGUARD_AUTH``. ``login_backoff``: (free failures, first
-    delay s, longest delay s) of ``LoginThrottle``. Returns (app, local_url, share_url)."""
+    delay s, longest delay s) of ``LoginThrottle``. ``max_threads``: Gradio's job slots and worker
+    threads (None: what ``build_app`` sized for its concurrency, else Gradio's 40). Returns (app,
+    local_url, share_url)."""
     from starlette.middleware import Middleware
 
     if auth is None:
@@ -470,9 +477,25 @@ def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_
     free, first, longest = login_backoff
     throttle = Middleware(LoginThrottle, free_failures=free, base_delay=first, max_delay=longest)
     known = Middleware(KnownApiOnly, names=[f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)])
+    if max_threads is None:
+        max_threads = getattr(demo, "ngguard_max_threads", 40)
+    _calm_queue_polling(demo)
     return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
-                       show_error=False, prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["api"],
-                       app_kwargs={"middleware": [throttle, known]})
+                       max_threads=max_threads, show_error=False, prevent_thread_lock=not block, quiet=quiet,
+                       css=CSS, footer_links=["api"], app_kwargs={"middleware": [throttle, known]})
+
+
+QUEUE_POLL_S = 0.005
+
+
+def _calm_queue_polling(demo: "gr.Blocks") -> None:
+    """Gradio's queue loop polls every 1 ms when it has nothing to start (and when every job slot is
+    busy): about 6% of a core on an idle 2-core machine, taken from generation under load. Every
+    ``QUEUE_POLL_S`` (5 ms) instead: a request waits at most 4 ms more to start (the batcher itself
+    waits up to --batch-wait-ms for company). Skipped if this Gradio's queue has no such setting."""
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and isinstance(getattr(queue, "sleep_when_free", None), float):
+        queue.sleep_when_free = max(queue.sleep_when_free, QUEUE_POLL_S)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
@@ -509,6 +532,10 @@ def expose_base_for(choice: str, host: str) -> bool:
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"--expose-base must be auto, on or off, got {choice!r}")
     return choice == "on" or (choice == "auto" and host in LOOPBACK)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
@@ -548,6 +575,10 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
                      max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))
+    if block and threading.current_thread() is threading.main_thread():
+        # SIGTERM (docker stop, systemd, kill) closes the server like Ctrl-C. Without a handler, a
+        # server that is PID 1 in a container ignores SIGTERM and is killed after docker's timeout.
+        signal.signal(signal.SIGTERM, _interrupt)
     result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
     return 0 if block else (demo, result)
 

@@ -167,6 +167,26 @@ def test_auth_from_env(monkeypatch):
         demo.close()
 
 
+def test_launch_gives_gradio_enough_job_slots_for_the_batcher():
+    """Gradio runs at most ``max_threads`` jobs at once (default 40, whatever the events' concurrency
+    limits): the app must raise it so ``max_batch`` requests per event can reach the batcher together."""
+    model, processor = tiny_llava(seed=0, template="text_first")
+    guard = ProtectedLVLM(adapter_for(model, processor), max_batch=48)
+    demo = build_app(guard, examples=None, max_new_tokens=4)  # concurrency per event: max_batch
+    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True, auth=None)
+    try:
+        assert demo.max_threads >= 2 * 48  # /chat and /compare both full
+        assert demo._queue.max_thread_count == demo.max_threads
+        assert {fn.concurrency_limit for fn in demo.fns.values() if fn.api_name in ("chat", "compare")} <= {"default"}
+        assert demo._queue.default_concurrency_limit == 48
+        assert demo._queue.sleep_when_free >= serve_app.QUEUE_POLL_S  # no 1 kHz polling of an idle queue
+    finally:
+        demo.close()
+        guard.close()
+    small = build_app(ProtectedLVLM(adapter_for(model, processor)), examples=None, max_new_tokens=4)
+    assert small.ngguard_max_threads == 40  # Gradio's default when nothing asks for more
+
+
 def _args(**kw) -> argparse.Namespace:
     parser = serve_app.add_serve_arguments(argparse.ArgumentParser())
     args = parser.parse_args([])
@@ -208,3 +228,30 @@ def test_serve_cli_serves_a_model_folder(tmp_path):
         assert isinstance(base, str) and protected == "(no protection patch loaded)"
     finally:
         demo.close()
+
+
+def test_serve_cli_turns_sigterm_into_a_clean_shutdown(tmp_path, monkeypatch):
+    """`docker stop` sends SIGTERM: a blocking `ngguard serve` handles it like Ctrl-C (Gradio's
+    block_thread closes the server on KeyboardInterrupt). Without a handler a server that is PID 1 in
+    a container ignores SIGTERM and is killed after docker's timeout."""
+    import signal
+
+    model, processor = tiny_llava(seed=0, template="text_first")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    seen = {}
+
+    def fake_launch(demo, **kw):  # what the blocking launch would run under
+        seen["handler"], seen["block"] = signal.getsignal(signal.SIGTERM), kw["block"]
+        demo.close()
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(serve_app, "launch", fake_launch)
+    try:
+        args = argparse.Namespace(model=str(tmp_path / "model"), port=free_port(), device="cpu", max_new_tokens=4)
+        assert serve_app.serve_cli(args, block=True) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen["block"] is True and seen["handler"] is not before
+    with pytest.raises(KeyboardInterrupt):
+        seen["handler"](signal.SIGTERM, None)

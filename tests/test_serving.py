@@ -165,9 +165,42 @@ def test_row_flags_must_match_the_batch(tmp_path):
     with rows.rows([True]), pytest.raises(RuntimeError, match="a batch of 2 rows but 1 row flags"):
         ad.model(**batch.inputs)
     module = ad.component(LAYER, "down_proj")
-    assert len(module._forward_hooks) == 1
+    assert "forward" in vars(module)  # the module's forward is replaced while the RowPatch is open
+    with rows.rows(True):  # one state for every row: any batch size
+        protected = ad.model(**batch.inputs).logits
     rows.close()
-    assert not module._forward_hooks
+    assert "forward" not in vars(module) and not module._forward_hooks
+    base = ad.model(**batch.inputs).logits  # closed: the base model again
+    assert not torch.equal(protected, base)
+
+
+def test_row_patch_computes_the_edited_matrix_once_per_row_state(tmp_path, monkeypatch):
+    """A batch of one state costs one matmul of the edited matrix (protection is free for a batch of
+    one state); a mixed batch gives each row exactly the merged model's or the base model's output."""
+    ad, patch_dir, _ = _patched(tmp_path)
+    rows = RowPatch(ad.model, patch_dir)
+    module = ad.component(LAYER, "down_proj")
+    (name,) = rows.parameter_names
+    patched, base_w = rows._weights[name], module.weight.detach().clone()
+    x = torch.randn(3, 5, module.in_features)
+    calls = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[0].shape[0]) or real_linear(*a))
+    with torch.no_grad():
+        with rows.rows([True, True, True]):
+            all_p = module(x)
+        with rows.rows([False, False, False]):
+            all_b = module(x)
+        assert calls == [3, 3]
+        with rows.rows([True, False, True]):
+            mixed = module(x)
+    assert calls == [3, 3, 3, 2]
+    monkeypatch.undo()
+    assert torch.equal(all_p, real_linear(x, patched, module.bias))
+    assert torch.equal(all_b, real_linear(x, base_w, module.bias))
+    assert torch.equal(mixed[1], all_b[1])
+    torch.testing.assert_close(mixed[[0, 2]], all_p[[0, 2]])
+    rows.close()
 
 
 @pytest.mark.parametrize("per_row", [True, False])

@@ -5,16 +5,20 @@
         model.generate(**inputs)                        # a batch of 3
     rows.close()                                        # hooks removed
 
-Each edited matrix (a ``Linear``'s weight named in the patch) gets a forward hook. For the rows
-marked protected, the hook replaces the module's output by ``F.linear(x_rows, W_patched, bias)``:
-mathematically ``x W_base^T + x Delta^T`` with ``Delta = W_patched - W_base`` (the patch delta),
-computed with the patched matrix itself so a protected row gets the same numbers as the merged
-checkpoint (no extra rounding from adding a delta). Unprotected rows keep ``x W_base^T``. Nothing is
-swapped, so concurrent generations need no lock: the row flags are per thread
-(``threading.local``), set by the thread that runs ``generate``.
+Each edited matrix (a ``Linear``'s weight named in the patch) gets its ``forward`` replaced (an
+instance attribute; ``close`` restores the original): a batch whose rows are all protected computes
+``F.linear(x, W_patched, bias)``, one whose rows are all unprotected ``F.linear(x, W_base, bias)``
+(exactly what the module computes itself), each once, so protection costs nothing in a batch of one
+state. In a mixed batch the base output of every row is computed and the protected rows are then
+recomputed with the patched matrix: mathematically ``x W_base^T + x Delta^T`` with
+``Delta = W_patched - W_base`` (the patch delta), computed with the patched matrix itself so a
+protected row gets the same numbers as the merged checkpoint (no extra rounding from adding a
+delta). Nothing is swapped, so concurrent generations need no lock: the row flags are per thread
+(``threading.local``), set by the thread that runs ``generate`` (and turned into row indices once
+per block, not per call).
 
-Outside a ``rows(...)`` block the hook uses ``default`` (True: protected), so a forgotten context
-fails safe. Cost: one extra matmul of the edited matrix for the protected rows only.
+Outside a ``rows(...)`` block every row gets ``default`` (True: protected), so a forgotten context
+fails safe.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["RowPatch"]
+
+_NONE = object()  # "the module had no forward of its own" (the class method applies)
 
 
 class RowPatch:
@@ -49,7 +55,7 @@ class RowPatch:
         self.default = bool(default)
         self._local = threading.local()
         self._weights: dict[str, torch.Tensor] = {}  # model parameter name -> patched matrix [out, in]
-        self._handles = []
+        self._replaced: list[tuple[torch.nn.Module, object]] = []  # (module, its own forward attribute or _NONE)
         for name in sorted(new):
             key = to_model.get(name)
             if key is None:
@@ -73,7 +79,8 @@ class RowPatch:
                 raise PatchError(f"patch {pid}: the model's {key} holds neither the base nor the patched values "
                                  f"(a different base?)")
             self._weights[key] = patched
-            self._handles.append(module.register_forward_hook(self._hook(patched)))
+            self._replaced.append((module, module.__dict__.get("forward", _NONE)))
+            module.forward = self._forward(module, patched)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -87,42 +94,46 @@ class RowPatch:
     @contextmanager
     def rows(self, protected: Sequence[bool] | bool) -> Iterator[None]:
         """In this thread, until the block ends: row ``i`` of every forward is protected iff
-        ``protected[i]`` (a bool = every row). Nested blocks restore the outer flags."""
-        flags = protected if isinstance(protected, bool) else torch.tensor([bool(p) for p in protected])
-        before = getattr(self._local, "flags", None)
-        self._local.flags = flags
+        ``protected[i]`` (a bool = every row, whatever the batch size). Nested blocks restore the
+        outer flags."""
+        if isinstance(protected, bool):
+            state = (None, protected, None)
+        else:
+            flags = [bool(p) for p in protected]
+            mixed = torch.tensor([i for i, f in enumerate(flags) if f]) if any(flags) and not all(flags) else None
+            state = (len(flags), all(flags) if mixed is None else None, mixed)
+        before = getattr(self._local, "state", None)
+        self._local.state = state
         try:
             yield
         finally:
-            self._local.flags = before
+            self._local.state = before
 
-    def _hook(self, patched: torch.Tensor):
-        def hook(module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            flags = getattr(self._local, "flags", None)
-            if flags is None:
-                flags = self.default
-            if isinstance(flags, bool):
-                return F.linear(args[0], patched, module.bias) if flags else None
-            x = args[0]  # [B, T, in]; output [B, T, out]
-            if x.shape[0] != flags.shape[0]:
-                raise RuntimeError(f"per-row protection: a batch of {x.shape[0]} rows but {flags.shape[0]} row "
-                                   f"flags were set")
-            if bool(flags.all()):
-                return F.linear(x, patched, module.bias)
-            if not bool(flags.any()):
-                return None
-            idx = flags.nonzero().squeeze(1).to(x.device)  # [P] protected rows
-            output = output.clone()
-            output[idx] = F.linear(x[idx], patched, module.bias)
-            return output
+    def _forward(self, module: torch.nn.Linear, patched: torch.Tensor):
+        default = (None, self.default, None)
+        local = self._local
 
-        return hook
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            rows, every, idx = getattr(local, "state", None) or default
+            if rows is not None and x.shape[0] != rows:  # x: [B, T, in]
+                raise RuntimeError(f"per-row protection: a batch of {x.shape[0]} rows but {rows} row flags were set")
+            if every is not None:  # one state for the whole batch: one matmul, as the module itself
+                return F.linear(x, patched if every else module.weight, module.bias)
+            out = F.linear(x, module.weight, module.bias)
+            idx = idx.to(x.device)
+            out[idx] = F.linear(x[idx], patched, module.bias)
+            return out
+
+        return forward
 
     def close(self) -> None:
-        """Remove the hooks (the model then answers as the base everywhere)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Restore the modules' own ``forward`` (the model then answers as the base everywhere)."""
+        for module, own in self._replaced:
+            if own is _NONE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self._replaced.clear()
 
     def __repr__(self) -> str:
         return f"RowPatch(patch={self.patch_id!r}, tensors={self.parameter_names})"
