@@ -408,14 +408,15 @@ def test_per_token_inputs_follow_the_rows(adapter, images):
 def test_replay_without_vision_only_inputs_is_exact(adapter, images):
     """localize replays layers <= l from a recorded output and drops ``vision_only_inputs``: the logits
     must not change (Qwen2-VL's M-RoPE positions need its grid, so it drops nothing)."""
-    from ngguard.localize import record_layer_output, replayed_prefix
+    from ngguard.fastpath import record_layer_output
+    from ngguard.hooks import HookState, replayed_prefix
 
     batch = adapter.encode(images(2), ["Is this a passport?", "What is the phone number written on the phone?"],
                            targets=["No.", "Sorry."])
     with torch.no_grad():
         full = adapter.model(**batch.inputs, use_cache=False).logits
     layer = 1
-    store = {"out": record_layer_output(adapter, layer, batch.inputs)}
+    store = HookState(out=record_layer_output(adapter, layer, batch.inputs))
     inputs = {k: v for k, v in batch.inputs.items() if k not in adapter.vision_only_inputs}
     assert all(k in batch.inputs for k in adapter.vision_only_inputs)
     with replayed_prefix(adapter, layer, store), torch.no_grad():

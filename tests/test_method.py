@@ -176,15 +176,16 @@ def test_subject_gradient_share_is_a_fraction_and_nonzero(adapter):
 def test_each_question_runs_once_up_to_its_answer(template):
     """With answer-start contexts, a sensitive question has several rows: the batched loop runs the
     question once (a stem holding the subject token) and only the different endings per row."""
-    from ngguard.localize import _prepare_chunk, encode_rows
+    from ngguard.fastpath import prepare
+    from ngguard.methods.neural_gate import encode_rows
 
     adapter = adapter_for(*tiny_llava(0, template))
     samples = _samples(2)
     rows = sample_rows(samples, REFUSAL, 1.25, ("I am an AI.", "You want to."))
     groups = {k: i for i, k in enumerate(dict.fromkeys((r.sample, r.text) for r in rows))}
     batch = encode_rows(adapter, samples, rows)
-    chunk = _prepare_chunk(adapter, 1, batch, list(range(len(rows))), torch.tensor([r.sample for r in rows]),
-                           torch.tensor([groups[(r.sample, r.text)] for r in rows]), shortcuts=True)
+    chunk = prepare(adapter, batch, 1, frozen_above=True, sample_of_row=torch.tensor([r.sample for r in rows]),
+                    question_of_row=torch.tensor([groups[(r.sample, r.text)] for r in rows]))
     sp = chunk.split
     assert sp is not None and len(sp.stem_rows) == len(groups) == 4 and len(sp.row_stem) == len(rows) == 8
     assert (sp.stem_subject < sp.stem_len).all()

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
-from ..localize import record_layer_output
+from ..fastpath import record_layer_output
 from .corpus import corpus_hash, load_corpus
 
 FORMAT = 1  # bump when the statistic's definition changes
