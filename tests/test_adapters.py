@@ -503,11 +503,13 @@ def test_saved_names_map_back_to_the_loaded_model(adapter):
 
 
 def test_localization_and_edit_shortcuts_are_exact(family):
-    """The batched loop's shortcuts (replayed lower layers, the prefix before the subject from a KV
-    cache where the family allows it, logits only on targets) and the edit's (replayed layers below
-    the edited one) change nothing but the speed, in every family."""
+    """The batched loop with its shortcuts (replayed lower layers, the prefix before the subject from a KV
+    cache where the family allows it, stems and tails, logits only on targets) finds the scales and
+    gates of the plain reference (one sample at a time, the whole model: the oracle), and the edit's
+    shortcuts (replayed layers below the edited one) change nothing but the speed, in every family."""
     from ngguard.edit import apply_edit
     from ngguard.localize import Sample, localize_layer
+    from ngguard.methods.reference import localize_reference
 
     model, processor = family.build(0)
     adapter = adapter_for(model, processor)
@@ -515,11 +517,15 @@ def test_localization_and_edit_shortcuts_are_exact(family):
                                                  f"read the owner's name from the {subject}."],
                       [(f"what colour is the {subject}?", "blue")], key=f"{subject}{i}")
                for i in range(2) for subject in ("passport", "receipt")]
-    kw = dict(refusal="I am sorry.", alpha=1.25, contexts=("I am an AI.",), steps=4, lr=0.5, eps=1e-8, batch_size=8)
-    fast = localize_layer(adapter, samples, 1, **kw)
-    slow = localize_layer(adapter, samples, 1, shortcuts=False, **kw)
-    assert (fast.scales < 0.9).any()  # the vectors moved
-    assert torch.allclose(fast.scales, slow.scales, atol=1e-4)
+    kw = dict(refusal="I am sorry.", alpha=1.25, contexts=("I am an AI.", "You want to."), steps=6, lr=0.5, eps=1e-8)
+    fast = localize_layer(adapter, samples, 1, batch_size=8, **kw)  # 8 rows: two samples per chunk
+    oracle = localize_reference(adapter, samples, 1, **kw)
+    assert (fast.scales < 0.9).any() and (fast.scales < 0).any()  # the vectors moved, some dims flipped
+    assert torch.allclose(fast.scales, oracle.scales, atol=1e-4)
+    assert torch.equal(fast.steps, oracle.steps) and torch.allclose(fast.losses, oracle.losses, rtol=1e-4)
+    for subject in ("passport", "receipt"):
+        assert torch.equal(fast.gates[subject], oracle.gates[subject])
+        assert torch.equal(fast.strong(subject, top_k=10), oracle.strong(subject, top_k=10))
     with pytest.raises(ValueError, match="top layer"):  # its subject-token state reaches no target
         localize_layer(adapter, samples, adapter.num_layers - 1, **kw)
 

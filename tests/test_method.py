@@ -136,6 +136,7 @@ def test_gates_from_scales_by_hand():
 
 
 def test_localization_batched_matches_per_sample_loop(adapter):
+    """batched=False is the plain reference (ngguard.methods.reference): one sample at a time, the whole model."""
     samples = _samples(3) + _samples(2, "receipt")
     # eps small: a random tiny model has tiny gradients, which the paper's eps=1e-3 would swallow
     kw = dict(refusal=REFUSAL, alpha=1.25, contexts=("I am an AI.",), steps=6, lr=0.5, eps=1e-8, batch_size=4)
@@ -150,9 +151,11 @@ def test_localization_batched_matches_per_sample_loop(adapter):
     assert a.losses.shape == (5,) and (a.steps >= 1).all()
 
 
-def test_localization_early_stop_freezes_finished_samples(adapter):
+@pytest.mark.parametrize("batched", [True, False])
+def test_localization_early_stop_freezes_finished_samples(adapter, batched):
     samples = _samples(2)
-    loc = localize_layer(adapter, samples, 1, refusal=REFUSAL, steps=3, stop_loss=1e9)  # everything "done" at once
+    loc = localize_layer(adapter, samples, 1, refusal=REFUSAL, steps=3, stop_loss=1e9,  # everything "done" at once
+                         batched=batched)
     assert (loc.steps == 1).all()
     assert torch.allclose(loc.scales, torch.tanh(torch.tensor(2.0)).expand_as(loc.scales))
 

@@ -97,8 +97,8 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
 
     All samples' vectors train in one batched loop (they are independent: the model is frozen), each
     with early stopping under ``stop_loss``. ``shortcuts``: the exact speed-ups of ``fastpath.prepare``.
-    ``batched=False``: one sample at a time without shortcuts (the per-sample procedure of the authors'
-    code; ``ngguard.methods.reference.localize_reference`` is the independent plain oracle)."""
+    ``batched=False``: the independent plain reference, one sample at a time, the whole model at every
+    step (``ngguard.methods.reference``, the procedure of the authors' code; the tests' oracle)."""
     if layer >= adapter.num_layers - 1:
         raise ValueError(f"layer {layer} is the top layer of {adapter.num_layers}: its output at the subject token reaches "
                          f"no later token, so no scaling vector there can change the answer; localize layers "
@@ -107,13 +107,10 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     for p in model.parameters():
         p.requires_grad_(False)
     device, n, d = adapter.device, len(samples), adapter.hidden_size
-    kw = dict(refusal=refusal, alpha=alpha, contexts=contexts, steps=steps, lr=lr, eps=eps, l1=l1, init=init,
-              stop_loss=stop_loss, batch_size=batch_size)
     if not batched:
-        parts = [localize_layer(adapter, [s], layer, shortcuts=False, **kw)
-                 for s in tqdm(samples, desc=desc or f"localize L{layer} (loop)")]
-        return LayerLocalization.of(layer, torch.cat([p.scales for p in parts]), [s.subject for s in samples],
-                                    torch.cat([p.losses for p in parts]), torch.cat([p.steps for p in parts]))
+        from .reference import localize_reference
+        return localize_reference(adapter, samples, layer, refusal=refusal, alpha=alpha, contexts=contexts, steps=steps,
+                                  lr=lr, eps=eps, l1=l1, init=init, stop_loss=stop_loss)
 
     rows = sample_rows(samples, refusal, alpha, contexts)
     row_sample = torch.tensor([r.sample for r in rows], device=device)                 # [R] row -> sample
