@@ -1,6 +1,8 @@
 """Localization and the gated edit on tiny random LLaVA models (no files, no network)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,6 +128,22 @@ def test_unknown_method_and_missing_gates_are_refused(adapter):
         apply_edit(adapter, _samples(1), [1], method="rome", refusal=REFUSAL)
     with pytest.raises(ValueError, match="needs gates"):
         apply_edit(adapter, _samples(1), [1], method="neural_gate", refusal=REFUSAL)
+
+
+def test_registry_holds_every_edit_method_once():
+    """A recipe's method names (recipe.EDIT_METHODS) and the registry are the same list; each entry's
+    hyperparameters are a section of the recipe (the gradient edits share ``edit``)."""
+    from ngguard.methods import REGISTRY, hparams_for
+    from ngguard.recipe import EDIT_METHODS, EditSpec, Recipe, load_recipe
+
+    assert list(REGISTRY) == list(EDIT_METHODS)
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml")
+    assert isinstance(recipe, Recipe)
+    for name, (cls, apply) in REGISTRY.items():
+        hp = hparams_for(recipe, name)
+        assert isinstance(hp, cls) and callable(apply)
+    assert hparams_for(recipe, "no_gate") is recipe.edit and isinstance(recipe.edit, EditSpec)
+    assert hparams_for(recipe, "memit") is recipe.memit
 
 
 def test_gates_from_scales_by_hand():

@@ -6,9 +6,9 @@ from typing import Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..core import Sample, row_nll
+from ..core import Sample, encode_sample, row_nll
 from ..hooks import HookState, edit_subject_state
-from .neural_gate import encode_sample, objective
+from .neural_gate import objective
 
 
 def subject_gradient_share(adapter: Adapter, samples: Sequence[Sample], layer: int, *, module: str = "down_proj",

@@ -28,23 +28,13 @@ from loguru import logger
 from tqdm import tqdm
 
 from ..adapters.base import Adapter, Batch
-from ..core import EditResult, Sample, kl_on_targets, row_nll
+from ..core import EditResult, Row, Sample, chunk_by_sample, encode_rows, encode_sample, kl_on_targets, row_nll
 from ..fastpath import prepare
 from ..hooks import HookState, deltas, edit_subject_state, replayed_prefix
 from ..recipe import DEFAULT_CONTEXTS, EditSpec, LocalizationSpec
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 2-3
-@dataclass
-class Row:
-    sample: int
-    text: str
-    subject: str
-    target: str
-    weight: float
-    prefix: str | None = None
-
-
 def sample_rows(samples: Sequence[Sample], refusal: str, alpha: float, contexts: Sequence[str] = ()) -> list[Row]:
     """One row per (question[, context]); weights such that each sample's sum(weight * NLL) is
     Eq. 3 without the L1 term: mean L_refuse (over its questions x contexts) + alpha * mean L_keep."""
@@ -64,28 +54,6 @@ def objective(nll: torch.Tensor, keep: torch.Tensor, sensitive: torch.Tensor, al
     if not (~sensitive).any():
         return nll[sensitive].mean()
     return nll[sensitive].mean() + alpha * keep[~sensitive].mean()                   # Eq. 2
-
-
-def encode_rows(adapter: Adapter, samples: Sequence[Sample], rows: Sequence[Row]) -> Batch:
-    return adapter.encode([samples[r.sample].image for r in rows], [r.text for r in rows],
-                          targets=[r.target for r in rows],
-                          prefixes=[r.prefix or "" for r in rows] if any(r.prefix for r in rows) else None,
-                          subjects=[r.subject for r in rows])
-
-
-def chunk_by_sample(rows: Sequence[Row], max_rows: int) -> list[list[int]]:
-    """Row indices grouped into chunks of whole samples, at most ``max_rows`` rows (or one sample)."""
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    for i, r in enumerate(rows):
-        starts_sample = i == 0 or rows[i - 1].sample != r.sample
-        if starts_sample and cur and len(cur) + sum(1 for x in rows if x.sample == r.sample) > max_rows:
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        chunks.append(cur)
-    return chunks
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 1, 3
@@ -235,18 +203,6 @@ def gate(mask: torch.Tensor):
     """The hook function of Eq. 6 for a subject's strong dims ``mask`` [d]: h [B, d] at the subject token
     passes gradient only where the mask is on."""
     return lambda h, rows: torch.where(mask.to(h.device), h, h.detach())                # Eq. 6
-
-
-def encode_sample(adapter: Adapter, sample: Sample, refusal: str) -> tuple[Batch, torch.Tensor]:
-    """One image's rows for the edit: sensitive questions -> refusal, benign -> original answers;
-    and which rows are sensitive [B]."""
-    texts = list(sample.sensitive) + [q for q, _ in sample.benign]
-    targets = [refusal] * len(sample.sensitive) + [a for _, a in sample.benign]
-    batch = adapter.encode([sample.image] * len(texts), texts, targets=targets,
-                           subjects=[sample.subject] * len(texts)).to(adapter.device)
-    sens = torch.zeros(len(texts), dtype=torch.bool, device=adapter.device)
-    sens[:len(sample.sensitive)] = True
-    return batch, sens
 
 
 def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *,
