@@ -23,6 +23,7 @@ from loguru import logger
 
 from ngguard import __version__
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
+from ngguard.serving.options import add_serve_arguments
 
 # Exceptions that mean "bad input": one line on stderr, exit 2. Extend if a module needs to.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
@@ -252,7 +253,7 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--split-templates", action="store_true",
-                   help="keep question templates of train and test apart")
+                   help="deprecated, no effect: train and test phrasings are always kept apart")
     r.set_defaults(func=_cmd_world_render)
 
 
@@ -260,17 +261,11 @@ def _cmd_world_render(args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     if not subjects:
         raise ValueError(f"--subjects: no subject names in {args.subjects!r}")
-    import inspect
-
     from ngguard.world.render import render_world
 
-    extra = {}
     if args.split_templates:
-        if "split_templates" in inspect.signature(render_world).parameters:
-            extra["split_templates"] = True
-        else:
-            logger.warning("--split-templates: render_world always keeps train/test phrasings apart")
-    render_world(subjects, args.n, args.seed, args.out, **extra)
+        logger.warning("--split-templates is deprecated and has no effect: train and test phrasings are always apart")
+    render_world(subjects, args.n, args.seed, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -448,39 +443,6 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from ngguard.onnx_vision import cli_export_onnx
 
     return cli_export_onnx(args)
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``ngguard serve`` options (also used by ``python -m serve.app``)."""
-    p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
-    p.add_argument("--patch", default=None,
-                   help="protection patch folder (default: the bundled one when serving the organism)")
-    p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
-    p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None,
-                   help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--protection", choices=("rows", "merged"), default="rows",
-                   help="rows (default): base weights + the patch applied per batch row, so base and protected "
-                        "answers share batches; merged: the patched weights in the model, toggled under a lock")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="requests generated together by the request batcher (default 16; 1 = no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long an idle batcher waits for more requests (default 5 ms)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="worker slots per event (default: max(2, --max-batch))")
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
-    p.add_argument("--expose-base", choices=("auto", "on", "off"), default="auto",
-                   help="serve the unprotected base model too (the Compare tab, /chat with protected=False): "
-                        "auto = on for a loopback --host, off otherwise; 'on' is the demo mode")
-    p.add_argument("--key-file", default=None,
-                   help="patch signing key file (default: $NGGUARD_PATCH_KEY); with a key, the patch must carry "
-                        "a valid patch.sig")
-    return p
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
