@@ -80,6 +80,17 @@ def test_registry_picks_family_class(family, adapter):
     assert type(adapter.model.config).__name__ in ADAPTERS
 
 
+def test_families_share_a_neutral_base_and_the_interface_declares_the_tokens():
+    """Qwen2-VL and BLIP-2 inherit from the shared HF base, not from LLaVA; the abstract interface
+    declares what localization, MEMIT, serving and ONNX read (tokens, image token id)."""
+    from ngguard.adapters.hf_chat import HFChatAdapter
+
+    for cls in (Qwen2VLAdapter, Blip2Adapter):
+        assert issubclass(cls, HFChatAdapter) and not issubclass(cls, LlavaAdapter)
+    assert {"image_token", "image_token_id"} <= Adapter.__abstractmethods__
+    assert all(hasattr(Adapter, name) for name in ("tokenizer", "pad_token_id", "greedy_config"))
+
+
 def test_layers_and_sizes(family, adapter):
     assert adapter.num_layers == family.num_layers == len(adapter.layers)
     assert isinstance(adapter.layers, torch.nn.ModuleList)

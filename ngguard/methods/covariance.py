@@ -104,7 +104,7 @@ def _save(path: Path, value: torch.Tensor, meta: dict) -> None:
 def _accumulate(adapter: Adapter, layers: Sequence[int], module: str, texts: Sequence[str], *, max_tokens: int,
                 image_size: tuple[int, int], batch_size: int) -> tuple[dict[int, torch.Tensor], int]:
     """Sum of k k^T (float64) per layer over the text positions of ``texts``, and the token count."""
-    tok = adapter.processor.tokenizer
+    tok = adapter.tokenizer
     grey = Image.new("RGB", image_size, (128, 128, 128))
     sums: dict[int, torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
