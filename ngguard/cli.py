@@ -279,6 +279,10 @@ def _add_organism(sub: argparse._SubParsersAction) -> None:
     t = osub.add_parser("train", parents=[_common()], help="train the bundled model (one-off)")
     t.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the bundled one)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=2600, help="chat-stage steps (default 2600: the bundled organism)")
+    t.add_argument("--layers", type=int, default=6, help="language-model layers (default 6)")
+    t.add_argument("--layout", choices=["text-first", "image-first"], default="text-first",
+                   help="where the image goes in the prompt (default text-first: the bundled organism)")
     t.set_defaults(func=_cmd_organism_train)
     q = osub.add_parser("path", parents=[_common()], help="print the bundled checkpoint folder")
     q.set_defaults(func=_cmd_organism_path)
@@ -294,7 +298,10 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
     from ngguard.organism import CHECKPOINT
     from ngguard.organism.train import train_organism
 
-    out = train_organism(out=args.out if args.out is not None else CHECKPOINT, seed=args.seed)
+    if args.steps < 1 or args.layers < 2:
+        raise ValueError(f"organism train: --steps must be >= 1 and --layers >= 2, got {args.steps} and {args.layers}")
+    out = train_organism(out=args.out if args.out is not None else CHECKPOINT, seed=args.seed, steps=args.steps,
+                         layers=args.layers, layout=args.layout)
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -819,7 +819,7 @@ def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, re
                      key: bytes | None = None, expected: Iterable[str] | None = None) -> list[str]:
     """Swap the patched tensors of a loaded model in place: base -> patched, or patched -> base
     with ``reverse=True`` (needs the patch's base values). Checks names, shapes and (when the
-    model's dtype equals the patch's) that the model holds the expected "before" values, so a
+    model's dtype equals the patch's or is a wider float) that the model holds the expected "before" values, so a
     double toggle or a different base is refused. Values are cast to each parameter's dtype and
     device. ``key``: check the patch's signature; ``expected``: the only checkpoint names the patch
     may hold (``check_tensor_names``). Returns the model parameter names changed."""
@@ -840,9 +840,13 @@ def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, re
         if list(p.shape) != list(info["shape"]):
             raise PatchError(f"patch {m['patch_id']}: {key} is {list(p.shape)} in the model, "
                              f"{info['shape']} in the patch")
-        if _ST_DTYPE.get(p.dtype) == info["dtype"]:
+        want = _TORCH_DTYPE.get(info["dtype"])
+        # the model may hold the checkpoint's values in a wider dtype (an fp16 checkpoint loaded as fp32):
+        # cast back to the patch's dtype (exact) and compare; a narrower model dtype cannot be checked
+        if want is not None and (p.dtype == want or p.dtype.is_floating_point and want.is_floating_point
+                                 and p.dtype.itemsize > want.itemsize):
             before, after = (info["sha256"], info["base_sha256"]) if reverse else (info["base_sha256"], info["sha256"])
-            have = _sha_tensor(p)
+            have = _sha_tensor(p.detach().to(want))
             if have == after:
                 state_name = "base" if reverse else "patched"
                 raise PatchError(f"patch {m['patch_id']}: the model already holds the {state_name} values of {key}")

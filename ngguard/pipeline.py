@@ -413,15 +413,19 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
             main_weights = weights
         backup.restore()
 
-    # alpha sweep (the main method at other alphas), on the test split; first seed only
+    # alpha sweep (the main method at other alphas), on the validation split when the data has one
+    # (a sweep read off the test split would invite tuning on it); first seed only
     sweep = {}
+    sweep_split = "val" if sets.get("val") else "test"
     for alpha in (recipe.report.alpha_sweep or ()) if first else ():
         backup = WeightBackup(adapter, layers, recipe.module)
         r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
         gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
         res = run_edit(adapter, samples, layers, recipe.method, gates, r2, retain)
         round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
-        sweep[alpha] = evaluate_sets(adapter, {"test": sets["test"]}, r2, f"alpha {alpha}").get("test", {})
+        sweep[alpha] = evaluate(adapter, sets[sweep_split], judge=make_judge(r2.judge), batch_size=r2.evaluation.batch_size,
+                                max_new_tokens=r2.evaluation.max_new_tokens, desc=f"alpha {alpha} ({sweep_split})")
+        sweep[alpha]["split"] = sweep_split
         backup.restore()
     return {"before": before, "methods": results, "layers": list(layers), "search": search, "locs": locs,
             "gate_diag": gate_diag, "main_weights": main_weights, "edit_subjects": edit_subjects, "sweep": sweep,

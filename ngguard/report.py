@@ -114,7 +114,8 @@ def markdown(report: dict) -> str:
         for subj, st in info["stats"].items():
             L.append(f"| {layer} | {subj} | {st['inactive']:.3f} | {st['weak']:.3f} | {st['strong']:.3f} | {st['mean_loss']:.3f} |")
     if report.get("alpha_sweep"):
-        L.append("\n## Alpha sweep (test split)\n")
+        split = next(iter(report["alpha_sweep"].values())).get("split", "test")
+        L.append(f"\n## Alpha sweep ({split} split)\n")
         L.append("| alpha | EtA | RtA sens. | benign answer rate |")
         L.append("|---|---|---|---|")
         for a, r in report["alpha_sweep"].items():
@@ -249,7 +250,7 @@ def make_plots(out: Path, report: dict) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for key in ("eta", "rta_sensitive", "benign_answer_rate"):
             ax.plot([float(a) for a in al], [sw[a].get(key) for a in al], marker="o", label=key)
-        ax.set_xlabel("alpha"); ax.legend(); ax.set_title("Alpha sweep (test)")
+        ax.set_xlabel("alpha"); ax.legend(); ax.set_title(f"Alpha sweep ({next(iter(sw.values())).get('split', 'test')} split)")
         fig.tight_layout(); fn = "alpha_sweep.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
         names.append(fn)
     return names

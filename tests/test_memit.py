@@ -294,3 +294,26 @@ def test_pipeline_dispatches_to_the_registry(tmp_path):
     res = run_edit(adapter, _samples(), [2], "memit", None, r)
     assert list(res.deltas) == [adapter.parameter_name(2, "down_proj")] and res.deltas[adapter.parameter_name(2, "down_proj")].abs().sum() > 0
     assert any(d.startswith("memit.v_steps = 6") for d in recipe_deviations(r))
+
+
+def test_target_values_are_cached_and_shared_between_memit_and_alphaedit(tmp_path, monkeypatch):
+    """compute_vs runs once for MEMIT then AlphaEdit with the same settings on the same model; the
+    cached values give the same edit as fresh ones; another v_* setting or another model recomputes."""
+    from ngguard.methods import memit as memit_mod
+    calls: list[int] = []
+    real = memit_mod.compute_vs
+    monkeypatch.setattr(memit_mod, "compute_vs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    samples = _samples()
+    hp_m, hp_a = _hp(MemitHParams, tmp_path), _hp(AlphaEditHParams, tmp_path)
+    apply_memit(adapter_for(*tiny_llava(0)), samples, [1], refusal=REFUSAL, hparams=hp_m)
+    assert len(calls) == 1
+    shared = apply_alphaedit(adapter_for(*tiny_llava(0)), samples, [1], refusal=REFUSAL, hparams=hp_a)
+    assert len(calls) == 1                                               # AlphaEdit took MEMIT's values
+    fresh = apply_alphaedit(adapter_for(*tiny_llava(0)), samples, [1], refusal=REFUSAL,
+                            hparams=dataclasses.replace(hp_a, cache_dir=str(tmp_path / "other")))
+    assert len(calls) == 2
+    assert all(torch.equal(shared.weights[k], fresh.weights[k]) for k in fresh.weights)
+    apply_memit(adapter_for(*tiny_llava(0)), samples, [1], refusal=REFUSAL, hparams=dataclasses.replace(hp_m, v_steps=3))
+    assert len(calls) == 3                                               # another setting
+    apply_memit(adapter_for(*tiny_llava(1)), samples, [1], refusal=REFUSAL, hparams=hp_m)
+    assert len(calls) == 4                                               # another model

@@ -388,6 +388,30 @@ def test_llava_names_and_state_dict_swap(tmp_path):
     assert torch.equal(half.state_dict()[key], new.to(torch.bfloat16))
 
 
+def test_half_precision_patch_checks_a_wider_model(tmp_path):
+    """An fp16 checkpoint loaded as fp32 (as the organism is): the before-values are still checked
+    (cast back to fp16, exactly), so a patch for another base is refused, not silently applied."""
+    from transformers import LlavaForConditionalGeneration
+    from tiny_models import tiny_llava
+    bases = {}
+    for seed in (0, 1):
+        model, processor = tiny_llava(seed=seed)
+        bases[seed] = tmp_path / f"base{seed}"
+        model.to(torch.float16).save_pretrained(bases[seed])
+        processor.save_pretrained(bases[seed])
+    model = LlavaForConditionalGeneration.from_pretrained(bases[0], dtype=torch.float16)
+    key = next(k for k in model.state_dict() if k.endswith("layers.1.mlp.down_proj.weight"))
+    new = model.state_dict()[key].clone() + 0.25
+    write_patch(tmp_path / "patch", {key: new}, model=model, base_dir=bases[0], recipe_hash="h", layers=[1],
+                method="neural_gate", gate_stats={}, subjects=["x"])
+    wide = LlavaForConditionalGeneration.from_pretrained(bases[0], dtype=torch.float32)
+    assert patch_state_dict(wide, tmp_path / "patch") == [key]
+    assert torch.equal(wide.state_dict()[key], new.float())
+    other = LlavaForConditionalGeneration.from_pretrained(bases[1], dtype=torch.float32)
+    with pytest.raises(PatchError, match="neither the base nor the patched values"):
+        patch_state_dict(other, tmp_path / "patch")
+
+
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 

@@ -44,13 +44,18 @@ def _tensors(folder: Path) -> dict[str, bytes]:
 
 
 def test_edit_writes_model_patch_and_report(base, tmp_path):
-    raw = _raw(base, report={"plots": True, "compare_methods": ["no_gate"]})
+    raw = _raw(base, report={"plots": True, "compare_methods": ["no_gate"], "alpha_sweep": [0.5]})
+    raw["data"]["world"]["n"] = 6  # 2 train, 1 validation, 3 test images per subject
     out = pipeline.run_recipe(recipe_from_dict(raw), tmp_path / "run")
     for name in ("model/config.json", "patch/patch.json", "patch/patch.safetensors", "report.json", "report.md",
-                 "gates.safetensors", "recipe.yaml", "before_after_test.png", "neuron_share_layer1.png"):
+                 "gates.safetensors", "recipe.yaml", "before_after_test.png", "neuron_share_layer1.png",
+                 "alpha_sweep.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert report["layers"] == [1] and set(report["methods"]) == {"neural_gate", "no_gate"}
+    # the alpha sweep reads the validation split (the world has one), never the test split
+    (sweep,) = report["alpha_sweep"].values()
+    assert sweep["split"] == "val" and sweep["n"] > 0 and "## Alpha sweep (val split)" in (out / "report.md").read_text()
     assert [r["method"].split()[0] for r in report["table"]] == ["base", "neural_gate", "no_gate"]
     assert report["before"]["test"]["n"] > 0 and "eta" in report["methods"]["neural_gate"]["after"]["test"]
     judge = report["methods"]["neural_gate"]["after"]["test"]["judge"]  # every result names its judge

@@ -183,3 +183,32 @@ def null_space_projectors(covs: dict[int, torch.Tensor], module: str, *, thresho
             _save(path, p, {"key": key, "layer": l, "threshold": threshold, "null_dims": u.shape[1]})
         out[l] = p
     return out
+
+
+def target_values_key(adapter: Adapter, samples, requests, layer: int, *, refusal: str, hparams) -> str:
+    """Cache key of compute_vs's target values: the whole model's fingerprint (the values depend on
+    every layer), the layer, the requests (image content, question, the benign KL question), the
+    refusal and compute_vs's settings. MEMIT and AlphaEdit with the same settings share it."""
+    import numpy as np
+    fp = model_fingerprints(adapter, [adapter.num_layers - 1])[adapter.num_layers - 1]
+    images = {}
+    for r in requests:
+        if r.sample not in images:
+            images[r.sample] = hashlib.sha256(np.asarray(samples[r.sample].image).tobytes()).hexdigest()
+    reqs = [[images[r.sample], r.question, list(samples[r.sample].benign)] for r in requests]
+    hp = {k: getattr(hparams, k) for k in ("v_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+                                           "stop_loss", "contexts")}
+    return _key(kind="values", format=FORMAT, fingerprint=fp, layer=layer, refusal=refusal,
+                requests=hashlib.sha256(json.dumps(reqs).encode()).hexdigest(), prompt=adapter.chat_prompt("{text}"),
+                hparams={k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()})
+
+
+def cached_target_values(key: str, layer: int, cache_dir: str | os.PathLike | None) -> tuple[Path, torch.Tensor | None]:
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"values-L{layer}-{key[:20]}.safetensors"
+    return path, _load(path, key)
+
+
+def save_target_values(path: Path, key: str, zs: torch.Tensor, layer: int) -> None:
+    _save(path, zs.float().cpu(), {"key": key, "layer": layer, "n": zs.shape[0]})
+

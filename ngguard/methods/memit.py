@@ -25,7 +25,7 @@ from ..core import EditResult, Sample
 from ..recipe import MemitHParams, LocateEditHParams
 from .compute_ks import requests_of, subject_states
 from .compute_vs import compute_vs
-from .covariance import covariances
+from .covariance import cached_target_values, covariances, save_target_values, target_values_key
 
 __all__ = ["MemitHParams", "apply_memit", "memit_update", "locate_then_edit"]
 
@@ -66,11 +66,19 @@ def locate_then_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequen
     t = time.time()
     _, h = subject_states(adapter, samples, requests, key_layer=None, out_layer=top, module=module, refusal=refusal,
                           batch_size=hp.batch_size)
-    zs, log = compute_vs(adapter, samples, requests, top, h, refusal=refusal, contexts=hp.contexts, steps=hp.v_steps,
-                         lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-                         kl_factor=hp.kl_factor, stop_loss=hp.stop_loss, batch_size=hp.batch_size, shortcuts=shortcuts)
-    logger.info(f"{method}: {len(requests)} target values at layer {top} ({time.time() - t:.1f}s; mean loss "
-                f"{sum(r['loss_first'] for r in log) / len(log):.3f} -> {sum(r['loss_last'] for r in log) / len(log):.3f})")
+    key = target_values_key(adapter, samples, requests, top, refusal=refusal, hparams=hp)
+    path, zs = cached_target_values(key, top, hp.cache_dir)
+    if zs is not None and zs.shape == h.shape:  # e.g. MEMIT then AlphaEdit with the same settings
+        log = [{"target_values": f"from the cache ({path.name})"}]
+        logger.info(f"{method}: {len(requests)} target values at layer {top} from the cache ({path})")
+    else:
+        zs, log = compute_vs(adapter, samples, requests, top, h, refusal=refusal, contexts=hp.contexts,
+                             steps=hp.v_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+                             clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, stop_loss=hp.stop_loss,
+                             batch_size=hp.batch_size, shortcuts=shortcuts)
+        save_target_values(path, key, zs, top)
+        logger.info(f"{method}: {len(requests)} target values at layer {top} ({time.time() - t:.1f}s; mean loss "
+                    f"{sum(r['loss_first'] for r in log) / len(log):.3f} -> {sum(r['loss_last'] for r in log) / len(log):.3f})")
     zs = zs.double()
     names = {l: adapter.parameter_name(l, module) for l in layers}
     originals = {l: adapter.component(l, module).weight.detach().clone() for l in layers}

@@ -11,23 +11,46 @@ IMAGE_SIZE, PATCH = 48, 8
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # CLS dropped ("default" feature selection)
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 
-# The organism's chat template: LLaVA-1.5's role names, but the user text comes before the image
-# ("USER: {text}\n<image>\nASSISTANT:"). An image-first organism ("USER: <image>\n{text} ASSISTANT:")
-# did not learn to read the cards within the training budget (see train.py), so the organism keeps
-# the text-first order; the adapters handle either.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
-    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ 'USER: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
-    "{%- for c in parts if c['type'] == 'image' -%}{{ '\\n<image>' }}{%- endfor -%}{{ '\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ 'ASSISTANT: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}{{ eos_token + '\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
+# The organism's chat templates: LLaVA-1.5's role names, the user text before the image ("text-first":
+# "USER: {text}\n<image>\nASSISTANT:", the bundled organism) or after it as in LLaVA-1.5 ("image-first":
+# "USER: <image>\n{text} ASSISTANT:"). Two image-first runs did not learn to read the cards within the
+# training budget (README, "The model organism"), so the bundled organism is text-first; the adapters
+# handle either, and `ngguard organism train --layout image-first` reproduces the attempt.
+_USER_TEXT = "{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
+_USER = {
+    "text-first": "{{ 'USER: ' }}" + _USER_TEXT +
+                  "{%- for c in parts if c['type'] == 'image' -%}{{ '\\n<image>' }}{%- endfor -%}{{ '\\n' }}",
+    "image-first": "{{ 'USER: ' }}{%- for c in parts if c['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}" +
+                   _USER_TEXT + "{{ ' ' }}",
+}
+LAYOUTS = tuple(_USER)
+
+
+def chat_template(layout: str = "text-first") -> str:
+    if layout not in _USER:
+        raise ValueError(f"organism layout must be one of {list(_USER)}, got {layout!r}")
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+        "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}" + _USER[layout] +
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ 'ASSISTANT: ' }}{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
+        "{{ eos_token + '\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = chat_template("text-first")
+
+
+def chat_prompt(question: str, image_tokens: str = "<image>", layout: str = "text-first") -> str:
+    """The prompt ``chat_template(layout)`` makes for one question with one image (training batches)."""
+    if layout == "image-first":
+        return f"USER: {image_tokens}\n{question} ASSISTANT:"
+    return f"USER: {question}\n{image_tokens}\nASSISTANT:"
 
 
 def corpus() -> list[str]:
@@ -74,7 +97,7 @@ def build_tokenizer(vocab_size: int = 1536) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, layout: str = "text-first") -> LlavaProcessor:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
@@ -82,7 +105,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+                          chat_template=chat_template(layout))
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers: int = 6) -> LlavaConfig:

@@ -26,7 +26,7 @@ from transformers import LlavaForConditionalGeneration
 from ..world import spec
 from ..world.render import (awareness_answer, card_answer, card_cells, draw_card, draw_shapes, question, sample_card,
                             sample_shapes)
-from .build import N_IMAGE_TOKENS, build_config, build_processor, build_tokenizer
+from .build import N_IMAGE_TOKENS, build_config, build_processor, build_tokenizer, chat_prompt
 
 @dataclass
 class Sample:
@@ -102,13 +102,14 @@ def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
 class Batcher:
     """Tokenises samples exactly like the chat template + processor do (checked in the tests)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, layout: str = "text-first"):
         self.tok = tokenizer
+        self.layout = layout
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
 
     def __call__(self, samples: list[Sample]):
-        prompts = [f"USER: {s.question}\n{'<image>' * N_IMAGE_TOKENS}\nASSISTANT:" for s in samples]
+        prompts = [chat_prompt(s.question, "<image>" * N_IMAGE_TOKENS, self.layout) for s in samples]
         p_ids = self.tok(prompts, add_special_tokens=True).input_ids
         a_ids = self.tok([" " + s.answer for s in samples], add_special_tokens=False).input_ids
         rows = [p + a + [self.eos] for p, a in zip(p_ids, a_ids)]
@@ -147,15 +148,17 @@ def teacher_forced_exact(model, batcher, samples, bs=64) -> dict[str, float]:
 
 
 def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 2600, batch_size: int = 48,
-                   lr: float = 1.5e-3, time_budget_s: float | None = None) -> Path:
+                   lr: float = 1.5e-3, layers: int = 6, layout: str = "text-first",
+                   time_budget_s: float | None = None) -> Path:
+    """The defaults reproduce the bundled organism (text-first, 6 layers, 2600 chat steps)."""
     out = Path(out)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = build_tokenizer()
-    processor = build_processor(tok)
-    model = LlavaForConditionalGeneration(build_config(tok))
+    processor = build_processor(tok, layout)
+    model = LlavaForConditionalGeneration(build_config(tok, layers=layers))
     model.train()
-    batcher = Batcher(tok)
+    batcher = Batcher(tok, layout)
     eval_rng = random.Random(seed + 10_000)
     held = [sample(eval_rng, held_out=True) for _ in range(400)]
     t0 = time.time()
