@@ -86,6 +86,17 @@ def _common() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
+def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports ``module`` only when its subcommand runs, then calls ``module.handler``."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), handler)(args)
+
+    run.__name__ = handler
+    return run
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", parents=[_common()], help="generate answers for queries and score them",
                        description="Greedy answers for every query, judged for refusal; writes metrics "
@@ -369,21 +380,21 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--patch", type=Path, required=True, help="the patch folder (patch.json + patch.safetensors)")
     a.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    a.set_defaults(func=_cmd_patch)
+    a.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     r = psub.add_parser("revert", parents=[_common(), _key()], help="put the base values back into a patched folder")
     r.add_argument("--patched", type=Path, required=True, help="a folder written by `ngguard patch apply`")
     r.add_argument("--patch", type=Path, required=True, help="the patch folder (must hold base.safetensors)")
     r.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    r.set_defaults(func=_cmd_patch)
+    r.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     v = psub.add_parser("verify", parents=[_common(), _key()], help="check a patch's checksums (and its base)")
     v.add_argument("patch", type=Path, help="the patch folder")
     v.add_argument("--base", type=Path, default=None, help="also check this base's fingerprint and shapes")
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
-    v.set_defaults(func=_cmd_patch)
+    v.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     g = psub.add_parser("sign", parents=[_common(), _key()], help="sign a patch (HMAC-SHA256 with an operator key)")
     g.add_argument("patch", type=Path, help="the patch folder (patch.sig is written into it)")
-    g.set_defaults(func=_cmd_patch)
+    g.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     e = psub.add_parser("export-lora", parents=[_common(), _key()], help="the patch's delta as a PEFT LoRA adapter",
                         description="Write the patch's weight delta as a PEFT LoRA adapter (truncated SVD per "
                                     "edited matrix): adapter_config.json + adapter_model.safetensors, loadable "
@@ -394,19 +405,7 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--base", default="organism",
                    help="the base checkpoint the patch was made for (names the modules; default: the organism)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    e.set_defaults(func=_cmd_export_lora)
-
-
-def _cmd_export_lora(args: argparse.Namespace) -> int:
-    from ngguard.lora import cli_export_lora
-
-    return cli_export_lora(args)
-
-
-def _cmd_patch(args: argparse.Namespace) -> int:
-    from ngguard.patch import cli_patch
-
-    return cli_patch(args)
+    e.set_defaults(func=_lazy("ngguard.lora", "cli_export_lora"))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -424,13 +423,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast the weights (default: keep each source's dtype)")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    m.set_defaults(func=_cmd_convert)
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from ngguard.convert import cli_convert
-
-    return cli_convert(args)
+    m.set_defaults(func=_lazy("ngguard.convert", "cli_convert"))
 
 
 def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
@@ -443,13 +436,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="absolute part of the allowed difference")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative part (times max abs feature)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=_cmd_export_onnx)
-
-
-def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    from ngguard.onnx_vision import cli_export_onnx
-
-    return cli_export_onnx(args)
+    p.set_defaults(func=_lazy("ngguard.onnx_vision", "cli_export_onnx"))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -458,13 +445,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "protected model). Without arguments: the bundled organism with its bundled "
                                    "patch. Basic auth: NGGUARD_AUTH=user:password.")
     add_serve_arguments(p)
-    p.set_defaults(func=_cmd_serve)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from serve.app import serve_cli
-
-    return serve_cli(args)
+    p.set_defaults(func=_lazy("serve.app", "serve_cli"), own_shutdown=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     _setup_logging(debug)
     previous = None
-    if args.func is not _cmd_serve:  # the server has its own shutdown (Gradio closes on Ctrl-C)
+    if not getattr(args, "own_shutdown", False):  # the server has its own (Gradio closes on Ctrl-C)
         try:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread: leave signals alone

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .atomic import atomic_dir, sha256_file
 from .compat import checkpoint_renames
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from loguru import logger
@@ -178,15 +178,21 @@ def _locate(model_dir: Path) -> dict[str, _Loc]:
     return out
 
 
-def _sha_range(fh, start: int, n: int) -> str:
-    h = hashlib.sha256()
+def _byte_range(fh, start: int, n: int, name) -> "Iterator[bytes]":
+    """The ``n`` bytes of ``fh`` from ``start``, in chunks; PatchError if the file ends early."""
     fh.seek(start)
     while n > 0:
         buf = fh.read(min(_CHUNK, n))
         if not buf:
-            raise PatchError(f"{fh.name}: file ends early")
-        h.update(buf)
+            raise PatchError(f"{name}: file ends early")
+        yield buf
         n -= len(buf)
+
+
+def _sha_range(fh, start: int, n: int) -> str:
+    h = hashlib.sha256()
+    for buf in _byte_range(fh, start, n, fh.name):
+        h.update(buf)
     return h.hexdigest()
 
 
@@ -255,14 +261,9 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
 
 def _copy_range(src: Path, src_start: int, dst_fh, dst_start: int, n: int) -> None:
     with open(src, "rb") as fh:
-        fh.seek(src_start)
         dst_fh.seek(dst_start)
-        while n > 0:
-            buf = fh.read(min(_CHUNK, n))
-            if not buf:
-                raise PatchError(f"{src}: file ends early")
+        for buf in _byte_range(fh, src_start, n, src):
             dst_fh.write(buf)
-            n -= len(buf)
 
 
 def _write_checkpoint(src_dir: Path, out_dir: Path, targets: Mapping[str, _Loc], sources: Mapping[str, _Loc],
