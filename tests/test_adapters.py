@@ -602,3 +602,28 @@ def test_memit_and_alphaedit_edit_only_their_matrices(family, method, tmp_path):
     assert sorted(res.weights) == sorted(adapter.parameter_name(l, "down_proj") for l in layers)
     gap = res.log[-1]["target_distance"]
     assert gap["end"] < 0.05 * gap["start"]
+
+
+def test_weight_renaming_fallback_agrees_with_transformers(monkeypatch):
+    """compat's fallback table (used when transformers' private renaming API is missing) maps LLaVA's
+    loaded names to the saved ones and back exactly as the API does, with one table for both ways."""
+    import transformers.conversion_mapping as cm
+    import transformers.core_model_loading as cml
+
+    from ngguard.compat import checkpoint_renames, saved_key
+
+    model, _ = tiny_llava(0)
+    state = model.state_dict()
+    keys = [k for k in state if ".layers." in k or k.startswith("lm_head")]
+    api_saved = {k: saved_key(model, k) for k in keys}
+    api_back = checkpoint_renames(model, list(api_saved.values()), state)
+
+    def broken(*a, **k):
+        raise AttributeError("no such API in this transformers")
+
+    monkeypatch.setattr(cml, "revert_weight_conversion", broken)
+    monkeypatch.setattr(cm, "get_model_conversion_mapping", broken)
+    monkeypatch.delattr(model, "_weight_conversions", raising=False)
+    assert {k: saved_key(model, k) for k in keys} == api_saved
+    assert any(v != k for k, v in api_saved.items())  # the names do differ
+    assert checkpoint_renames(model, list(api_saved.values()), state) == api_back == {v: k for k, v in api_saved.items()}

@@ -13,6 +13,7 @@ image i; S: a subject (passport, receipt, ...); q: a question; alpha = 1.25; tau
   Eq. 7  W_down <- W_down - lr * [ (M_S > tau) * grad_subject L + grad_other L ],
          L = mean L_refuse + alpha * mean L_keep (Eq. 2), Adam, subject after subject
 
+The numbering follows the order of shared/NEURAL_GATE.md (check it against the paper before citing).
 Grep ``# Eq. N`` for where each is computed. Steps 1-2 (Eq. 1-5): ``localize_layer``; step 3 (Eq. 6-7):
 ``gated_edit``. The exact speed-ups both loops use are in ``ngguard.fastpath`` (``prepare``), the hooks
 in ``ngguard.hooks``; ``ngguard.methods.reference`` is the plain localization the tests hold this to.
