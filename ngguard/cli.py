@@ -23,7 +23,8 @@ from loguru import logger
 
 from ngguard import __version__
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
-from ngguard.serving.options import add_serve_arguments
+from ngguard.serving.options import _DEVICE_MAPS, add_serve_arguments
+
 
 # Exceptions that mean "bad input": one line on stderr, exit 2. Extend if a module needs to.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
@@ -114,6 +115,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="only queries of this split (default: all)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
+                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     _add_judge_option(p)
     p.set_defaults(func=_cmd_eval)
@@ -160,7 +163,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ngguard.judge import make_judge
 
     judge = make_judge(args.judge, device=str(device))  # before the slow part too
-    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype)
+    placement = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
+    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype, **placement)
     result = evaluate(adapter, queries, judge=judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     result = {"model": str(model_path), "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               **result}

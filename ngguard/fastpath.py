@@ -116,7 +116,7 @@ class PreparedBatch:
         Layers <= l are replayed stand-ins and never read the cache; they only need the right length
         (the model takes the past length from layer 0)."""
         def pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # one source row: a view
-            return t.expand(len(index), *t.shape[1:]) if len(t) == 1 else t.index_select(0, index)
+            return t.expand(len(index), *t.shape[1:]) if len(t) == 1 else t.index_select(0, index.to(t.device))
 
         dummy = parts[0][0][0][0].new_zeros(1, 1, length, 1)
         kv = []
@@ -190,7 +190,8 @@ def _prepare_frozen(adapter: Adapter, batch: Batch, layer: int, row_sample: torc
         # 2. every row after the prefix, layers <= l only: the output to replay
         tail = {"input_ids": ids[:, start:],
                 "attention_mask": causal_mask(ids.shape[1] - start, ids.shape[1], adapter.model.dtype, ids.device)}
-        lower = cache_from_kv([(k.index_select(0, rep), v.index_select(0, rep)) for k, v in kv[:layer + 1]])
+        lower = cache_from_kv([(k.index_select(0, rep.to(k.device)), v.index_select(0, rep.to(v.device)))
+                               for k, v in kv[:layer + 1]])
         out, _ = _run(adapter, layer, tail | ({} if image_in_prefix else vision), above=False, cache=lower)
         pb = PreparedBatch(tail, batch.labels[:, start:], batch.subject_index - start, out=out, start=start,
                            prefix=[(k.clone(), v.clone()) for k, v in kv[layer + 1:]], rep=rep, **common)
@@ -315,5 +316,5 @@ def _split(start: int, ids: torch.Tensor, labels: torch.Tensor, out: torch.Tenso
         stem_out=stem_out, stem_subject=subject_index[stem_rows_t],
         stem_sample=None if rep is None else rep[stem_rows_t], stem_rows=stem_rows_t,
         tail_inputs={"input_ids": ids.gather(1, at), "attention_mask": mask[:, None], "position_ids": pos + start},
-        tail_out=out.gather(1, at[..., None].expand(-1, -1, out.shape[-1])), tail_labels=tail_labels,
+        tail_out=out.gather(1, at.to(out.device)[..., None].expand(-1, -1, out.shape[-1])), tail_labels=tail_labels,
         row_stem=row_stem, stem_len=S)

@@ -148,13 +148,19 @@ class ProtectedLVLM:
                         *, device: str | torch.device = "auto", vision: str = "torch",
                         onnx_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
                         limits: Limits | None = None, patch_key: bytes | None = None, per_row: bool = False,
-                        max_batch: int = 1, batch_wait_ms: float = 5.0) -> "ProtectedLVLM":
+                        max_batch: int = 1, batch_wait_ms: float = 5.0, device_map: str | dict | None = None,
+                        max_memory: dict | None = None,
+                        offload_folder: str | os.PathLike | None = None) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
         ``vision``: "torch" or "onnx"; with "onnx" and no ``onnx_dir`` the export is made once and
         cached under ``$NGGUARD_CACHE`` (default ~/.cache/ngguard) keyed by the vision weights.
-        ``per_row``, ``max_batch``, ``batch_wait_ms``: as the constructor."""
+        ``per_row``, ``max_batch``, ``batch_wait_ms``: as the constructor.
+        ``device_map`` ("auto", or a map by component like {"layers.0-15": 0, "default": 1}),
+        ``max_memory``, ``offload_folder``: spread a model larger than one device through accelerate
+        (``ngguard.adapters.load_adapter``; ``device`` is then ignored). The patched layers must not be
+        offloaded (one-line error otherwise)."""
         from ngguard.adapters import Adapter, load_adapter
 
         if vision not in ("torch", "onnx"):
@@ -164,12 +170,17 @@ class ProtectedLVLM:
         if patch is not None and not Path(patch).is_dir():
             raise FileNotFoundError(f"patch folder not found: {patch}")
         if isinstance(base, Adapter):
+            if device_map is not None or max_memory is not None or offload_folder is not None:
+                raise ValueError("device_map, max_memory and offload_folder place a model being loaded; this Adapter "
+                                 "is already loaded")
             adapter = base
         else:
             device = _device(device)
-            if dtype is None and torch.device(device).type == "cpu":
+            on_cpu = not torch.cuda.is_available() if device_map is not None else torch.device(device).type == "cpu"
+            if dtype is None and on_cpu:
                 dtype = torch.float32  # half precision on a CPU is slow and lossy (the organism is stored in fp16)
-            adapter = load_adapter(base, device=device, dtype=dtype)
+            adapter = load_adapter(base, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                   offload_folder=offload_folder)
         onnx = None
         if vision == "onnx":
             onnx = _onnx_for(adapter, onnx_dir)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.base import Adapter
+from .devices import check_editable
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Delta:
     def _hook(self, _m, inputs, output):
         if not self.enabled:
             return output
-        return output + F.linear(inputs[0].to(torch.float32), self.delta).to(output.dtype)
+        x = inputs[0].to(self.delta.device, torch.float32)  # the layer's own device (a dispatched model)
+        return output + F.linear(x, self.delta).to(output.device, output.dtype)
 
     def merged(self) -> torch.Tensor:
         w = self.module.weight
@@ -110,7 +112,9 @@ class Delta:
 
 @contextmanager
 def deltas(adapter: Adapter, layers: Sequence[int], module: str):
-    """parameter name -> ``Delta`` on ``module`` of each of ``layers``, removed on exit."""
+    """parameter name -> ``Delta`` on ``module`` of each of ``layers``, removed on exit (an offloaded
+    layer is refused: the edit writes its real weights)."""
+    check_editable(adapter, layers, module)
     ds = {adapter.parameter_name(layer, module): Delta(adapter.component(layer, module)) for layer in layers}
     try:
         yield ds

@@ -391,7 +391,9 @@ def read_manifest(onnx_dir: str | os.PathLike) -> dict:
 class OnnxVision:
     """An onnxruntime session over an ``export_vision`` folder.
 
-    ``providers``: onnxruntime provider names; None = ``default_providers()``. The onnx file's
+    ``providers``: onnxruntime provider names; None = CUDA when torch sees a GPU, else CPU. CUDA
+    asked for but not usable (a CPU build of onnxruntime, no GPU, no CUDA libraries): one warning
+    line and the CPU provider. The onnx file's
     sha256 is checked against the manifest before the session is created.
     ``threads``: onnxruntime intra-op threads (None = onnxruntime's default)."""
 
@@ -408,13 +410,27 @@ class OnnxVision:
                                   f"{self.manifest['onnx_sha256'][:12]} (file changed or corrupted)")
         ort = onnxruntime()
 
-        wanted = list(providers) if providers is not None else default_providers()
-        unknown = [p for p in wanted if p not in ort.get_available_providers()]
+        if providers is not None:
+            wanted = list(providers)
+        else:  # a GPU for torch means CUDA is wanted here too (a warning below if onnxruntime cannot)
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available() else default_providers()
+        available = ort.get_available_providers()
+        cuda = "CUDAExecutionProvider"
+        if cuda in wanted and cuda not in available:  # e.g. the CPU build of onnxruntime
+            logger.warning("ONNX vision: CUDA requested but this onnxruntime has no CUDA provider (install "
+                           "onnxruntime-gpu); running on CPUExecutionProvider")
+            wanted = [p for p in wanted if p != cuda]
+            wanted += [] if "CPUExecutionProvider" in wanted else ["CPUExecutionProvider"]
+            cuda = None
+        unknown = [p for p in wanted if p not in available]
         if unknown:
             raise OnnxVisionError(f"onnxruntime provider(s) {unknown} not available here; "
-                                  f"available: {ort.get_available_providers()}")
+                                  f"available: {available}")
         self.session = _session(str(path), wanted, threads)
         self.providers = list(self.session.get_providers())
+        if cuda in wanted and cuda not in self.providers:  # onnxruntime-gpu without a usable GPU / CUDA libraries
+            logger.warning("ONNX vision: the CUDA provider could not start (no usable GPU or CUDA libraries); "
+                           "running on {}", ", ".join(self.providers))
         self.input_name = self.manifest["input"]["name"]
         self.output_name = self.manifest["output"]["name"]
         self._shape = tuple(self.manifest["input"]["shape"][1:])

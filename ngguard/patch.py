@@ -838,6 +838,9 @@ def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, re
             raise PatchError(f"patch {m['patch_id']}: tensor {name} has no counterpart in this "
                              f"{type(model).__name__}")
         p = state[key]
+        if p.device.type == "meta":
+            raise PatchError(f"patch {m['patch_id']}: {key} is offloaded (accelerate device map): the patch writes "
+                             f"the real weights; place that layer on a device")
         if list(p.shape) != list(info["shape"]):
             raise PatchError(f"patch {m['patch_id']}: {key} is {list(p.shape)} in the model, "
                              f"{info['shape']} in the patch")

@@ -36,7 +36,7 @@ from .methods import REGISTRY, hparams_for, method_deviations
 from .methods.dinm import dinm_layer
 from .methods.gate_share import subject_gradient_share
 from .methods.neural_gate import LayerLocalization, localize
-from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, dump_recipe, recipe_hash
+from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .stats import aggregate, paired_differences
 
 
@@ -287,9 +287,13 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         t0 = time.time()
         dump_recipe(recipe, tmp / "recipe.yaml")
         model_dir = resolve_model_path(recipe.model.path)
-        adapter = load_adapter(model_dir, device=_resolve_device(recipe.model.device), dtype=recipe.model.dtype,
-                               trust_remote_code=recipe.model.trust_remote_code)
+        placement = recipe.model.placement()
+        if "device" in placement:
+            placement["device"] = _resolve_device(placement["device"])
+        adapter = load_adapter(model_dir, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                               **placement)
         check_layers(recipe, adapter.num_layers)
+        check_placement(recipe, adapter)
         load_s = time.time() - t0
         seeds = recipe.run_seeds
         runs: dict[int, dict] = {}

@@ -52,6 +52,9 @@ __all__ = [
     "dump_recipe",
     "recipe_hash",
     "check_layers",
+    "check_placement",
+    "edited_layers",
+    "FrozenMap",
     "safe_name",
     "ORGANISM",
     "METHODS",
@@ -250,18 +253,77 @@ def _build(cls, raw: Any, ctx: _Ctx, prefix: str):
 
 
 @dataclass(frozen=True)
+class FrozenMap:
+    """A small mapping kept hashable inside the frozen recipe (``value``: the plain dict back)."""
+
+    items: tuple = ()
+
+    @property
+    def value(self) -> dict:
+        return dict(self.items)
+
+
+_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
+
+
+def _device_map(v, ctx: _Ctx, key: str):
+    """auto | balanced | balanced_low_0 | sequential, or {component: device} (see ngguard.devices)."""
+    from ngguard.devices import AUTO_MAPS, device_value, parse_component
+
+    if isinstance(v, str):
+        return _choice(AUTO_MAPS, " or a map by component {layers.0-15: 0, default: cpu}")(v, ctx, key)
+    if not isinstance(v, Mapping) or not v:
+        raise ctx.fail(key, f"expected one of {', '.join(AUTO_MAPS)} or a non-empty map by component, got {_show(v)}")
+    for k, dev in v.items():
+        try:
+            parse_component(k)
+            device_value(dev)
+        except ValueError as e:
+            raise ctx.fail(f"{key}.{k}", str(e)) from None
+    return FrozenMap(tuple(v.items()))
+
+
+def _max_memory(v, ctx: _Ctx, key: str) -> FrozenMap:
+    """{device: size}: device = GPU index, cuda:N, cpu or mps; size = bytes or "20GiB" / "500MB"."""
+    if not isinstance(v, Mapping) or not v:
+        raise ctx.fail(key, f"expected a map {{device: size}} like {{0: 20GiB, cpu: 60GiB}}, got {_show(v)}")
+    for k, size in v.items():
+        dev_ok = (isinstance(k, int) and not isinstance(k, bool) and k >= 0) or (
+            isinstance(k, str) and re.fullmatch(r"cpu|mps|cuda:\d+", k))
+        if not dev_ok:
+            raise ctx.fail(f"{key}.{k}", "expected a GPU index, cuda:N, cpu or mps")
+        if not ((isinstance(size, int) and not isinstance(size, bool) and size > 0)
+                or (isinstance(size, str) and _SIZE.fullmatch(size.strip()))):
+            raise ctx.fail(f"{key}.{k}", f"expected a size in bytes or like 20GiB, got {_show(size)}")
+    return FrozenMap(tuple(v.items()))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """``path``: "organism" (the bundled model) or an absolute folder path (resolved at load)."""
+    """``path``: "organism" (the bundled model) or an absolute folder path (resolved at load).
+    ``device_map`` (+ ``max_memory``, ``offload_folder``): spread the model over several devices
+    through accelerate (``ngguard.adapters.load_adapter``); ``device`` must then stay auto."""
 
     path: str = _f(MISSING, _str())
     dtype: str = _f("float32", _choice(DTYPES))
     device: str = _f("auto", _choice(DEVICES, " (device ids never go in a recipe: pick the GPU "
                                                "with CUDA_VISIBLE_DEVICES)"))
     trust_remote_code: bool = _f(False, _bool)
+    device_map: str | FrozenMap | None = _f(None, _optional(_device_map))
+    max_memory: FrozenMap | None = _f(None, _optional(_max_memory))
+    offload_folder: str | None = _f(None, _optional(_str()))
 
     @property
     def is_organism(self) -> bool:
         return self.path == ORGANISM
+
+    def placement(self) -> dict:
+        """``load_adapter`` keyword arguments: device or device_map (+ max_memory, offload_folder)."""
+        if self.device_map is None:
+            return {"device": self.device}
+        dm = self.device_map.value if isinstance(self.device_map, FrozenMap) else self.device_map
+        return {"device_map": dm, "max_memory": None if self.max_memory is None else self.max_memory.value,
+                "offload_folder": self.offload_folder}
 
 
 @dataclass(frozen=True)
@@ -529,6 +591,8 @@ class Recipe:
 
 
 def _plain(obj: Any) -> Any:
+    if isinstance(obj, FrozenMap):
+        return {k: _plain(v) for k, v in obj.items}
     if isinstance(obj, LayerSearch):
         return {"search": {"scan": list(obj.scan), "window": obj.window}}
     if isinstance(obj, JudgeSpec):
@@ -679,12 +743,18 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
             raise ctx.fail("data.heldout_subjects", f"{both[0]!r} is also in data.subjects "
                                                     f"(held-out subjects are never edited)")
     changes: dict[str, Any] = {}
+    _check_device_map(recipe, ctx)
+    mchanges: dict[str, Any] = {}
     if not model.is_organism:
         p = _resolve(model.path, ctx.root)
         if ctx.check_files and not p.is_dir():
             raise ctx.fail("model.path", f"folder not found: {p} (point it at your local download, "
                                          f"or use 'organism' for the bundled model)")
-        changes["model"] = dataclasses.replace(model, path=str(p))
+        mchanges["path"] = str(p)
+    if model.offload_folder is not None:
+        mchanges["offload_folder"] = str(_resolve(model.offload_folder, ctx.root))
+    if mchanges:
+        changes["model"] = dataclasses.replace(model, **mchanges)
     dchanges: dict[str, Any] = {}
     if data.queries is not None:
         p = _resolve(data.queries, ctx.root)
@@ -714,6 +784,64 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         if paths:
             changes[name] = dataclasses.replace(hp, **paths)
     return dataclasses.replace(recipe, **changes) if changes else recipe
+
+
+def edited_layers(recipe: Recipe, num_layers: int | None = None) -> list[int]:
+    """The layers an edit may write: ``layers``, or every layer of the search's scan (its candidates
+    are edited on trial), cut to ``num_layers`` when known."""
+    if isinstance(recipe.layers, LayerSearch):
+        lo, hi = recipe.layers.scan
+        out = list(range(lo, hi + 1))
+    else:
+        out = list(recipe.layers)
+    return [l for l in out if num_layers is None or l < num_layers]
+
+
+def _check_device_map(recipe: Recipe, ctx: _Ctx) -> None:
+    """Static checks of an explicit map: device stays auto, disk needs an offload folder, and no
+    edited layer is offloaded (to disk, or to the CPU next to GPUs)."""
+    from ngguard.devices import parse_component
+
+    model = recipe.model
+    if model.device_map is None:
+        for k in ("max_memory", "offload_folder"):
+            if getattr(model, k) is not None:
+                raise ctx.fail(f"model.{k}", "only used with model.device_map")
+        return
+    if model.device != "auto":
+        raise ctx.fail("model.device", f"must be auto with model.device_map (the map places the model), got "
+                                       f"{model.device!r}")
+    if not isinstance(model.device_map, FrozenMap):
+        return  # auto & co: checked on the loaded model (check_placement)
+    dm = model.device_map.value
+    if "disk" in dm.values() and model.offload_folder is None:
+        raise ctx.fail("model.offload_folder", "required: model.device_map sends part of the model to disk")
+    gpus = any(not (isinstance(d, str) and d in ("cpu", "disk")) for d in dm.values())
+    offloaded = ("disk", "cpu") if gpus else ("disk",)
+    placed: dict[int, tuple[str, Any]] = {}
+    for k, dev in dm.items():
+        name, rng = parse_component(k)
+        if name == "layers":
+            placed.update({i: (k, dev) for i in rng})
+    for layer in edited_layers(recipe):
+        where, dev = placed.get(layer, ("default", dm.get("default")))
+        if dev in offloaded:
+            kind = "disk" if dev == "disk" else "CPU (offloaded next to the GPUs)"
+            raise ctx.fail(f"model.device_map.{where}", f"edited layer {layer} is offloaded to the {kind}: an edit writes "
+                                                        f"the real weights; place layer {layer} on a device")
+
+
+def check_placement(recipe: Recipe, adapter) -> None:
+    """After loading: no edited layer's ``recipe.module`` may be offloaded (e.g. by an auto map
+    under ``max_memory``). Raises RecipeError (one line)."""
+    from ngguard.devices import edited_offload
+
+    found = edited_offload(adapter, edited_layers(recipe, adapter.num_layers), recipe.module)
+    if found is not None:
+        layer, kind = found
+        raise RecipeError(f"{recipe.source or _NO_FILE}: model.device_map: edited layer {layer} ({recipe.module}) was "
+                          f"offloaded to the {kind}: an edit writes the real weights; give it room (max_memory) or "
+                          f"map it to a device")
 
 
 def recipe_from_dict(raw: Mapping, *, source: str | os.PathLike | None = None,

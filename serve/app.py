@@ -543,7 +543,8 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
                                           onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key,
                                           per_row=patch is not None and opts["protection"] == "rows",
-                                          max_batch=opts["max_batch"], batch_wait_ms=opts["batch_wait_ms"])
+                                          max_batch=opts["max_batch"], batch_wait_ms=opts["batch_wait_ms"],
+                                          device_map=opts["device_map"])
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
                      max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))

@@ -182,3 +182,26 @@ def test_organism_export(tmp_path):
     images = [tiny_image(0, 48), tiny_image(1, 48)]
     assert vision.generate(adapter, images, texts, max_new_tokens=16) == adapter.generate(images, texts,
                                                                                           max_new_tokens=16)
+
+
+def test_cuda_requested_but_not_usable_falls_back_to_cpu_with_one_warning(exported, monkeypatch):
+    import onnxruntime as ort
+    from loguru import logger
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # a CPU build
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    try:
+        explicit = OnnxVision(exported, providers=["CUDAExecutionProvider"])
+        assert explicit.providers == ["CPUExecutionProvider"]
+        assert len(lines) == 1 and "CUDA" in lines[0] and "CPUExecutionProvider" in lines[0]
+        assert "\n" not in lines[0].rstrip("\n")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch has a GPU, onnxruntime no CUDA
+        default = OnnxVision(exported)
+        assert default.providers == ["CPUExecutionProvider"] and len(lines) == 2
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(default(x), explicit(x))  # it runs
+    finally:
+        logger.remove(sink)
+    with pytest.raises(OnnxVisionError, match="not available"):  # other unknown providers still refused
+        OnnxVision(exported, providers=["TensorrtExecutionProvider"])

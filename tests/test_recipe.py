@@ -63,6 +63,9 @@ def test_shipped_recipe_loads(path: Path):
         if isinstance(value, str):
             assert not os.path.isabs(value) and not value.startswith("~"), f"{path.name}: {section}.{key}"
     assert (raw.get("model") or {}).get("device", "auto") in ("auto", "cpu", "cuda")
+    # a shipped recipe may ask for device_map: auto, never for a map or memory per device id
+    assert isinstance((raw.get("model") or {}).get("device_map", "auto"), str), path.name
+    assert "max_memory" not in (raw.get("model") or {}), path.name
     # with file checks on, the only acceptable failure is a missing model folder / data file
     try:
         load_recipe(path)

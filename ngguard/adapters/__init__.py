@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -93,16 +94,27 @@ def load_adapter(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | Mapping | None = None,
+    max_memory: Mapping | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Adapter:
     """Load a local HF checkpoint folder (safetensors weights only) and wrap it in its adapter.
 
     ``path``: a folder with config.json, *.safetensors and the processor files, or "organism" for the
     bundled checkpoint. ``dtype``: torch dtype or its name; None = transformers' default.
-    The model is moved to ``device`` and put in eval mode."""
+    The model is moved to ``device`` and put in eval mode.
+
+    ``device_map`` (needs accelerate): spread the model over several devices instead: "auto" (or
+    "balanced", "balanced_low_0", "sequential"; with ``max_memory`` = {0: "20GiB", "cpu": "60GiB"}
+    per device), or a map by component ({"layers.0-15": 0, "layers.16-31": 1, "default": 0}, see
+    ``ngguard.devices``); "cpu" next to GPUs and "disk" (in ``offload_folder``) offload the weights
+    through accelerate's hooks. ``device`` is then ignored."""
     import transformers
     from transformers import AutoConfig
 
-    device = resolve_device(device)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder need a device_map")
+    device = resolve_device(device) if device_map is None else None
     path = resolve_model_path(path)
     if not path.exists():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -118,10 +130,42 @@ def load_adapter(
     kwargs = {"config": config, "use_safetensors": True, "local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = _torch_dtype(dtype)
-    model = model_class.from_pretrained(path, **kwargs)
-    model.to(device).eval()
     processor = cls.load_processor(path, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs.update(_placement(cls, model_class, config, processor, device_map, max_memory, offload_folder))
+        model = model_class.from_pretrained(path, **kwargs).eval()
+    else:
+        model = model_class.from_pretrained(path, **kwargs)
+        model.to(device).eval()
     return cls(model, processor)
+
+
+def _placement(cls: type[Adapter], model_class, config, processor, device_map, max_memory, offload_folder) -> dict:
+    """from_pretrained's placement arguments; a map by component is translated to module paths on a
+    model built on the meta device (no memory)."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ValueError("device_map needs accelerate: pip install accelerate") from None
+    from ngguard.devices import AUTO_MAPS, component_device_map
+
+    out: dict = {}
+    if isinstance(device_map, str):
+        if device_map not in AUTO_MAPS:
+            raise ValueError(f"device_map {device_map!r}: expected one of {', '.join(AUTO_MAPS)} or a map by component")
+        out["device_map"] = device_map
+    elif isinstance(device_map, Mapping):
+        with torch.device("meta"):
+            skeleton = model_class._from_config(config)
+        out["device_map"] = component_device_map(cls(skeleton, processor), device_map)
+    else:
+        raise ValueError(f"device_map: expected a string or a map by component, got {type(device_map).__name__}")
+    if max_memory is not None:
+        out["max_memory"] = {int(k[5:]) if isinstance(k, str) and k.startswith("cuda:") else k: v
+                             for k, v in max_memory.items()}
+    if offload_folder is not None:
+        out["offload_folder"] = str(offload_folder)
+    return out
 
 
 __all__ = [

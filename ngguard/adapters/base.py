@@ -125,7 +125,17 @@ class Adapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the main device of a model spread over several, see ``ngguard.devices``)."""
+        from ngguard.devices import input_device
+
+        return input_device(self.model)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where decoder layer ``layer`` computes: its scaling vectors, gates, deltas and recorded
+        states are kept there."""
+        from ngguard.devices import module_device
+
+        return module_device(self.component(layer, "layer"), self.model)
 
     # ---- user text inside a served prompt -------------------------------------------------------
     @functools.cached_property

@@ -54,7 +54,8 @@ def subject_states(adapter: Adapter, samples: Sequence[Sample], requests: Sequen
             idx = batch.subject_index.to(out.device)
             outs.append(out[rows, idx].float())                                  # [b, d]
             if key_layer is not None:
-                keys.append(seen["k"][rows, idx].float())                        # [b, d_k]
+                k = seen["k"]                                                    # on the key layer's device
+                keys.append(k[rows.to(k.device), idx.to(k.device)].float().to(out.device))  # [b, d_k]
     finally:
         if handle is not None:
             handle.remove()

@@ -55,7 +55,8 @@ def compute_vs(adapter: Adapter, samples: Sequence[Sample], requests: Sequence[R
     def add_delta(v: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
         if current.get("delta") is None:
             return v
-        return v + current["delta"][state.sample_of_row[rows_]].to(v.dtype)
+        rr, delta = state.sample_of_row, current["delta"]
+        return v + delta[rr[rows_.to(rr.device)].to(delta.device)].to(v.device, v.dtype)
 
     for chunk in tqdm(chunk_by_sample(rows, batch_size), desc=f"target values L{layer}", unit="chunk", leave=False):
         crows = [rows[i] for i in chunk]

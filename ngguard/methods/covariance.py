@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
+from ..devices import real_tensor
 from ..fastpath import record_layer_output
 from .corpus import corpus_hash, load_corpus
 
@@ -62,7 +63,7 @@ def model_fingerprints(adapter: Adapter, layers: Sequence[int]) -> dict[int, str
                                      default=str).encode())
     per_layer: dict[int, list[bytes]] = {j: [] for j in range(adapter.num_layers)}
     for name, p in adapter.model.named_parameters():
-        d = name.encode() + _digest(p)
+        d = name.encode() + _digest(real_tensor(adapter.model, name) if p.device.type == "meta" else p)
         if id(p) in in_layer:
             per_layer[in_layer[id(p)]].append(d)
         else:
@@ -111,9 +112,9 @@ def _accumulate(adapter: Adapter, layers: Sequence[int], module: str, texts: Seq
 
     def hook(layer):
         def fn(_m, inputs):
-            k = inputs[0][mask["m"]].float()                                  # [tokens, d_k]
+            k = inputs[0][mask["m"].to(inputs[0].device)].float()            # [tokens, d_k]
             prod = (k.T @ k).double()
-            sums[layer] = prod if layer not in sums else sums[layer] + prod
+            sums[layer] = prod if layer not in sums else sums[layer] + prod.to(sums[layer].device)
         return fn
 
     handles = [adapter.component(l, module).register_forward_pre_hook(hook(l)) for l in layers]

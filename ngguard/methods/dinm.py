@@ -43,7 +43,8 @@ def dinm_layer(adapter: Adapter, samples: Sequence[Sample], refusal: str, unsafe
             hs = adapter.model(**b.inputs, output_hidden_states=True).hidden_states
             last = b.inputs["attention_mask"].sum(-1) - 1  # right padding: last real token
             rows = torch.arange(len(qs))
-            outs.append(torch.stack([h[rows, last] for h in hs[1:]]))  # [layers, rows, d]
+            outs.append(torch.stack([h[rows.to(h.device), last.to(h.device)].to(adapter.device)
+                                     for h in hs[1:]]))  # [layers, rows, d]
         dist += (outs[0] - outs[1]).float().norm(dim=-1).mean(-1).cpu()
         count += 1
     dist /= max(1, count)

@@ -22,6 +22,7 @@ from loguru import logger
 
 from ..adapters.base import Adapter
 from ..core import EditResult, Sample
+from ..devices import check_editable
 from ..recipe import MemitHParams, LocateEditHParams
 from .compute_ks import requests_of, subject_states
 from .compute_vs import compute_vs
@@ -56,6 +57,7 @@ def locate_then_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequen
     """Steps 1-3 above with ``update`` as the solve; edits ``adapter.model`` in place."""
     check_module(module, method)
     layers = sorted(set(layers))
+    check_editable(adapter, layers, module, method)
     if not samples or not any(s.sensitive for s in samples):
         raise ValueError(f"{method}: no sensitive questions to edit")
     hp = hparams

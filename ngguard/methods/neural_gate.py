@@ -89,7 +89,9 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     chunks = [(c, prepare(adapter, encode_rows(adapter, samples, [rows[i] for i in c]).to(device), layer,
                           frozen_above=True, shortcuts=shortcuts, sample_of_row=row_sample[c], question_of_row=row_group[c]))
               for c in chunk_by_sample(rows, batch_size)]
-    m = torch.full((n, d), init, device=device, requires_grad=True)                    # [n, d]
+    # the scaling vectors live on the layer's own device (a model spread by a device_map), the
+    # per-sample bookkeeping where the logits come back (``adapter.device``)
+    m = torch.full((n, d), init, device=adapter.layer_device(layer), requires_grad=True)  # [n, d]
     opt = torch.optim.Adam([m], lr=lr, eps=eps)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     used = torch.zeros(n, dtype=torch.long)
@@ -97,7 +99,8 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
     state = HookState()
 
     def scaled(h: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:                  # h [B, d] at the subject
-        return h * torch.tanh(m[state.sample_of_row[rows_]]).to(h.dtype)               # Eq. 1
+        idx = state.sample_of_row.to(m.device)[rows_.to(m.device)]
+        return h * torch.tanh(m[idx]).to(h.device, h.dtype)                            # Eq. 1
 
     bar = tqdm(range(steps), desc=desc or f"localize L{layer}", unit="step", leave=False, disable=desc is None and n == 1)
     with (replayed_prefix(adapter, layer, state) if shortcuts else nullcontext()), \
@@ -113,17 +116,18 @@ def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, r
                 per_row.sum().backward()
                 sample_loss.index_add_(0, rs, per_row.detach())
             reg = l1 * (m - init).abs().mean(-1)                                       # Eq. 3: the L1 term [n]
-            sample_loss += reg.detach()
+            sample_loss += reg.detach().to(device)
             active = ~done
             last[active.cpu()] = sample_loss[active].cpu()
             used[active.cpu()] += 1
             newly_done = active & (sample_loss < stop_loss)
-            (reg * active.float()).sum().backward()                                    # only samples still training
-            keep = m.detach()[~active | newly_done].clone()
-            m.grad[~active | newly_done] = 0
+            (reg * active.float().to(m.device)).sum().backward()                       # only samples still training
+            frozen = (~active | newly_done).to(m.device)
+            keep = m.detach()[frozen].clone()
+            m.grad[frozen] = 0
             opt.step()
             with torch.no_grad():  # finished samples keep their vector exactly
-                m[~active | newly_done] = keep
+                m[frozen] = keep
             done |= newly_done
             bar.set_postfix(loss=f"{sample_loss[active].mean().item():.3f}", done=f"{int(done.sum())}/{n}")
             if done.all():

@@ -30,19 +30,20 @@ def localize_reference(adapter: Adapter, samples: Sequence[Sample], layer: int, 
                                subjects=[s.subject] * len(texts)).to(adapter.device)
         is_sens = torch.arange(len(texts), device=adapter.device) < len(sens)
         rows = torch.arange(len(texts), device=adapter.device)
-        m = torch.full((adapter.hidden_size,), init, device=adapter.device, requires_grad=True)
+        m = torch.full((adapter.hidden_size,), init, device=adapter.layer_device(layer), requires_grad=True)
         opt = torch.optim.Adam([m], lr=lr, eps=eps)
 
         def scale(_module, _inputs, out):  # Eq. 1 at every row's subject token
             h = out[0] if isinstance(out, tuple) else out
-            h = h.index_put((rows, batch.subject_index), h[rows, batch.subject_index] * torch.tanh(m).to(h.dtype))
+            at = (rows.to(h.device), batch.subject_index.to(h.device))
+            h = h.index_put(at, h[at] * torch.tanh(m).to(h.device, h.dtype))
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
         handle = adapter.component(layer, "layer").register_forward_hook(scale)
         try:
             for step in range(steps):
                 nll = row_nll(adapter.model(**batch.inputs, use_cache=False).logits, batch.labels)
-                loss = nll[is_sens].mean() + l1 * (m - init).abs().mean()                   # Eq. 3
+                loss = nll[is_sens].mean() + l1 * (m - init).abs().mean().to(nll.device)    # Eq. 3
                 if s.benign:
                     loss = loss + alpha * nll[~is_sens].mean()
                 last, n = loss.item(), step + 1

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# = ngguard.devices.AUTO_MAPS (not imported: it pulls torch; tests/test_devices.py checks they agree)
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``ngguard serve`` options to ``p``; returns ``p``."""
@@ -16,6 +19,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
     p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
+                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None,
                    help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=48)

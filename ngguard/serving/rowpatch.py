@@ -60,6 +60,9 @@ class RowPatch:
                 raise PatchError(f"patch {pid}: {key} is not the weight of a Linear layer: per-row protection "
                                  f"supports edited Linear matrices only (serve the merged checkpoint instead)")
             w = module.weight
+            if w.device.type == "meta":
+                raise PatchError(f"patch {pid}: {key} is offloaded (accelerate device map): per-row protection needs "
+                                 f"the real weights; place that layer on a device")
             patched = new[name].to(device=w.device, dtype=w.dtype)
             if tuple(patched.shape) != tuple(w.shape):
                 raise PatchError(f"patch {pid}: {key} is {list(w.shape)} in the model, {list(patched.shape)} in the patch")
