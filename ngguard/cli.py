@@ -23,9 +23,8 @@ from loguru import logger
 
 from ngguard import __version__
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
+from ngguard.serving.options import _DEVICE_MAPS, add_serve_arguments
 
-# = ngguard.devices.AUTO_MAPS (not imported: it pulls torch; tests/test_devices.py checks they agree)
-_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 # Exceptions that mean "bad input": one line on stderr, exit 2. Extend if a module needs to.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
@@ -88,6 +87,17 @@ def _common() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
+def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports ``module`` only when its subcommand runs, then calls ``module.handler``."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), handler)(args)
+
+    run.__name__ = handler
+    return run
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", parents=[_common()], help="generate answers for queries and score them",
                        description="Greedy answers for every query, judged for refusal; writes metrics "
@@ -258,7 +268,7 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--split-templates", action="store_true",
-                   help="keep question templates of train and test apart")
+                   help="deprecated, no effect: train and test phrasings are always kept apart")
     r.set_defaults(func=_cmd_world_render)
 
 
@@ -266,17 +276,11 @@ def _cmd_world_render(args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     if not subjects:
         raise ValueError(f"--subjects: no subject names in {args.subjects!r}")
-    import inspect
-
     from ngguard.world.render import render_world
 
-    extra = {}
     if args.split_templates:
-        if "split_templates" in inspect.signature(render_world).parameters:
-            extra["split_templates"] = True
-        else:
-            logger.warning("--split-templates: render_world always keeps train/test phrasings apart")
-    render_world(subjects, args.n, args.seed, args.out, **extra)
+        logger.warning("--split-templates is deprecated and has no effect: train and test phrasings are always apart")
+    render_world(subjects, args.n, args.seed, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -380,21 +384,21 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--patch", type=Path, required=True, help="the patch folder (patch.json + patch.safetensors)")
     a.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    a.set_defaults(func=_cmd_patch)
+    a.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     r = psub.add_parser("revert", parents=[_common(), _key()], help="put the base values back into a patched folder")
     r.add_argument("--patched", type=Path, required=True, help="a folder written by `ngguard patch apply`")
     r.add_argument("--patch", type=Path, required=True, help="the patch folder (must hold base.safetensors)")
     r.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    r.set_defaults(func=_cmd_patch)
+    r.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     v = psub.add_parser("verify", parents=[_common(), _key()], help="check a patch's checksums (and its base)")
     v.add_argument("patch", type=Path, help="the patch folder")
     v.add_argument("--base", type=Path, default=None, help="also check this base's fingerprint and shapes")
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
-    v.set_defaults(func=_cmd_patch)
+    v.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     g = psub.add_parser("sign", parents=[_common(), _key()], help="sign a patch (HMAC-SHA256 with an operator key)")
     g.add_argument("patch", type=Path, help="the patch folder (patch.sig is written into it)")
-    g.set_defaults(func=_cmd_patch)
+    g.set_defaults(func=_lazy("ngguard.patch", "cli_patch"))
     e = psub.add_parser("export-lora", parents=[_common(), _key()], help="the patch's delta as a PEFT LoRA adapter",
                         description="Write the patch's weight delta as a PEFT LoRA adapter (truncated SVD per "
                                     "edited matrix): adapter_config.json + adapter_model.safetensors, loadable "
@@ -405,19 +409,7 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--base", default="organism",
                    help="the base checkpoint the patch was made for (names the modules; default: the organism)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    e.set_defaults(func=_cmd_export_lora)
-
-
-def _cmd_export_lora(args: argparse.Namespace) -> int:
-    from ngguard.lora import cli_export_lora
-
-    return cli_export_lora(args)
-
-
-def _cmd_patch(args: argparse.Namespace) -> int:
-    from ngguard.patch import cli_patch
-
-    return cli_patch(args)
+    e.set_defaults(func=_lazy("ngguard.lora", "cli_export_lora"))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -435,13 +427,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast the weights (default: keep each source's dtype)")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    m.set_defaults(func=_cmd_convert)
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from ngguard.convert import cli_convert
-
-    return cli_convert(args)
+    m.set_defaults(func=_lazy("ngguard.convert", "cli_convert"))
 
 
 def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
@@ -454,48 +440,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="absolute part of the allowed difference")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative part (times max abs feature)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=_cmd_export_onnx)
-
-
-def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    from ngguard.onnx_vision import cli_export_onnx
-
-    return cli_export_onnx(args)
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``ngguard serve`` options (also used by ``python -m serve.app``)."""
-    p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
-    p.add_argument("--patch", default=None,
-                   help="protection patch folder (default: the bundled one when serving the organism)")
-    p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
-    p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
-                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
-    p.add_argument("--dtype", default=None,
-                   help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--protection", choices=("rows", "merged"), default="rows",
-                   help="rows (default): base weights + the patch applied per batch row, so base and protected "
-                        "answers share batches; merged: the patched weights in the model, toggled under a lock")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="requests generated together by the request batcher (default 16; 1 = no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long an idle batcher waits for more requests (default 5 ms)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="worker slots per event (default: max(2, --max-batch))")
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
-    p.add_argument("--expose-base", choices=("auto", "on", "off"), default="auto",
-                   help="serve the unprotected base model too (the Compare tab, /chat with protected=False): "
-                        "auto = on for a loopback --host, off otherwise; 'on' is the demo mode")
-    p.add_argument("--key-file", default=None,
-                   help="patch signing key file (default: $NGGUARD_PATCH_KEY); with a key, the patch must carry "
-                        "a valid patch.sig")
-    return p
+    p.set_defaults(func=_lazy("ngguard.onnx_vision", "cli_export_onnx"))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -504,13 +449,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "protected model). Without arguments: the bundled organism with its bundled "
                                    "patch. Basic auth: NGGUARD_AUTH=user:password.")
     add_serve_arguments(p)
-    p.set_defaults(func=_cmd_serve)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from serve.app import serve_cli
-
-    return serve_cli(args)
+    p.set_defaults(func=_lazy("serve.app", "serve_cli"), own_shutdown=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     _setup_logging(debug)
     previous = None
-    if args.func is not _cmd_serve:  # the server has its own shutdown (Gradio closes on Ctrl-C)
+    if not getattr(args, "own_shutdown", False):  # the server has its own (Gradio closes on Ctrl-C)
         try:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread: leave signals alone

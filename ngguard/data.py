@@ -54,6 +54,16 @@ PRIVACYPAIR_SUBJECTS: tuple[str, ...] = (
 )
 
 
+def _image_field(r: dict, where: str) -> str:
+    """A record's ``image``: a str, or a list of one str."""
+    image = r.get("image")
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    if not isinstance(image, str) or not image.strip():
+        raise DataError(f"{where}: field 'image' must be a str or a list of one str")
+    return image
+
+
 def _type_name(value) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -176,11 +186,7 @@ def _read_multip2a_file(path: Path, sensitive: bool, wanted: list[str] | None) -
         for key in ("prompt", "category"):
             if not isinstance(r.get(key), str) or not r[key].strip():
                 raise DataError(f"{where}: field '{key}' must be a non-empty str, got {_type_name(r.get(key))}")
-        image = r.get("image")
-        if isinstance(image, list) and len(image) == 1:
-            image = image[0]
-        if not isinstance(image, str) or not image.strip():
-            raise DataError(f"{where}: field 'image' must be a str or a list of one str")
+        image = _image_field(r, where)
         if wanted is not None and r["category"] not in wanted:
             continue
         queries.append(Query(image=image, subject=r["category"], prompt=r["prompt"],
@@ -243,11 +249,7 @@ def read_counterfact(path: str | os.PathLike) -> list[Query]:
         subject = rw.get("subject")
         if not isinstance(subject, str) or not subject.strip():
             raise DataError(f"{where}: field 'requested_rewrite.subject' must be a non-empty str")
-        image = r.get("image")
-        if isinstance(image, list) and len(image) == 1:
-            image = image[0]
-        if not isinstance(image, str) or not image.strip():
-            raise DataError(f"{where}: field 'image' must be a str or a list of one str")
+        image = _image_field(r, where)
         image = _resolve_image(image, folder)
         case_id = r.get("case_id", i)
         if isinstance(case_id, bool) or not isinstance(case_id, (int, str)):

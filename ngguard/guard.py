@@ -389,7 +389,7 @@ class ProtectedLVLM:
         with self.state(protected) if self._rows is None else nullcontext():
             batch = adapter.encode([img], [text]).to(adapter.device)
             inputs = batch.inputs if self._onnx is None else self._onnx.generate_inputs(adapter.model, batch.inputs)
-            streamer = TextIteratorStreamer(adapter.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+            streamer = TextIteratorStreamer(adapter.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                             timeout=timeout)
             failure: list[BaseException] = []
 

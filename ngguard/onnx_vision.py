@@ -497,25 +497,8 @@ def merge_image_features(model: torch.nn.Module, input_ids: torch.Tensor, featur
 
 
 def greedy_config(adapter: "Adapter", max_new_tokens: int):
-    """The generation config ``LlavaAdapter.generate`` uses: greedy, ``max_new_tokens`` new tokens,
-    pad/eos filled in from the tokenizer when the model's config lacks them."""
-    config = copy.deepcopy(adapter.model.generation_config)
-    config.do_sample = False
-    config.num_beams = 1
-    config.temperature = None
-    config.top_p = None
-    config.top_k = None
-    config.max_new_tokens = int(max_new_tokens)
-    config.max_length = None
-    tok = adapter.processor.tokenizer
-    if config.pad_token_id is None:
-        pad = getattr(adapter, "pad_token_id", None)
-        if pad is None:
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        config.pad_token_id = pad
-    if config.eos_token_id is None:
-        config.eos_token_id = tok.eos_token_id
-    return config
+    """The generation config ``adapter.generate`` uses (``Adapter.greedy_config``)."""
+    return adapter.greedy_config(max_new_tokens)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

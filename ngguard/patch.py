@@ -24,7 +24,6 @@ place at the end; on any error the temp folder is removed. Only safetensors are 
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import hmac
 import json
@@ -35,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_dir, sha256_file
-from typing import Any, Iterable, Mapping
+from .compat import checkpoint_renames
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from loguru import logger
@@ -178,15 +178,21 @@ def _locate(model_dir: Path) -> dict[str, _Loc]:
     return out
 
 
-def _sha_range(fh, start: int, n: int) -> str:
-    h = hashlib.sha256()
+def _byte_range(fh, start: int, n: int, name) -> "Iterator[bytes]":
+    """The ``n`` bytes of ``fh`` from ``start``, in chunks; PatchError if the file ends early."""
     fh.seek(start)
     while n > 0:
         buf = fh.read(min(_CHUNK, n))
         if not buf:
-            raise PatchError(f"{fh.name}: file ends early")
-        h.update(buf)
+            raise PatchError(f"{name}: file ends early")
+        yield buf
         n -= len(buf)
+
+
+def _sha_range(fh, start: int, n: int) -> str:
+    h = hashlib.sha256()
+    for buf in _byte_range(fh, start, n, fh.name):
+        h.update(buf)
     return h.hexdigest()
 
 
@@ -255,14 +261,9 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
 
 def _copy_range(src: Path, src_start: int, dst_fh, dst_start: int, n: int) -> None:
     with open(src, "rb") as fh:
-        fh.seek(src_start)
         dst_fh.seek(dst_start)
-        while n > 0:
-            buf = fh.read(min(_CHUNK, n))
-            if not buf:
-                raise PatchError(f"{src}: file ends early")
+        for buf in _byte_range(fh, src_start, n, src):
             dst_fh.write(buf)
-            n -= len(buf)
 
 
 def _write_checkpoint(src_dir: Path, out_dir: Path, targets: Mapping[str, _Loc], sources: Mapping[str, _Loc],
@@ -591,40 +592,8 @@ def checkpoint_to_model_names(model: torch.nn.Module, names: Iterable[str]) -> d
     todo = [n for n in names if n not in state]
     if not todo:
         return out
-    try:  # transformers' internal API (5.x): mirror what from_pretrained does
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-
-        conversions = getattr(model, "_weight_conversions", None)
-        if conversions is None:
-            conversions = get_model_conversion_mapping(model)
-        conversions = copy.deepcopy(conversions)
-        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-        converters = [c for c in conversions if isinstance(c, WeightConverter)]
-        prefix = getattr(model, "base_model_prefix", None)
-        for n in sorted(todo, key=dot_natural_key):
-            new, pattern = rename_source_key(n, renamings, converters, prefix, state)
-            if pattern is None and new in state:
-                out[n] = new
-    except (ImportError, AttributeError, TypeError) as e:  # pragma: no cover (other transformers versions)
-        logger.warning("transformers' weight-renaming API is not usable here ({}); using LLaVA's renaming rules", e)
-        for n in todo:
-            for old, new in _FALLBACK_RENAMES:
-                if n.startswith(old) and new + n[len(old):] in state:
-                    out[n] = new + n[len(old):]
-                    break
+    out.update(checkpoint_renames(model, todo, state))
     return out
-
-
-# checkpoint prefix -> model prefix (transformers 5 LLaVA-style models), used only when the
-# transformers API above is unavailable
-_FALLBACK_RENAMES = (
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.", "model.language_model."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
 
 
 # ---- public API --------------------------------------------------------------------------------

@@ -28,12 +28,14 @@ from .adapters import load_adapter, resolve_model_path
 from .atomic import atomic_dir
 from .adapters.base import Adapter
 from .data import Query, load_queries, paper_split, read_jsonl
-from .edit import apply_edit, dinm_layer, subject_gradient_share
+from .core import Sample
 from .evaluate import evaluate, rescore_with_guard
 from .judge import make_judge
 from .keyword_filter import KeywordFilter
-from .localize import LayerLocalization, Sample, localize_layer
-from .methods import REGISTRY, method_deviations
+from .methods import REGISTRY, hparams_for, method_deviations
+from .methods.dinm import dinm_layer
+from .methods.gate_share import subject_gradient_share
+from .methods.neural_gate import LayerLocalization, localize
 from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .stats import aggregate, paired_differences
 
@@ -140,13 +142,11 @@ def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, 
 
 # ---------------------------------------------------------------------------------------------- stages
 def localize_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], recipe: Recipe) -> dict[int, LayerLocalization]:
-    L, E = recipe.localization, recipe.edit
+    L = recipe.localization
     out = {}
     for layer in layers:
         t = time.time()
-        out[layer] = localize_layer(adapter, samples, layer, refusal=E.refusal, alpha=E.alpha, contexts=L.contexts,
-                                    steps=L.steps, lr=L.lr, eps=L.eps, l1=L.l1, init=L.init, stop_loss=L.stop_loss,
-                                    batch_size=L.batch_size, desc=f"localize layer {layer}")
+        out[layer] = localize(adapter, samples, layer, L, recipe.edit, desc=f"localize layer {layer}")
         logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold, L.top_k):.3f} "
                     f"({time.time() - t:.1f}s)")
     return out
@@ -159,12 +159,9 @@ def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, d
 
 def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe,
              retain: Sequence[Sample] = ()):
-    E = recipe.edit
-    if method in REGISTRY:  # methods of their own (ngguard/methods/): hyperparameters = the recipe section of that name
-        return REGISTRY[method][1](adapter, samples, layers, module=recipe.module, refusal=E.refusal,
-                                   hparams=getattr(recipe, method))
-    return apply_edit(adapter, samples, layers, method=method, gates=gates, module=recipe.module, refusal=E.refusal,
-                      alpha=E.alpha, lr=E.lr, eps=E.eps, steps=E.steps, stop_loss=E.stop_loss, retain=retain)
+    """``method`` (``ngguard.methods.REGISTRY``) with its recipe section; ``gates`` for neural_gate."""
+    return REGISTRY[method][1](adapter, samples, layers, module=recipe.module, refusal=recipe.edit.refusal,
+                               hparams=hparams_for(recipe, method), gates=gates, retain=retain)
 
 
 class WeightBackup:

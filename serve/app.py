@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from loguru import logger
 
-from ngguard.cli import add_serve_arguments
+from ngguard.serving.options import add_serve_arguments
 
 # no telemetry and no version check calls from this server (Gradio reads this when it launches)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

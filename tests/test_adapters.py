@@ -80,6 +80,17 @@ def test_registry_picks_family_class(family, adapter):
     assert type(adapter.model.config).__name__ in ADAPTERS
 
 
+def test_families_share_a_neutral_base_and_the_interface_declares_the_tokens():
+    """Qwen2-VL and BLIP-2 inherit from the shared HF base, not from LLaVA; the abstract interface
+    declares what localization, MEMIT, serving and ONNX read (tokens, image token id)."""
+    from ngguard.adapters.hf_chat import HFChatAdapter
+
+    for cls in (Qwen2VLAdapter, Blip2Adapter):
+        assert issubclass(cls, HFChatAdapter) and not issubclass(cls, LlavaAdapter)
+    assert {"image_token", "image_token_id"} <= Adapter.__abstractmethods__
+    assert all(hasattr(Adapter, name) for name in ("tokenizer", "pad_token_id", "greedy_config"))
+
+
 def test_layers_and_sizes(family, adapter):
     assert adapter.num_layers == family.num_layers == len(adapter.layers)
     assert isinstance(adapter.layers, torch.nn.ModuleList)
@@ -408,14 +419,15 @@ def test_per_token_inputs_follow_the_rows(adapter, images):
 def test_replay_without_vision_only_inputs_is_exact(adapter, images):
     """localize replays layers <= l from a recorded output and drops ``vision_only_inputs``: the logits
     must not change (Qwen2-VL's M-RoPE positions need its grid, so it drops nothing)."""
-    from ngguard.localize import record_layer_output, replayed_prefix
+    from ngguard.fastpath import record_layer_output
+    from ngguard.hooks import HookState, replayed_prefix
 
     batch = adapter.encode(images(2), ["Is this a passport?", "What is the phone number written on the phone?"],
                            targets=["No.", "Sorry."])
     with torch.no_grad():
         full = adapter.model(**batch.inputs, use_cache=False).logits
     layer = 1
-    store = {"out": record_layer_output(adapter, layer, batch.inputs)}
+    store = HookState(out=record_layer_output(adapter, layer, batch.inputs))
     inputs = {k: v for k, v in batch.inputs.items() if k not in adapter.vision_only_inputs}
     assert all(k in batch.inputs for k in adapter.vision_only_inputs)
     with replayed_prefix(adapter, layer, store), torch.no_grad():
@@ -502,11 +514,13 @@ def test_saved_names_map_back_to_the_loaded_model(adapter):
 
 
 def test_localization_and_edit_shortcuts_are_exact(family):
-    """The batched loop's shortcuts (replayed lower layers, the prefix before the subject from a KV
-    cache where the family allows it, logits only on targets) and the edit's (replayed layers below
-    the edited one) change nothing but the speed, in every family."""
+    """The batched loop with its shortcuts (replayed lower layers, the prefix before the subject from a KV
+    cache where the family allows it, stems and tails, logits only on targets) finds the scales and
+    gates of the plain reference (one sample at a time, the whole model: the oracle), and the edit's
+    shortcuts (replayed layers below the edited one) change nothing but the speed, in every family."""
     from ngguard.edit import apply_edit
     from ngguard.localize import Sample, localize_layer
+    from ngguard.methods.reference import localize_reference
 
     model, processor = family.build(0)
     adapter = adapter_for(model, processor)
@@ -514,11 +528,15 @@ def test_localization_and_edit_shortcuts_are_exact(family):
                                                  f"read the owner's name from the {subject}."],
                       [(f"what colour is the {subject}?", "blue")], key=f"{subject}{i}")
                for i in range(2) for subject in ("passport", "receipt")]
-    kw = dict(refusal="I am sorry.", alpha=1.25, contexts=("I am an AI.",), steps=4, lr=0.5, eps=1e-8, batch_size=8)
-    fast = localize_layer(adapter, samples, 1, **kw)
-    slow = localize_layer(adapter, samples, 1, shortcuts=False, **kw)
-    assert (fast.scales < 0.9).any()  # the vectors moved
-    assert torch.allclose(fast.scales, slow.scales, atol=1e-4)
+    kw = dict(refusal="I am sorry.", alpha=1.25, contexts=("I am an AI.", "You want to."), steps=6, lr=0.5, eps=1e-8)
+    fast = localize_layer(adapter, samples, 1, batch_size=8, **kw)  # 8 rows: two samples per chunk
+    oracle = localize_reference(adapter, samples, 1, **kw)
+    assert (fast.scales < 0.9).any() and (fast.scales < 0).any()  # the vectors moved, some dims flipped
+    assert torch.allclose(fast.scales, oracle.scales, atol=1e-4)
+    assert torch.equal(fast.steps, oracle.steps) and torch.allclose(fast.losses, oracle.losses, rtol=1e-4)
+    for subject in ("passport", "receipt"):
+        assert torch.equal(fast.gates[subject], oracle.gates[subject])
+        assert torch.equal(fast.strong(subject, top_k=10), oracle.strong(subject, top_k=10))
     with pytest.raises(ValueError, match="top layer"):  # its subject-token state reaches no target
         localize_layer(adapter, samples, adapter.num_layers - 1, **kw)
 
@@ -584,3 +602,28 @@ def test_memit_and_alphaedit_edit_only_their_matrices(family, method, tmp_path):
     assert sorted(res.weights) == sorted(adapter.parameter_name(l, "down_proj") for l in layers)
     gap = res.log[-1]["target_distance"]
     assert gap["end"] < 0.05 * gap["start"]
+
+
+def test_weight_renaming_fallback_agrees_with_transformers(monkeypatch):
+    """compat's fallback table (used when transformers' private renaming API is missing) maps LLaVA's
+    loaded names to the saved ones and back exactly as the API does, with one table for both ways."""
+    import transformers.conversion_mapping as cm
+    import transformers.core_model_loading as cml
+
+    from ngguard.compat import checkpoint_renames, saved_key
+
+    model, _ = tiny_llava(0)
+    state = model.state_dict()
+    keys = [k for k in state if ".layers." in k or k.startswith("lm_head")]
+    api_saved = {k: saved_key(model, k) for k in keys}
+    api_back = checkpoint_renames(model, list(api_saved.values()), state)
+
+    def broken(*a, **k):
+        raise AttributeError("no such API in this transformers")
+
+    monkeypatch.setattr(cml, "revert_weight_conversion", broken)
+    monkeypatch.setattr(cm, "get_model_conversion_mapping", broken)
+    monkeypatch.delattr(model, "_weight_conversions", raising=False)
+    assert {k: saved_key(model, k) for k in keys} == api_saved
+    assert any(v != k for k, v in api_saved.items())  # the names do differ
+    assert checkpoint_renames(model, list(api_saved.values()), state) == api_back == {v: k for k, v in api_saved.items()}

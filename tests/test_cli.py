@@ -115,26 +115,13 @@ def test_eval_end_to_end_with_fake_model(tmp_path, monkeypatch, capsys):
 def test_world_render_calls_library(tmp_path, monkeypatch):
     calls = []
     mod = types.ModuleType("ngguard.world.render")
-
-    def render_world(subjects, n, seed, out, *, split_templates=False):
-        calls.append((subjects, n, seed, out, split_templates))
-
-    mod.render_world = render_world
+    mod.render_world = lambda subjects, n, seed, out: calls.append((subjects, n, seed, out))
     monkeypatch.setitem(sys.modules, "ngguard.world.render", mod)
     assert main(["world", "render", "--subjects", "passport, receipt,", "--n", "5", "--seed", "3",
                  "--out", str(tmp_path)]) == 0
+    # --split-templates: deprecated, accepted, no effect (render_world always keeps phrasings apart)
     assert main(["world", "render", "--subjects", "a", "--n", "1", "--out", str(tmp_path), "--split-templates"]) == 0
-    assert calls == [(["passport", "receipt"], 5, 3, tmp_path, False),
-                     (["a"], 1, 0, tmp_path, True)]
-
-
-def test_world_render_without_split_templates_support(tmp_path, monkeypatch):
-    calls = []
-    mod = types.ModuleType("ngguard.world.render")
-    mod.render_world = lambda subjects, n, seed, out: calls.append(subjects)
-    monkeypatch.setitem(sys.modules, "ngguard.world.render", mod)
-    assert main(["world", "render", "--subjects", "a", "--n", "1", "--out", str(tmp_path), "--split-templates"]) == 0
-    assert calls == [["a"]]
+    assert calls == [(["passport", "receipt"], 5, 3, tmp_path), (["a"], 1, 0, tmp_path)]
 
 
 def test_world_render_real_library_rejects_bad_subject(tmp_path, capsys):

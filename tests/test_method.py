@@ -1,6 +1,8 @@
 """Localization and the gated edit on tiny random LLaVA models (no files, no network)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,6 +130,22 @@ def test_unknown_method_and_missing_gates_are_refused(adapter):
         apply_edit(adapter, _samples(1), [1], method="neural_gate", refusal=REFUSAL)
 
 
+def test_registry_holds_every_edit_method_once():
+    """A recipe's method names (recipe.EDIT_METHODS) and the registry are the same list; each entry's
+    hyperparameters are a section of the recipe (the gradient edits share ``edit``)."""
+    from ngguard.methods import REGISTRY, hparams_for
+    from ngguard.recipe import EDIT_METHODS, EditSpec, Recipe, load_recipe
+
+    assert list(REGISTRY) == list(EDIT_METHODS)
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml")
+    assert isinstance(recipe, Recipe)
+    for name, (cls, apply) in REGISTRY.items():
+        hp = hparams_for(recipe, name)
+        assert isinstance(hp, cls) and callable(apply)
+    assert hparams_for(recipe, "no_gate") is recipe.edit and isinstance(recipe.edit, EditSpec)
+    assert hparams_for(recipe, "memit") is recipe.memit
+
+
 def test_gates_from_scales_by_hand():
     scales = torch.tensor([[-0.5, 0.9, -0.1], [0.3, 0.9, -0.2], [-0.1, -0.4, 0.8]])
     g = gates_from_scales(scales, ["a", "a", "b"])
@@ -136,6 +154,7 @@ def test_gates_from_scales_by_hand():
 
 
 def test_localization_batched_matches_per_sample_loop(adapter):
+    """batched=False is the plain reference (ngguard.methods.reference): one sample at a time, the whole model."""
     samples = _samples(3) + _samples(2, "receipt")
     # eps small: a random tiny model has tiny gradients, which the paper's eps=1e-3 would swallow
     kw = dict(refusal=REFUSAL, alpha=1.25, contexts=("I am an AI.",), steps=6, lr=0.5, eps=1e-8, batch_size=4)
@@ -150,9 +169,11 @@ def test_localization_batched_matches_per_sample_loop(adapter):
     assert a.losses.shape == (5,) and (a.steps >= 1).all()
 
 
-def test_localization_early_stop_freezes_finished_samples(adapter):
+@pytest.mark.parametrize("batched", [True, False])
+def test_localization_early_stop_freezes_finished_samples(adapter, batched):
     samples = _samples(2)
-    loc = localize_layer(adapter, samples, 1, refusal=REFUSAL, steps=3, stop_loss=1e9)  # everything "done" at once
+    loc = localize_layer(adapter, samples, 1, refusal=REFUSAL, steps=3, stop_loss=1e9,  # everything "done" at once
+                         batched=batched)
     assert (loc.steps == 1).all()
     assert torch.allclose(loc.scales, torch.tanh(torch.tensor(2.0)).expand_as(loc.scales))
 
@@ -176,15 +197,16 @@ def test_subject_gradient_share_is_a_fraction_and_nonzero(adapter):
 def test_each_question_runs_once_up_to_its_answer(template):
     """With answer-start contexts, a sensitive question has several rows: the batched loop runs the
     question once (a stem holding the subject token) and only the different endings per row."""
-    from ngguard.localize import _prepare_chunk, encode_rows
+    from ngguard.fastpath import prepare
+    from ngguard.methods.neural_gate import encode_rows
 
     adapter = adapter_for(*tiny_llava(0, template))
     samples = _samples(2)
     rows = sample_rows(samples, REFUSAL, 1.25, ("I am an AI.", "You want to."))
     groups = {k: i for i, k in enumerate(dict.fromkeys((r.sample, r.text) for r in rows))}
     batch = encode_rows(adapter, samples, rows)
-    chunk = _prepare_chunk(adapter, 1, batch, list(range(len(rows))), torch.tensor([r.sample for r in rows]),
-                           torch.tensor([groups[(r.sample, r.text)] for r in rows]), shortcuts=True)
+    chunk = prepare(adapter, batch, 1, frozen_above=True, sample_of_row=torch.tensor([r.sample for r in rows]),
+                    question_of_row=torch.tensor([groups[(r.sample, r.text)] for r in rows]))
     sp = chunk.split
     assert sp is not None and len(sp.stem_rows) == len(groups) == 4 and len(sp.row_stem) == len(rows) == 8
     assert (sp.stem_subject < sp.stem_len).all()

@@ -81,7 +81,7 @@ def test_same_recipe_gives_the_same_patch(base, tmp_path):
 def test_a_failing_run_leaves_nothing(base, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("killed mid-edit")
-    monkeypatch.setattr(pipeline, "apply_edit", boom)
+    monkeypatch.setattr(pipeline, "run_edit", boom)
     with pytest.raises(RuntimeError):
         pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "run")
     assert list(tmp_path.iterdir()) == []

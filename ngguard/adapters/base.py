@@ -5,6 +5,7 @@ A new family = one new module in ``ngguard/adapters/`` registering its config cl
 """
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import string
@@ -210,10 +211,48 @@ class Adapter(ABC):
         fake = re.compile(f"(?:{'|'.join(_marker_regex(m) for m in openers)})[\\s\\S]*?(?={until}|\\Z)")
         return fake, every
 
+    # ---- tokens (used by localization's prefix cache, MEMIT's statistics, serving, ONNX) -------------
     @property
-    def text_tokenizer(self):
+    def tokenizer(self):
         """The tokenizer of the processor (or the processor itself if it is one)."""
         return getattr(self.processor, "tokenizer", None) or self.processor
+
+    @property
+    def text_tokenizer(self):
+        """The same as ``tokenizer`` (the older name)."""
+        return self.tokenizer
+
+    @property
+    @abstractmethod
+    def image_token(self) -> str:
+        """The image placeholder string of a prompt, before the processor expands it."""
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int:
+        """The id every image position carries in ``input_ids``."""
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    def greedy_config(self, max_new_tokens: int):
+        """The generation config of ``generate`` (and of serving): the model's, greedy, ``max_new_tokens``
+        new tokens, pad/eos filled in from the tokenizer when the model's config lacks them."""
+        config = copy.deepcopy(self.model.generation_config)
+        config.do_sample = False
+        config.num_beams = 1
+        config.temperature = None
+        config.top_p = None
+        config.top_k = None
+        config.max_new_tokens = int(max_new_tokens)
+        config.max_length = None
+        if config.pad_token_id is None:
+            config.pad_token_id = self.pad_token_id
+        if config.eos_token_id is None:
+            config.eos_token_id = self.tokenizer.eos_token_id
+        return config
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` alone (no special tokens added)."""

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .llava import LlavaAdapter
+from .hf_chat import HFChatAdapter
 
 MINIGPT4_IMAGE_TOKEN = "<ImageHere>"
 MINIGPT4_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. "
@@ -64,7 +64,7 @@ def minigpt4_prompt(text: str, image_token: str = MINIGPT4_IMAGE_TOKEN) -> str:
     return f"{MINIGPT4_SYSTEM}<s>[INST] <Img>{image_token}</Img> {text} [/INST]"
 
 
-class Blip2Adapter(LlavaAdapter):
+class Blip2Adapter(HFChatAdapter):
     config_classes = ("Blip2Config",)
     model_classes = {"Blip2Config": "Blip2ForConditionalGeneration"}
     vision_only_inputs = ()

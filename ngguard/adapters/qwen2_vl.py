@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-from .llava import LlavaAdapter
+from .hf_chat import HFChatAdapter
 
 # config class name -> processor class name in transformers
 _PROCESSORS = {"Qwen2VLConfig": "Qwen2VLProcessor", "Qwen2_5_VLConfig": "Qwen2_5_VLProcessor"}
@@ -66,7 +66,7 @@ def image_only_processor(image_processor, tokenizer, chat_template: str | None =
     return _image_only_class(processor_class)(image_processor, tokenizer, chat_template=chat_template)
 
 
-class Qwen2VLAdapter(LlavaAdapter):
+class Qwen2VLAdapter(HFChatAdapter):
     config_classes = ("Qwen2VLConfig", "Qwen2_5_VLConfig")
     model_classes = {"Qwen2VLConfig": "Qwen2VLForConditionalGeneration",
                      "Qwen2_5_VLConfig": "Qwen2_5_VLForConditionalGeneration"}

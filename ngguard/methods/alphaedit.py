@@ -18,8 +18,7 @@ from typing import Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..edit import EditResult
-from ..localize import Sample
+from ..core import EditResult, Sample
 from ..recipe import AlphaEditHParams
 from .covariance import null_space_projectors
 from .memit import check_module, covariances_for, locate_then_edit
@@ -36,8 +35,9 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.T
 
 
 def apply_alphaedit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str = "down_proj",
-                    refusal: str, hparams: AlphaEditHParams = AlphaEditHParams(), shortcuts: bool = True) -> EditResult:
+                    refusal: str, hparams: AlphaEditHParams = AlphaEditHParams(), gates=None, retain=(), shortcuts: bool = True) -> EditResult:
     """AlphaEdit on ``module`` (down_proj) of ``layers``, in place on ``adapter.model``."""
+    # gates, retain: the registry's common arguments; unused (no gate; no loss to add retention to)
     check_module(module, "alphaedit")
     covs = covariances_for(adapter, samples, layers, module, hparams)
     projectors = null_space_projectors(covs, module, threshold=hparams.null_threshold,

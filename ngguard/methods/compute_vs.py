@@ -27,8 +27,10 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
-from ..edit import _freeze, _kl_on_targets
-from ..localize import Sample, chunk_by_sample, edit_subject_state, encode_rows, replayed_prefix, row_nll, sample_rows
+from ..core import Sample, chunk_by_sample, encode_rows, kl_on_targets, row_nll
+from ..fastpath import prepare
+from ..hooks import HookState, edit_subject_state, replayed_prefix
+from .neural_gate import sample_rows
 from .compute_ks import Request
 
 
@@ -48,28 +50,28 @@ def compute_vs(adapter: Adapter, samples: Sequence[Sample], requests: Sequence[R
     deltas = torch.zeros_like(h)
     log: list[dict] = []
     current: dict = {}
+    state = HookState()
 
     def add_delta(v: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
         if current.get("delta") is None:
             return v
-        rr, delta = current["row_request"], current["delta"]
+        rr, delta = state.sample_of_row, current["delta"]
         return v + delta[rr[rows_.to(rr.device)].to(delta.device)].to(v.device, v.dtype)
 
-    store: dict = {}
     for chunk in tqdm(chunk_by_sample(rows, batch_size), desc=f"target values L{layer}", unit="chunk", leave=False):
         crows = [rows[i] for i in chunk]
         req = sorted({r.sample for r in crows})                                      # requests of this chunk
         local = {g: j for j, g in enumerate(req)}
         batch = encode_rows(adapter, per_request, crows).to(device)
-        fb = _freeze(adapter, batch, layer if shortcuts else -1, shortcuts)         # before the replay swaps layers
+        fb = prepare(adapter, batch, layer if shortcuts else -1, frozen_above=False, shortcuts=shortcuts)  # before the replay swaps layers
         row_request = torch.tensor([local[r.sample] for r in crows], device=device)
+        fb.sample_of_row = row_request                                               # row -> its request's delta
         is_kl = torch.tensor([r.text != requests[r.sample].question for r in crows], device=device)
         weight = torch.tensor([r.weight for r in crows], device=device) * torch.where(is_kl, kl_factor, 1.0)
-        current.update(subject_index=batch.subject_index, row_request=row_request, delta=None)
-        store["out"] = fb.out
-        with replayed_prefix(adapter, layer, store) if shortcuts else nullcontext(), \
-                edit_subject_state(adapter, layer, add_delta, lambda: current["subject_index"]):
-            delta, used, first, last = _optimise(model, fb, h[req], row_request, is_kl, weight, current, steps=steps,
+        current.update(delta=None)
+        with replayed_prefix(adapter, layer, state) if shortcuts else nullcontext(), \
+                edit_subject_state(adapter, layer, add_delta, lambda: state.subject_index):
+            delta, used, first, last = _optimise(model, fb, state, h[req], row_request, is_kl, weight, current, steps=steps,
                                                  lr=lr, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
                                                  stop_loss=stop_loss)
         deltas[req] = delta
@@ -87,7 +89,7 @@ def _pseudo_sample(s: Sample, question: str) -> Sample:
     return Sample(s.image, s.subject, [question], benign, key=s.key)
 
 
-def _optimise(model, fb, h: torch.Tensor, row_request: torch.Tensor, is_kl: torch.Tensor, weight: torch.Tensor,
+def _optimise(model, fb, state: HookState, h: torch.Tensor, row_request: torch.Tensor, is_kl: torch.Tensor, weight: torch.Tensor,
               current: dict, *, steps: int, lr: float, weight_decay: float, clamp_norm_factor: float,
               stop_loss: float):
     """One chunk's deltas ([m, d]), steps used, first and last loss per request."""
@@ -95,7 +97,7 @@ def _optimise(model, fb, h: torch.Tensor, row_request: torch.Tensor, is_kl: torc
     ref = None
     if is_kl.any():
         with torch.no_grad():
-            ref = model(**fb.inputs).logits                                          # the original model (no delta)
+            ref = fb.logits(model, state)                                         # the original model (no delta)
     norm = h.norm(dim=-1)                                                            # [m]
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
@@ -105,10 +107,10 @@ def _optimise(model, fb, h: torch.Tensor, row_request: torch.Tensor, is_kl: torc
     current["delta"] = delta
     try:
         for _ in range(steps):
-            logits = model(**fb.inputs).logits
+            logits = fb.logits(model, state)
             per_row = row_nll(logits, fb.labels)
             if ref is not None:
-                per_row = torch.where(is_kl, _kl_on_targets(logits, ref, fb.labels), per_row)
+                per_row = torch.where(is_kl, kl_on_targets(logits, ref, fb.labels), per_row)
             loss = torch.zeros(m, device=device).index_add(0, row_request, per_row * weight)
             loss = loss + weight_decay * delta.norm(dim=-1) / norm ** 2             # the reference code's decay term
             lv = loss.detach().cpu()

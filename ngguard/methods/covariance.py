@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..adapters.base import Adapter
 from ..devices import real_tensor
-from ..localize import record_layer_output
+from ..fastpath import record_layer_output
 from .corpus import corpus_hash, load_corpus
 
 FORMAT = 1  # bump when the statistic's definition changes
@@ -105,7 +105,7 @@ def _save(path: Path, value: torch.Tensor, meta: dict) -> None:
 def _accumulate(adapter: Adapter, layers: Sequence[int], module: str, texts: Sequence[str], *, max_tokens: int,
                 image_size: tuple[int, int], batch_size: int) -> tuple[dict[int, torch.Tensor], int]:
     """Sum of k k^T (float64) per layer over the text positions of ``texts``, and the token count."""
-    tok = adapter.processor.tokenizer
+    tok = adapter.tokenizer
     grey = Image.new("RGB", image_size, (128, 128, 128))
     sums: dict[int, torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}

@@ -21,9 +21,8 @@ import torch
 from loguru import logger
 
 from ..adapters.base import Adapter
+from ..core import EditResult, Sample
 from ..devices import check_editable
-from ..edit import EditResult
-from ..localize import Sample
 from ..recipe import MemitHParams, LocateEditHParams
 from .compute_ks import requests_of, subject_states
 from .compute_vs import compute_vs
@@ -109,8 +108,9 @@ def locate_then_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequen
 
 
 def apply_memit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str = "down_proj",
-                refusal: str, hparams: MemitHParams = MemitHParams(), shortcuts: bool = True) -> EditResult:
+                refusal: str, hparams: MemitHParams = MemitHParams(), gates=None, retain=(), shortcuts: bool = True) -> EditResult:
     """MEMIT on ``module`` (down_proj) of ``layers``, in place on ``adapter.model``."""
+    # gates, retain: the registry's common arguments; unused (no gate; no loss to add retention to)
     check_module(module, "memit")
     covs = covariances_for(adapter, samples, layers, module, hparams)
 

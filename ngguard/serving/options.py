@@ -1,0 +1,43 @@
+"""The ``ngguard serve`` options, defined once: the CLI (``ngguard serve``) and ``python -m serve.app``
+both build their parsers from ``add_serve_arguments`` (argparse only: importing this stays light)."""
+from __future__ import annotations
+
+import argparse
+
+# = ngguard.devices.AUTO_MAPS (not imported: it pulls torch; tests/test_devices.py checks they agree)
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``ngguard serve`` options to ``p``; returns ``p``."""
+    p.add_argument("--model", default="organism", help="model folder (HF checkpoint) or 'organism' (default)")
+    p.add_argument("--patch", default=None,
+                   help="protection patch folder (default: the bundled one when serving the organism)")
+    p.add_argument("--no-patch", action="store_true", help="serve the model unprotected")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
+    p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
+                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
+    p.add_argument("--dtype", default=None,
+                   help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--protection", choices=("rows", "merged"), default="rows",
+                   help="rows (default): base weights + the patch applied per batch row, so base and protected "
+                        "answers share batches; merged: the patched weights in the model, toggled under a lock")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests generated together by the request batcher (default 16; 1 = no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long an idle batcher waits for more requests (default 5 ms)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="worker slots per event (default: max(2, --max-batch))")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
+    p.add_argument("--expose-base", choices=("auto", "on", "off"), default="auto",
+                   help="serve the unprotected base model too (the Compare tab, /chat with protected=False): "
+                        "auto = on for a loopback --host, off otherwise; 'on' is the demo mode")
+    p.add_argument("--key-file", default=None,
+                   help="patch signing key file (default: $NGGUARD_PATCH_KEY); with a key, the patch must carry "
+                        "a valid patch.sig")
+    return p
