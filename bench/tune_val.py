@@ -67,7 +67,13 @@ def main(argv=None) -> int:
     if not isinstance(recipe.layers, (list, tuple)):
         print("tune_val: error: give fixed layers (e.g. --set layers=[1]); the grid runs at one layer set", file=sys.stderr)
         return 2
-    grid = [(k, [yaml.safe_load(v) for v in vals.split(",")]) for k, vals in (g.split("=", 1) for g in a.grid)]
+    def value(text: str):  # YAML, but "1e-3" (a string to YAML 1.1) is a float
+        v = yaml.safe_load(text)
+        try:
+            return float(v) if isinstance(v, str) else v
+        except ValueError:
+            return v
+    grid = [(k, [value(v) for v in vals.split(",")]) for k, vals in (g.split("=", 1) for g in a.grid)]
     methods = (a.methods or recipe.method).split(",")
     torch.manual_seed(a.seed)
     random.seed(a.seed)
