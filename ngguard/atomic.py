@@ -37,6 +37,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     try:
         os.chmod(tmp, 0o755)
         yield tmp
+        _default_modes(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{out_dir.name}-old"), dir=out_dir.parent))
             os.replace(out_dir, old)  # onto an empty folder: allowed
@@ -51,6 +52,17 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_modes(folder: Path) -> None:
+    """Give every file the mode a plain ``open`` would (0666 / 0777 for executables, minus the umask):
+    some writers (safetensors' ``save_file``) create files 0600, which a server running as another
+    user (the Docker image's uid 10001) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, (0o777 if f.stat().st_mode & 0o100 else 0o666) & ~mask)
 
 
 _STALE = re.compile(r"\.tmp-.*-([0-9a-f]{6})p(\d+)-[A-Za-z0-9_]+")

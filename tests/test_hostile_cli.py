@@ -293,6 +293,25 @@ def test_stale_temp_folders_of_dead_processes_are_swept(tmp_path):
     assert sweep_stale(parent) == []
 
 
+def test_outputs_get_the_modes_a_plain_open_would(tmp_path):
+    """safetensors' save_file writes 0600; a patch or model folder must be readable by a server running
+    as another user (the Docker image's uid), so atomic_dir gives its files 0666 / 0777 minus the umask."""
+    import torch
+    from safetensors.torch import save_file
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "patch") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "patch.safetensors"))
+            assert (tmp / "patch.safetensors").stat().st_mode & 0o777 == 0o600   # what save_file does
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "sub" / "run.sh", 0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "patch" / "patch.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "patch" / "sub" / "run.sh").stat().st_mode & 0o777 == 0o755
+
+
 def test_sigterm_during_edit_leaves_no_temp_folder(tmp_path):
     (tmp_path / "r.yaml").write_text(MINIMAL + "report: {plots: false, compare_methods: []}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
