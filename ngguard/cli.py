@@ -298,6 +298,13 @@ def _add_organism(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--layers", type=int, default=6, help="language-model layers (default 6)")
     t.add_argument("--layout", choices=["text-first", "image-first"], default="text-first",
                    help="where the image goes in the prompt (default text-first: the bundled organism)")
+    t.add_argument("--position-codes", action="store_true",
+                   help="the vision curriculum also teaches each image token its grid row and column")
+    t.add_argument("--glyph-steps", type=int, default=400, help="vision-curriculum steps (default 400)")
+    t.add_argument("--lr", type=float, default=1.5e-3, help="chat-stage peak learning rate (default 1.5e-3)")
+    t.add_argument("--warmup", type=int, default=100, help="chat-stage warm-up steps (default 100)")
+    t.add_argument("--snapshot-every", type=int, default=None, metavar="N",
+                   help="also save the model every N chat steps to OUT.stepN")
     t.set_defaults(func=_cmd_organism_train)
     q = osub.add_parser("path", parents=[_common()], help="print the bundled checkpoint folder")
     q.set_defaults(func=_cmd_organism_path)
@@ -316,7 +323,8 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.layers < 2:
         raise ValueError(f"organism train: --steps must be >= 1 and --layers >= 2, got {args.steps} and {args.layers}")
     out = train_organism(out=args.out if args.out is not None else CHECKPOINT, seed=args.seed, steps=args.steps,
-                         layers=args.layers, layout=args.layout)
+                         layers=args.layers, layout=args.layout, position_codes=args.position_codes,
+                         lr=args.lr, warmup=args.warmup, glyph_steps=args.glyph_steps, snapshot_every=args.snapshot_every)
     if out is not None:
         print(f"wrote {out}")
     return 0

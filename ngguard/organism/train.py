@@ -7,6 +7,7 @@ task, and refuse harmful text requests with the refusal phrase the edit later ta
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import random
@@ -147,70 +148,9 @@ def teacher_forced_exact(model, batcher, samples, bs=64) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 2600, batch_size: int = 48,
-                   lr: float = 1.5e-3, layers: int = 6, layout: str = "text-first",
-                   time_budget_s: float | None = None) -> Path:
-    """The defaults reproduce the bundled organism (text-first, 6 layers, 2600 chat steps)."""
-    out = Path(out)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tok = build_tokenizer()
-    processor = build_processor(tok, layout)
-    model = LlavaForConditionalGeneration(build_config(tok, layers=layers))
-    model.train()
-    batcher = Batcher(tok, layout)
-    eval_rng = random.Random(seed + 10_000)
-    held = [sample(eval_rng, held_out=True) for _ in range(400)]
-    t0 = time.time()
-
-    # ---- stage 1: informative cells -> the embedding of the token they show (vision tower + projector)
-    vis_params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    opt = torch.optim.AdamW(vis_params, lr=2e-3, weight_decay=0.0)
-    @functools.lru_cache(maxsize=None)
-    def cell_token(text: str) -> int:  # a glyph, or the first token of a word as it appears in answers
-        ids = tok((" " + text) if len(text) > 1 else text, add_special_tokens=False).input_ids
-        return ids[1] if len(ids) > 1 and tok.convert_ids_to_tokens(ids[0]) == "\u0120" else ids[0]
-
-    grid = int(N_IMAGE_TOKENS ** 0.5)
-    for step in (bar := tqdm(range(glyph_steps), desc="organism: cells", unit="step")):
-        cards = [sample(rng) for _ in range(batch_size)]
-        pix = torch.from_numpy(np.stack([s.image for s in cards])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        feats = torch.stack(model.model.get_image_features(pixel_values=pix, vision_feature_layer=-1,
-                                                           vision_feature_select_strategy="default").pooler_output)
-        b_idx, p_idx, t_idx = [], [], []
-        for b, s in enumerate(cards):
-            for (row, col), text in s.cells.items():
-                b_idx.append(b); p_idx.append(row * grid + col); t_idx.append(cell_token(text))
-        logits = model.lm_head(feats[b_idx, p_idx])
-        loss = F.cross_entropy(logits, torch.tensor(t_idx))
-        opt.zero_grad(); loss.backward(); opt.step()
-        if step % 50 == 0:
-            acc = (logits.argmax(-1) == torch.tensor(t_idx)).float().mean().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-    logger.info(f"cell stage done in {time.time() - t0:.0f}s, loss {loss.item():.3f}")
-
-    # ---- stage 2: the chat task mix, whole model
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
-    t1 = time.time()
-    for step in (bar := tqdm(range(steps), desc="organism: chat", unit="step")):
-        ids, mask, pix, labels = batcher([sample(rng) for _ in range(batch_size)])
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
-        loss = _answer_loss(logits, labels)
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            acc = teacher_forced_exact(model, batcher, held)
-            logger.info(f"step {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t1:.0f}s)")
-        if time_budget_s and time.time() - t0 > time_budget_s:
-            logger.warning(f"time budget reached at step {step + 1}")
-            break
-    model.eval()
+def _save(model, processor, tok, out: Path) -> Path:
+    """An fp16 copy of ``model`` + the processor as an HF folder at ``out``, written atomically."""
+    model = copy.deepcopy(model).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
@@ -229,5 +169,108 @@ def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: i
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 2600, batch_size: int = 48,
+                   lr: float = 1.5e-3, warmup: int = 100, layers: int = 6, layout: str = "text-first",
+                   position_codes: bool = False, snapshot_every: int | None = None,
+                   time_budget_s: float | None = None) -> Path:
+    """The defaults reproduce the bundled organism (text-first, 6 layers, 2600 chat steps).
+
+    ``position_codes``: the vision curriculum also teaches every image token its grid row and column
+    (two linear probes on the projector output, dropped after stage 1), so the language model can find
+    a field by content wherever the image sits in the prompt (needed by the image-first layout, where
+    the distance from the answer back to a field changes with the question's length).
+    ``snapshot_every``: also save the model every N chat steps to ``<out>.stepN`` (long runs)."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = build_tokenizer()
+    processor = build_processor(tok, layout)
+    model = LlavaForConditionalGeneration(build_config(tok, layers=layers))
+    model.train()
+    batcher = Batcher(tok, layout)
+    eval_rng = random.Random(seed + 10_000)
+    held = [sample(eval_rng, held_out=True) for _ in range(400)]
+    t0 = time.time()
+
+    # ---- stage 1: informative cells -> the embedding of the token they show (vision tower + projector)
+    vis_params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    grid = int(N_IMAGE_TOKENS ** 0.5)
+    probes = None
+    if position_codes:  # row / column probes on every image token
+        hidden = model.config.text_config.hidden_size
+        probes = torch.nn.ModuleDict({"row": torch.nn.Linear(hidden, grid), "col": torch.nn.Linear(hidden, grid)})
+        vis_params += list(probes.parameters())
+        pos = torch.arange(N_IMAGE_TOKENS)
+        pos_targets = {"row": pos // grid, "col": pos % grid}
+    opt = torch.optim.AdamW(vis_params, lr=2e-3, weight_decay=0.0)
+    @functools.lru_cache(maxsize=None)
+    def cell_token(text: str) -> int:  # a glyph, or the first token of a word as it appears in answers
+        ids = tok((" " + text) if len(text) > 1 else text, add_special_tokens=False).input_ids
+        return ids[1] if len(ids) > 1 and tok.convert_ids_to_tokens(ids[0]) == "\u0120" else ids[0]
+
+    for step in (bar := tqdm(range(glyph_steps), desc="organism: cells", unit="step")):
+        cards = [sample(rng) for _ in range(batch_size)]
+        pix = torch.from_numpy(np.stack([s.image for s in cards])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        feats = torch.stack(model.model.get_image_features(pixel_values=pix, vision_feature_layer=-1,
+                                                           vision_feature_select_strategy="default").pooler_output)
+        b_idx, p_idx, t_idx = [], [], []
+        for b, s in enumerate(cards):
+            for (row, col), text in s.cells.items():
+                b_idx.append(b); p_idx.append(row * grid + col); t_idx.append(cell_token(text))
+        logits = model.lm_head(feats[b_idx, p_idx])
+        loss = F.cross_entropy(logits, torch.tensor(t_idx))
+        if probes is not None:  # feats: (B, N_IMAGE_TOKENS, hidden)
+            for name, probe in probes.items():
+                loss = loss + F.cross_entropy(probe(feats).flatten(0, 1), pos_targets[name].repeat(len(cards)))
+        opt.zero_grad(); loss.backward()
+        if probes is not None:  # the longer, decayed, clipped schedule this harder target needs
+            torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
+            for g in opt.param_groups:
+                g["lr"] = 2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / glyph_steps)))
+        opt.step()
+        if step % 50 == 0:
+            acc = (logits.argmax(-1) == torch.tensor(t_idx)).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+    logger.info(f"cell stage done in {time.time() - t0:.0f}s, loss {loss.item():.3f}")
+
+    # ---- stage 2: the chat task mix, whole model
+    params = list(model.parameters()) + (list(probes.parameters()) if probes is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = warmup
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    image_feats: list[torch.Tensor] = []  # the projector's output, kept on the probes' targets (position codes)
+    hook = (model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: image_feats.append(o))
+            if probes is not None else None)
+    t1 = time.time()
+    for step in (bar := tqdm(range(steps), desc="organism: chat", unit="step")):
+        ids, mask, pix, labels = batcher([sample(rng) for _ in range(batch_size)])
+        image_feats.clear()
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        loss = _answer_loss(logits, labels)
+        if probes is not None:  # image_feats[0]: (B, N_IMAGE_TOKENS, hidden)
+            feats = image_feats[0]
+            for name, probe in probes.items():
+                loss = loss + 0.1 * F.cross_entropy(probe(feats).flatten(0, 1), pos_targets[name].repeat(len(feats)))
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            acc = teacher_forced_exact(model, batcher, held)
+            logger.info(f"step {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t1:.0f}s)")
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            _save(model, processor, tok, out.with_name(f"{out.name}.step{step + 1}"))
+        if time_budget_s and time.time() - t0 > time_budget_s:
+            logger.warning(f"time budget reached at step {step + 1}")
+            break
+    if hook is not None:
+        hook.remove()
+    model.eval()
+    _save(model, processor, tok, out)
     logger.info(f"organism saved to {out} ({time.time() - t0:.0f}s)")
     return out
