@@ -294,17 +294,18 @@ def _add_organism(sub: argparse._SubParsersAction) -> None:
     t = osub.add_parser("train", parents=[_common()], help="train the bundled model (one-off)")
     t.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the bundled one)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=2600, help="chat-stage steps (default 2600: the bundled organism)")
-    t.add_argument("--layers", type=int, default=6, help="language-model layers (default 6)")
-    t.add_argument("--layout", choices=["text-first", "image-first"], default="text-first",
-                   help="where the image goes in the prompt (default text-first: the bundled organism)")
-    t.add_argument("--position-codes", action="store_true",
+    t.add_argument("--layout", choices=["text-first", "image-first"], default=None,
+                   help="where the image goes in the prompt")
+    t.add_argument("--layers", type=int, default=None, help="language-model layers")
+    t.add_argument("--glyph-steps", type=int, default=None, help="vision-curriculum steps")
+    t.add_argument("--steps", type=int, default=None, help="chat-stage steps")
+    t.add_argument("--lr", type=float, default=None, help="chat-stage peak learning rate")
+    t.add_argument("--warmup", type=int, default=None, help="chat-stage warm-up steps")
+    t.add_argument("--position-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="the vision curriculum also teaches each image token its grid row and column")
-    t.add_argument("--glyph-steps", type=int, default=400, help="vision-curriculum steps (default 400)")
-    t.add_argument("--lr", type=float, default=1.5e-3, help="chat-stage peak learning rate (default 1.5e-3)")
-    t.add_argument("--warmup", type=int, default=100, help="chat-stage warm-up steps (default 100)")
     t.add_argument("--snapshot-every", type=int, default=None, metavar="N",
                    help="also save the model every N chat steps to OUT.stepN")
+    t.epilog = "Options left out take the bundled organism's settings (ngguard.organism.TrainSettings)."
     t.set_defaults(func=_cmd_organism_train)
     q = osub.add_parser("path", parents=[_common()], help="print the bundled checkpoint folder")
     q.set_defaults(func=_cmd_organism_path)
@@ -317,14 +318,19 @@ def _add_organism(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
-    from ngguard.organism import CHECKPOINT
+    import dataclasses
+
+    from ngguard.organism import CHECKPOINT, TrainSettings
     from ngguard.organism.train import train_organism
 
-    if args.steps < 1 or args.layers < 2:
-        raise ValueError(f"organism train: --steps must be >= 1 and --layers >= 2, got {args.steps} and {args.layers}")
-    out = train_organism(out=args.out if args.out is not None else CHECKPOINT, seed=args.seed, steps=args.steps,
-                         layers=args.layers, layout=args.layout, position_codes=args.position_codes,
-                         lr=args.lr, warmup=args.warmup, glyph_steps=args.glyph_steps, snapshot_every=args.snapshot_every)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)
+             if getattr(args, f.name, None) is not None}
+    settings = dataclasses.replace(TrainSettings(), **given)
+    if settings.steps < 1 or settings.layers < 2 or settings.glyph_steps < 0:
+        raise ValueError(f"organism train: --steps must be >= 1, --layers >= 2 and --glyph-steps >= 0, got "
+                         f"{settings.steps}, {settings.layers} and {settings.glyph_steps}")
+    out = train_organism(args.out if args.out is not None else CHECKPOINT, args.seed, settings,
+                         snapshot_every=args.snapshot_every)
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -140,14 +141,18 @@ def test_world_render_empty_subjects(tmp_path, capsys):
 def test_organism_commands(tmp_path, monkeypatch, capsys):
     calls = []
     mod = types.ModuleType("ngguard.organism.train")
-    mod.train_organism = lambda out, seed=0, **kw: calls.append((out, seed, kw))
+    mod.train_organism = lambda out, seed, settings, **kw: calls.append((out, seed, settings, kw))
     monkeypatch.setitem(sys.modules, "ngguard.organism.train", mod)
     monkeypatch.setattr(ngguard.organism, "checkpoint_path", lambda: tmp_path / "ckpt", raising=False)
     monkeypatch.setattr(ngguard.organism, "CHECKPOINT", tmp_path / "bundled", raising=False)
     assert main(["organism", "train", "--out", str(tmp_path), "--seed", "7"]) == 0
     assert main(["organism", "train", "--layout", "image-first", "--layers", "8", "--steps", "10"]) == 0
-    defaults = dict(steps=2600, layers=6, layout="text-first")  # the bundled organism's settings
-    assert calls == [(tmp_path, 7, defaults), (tmp_path / "bundled", 0, dict(steps=10, layers=8, layout="image-first"))]
+    bundled = ngguard.organism.TrainSettings()
+    changed = dataclasses.replace(bundled, steps=10, layers=8, layout="image-first")
+    assert calls == [(tmp_path, 7, bundled, {"snapshot_every": None}),
+                     (tmp_path / "bundled", 0, changed, {"snapshot_every": None})]
+    assert main(["organism", "train", "--steps", "0"]) == 2  # one-line error, nothing trained
+    assert len(calls) == 2
     with pytest.raises(SystemExit):
         main(["organism", "train", "--layout", "sideways"])
     assert main(["organism", "path"]) == 0

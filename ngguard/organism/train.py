@@ -25,6 +25,7 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from ..world import spec
+from . import TrainSettings
 from ..world.render import (awareness_answer, card_answer, card_cells, draw_card, draw_shapes, question, sample_card,
                             sample_shapes)
 from .build import N_IMAGE_TOKENS, build_config, build_processor, build_tokenizer, chat_prompt
@@ -172,17 +173,17 @@ def _save(model, processor, tok, out: Path) -> Path:
     return out
 
 
-def train_organism(out: Path, seed: int = 0, *, glyph_steps: int = 400, steps: int = 2600, batch_size: int = 48,
-                   lr: float = 1.5e-3, warmup: int = 100, layers: int = 6, layout: str = "text-first",
-                   position_codes: bool = False, snapshot_every: int | None = None,
-                   time_budget_s: float | None = None) -> Path:
-    """The defaults reproduce the bundled organism (text-first, 6 layers, 2600 chat steps).
+def train_organism(out: Path, seed: int = 0, settings: TrainSettings = TrainSettings(), *,
+                   snapshot_every: int | None = None, time_budget_s: float | None = None) -> Path:
+    """Train the organism with ``settings`` (default: the bundled organism's) and save it to ``out``.
 
-    ``position_codes``: the vision curriculum also teaches every image token its grid row and column
-    (two linear probes on the projector output, dropped after stage 1), so the language model can find
-    a field by content wherever the image sits in the prompt (needed by the image-first layout, where
-    the distance from the answer back to a field changes with the question's length).
-    ``snapshot_every``: also save the model every N chat steps to ``<out>.stepN`` (long runs)."""
+    ``settings.position_codes``: the vision curriculum also teaches every image token its grid row and
+    column (two linear probes on the projector output, kept with a small weight through the chat stage),
+    so the language model can find a field by content wherever the image sits in the prompt (the
+    image-first layout needs it: there the distance from the answer back to a field changes with the
+    question's length). ``snapshot_every``: also save the model every N chat steps to ``<out>.stepN``."""
+    layout, layers, glyph_steps, steps = settings.layout, settings.layers, settings.glyph_steps, settings.steps
+    batch_size, lr, warmup, position_codes = settings.batch_size, settings.lr, settings.warmup, settings.position_codes
     out = Path(out)
     torch.manual_seed(seed)
     rng = random.Random(seed)
