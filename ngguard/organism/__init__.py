@@ -14,14 +14,17 @@ CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 class TrainSettings:
     """How `ngguard organism train` trains the organism; the defaults reproduce the bundled checkpoint."""
 
-    layout: str = "text-first"    # where the image sits in the prompt: text-first | image-first
-    layers: int = 6               # language-model layers
-    glyph_steps: int = 400        # stage 1: vision curriculum steps
-    steps: int = 2600             # stage 2: chat-mix steps
+    layout: str = "image-first"   # where the image sits in the prompt: image-first (LLaVA-1.5) | text-first
+    layers: int = 8               # language-model layers
+    glyph_steps: int = 1000       # stage 1: vision curriculum steps
+    steps: int = 3200             # stage 2: chat-mix steps
     batch_size: int = 48
-    lr: float = 1.5e-3            # stage 2 peak learning rate (cosine to 10 %)
-    warmup: int = 100             # stage 2 warm-up steps
-    position_codes: bool = False  # stage 1 also teaches every image token its grid row and column
+    lr: float = 1e-3              # stage 2 peak learning rate (cosine to 10 %)
+    warmup: int = 300             # stage 2 warm-up steps
+    position_codes: bool = True   # stage 1 also teaches every image token its grid row and column
+    # v2 (text-first, 6 layers, 2600 steps, 400 glyph steps, lr 1.5e-3, warm-up 100, no position codes)
+    # is `--layout text-first --layers 6 --steps 2600 --glyph-steps 400 --lr 1.5e-3 --warmup 100
+    # --no-position-codes`.
 
 
 def checkpoint_path() -> Path:

@@ -11,11 +11,10 @@ IMAGE_SIZE, PATCH = 48, 8
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # CLS dropped ("default" feature selection)
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 
-# The organism's chat templates: LLaVA-1.5's role names, the user text before the image ("text-first":
-# "USER: {text}\n<image>\nASSISTANT:", the bundled organism) or after it as in LLaVA-1.5 ("image-first":
-# "USER: <image>\n{text} ASSISTANT:"). Two image-first runs did not learn to read the cards within the
-# training budget (README, "The model organism"), so the bundled organism is text-first; the adapters
-# handle either, and `ngguard organism train --layout image-first` reproduces the attempt.
+# The organism's chat templates: LLaVA-1.5's role names, the image before the user text as in LLaVA-1.5
+# ("image-first": "USER: <image>\n{text} ASSISTANT:", the bundled organism v3) or after it ("text-first":
+# "USER: {text}\n<image>\nASSISTANT:", organism v2). Image-first reading needs the vision curriculum's
+# position codes (README, "The model organism"); the adapters handle either layout.
 _USER_TEXT = "{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
 _USER = {
     "text-first": "{{ 'USER: ' }}" + _USER_TEXT +
@@ -26,7 +25,7 @@ _USER = {
 LAYOUTS = tuple(_USER)
 
 
-def chat_template(layout: str = "text-first") -> str:
+def chat_template(layout: str = "image-first") -> str:
     if layout not in _USER:
         raise ValueError(f"organism layout must be one of {list(_USER)}, got {layout!r}")
     return (
@@ -43,10 +42,10 @@ def chat_template(layout: str = "text-first") -> str:
     )
 
 
-CHAT_TEMPLATE = chat_template("text-first")
+CHAT_TEMPLATE = chat_template("image-first")
 
 
-def chat_prompt(question: str, image_tokens: str = "<image>", layout: str = "text-first") -> str:
+def chat_prompt(question: str, image_tokens: str = "<image>", layout: str = "image-first") -> str:
     """The prompt ``chat_template(layout)`` makes for one question with one image (training batches)."""
     if layout == "image-first":
         return f"USER: {image_tokens}\n{question} ASSISTANT:"
@@ -97,7 +96,7 @@ def build_tokenizer(vocab_size: int = 1536) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast, layout: str = "text-first") -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, layout: str = "image-first") -> LlavaProcessor:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,

@@ -104,7 +104,7 @@ def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
 class Batcher:
     """Tokenises samples exactly like the chat template + processor do (checked in the tests)."""
 
-    def __init__(self, tokenizer, layout: str = "text-first"):
+    def __init__(self, tokenizer, layout: str = TrainSettings.layout):
         self.tok = tokenizer
         self.layout = layout
         self.eos = tokenizer.eos_token_id
