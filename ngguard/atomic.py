@@ -1,4 +1,5 @@
-"""Output files: atomic folders (build in a temp folder next to the target, rename at the end) and checksums.
+"""Output files: atomic folders (build in a temp folder next to the target, rename at the end), checksums,
+and reading back the JSON manifest such a folder carries (``read_manifest``).
 
 A run that fails or is killed leaves no half-written target. An exception (also Ctrl-C, and SIGTERM,
 which the CLI raises as an interrupt) removes the temp folder. A process killed outright (kill -9,
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from loguru import logger
 
@@ -122,3 +124,39 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike, name: str, *, error: type[Exception], kind: str, fmt: str, version: int,
+                  required: Iterable[str], hint: str = "", max_bytes: int | None = None) -> dict:
+    """The JSON manifest ``folder/name`` of an output folder, checked for its ``format`` (``fmt``), its
+    ``format_version`` and the ``required`` keys; every problem raises ``error`` as one line naming
+    the file. ``kind`` names the folder ("patch", "ONNX vision"); ``hint``: how to make one."""
+    from ngguard.limits import short_repr
+
+    folder = Path(folder)
+    path = folder / name
+    if not folder.is_dir():
+        raise error(f"{folder}: {kind} folder not found")
+    if not path.is_file():
+        raise error(f"{folder}: not {_article(kind)} {kind} folder (no {name}{hint})")
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise error(f"{path}: manifest too large ({path.stat().st_size} bytes)")
+        m: Any = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise error(f"{path}: unreadable manifest (nested too deeply)") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: unreadable manifest ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise error(f"{path}: not an ngguard {kind} manifest")
+    if m.get("format_version") != version:
+        raise error(f"{path}: unsupported {kind} format version {short_repr(m.get('format_version'), 40)} "
+                    f"(this ngguard reads {version})")
+    for key in required:
+        if key not in m:
+            raise error(f"{path}: manifest lacks {key!r}")
+    return m
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"

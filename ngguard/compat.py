@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from loguru import logger
@@ -45,19 +45,13 @@ def cache_layers(cache) -> int:
 
 
 # ---- weight names: checkpoint (save_pretrained) <-> loaded model --------------------------------
-# checkpoint prefix -> model prefix of transformers 5's LLaVA-style models. Only the fallback: the
-# mapping is asked from transformers itself (its private conversion API, 5.x); in 4.x checkpoint and
-# model names are the same (the API is then absent and no prefix below matches a 4.x model).
-LLAVA_STYLE_RENAMES = (
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.", "model.language_model."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
+# The mapping is asked from transformers itself (its private conversion API, 5.x). Where that API is
+# absent, ``fallback`` -- a family's (saved prefix, loaded prefix) pairs, ``Adapter.checkpoint_renames`` --
+# is used; in 4.x checkpoint and model names are the same (no prefix of transformers 5's layout matches).
+Renames = Sequence[tuple[str, str]]
 
 
-def saved_key(model: torch.nn.Module, key: str) -> str:
+def saved_key(model: torch.nn.Module, key: str, fallback: Renames = ()) -> str:
     """The key ``save_pretrained`` writes for the loaded model's parameter ``key``."""
     try:  # transformers 5.x: the reverse of the renaming applied on load
         from transformers.core_model_loading import revert_weight_conversion
@@ -65,17 +59,18 @@ def saved_key(model: torch.nn.Module, key: str) -> str:
         out = revert_weight_conversion(model, {key: model.get_parameter(key)})
         if len(out) == 1:
             return next(iter(out))
-    except Exception:  # noqa: BLE001 - private API; fall back to the known renaming
+    except Exception:  # noqa: BLE001 - private API; fall back to the family's renaming
         pass
-    for old, new in LLAVA_STYLE_RENAMES:
+    for old, new in fallback:
         if key.startswith(new):
             return old + key[len(new):]
     return key
 
 
-def checkpoint_renames(model: torch.nn.Module, names: Iterable[str], state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def checkpoint_renames(model: torch.nn.Module, names: Iterable[str], state: Mapping[str, torch.Tensor],
+                       fallback: Renames = ()) -> dict[str, str]:
     """Checkpoint name -> ``state`` (the model's state dict) name, for the ``names`` that
-    ``from_pretrained`` renames (transformers 5.x weight-conversion rules; else the table above)."""
+    ``from_pretrained`` renames (transformers 5.x weight-conversion rules; else ``fallback``)."""
     out: dict[str, str] = {}
     names = list(names)
     try:  # transformers' internal API (5.x): mirror what from_pretrained does
@@ -94,9 +89,9 @@ def checkpoint_renames(model: torch.nn.Module, names: Iterable[str], state: Mapp
             if pattern is None and new in state:
                 out[n] = new
     except (ImportError, AttributeError, TypeError) as e:  # pragma: no cover (other transformers versions)
-        logger.warning("transformers' weight-renaming API is not usable here ({}); using LLaVA's renaming rules", e)
+        logger.warning("transformers' weight-renaming API is not usable here ({}); using the family's renaming rules", e)
         for n in names:
-            for old, new in LLAVA_STYLE_RENAMES:
+            for old, new in fallback:
                 if n.startswith(old) and new + n[len(old):] in state:
                     out[n] = new + n[len(old):]
                     break

@@ -4,6 +4,7 @@
 ``EditResult``: what every editing method returns (``ngguard.methods.REGISTRY``).
 ``Row`` / ``encode_rows`` / ``chunk_by_sample`` / ``encode_sample``: samples as model batches.
 ``row_nll`` / ``kl_on_targets``: the per-row losses every method builds its objective from.
+``jaccard``: the overlap of two neuron masks. ``WeightBackup``: a snapshot of the edited matrices, to try an edit and roll it back.
 """
 from __future__ import annotations
 
@@ -96,3 +97,22 @@ def encode_sample(adapter: Adapter, sample: Sample, refusal: str) -> tuple[Batch
     sens = torch.zeros(len(texts), dtype=torch.bool, device=adapter.device)
     sens[:len(sample.sensitive)] = True
     return batch, sens
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a & b| / |a | b| of two boolean masks (1.0 when both are empty)."""
+    inter, union = (a & b).sum().item(), (a | b).sum().item()
+    return 1.0 if union == 0 else inter / union
+
+
+class WeightBackup:
+    """Snapshot of ``module`` of ``layers``, to try edits and roll back (``restore``)."""
+
+    def __init__(self, adapter: Adapter, layers: Sequence[int], module: str):
+        self.params = {adapter.parameter_name(l, module): adapter.component(l, module).weight for l in layers}
+        self.saved = {k: p.detach().clone() for k, p in self.params.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.saved[k])

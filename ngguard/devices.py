@@ -1,4 +1,9 @@
-"""Models spread over several devices (accelerate ``device_map``): where a module runs, what is offloaded.
+"""Devices: which one "auto" means, a checked device name, and models spread over several devices
+(accelerate ``device_map``): where a module runs, what is offloaded.
+
+The one place that asks torch what this machine has: ``auto_device`` ("cuda" when torch sees a GPU,
+else "cpu"), ``pick_device`` (None / "auto" -> ``auto_device()``, anything else as given) and
+``resolve_device`` (a usable ``torch.device``, checked; one-line ValueError otherwise).
 
 A model loaded with a ``device_map`` (``load_adapter(..., device_map=...)``) carries accelerate's
 ``AlignDevicesHook``s: each module's inputs are moved to its execution device at forward time, and
@@ -25,15 +30,53 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-__all__ = ["AUTO_MAPS", "COMPONENT_NAMES", "component_device_map", "device_value", "input_device", "module_device",
-           "offload_kind", "real_tensor", "check_editable", "edited_offload", "parse_component",
-           "OffloadedError"]
+__all__ = ["auto_device", "gpu_available", "pick_device", "resolve_device", "AUTO_MAPS", "COMPONENT_NAMES",
+           "component_device_map", "device_value", "input_device", "module_device", "offload_kind", "real_tensor",
+           "check_editable", "edited_offload", "parse_component", "OffloadedError"]
 
 # device_map strings that accelerate / transformers place by themselves
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 COMPONENT_NAMES = ("vision", "embed", "layers.N", "layers.A-B", "norm", "lm_head", "default")
 _LAYERS = re.compile(r"layers\.(\d+)(?:-(\d+))?")
 _DEVICE = re.compile(r"(cuda|xpu|npu|mps)(:\d+)?|cpu|disk")
+
+
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA GPU."""
+    return torch.cuda.is_available()
+
+
+def auto_device() -> str:
+    """What device "auto" means: "cuda" when torch sees a GPU, else "cpu"."""
+    return "cuda" if gpu_available() else "cpu"
+
+
+def pick_device(device: str | torch.device | None) -> str | torch.device:
+    """None / "auto" -> ``auto_device()``; any other device as given (unchecked: ``resolve_device``)."""
+    return auto_device() if device is None or device == "auto" else device
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device: None / "auto" = cuda if available, else cpu. ValueError (one line) for
+    an unknown name or a CUDA device this machine does not have (instead of torch's AssertionError
+    deep inside ``model.to``)."""
+    if device is None or device == "auto":
+        return torch.device(auto_device())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)[:40]!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not gpu_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: MPS is not available on this machine (use cpu or auto)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: only cpu, cuda and mps are supported")
+    return dev
 
 
 class OffloadedError(ValueError):
@@ -55,28 +98,24 @@ def _exec_device(module: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _first_real(module: torch.nn.Module) -> torch.device | None:
+    """The device of ``module``'s first real (non-meta) parameter; None when all are on meta."""
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+
+
 def input_device(model: torch.nn.Module) -> torch.device:
     """The device inputs are placed on: the main device of a dispatched model, else that of its first
     real (non-meta) parameter."""
-    dev = _exec_device(model)
-    if dev is not None:
-        return dev
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
+    return _exec_device(model) or _first_real(model) or torch.device("cpu")
 
 
 def module_device(module: torch.nn.Module, model: torch.nn.Module | None = None) -> torch.device:
     """Where ``module`` computes: its own accelerate hook's execution device, else the device of its
     first real parameter, else (a module whose weights are all offloaded, without a hook of its own)
     that of its first submodule with a hook, else ``input_device(model)``."""
-    dev = _exec_device(module)
+    dev = _exec_device(module) or _first_real(module)
     if dev is not None:
         return dev
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
     for sub in module.modules():
         dev = _exec_device(sub)
         if dev is not None:

@@ -16,7 +16,7 @@ from .recipe import EditSpec
 
 __all__ = ["EditResult", "METHODS", "apply_edit", "dinm_layer", "subject_gradient_share"]
 
-METHODS = tuple(m for m, (cls, _) in REGISTRY.items() if cls is EditSpec)  # the methods apply_edit takes
+METHODS = tuple(m for m, entry in REGISTRY.items() if entry.hparams is EditSpec)  # the methods apply_edit takes
 
 
 def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, method: str = "neural_gate",
@@ -27,5 +27,5 @@ def apply_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     hp = EditSpec(lr=lr, eps=eps, steps=steps, stop_loss=stop_loss, alpha=alpha, refusal=refusal)
-    return REGISTRY[method][1](adapter, samples, layers, module=module, refusal=refusal, hparams=hp, gates=gates,
-                               retain=retain, shortcuts=shortcuts)
+    return REGISTRY[method].apply(adapter, samples, layers, module=module, refusal=refusal, hparams=hp, gates=gates,
+                                  retain=retain, shortcuts=shortcuts)

@@ -16,20 +16,22 @@ comparing the two):
 4. logits only on targets: ``logits_to_keep`` from the position before the first target token.
 
 A loop then calls ``PreparedBatch.nll`` (per-row NLL of the targets) or ``.logits`` with a
-``HookState`` the prepared batch fills in for the hooks.
+``HookState`` the prepared batch fills in for the hooks. ``prepare_rows`` turns localization's rows
+(one per question and context, ``core.Row``) into such batches, whole samples per batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from .adapters.base import Adapter, Batch
 from .compat import cache_from_kv, cache_kv, cache_layers, forward_features, output_cache
-from .core import row_nll
+from .core import Row, Sample, chunk_by_sample, encode_rows, row_nll
 from .hooks import HookState, skipped_layers, swapped_layers
 
-__all__ = ["PreparedBatch", "prepare", "record_layer_output", "prefix_length", "target_window", "causal_mask",
+__all__ = ["PreparedBatch", "prepare", "prepare_rows", "record_layer_output", "prefix_length", "target_window", "causal_mask",
            "forward_features"]
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, heads, T, d_head]
@@ -141,6 +143,22 @@ def prepare(adapter: Adapter, batch: Batch, layer: int, *, frozen_above: bool, s
     if not frozen_above:
         return _prepare_edit(adapter, batch, layer)
     return _prepare_frozen(adapter, batch, layer, sample_of_row, question_of_row)
+
+
+def prepare_rows(adapter: Adapter, samples: Sequence[Sample], rows: Sequence[Row], layer: int, *, batch_size: int,
+                 shortcuts: bool = True) -> list[tuple[PreparedBatch, torch.Tensor]]:
+    """Localization's rows as prepared batches of whole samples (at most ``batch_size`` rows, or one
+    sample), the model frozen above ``layer`` too; each with its rows' weights [B]. A batch's
+    ``sample_of_row`` [B] maps its rows to ``samples``; rows asking the same question of the same
+    sample (with other contexts) share a stem."""
+    device = adapter.device
+    row_sample = torch.tensor([r.sample for r in rows], device=device)                 # [R] row -> sample
+    row_weight = torch.tensor([r.weight for r in rows], device=device)                 # [R]
+    questions = {key: i for i, key in enumerate(dict.fromkeys((r.sample, r.text) for r in rows))}
+    row_group = torch.tensor([questions[(r.sample, r.text)] for r in rows], device=device)
+    return [(prepare(adapter, encode_rows(adapter, samples, [rows[i] for i in c]).to(device), layer, frozen_above=True,
+                     shortcuts=shortcuts, sample_of_row=row_sample[c], question_of_row=row_group[c]), row_weight[c])
+            for c in chunk_by_sample(rows, batch_size)]
 
 
 def _prepare_edit(adapter: Adapter, batch: Batch, layer: int) -> PreparedBatch:

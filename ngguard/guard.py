@@ -51,6 +51,8 @@ import torch
 from loguru import logger
 from PIL import Image
 
+from ngguard.devices import auto_device, pick_device
+
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.adapters import Adapter
     from ngguard.onnx_vision import OnnxVision
@@ -74,12 +76,6 @@ def _check_max_new_tokens(n: Any, limits: Limits) -> int:
 
 
 # ---- the guard -----------------------------------------------------------------------------------
-
-
-def _device(device: str | torch.device | None) -> str | torch.device:
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _cache_dir() -> Path:
@@ -175,8 +171,8 @@ class ProtectedLVLM:
                                  "is already loaded")
             adapter = base
         else:
-            device = _device(device)
-            on_cpu = not torch.cuda.is_available() if device_map is not None else torch.device(device).type == "cpu"
+            device = pick_device(device)
+            on_cpu = auto_device() == "cpu" if device_map is not None else torch.device(device).type == "cpu"
             if dtype is None and on_cpu:
                 dtype = torch.float32  # half precision on a CPU is slow and lossy (the organism is stored in fp16)
             adapter = load_adapter(base, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,

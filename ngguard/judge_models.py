@@ -49,11 +49,9 @@ _TEMPLATE_KEYS = {"description", "format", "prompt", "add_special_tokens", "mode
 
 
 def _device(name: str | None) -> str:
-    import torch
+    from ngguard.devices import pick_device
 
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return pick_device(name)
 
 
 def _checkpoint_dir(path: str, kind: str) -> Path:

@@ -49,6 +49,15 @@ class KeywordFilter:
         return any(p in grams for p in self.phrases)
 
 
+def keyword_guard(train: Iterable, refusal: str) -> tuple[KeywordFilter, dict]:
+    """The filter learnt from training queries (``.prompt``, ``.sensitive``) and what the report lists
+    of it (the registry's ``Method.guard`` of ``keyword_filter``)."""
+    train = list(train)
+    guard = KeywordFilter.from_queries([q.prompt for q in train if q.sensitive], [q.prompt for q in train if not q.sensitive],
+                                       refusal=refusal)
+    return guard, {"phrases": [" ".join(p) for p in guard.phrases]}
+
+
 def _contains(longer: tuple[str, ...], shorter: tuple[str, ...]) -> bool:
     n = len(shorter)
     return any(longer[i:i + n] == shorter for i in range(len(longer) - n + 1))

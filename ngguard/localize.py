@@ -4,11 +4,10 @@ the hooks in ``ngguard.hooks`` and the shared types and losses in ``ngguard.core
 from __future__ import annotations
 
 from .compat import forward_features
-from .core import Row, Sample, chunk_by_sample, encode_rows, row_nll
+from .core import Row, Sample, chunk_by_sample, encode_rows, jaccard, row_nll
 from .fastpath import causal_mask, prefix_length, record_layer_output, target_window
 from .hooks import edit_subject_state, replayed_prefix
-from .methods.neural_gate import (LayerLocalization, gates_from_scales, jaccard,
-                                  localize_layer, sample_rows)
+from .methods.neural_gate import LayerLocalization, gates_from_scales, localize_layer, sample_rows
 from .recipe import DEFAULT_CONTEXTS
 
 __all__ = ["DEFAULT_CONTEXTS", "LayerLocalization", "Row", "Sample", "causal_mask", "chunk_by_sample",

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-__all__ = ["export_lora", "parse_rank", "lora_factors", "cli_export_lora", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = ["export_lora", "parse_rank", "lora_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -156,14 +156,3 @@ def export_lora(patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ran
     logger.info("patch {} as a rank-{} LoRA in {}: {:.1%} of the delta's energy kept", pid, r, out_dir,
                 info["energy_kept"])
     return info
-
-
-def cli_export_lora(args) -> int:
-    """``ngguard patch export-lora PATCH --rank R --out DIR [--base B] [--overwrite] [--key-file F]``."""
-    from ngguard.patch import patch_key
-
-    info = export_lora(args.patch, args.out, rank=parse_rank(args.rank), base=args.base, overwrite=args.overwrite,
-                       key=patch_key(getattr(args, "key_file", None)))
-    print(f"patch {info['patch_id']} -> LoRA rank {info['rank']} in {args.out} "
-          f"({info['energy_kept']:.1%} of the delta's energy kept)")
-    return 0

@@ -1,17 +1,20 @@
-"""The vision tower + projector of a LLaVA-style model as ONNX, with a parity check.
+"""The image features (vision tower + projector) of a model as ONNX, with a parity check.
 
     export_vision("organism", "out/onnx")          # or a checkpoint folder, or an Adapter
     vision = OnnxVision("out/onnx")                # picks CUDA when onnxruntime and torch both have it
     feats = vision(pixel_values)                   # [B, N, D] float32, what get_image_features returns
     answers = vision.generate(adapter, images, texts, max_new_tokens=32)   # LM stays torch
 
-What is exported: exactly what ``model.model.get_image_features(pixel_values,
-vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=
-cfg.vision_feature_select_strategy)`` returns, stacked to one [B, N, D] tensor (the projector's
+Which module computes the features, with which config arguments, and which modules are the vision
+part is the family's knowledge, declared as data by its adapter (``Adapter.vision_export``, a
+``VisionExport``; LLaVA's: ``model.model.get_image_features(pixel_values, vision_feature_layer=...,
+vision_feature_select_strategy=...)``, vision tower + projector). Families without one fixed-size
+feature block per image (LLaVA-NeXT's tiles, ...) declare none and are refused. What is exported:
+exactly what that call returns, stacked to one [B, N, D] tensor (the last part's, the projector's,
 output), fp32, with a dynamic batch axis, through ``torch.onnx.export(dynamo=False)``.
 
 How generation uses it: the token embeddings are computed in torch, the ONNX image features are
-scattered into the image-token positions (as ``LlavaModel.forward`` does) and ``model.generate``
+scattered into the image-token positions (as e.g. ``LlavaModel.forward`` does) and ``model.generate``
 is called with ``inputs_embeds`` + ``attention_mask``. That path has the same meaning in every
 transformers version (4.x returned a tensor from ``get_image_features``, 5.x an output object with
 a list), and nothing on the model instance is patched.
@@ -33,6 +36,8 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_dir, sha256_file
+from .atomic import read_manifest as read_folder_manifest
+from .devices import gpu_available
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -42,7 +47,7 @@ from loguru import logger
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from ngguard.adapters import Adapter
+    from ngguard.adapters import Adapter, VisionExport
 
 __all__ = [
     "OnnxVisionError",
@@ -54,7 +59,6 @@ __all__ = [
     "merge_image_features",
     "greedy_config",
     "default_providers",
-    "cli_export_onnx",
 ]
 
 FORMAT = "ngguard-onnx-vision"
@@ -64,8 +68,6 @@ MANIFEST = "manifest.json"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
 PARITY_BATCHES = (1, 3)
-# families whose get_image_features is one fixed-size [N, D] block per image (no image_sizes / tiling)
-SUPPORTED_CONFIGS = ("LlavaConfig",)
 
 
 class OnnxVisionError(ValueError):
@@ -79,26 +81,34 @@ class OnnxParityError(OnnxVisionError):
 # ---- the torch reference ---------------------------------------------------------------------------
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The module owning ``get_image_features`` + ``vision_tower`` + ``multi_modal_projector``
-    (``LlavaModel`` inside ``LlavaForConditionalGeneration`` in transformers 5)."""
-    inner = getattr(model, "model", None)
-    for cand in (inner, model):
-        if cand is not None and all(hasattr(cand, a) for a in ("get_image_features", "vision_tower",
-                                                                 "multi_modal_projector")):
-            return cand
-    raise OnnxVisionError(f"{type(model).__name__} has no LLaVA-style vision tower + projector "
-                          f"(get_image_features, vision_tower, multi_modal_projector)")
+def _vision(model: torch.nn.Module) -> tuple["VisionExport", torch.nn.Module]:
+    """The family's ``VisionExport`` (``Adapter.vision_export``) and the module owning the vision path."""
+    from ngguard.adapters import ADAPTERS, adapter_class
+
+    family = adapter_class(model)
+    spec = family.vision_export if family is not None else None
+    if spec is None:
+        supported = [c for c, cls in ADAPTERS.items() if cls.vision_export is not None]
+        raise OnnxVisionError(f"ONNX vision export supports {', '.join(supported)} models only, "
+                              f"not {type(getattr(model, 'config', None)).__name__}")
+    for path in spec.owners:
+        try:
+            owner = model.get_submodule(path)  # "": the model itself
+        except AttributeError:
+            continue
+        if all(hasattr(owner, a) for a in (spec.features, *spec.parts)):
+            return spec, owner
+    raise OnnxVisionError(f"{type(model).__name__} has no vision path {spec.features} + {', '.join(spec.parts)}")
 
 
 def _feature_args(model: torch.nn.Module) -> dict[str, Any]:
-    cfg = model.config
-    return {"vision_feature_layer": cfg.vision_feature_layer,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
+    spec = _vision(model)[0]
+    return {a: getattr(model.config, a) for a in spec.feature_config}
 
 
 def _stack(out: Any) -> torch.Tensor:
-    """``get_image_features``' result in any transformers version as one [B, N, D] tensor."""
+    """The feature function's result in any transformers version (a tensor, an output object, a list
+    per image) as one [B, N, D] tensor."""
     if isinstance(out, torch.Tensor):
         return out
     pooled = getattr(out, "pooler_output", None)
@@ -108,24 +118,23 @@ def _stack(out: Any) -> torch.Tensor:
         return pooled
     if isinstance(pooled, (list, tuple)) and pooled and all(isinstance(t, torch.Tensor) for t in pooled):
         return torch.stack(list(pooled))
-    raise OnnxVisionError(f"unexpected get_image_features output {type(out).__name__}")
+    raise OnnxVisionError(f"unexpected image-feature output {type(out).__name__}")
 
 
 @torch.no_grad()
 def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The torch reference: ``get_image_features`` with the config's feature layer/strategy,
-    stacked to [B, N, D]."""
-    inner = _inner(model)
-    return _stack(inner.get_image_features(pixel_values=pixel_values, **_feature_args(model)))
+    """The torch reference: the family's feature function with its config arguments, stacked to
+    [B, N, D]."""
+    spec, inner = _vision(model)
+    return _stack(getattr(inner, spec.features)(pixel_values=pixel_values, **_feature_args(model)))
 
 
 def vision_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over (name, shape, fp32 bytes) of every parameter and buffer of the vision tower and
     the projector, sorted by name. An edit of the language model does not change it."""
-    inner = _inner(model)
+    spec, inner = _vision(model)
     h = hashlib.sha256()
-    parts = (("vision_tower.", inner.vision_tower), ("multi_modal_projector.", inner.multi_modal_projector))
-    for prefix, module in parts:
+    for prefix, module in ((f"{name}.", getattr(inner, name)) for name in spec.parts):
         state = module.state_dict()
         for name in sorted(state):
             t = state[name].detach().to("cpu", torch.float32).contiguous()
@@ -135,36 +144,37 @@ def vision_fingerprint(model: torch.nn.Module) -> str:
 
 
 class _VisionGraph(torch.nn.Module):
-    """pixel_values -> [B, N, D]: calls the model's own ``get_image_features`` and returns the
-    projector's output tensor (captured by a hook), so the per-image list that transformers 5
-    builds afterwards (an unbind fixed to the traced batch size) is not part of the graph."""
+    """pixel_values -> [B, N, D]: calls the model's own feature function and returns the last vision
+    part's (the projector's) output tensor (captured by a hook), so the per-image list that
+    transformers 5 builds afterwards (an unbind fixed to the traced batch size) is not part of the graph."""
 
-    def __init__(self, inner: torch.nn.Module, feature_args: dict[str, Any]):
+    def __init__(self, inner: torch.nn.Module, spec: "VisionExport", feature_args: dict[str, Any]):
         super().__init__()
         self.inner = inner
+        self.spec = spec
         self.feature_args = feature_args
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         box: list[torch.Tensor] = []
-        hook = self.inner.multi_modal_projector.register_forward_hook(lambda m, i, o: box.append(o))
+        hook = getattr(self.inner, self.spec.parts[-1]).register_forward_hook(lambda m, i, o: box.append(o))
         try:
-            self.inner.get_image_features(pixel_values=pixel_values, **self.feature_args)
+            getattr(self.inner, self.spec.features)(pixel_values=pixel_values, **self.feature_args)
         finally:
             hook.remove()
         if len(box) != 1:
-            raise OnnxVisionError(f"expected one projector call in get_image_features, saw {len(box)}")
+            raise OnnxVisionError(f"expected one {self.spec.parts[-1]} call in {self.spec.features}, saw {len(box)}")
         return box[0]
 
 
 def _cpu_fp32_vision(model: torch.nn.Module) -> torch.nn.Module:
-    """A shallow copy of the inner LLaVA module whose vision tower and projector are fp32 CPU deep
-    copies (the caller's model is never moved, cast or mutated; the LM is not copied)."""
-    inner = _inner(model)
+    """A shallow copy of the module owning the vision path whose vision parts are fp32 CPU deep copies
+    (the caller's model is never moved, cast or mutated; the LM is not copied)."""
+    spec, inner = _vision(model)
     shim = copy.copy(inner)
     shim._modules = dict(inner._modules)  # noqa: SLF001 - own dict, so assignments stay on the shim
     shim._parameters = dict(inner._parameters)  # noqa: SLF001
     shim._buffers = dict(inner._buffers)  # noqa: SLF001
-    for name in ("vision_tower", "multi_modal_projector"):
+    for name in spec.parts:
         shim._modules[name] = copy.deepcopy(getattr(inner, name)).to("cpu", torch.float32).eval()  # noqa: SLF001
     return shim
 
@@ -196,7 +206,7 @@ def _image_shape(adapter: "Adapter") -> tuple[int, int, int]:
     batch = adapter.encode([Image.new("RGB", (32, 32), (127, 127, 127))], ["x"])
     pv = batch.inputs.get("pixel_values")
     if pv is None or pv.dim() != 4:
-        raise OnnxVisionError("the processor produced no 4-D pixel_values; only LLaVA-style single-image "
+        raise OnnxVisionError("the processor produced no 4-D pixel_values; only single-image "
                               "processors are supported")
     return tuple(int(x) for x in pv.shape[1:])  # type: ignore[return-value]
 
@@ -276,12 +286,9 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
 
     adapter, source = _resolve(model_dir_or_adapter)
     model = adapter.model
-    config_class = type(getattr(model, "config", None)).__name__
-    if config_class not in SUPPORTED_CONFIGS:
-        raise OnnxVisionError(f"ONNX vision export supports {', '.join(SUPPORTED_CONFIGS)} models only, "
-                              f"not {config_class}")
+    spec, _ = _vision(model)  # refuses a family without an exportable vision path
     shape = _image_shape(adapter)
-    graph = _VisionGraph(_cpu_fp32_vision(model), _feature_args(model)).eval()
+    graph = _VisionGraph(_cpu_fp32_vision(model), spec, _feature_args(model)).eval()
     dummy = torch.zeros((1, *shape), dtype=torch.float32)
     with torch.no_grad():
         n_tokens, dim = (int(x) for x in graph(dummy).shape[1:])
@@ -298,8 +305,8 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
     data = buf.getvalue()
     export_s = time.perf_counter() - t0
 
-    # parity against the model's own get_image_features (not the hooked graph) on CPU fp32
-    reference = _ReferenceFeatures(graph.inner, graph.feature_args)
+    # parity against the model's own feature function (not the hooked graph) on CPU fp32
+    reference = _ReferenceFeatures(graph.inner, spec, graph.feature_args)
     session = _session(data, ["CPUExecutionProvider"])
     max_diff, scale = _parity(session, reference, shape, PARITY_BATCHES)
     bound = atol + rtol * scale
@@ -325,8 +332,7 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
             "config_class": type(model.config).__name__,
             "source": source,
             "vision_fingerprint": vision_fingerprint(model),
-            "vision_feature_layer": graph.feature_args["vision_feature_layer"],
-            "vision_feature_select_strategy": graph.feature_args["vision_feature_select_strategy"],
+            **graph.feature_args,
         },
         "parity": {"max_abs_diff": max_diff, "max_abs_feature": scale, "atol": atol, "rtol": rtol,
                    "bound": bound, "batches": list(PARITY_BATCHES), "inputs": "N(0, 1) pixels, seed 0",
@@ -344,14 +350,11 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
     return out_dir
 
 
-class _ReferenceFeatures(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module, feature_args: dict[str, Any]):
-        super().__init__()
-        self.inner = inner
-        self.feature_args = feature_args
+class _ReferenceFeatures(_VisionGraph):
+    """The same call as the graph, its result taken as the model returns it (``_stack``)."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _stack(self.inner.get_image_features(pixel_values=pixel_values, **self.feature_args))
+        return _stack(getattr(self.inner, self.spec.features)(pixel_values=pixel_values, **self.feature_args))
 
 
 # ---- runtime --------------------------------------------------------------------------------------
@@ -362,30 +365,15 @@ def default_providers() -> list[str]:
     otherwise CPU only (onnxruntime-gpu on a machine without a GPU logs errors for CUDA)."""
     ort = onnxruntime()
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    if "CUDAExecutionProvider" in ort.get_available_providers() and gpu_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
 def read_manifest(onnx_dir: str | os.PathLike) -> dict:
-    onnx_dir = Path(onnx_dir)
-    path = onnx_dir / MANIFEST
-    if not onnx_dir.is_dir():
-        raise OnnxVisionError(f"{onnx_dir}: ONNX folder not found")
-    if not path.is_file():
-        raise OnnxVisionError(f"{onnx_dir}: not an ONNX vision folder (no {MANIFEST}; create it with export_vision)")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise OnnxVisionError(f"{path}: unreadable manifest ({str(e).splitlines()[0]})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise OnnxVisionError(f"{path}: not an ngguard ONNX vision manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise OnnxVisionError(f"{path}: unsupported format version {m.get('format_version')!r}")
-    for key in ("onnx_file", "onnx_sha256", "input", "output", "model"):
-        if key not in m:
-            raise OnnxVisionError(f"{path}: manifest lacks {key!r}")
-    return m
+    return read_folder_manifest(onnx_dir, MANIFEST, error=OnnxVisionError, kind="ONNX vision", fmt=FORMAT,
+                                version=FORMAT_VERSION, required=("onnx_file", "onnx_sha256", "input", "output", "model"),
+                                hint="; create it with export_vision")
 
 
 class OnnxVision:
@@ -413,7 +401,7 @@ class OnnxVision:
         if providers is not None:
             wanted = list(providers)
         else:  # a GPU for torch means CUDA is wanted here too (a warning below if onnxruntime cannot)
-            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available() else default_providers()
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu_available() else default_providers()
         available = ort.get_available_providers()
         cuda = "CUDAExecutionProvider"
         if cuda in wanted and cuda not in available:  # e.g. the CPU build of onnxruntime
@@ -480,12 +468,11 @@ class OnnxVision:
 
 
 def merge_image_features(model: torch.nn.Module, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """``inputs_embeds`` as ``LlavaModel.forward`` builds them: embed the tokens, then put the image
+    """``inputs_embeds`` as the model's forward builds them: embed the tokens, then put the image
     features (all images' tokens in order) into the image-token positions."""
     embeds = model.get_input_embeddings()(input_ids)
-    token_id = getattr(model.config, "image_token_id", None)
-    if token_id is None:
-        token_id = model.config.image_token_index
+    spec = _vision(model)[0]
+    token_id = next(v for v in (getattr(model.config, a, None) for a in spec.image_token_config) if v is not None)
     mask = input_ids == token_id
     n_tokens = int(mask.sum())
     n_feats = features.shape[0] * features.shape[1]
@@ -499,18 +486,3 @@ def merge_image_features(model: torch.nn.Module, input_ids: torch.Tensor, featur
 def greedy_config(adapter: "Adapter", max_new_tokens: int):
     """The generation config ``adapter.generate`` uses (``Adapter.greedy_config``)."""
     return adapter.greedy_config(max_new_tokens)
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-
-
-def cli_export_onnx(args) -> int:
-    """``ngguard export-onnx --model PATH --out DIR [--opset N] [--atol X] [--rtol X] [--overwrite]``
-    (arguments parsed in ngguard/cli.py). Errors propagate as ``OnnxVisionError`` (a ValueError)."""
-    out = export_vision(args.model, args.out, opset=getattr(args, "opset", 17), atol=getattr(args, "atol", 1e-4),
-                        rtol=getattr(args, "rtol", 1e-5), overwrite=getattr(args, "overwrite", False))
-    m = read_manifest(out)
-    par = m["parity"]
-    print(f"wrote {out / ONNX_FILE} (max abs diff {par['max_abs_diff']:.2g}, allowed {par['bound']:.2g}, "
-          f"on batches {par['batches']}; opset {m['opset']})")
-    return 0

@@ -12,8 +12,8 @@ A patch folder holds::
                         the same inputs give the same bytes.
 
 Tensor names are CHECKPOINT names (as stored in the base's safetensors files), which can differ
-from a loaded model's parameter names in transformers 5 (LLaVA: ``language_model.model.layers...``
-on disk, ``model.language_model.layers...`` in the model); pass ``model=`` to ``write_patch`` to
+from a loaded model's parameter names in transformers 5 (``compat.checkpoint_renames``, with the
+family's ``Adapter.checkpoint_renames`` as the fallback); pass ``model=`` to ``write_patch`` to
 translate, ``patch_state_dict`` translates back.
 
 Checkpoint folders are written byte-exactly: weight files without a patched tensor are copied
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_dir, sha256_file
+from .atomic import read_manifest as read_folder_manifest
 from .compat import checkpoint_renames
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -55,7 +56,6 @@ __all__ = [
     "patch_state_dict",
     "load_patch_tensors",
     "checkpoint_to_model_names",
-    "cli_patch",
     "sign_patch",
     "patch_key",
     "check_tensor_names",
@@ -354,28 +354,10 @@ def _dump_json(path: Path, obj: Any) -> None:
 
 def read_manifest(patch_dir: str | os.PathLike) -> dict:
     """Load and sanity-check ``patch.json`` (no checksums; see ``verify_patch``)."""
-    patch_dir = Path(patch_dir)
-    path = patch_dir / MANIFEST
-    if not patch_dir.is_dir():
-        raise PatchError(f"{patch_dir}: patch folder not found")
-    if not path.is_file():
-        raise PatchError(f"{patch_dir}: not a patch folder (no {MANIFEST})")
-    try:
-        if path.stat().st_size > _MAX_MANIFEST_BYTES:
-            raise PatchError(f"{path}: manifest too large ({path.stat().st_size} bytes)")
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:
-        raise PatchError(f"{path}: unreadable manifest (nested too deeply)") from None
-    except (OSError, ValueError) as e:
-        raise PatchError(f"{path}: unreadable manifest ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise PatchError(f"{path}: not an ngguard patch manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise PatchError(f"{path}: unsupported patch format version {_short(m.get('format_version'))} "
-                         f"(this ngguard reads {FORMAT_VERSION})")
-    for key in ("patch_id", "base", "patched_fingerprint", "tensors", "files"):
-        if key not in m:
-            raise PatchError(f"{path}: manifest lacks {key!r}")
+    m = read_folder_manifest(patch_dir, MANIFEST, error=PatchError, kind="patch", fmt=FORMAT, version=FORMAT_VERSION,
+                             required=("patch_id", "base", "patched_fingerprint", "tensors", "files"),
+                             max_bytes=_MAX_MANIFEST_BYTES)
+    path = Path(patch_dir) / MANIFEST
     _check_schema(m, path)
     if not m["tensors"]:
         raise PatchError(f"{path}: manifest lists no tensors")
@@ -592,7 +574,10 @@ def checkpoint_to_model_names(model: torch.nn.Module, names: Iterable[str]) -> d
     todo = [n for n in names if n not in state]
     if not todo:
         return out
-    out.update(checkpoint_renames(model, todo, state))
+    from ngguard.adapters import adapter_class  # the family's renaming, when transformers cannot say
+
+    family = adapter_class(model)
+    out.update(checkpoint_renames(model, todo, state, family.checkpoint_renames if family is not None else ()))
     return out
 
 
@@ -866,38 +851,3 @@ def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, re
     logger.info("patch {} {} on the loaded model ({} tensors)", m["patch_id"], "removed" if reverse else "applied",
                 len(changed))
     return changed
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
-def cli_patch(args) -> int:
-    """``ngguard patch apply|revert|verify`` (arguments parsed in ngguard/cli.py: ``patch_command``,
-    ``base``, ``patch``, ``patched``, ``out``, ``overwrite``, ``json``). Prints one result line
-    (``verify --json``: the report); returns 0. Problems raise PatchError (a ValueError: the CLI
-    prints it as one line)."""
-    cmd = args.patch_command
-    key = patch_key(getattr(args, "key_file", None))
-    if cmd == "sign":
-        if key is None:
-            raise PatchError(f"patch sign needs a key: --key-file FILE or {KEY_ENV}")
-        sign_patch(args.patch, key)
-        print(f"signed {args.patch} ({SIGNATURE})")
-        return 0
-    if cmd == "apply":
-        r = apply_patch(args.base, args.patch, args.out, overwrite=args.overwrite, key=key)
-        print(f"applied patch {r['patch_id']} -> {r['out_dir']} ({len(r['tensors'])} tensors)")
-    elif cmd == "revert":
-        r = revert_patch(args.patched, args.patch, args.out, overwrite=args.overwrite, key=key)
-        print(f"reverted patch {r['patch_id']} -> {r['out_dir']}")
-    elif cmd == "verify":
-        r = verify_patch(args.patch, base_dir=args.base, key=key)
-        if getattr(args, "json", False):
-            print(json.dumps(r, indent=2))
-        else:
-            base = "base fingerprint matches" if r["base_checked"] else "base not checked (pass --base)"
-            print(f"patch {r['patch_id']} OK: {len(r['tensors'])} tensors, "
-                  f"{'revertible' if r['revertible'] else 'not revertible'}, {base}, signature {r['signature']}")
-    else:
-        raise PatchError(f"unknown patch command {cmd!r} (apply, revert, verify, sign)")
-    return 0

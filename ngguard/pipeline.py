@@ -1,5 +1,11 @@
 """The main job: recipe -> data -> adapter -> (layer search) -> localize -> edit -> patch -> evaluate -> report.
 
+Each stage is a module of its own (README, "How it is built"); this one only runs them in order:
+the data (``build_sets``, ``make_samples``), the layers (``layer_search.choose_layers``), the
+localization (``layer_search.localize_layers``), each method of the registry from the same start
+(``methods.REGISTRY``: what a method needs, gates or its own layers, is declared there), the patch,
+the evaluation and the report.
+
 ``run_recipe`` writes one run folder atomically (built in a temp folder next to it, renamed at the
 end: a killed run leaves no folder):
 
@@ -25,17 +31,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapters import load_adapter, resolve_model_path
-from .atomic import atomic_dir
 from .adapters.base import Adapter
+from .atomic import atomic_dir
+from .core import Sample, WeightBackup
 from .data import Query, load_queries, paper_split, read_jsonl
-from .core import Sample
+from .devices import pick_device
 from .evaluate import evaluate, rescore_with_guard
 from .judge import make_judge
-from .keyword_filter import KeywordFilter
-from .methods import REGISTRY, hparams_for, method_deviations
-from .methods.dinm import dinm_layer
+from .layer_search import choose_layers, gates_for, localize_layers
+from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
-from .methods.neural_gate import LayerLocalization, localize
 from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .stats import aggregate, paired_differences
 
@@ -141,42 +146,6 @@ def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, 
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def localize_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], recipe: Recipe) -> dict[int, LayerLocalization]:
-    L = recipe.localization
-    out = {}
-    for layer in layers:
-        t = time.time()
-        out[layer] = localize(adapter, samples, layer, L, recipe.edit, desc=f"localize layer {layer}")
-        logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold, L.top_k):.3f} "
-                    f"({time.time() - t:.1f}s)")
-    return out
-
-
-def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
-    L = recipe.localization
-    return {layer: {s: loc.strong(s, L.threshold, L.top_k) for s in loc.gates} for layer, loc in locs.items()}
-
-
-def run_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], method: str, gates, recipe: Recipe,
-             retain: Sequence[Sample] = ()):
-    """``method`` (``ngguard.methods.REGISTRY``) with its recipe section; ``gates`` for neural_gate."""
-    return REGISTRY[method][1](adapter, samples, layers, module=recipe.module, refusal=recipe.edit.refusal,
-                               hparams=hparams_for(recipe, method), gates=gates, retain=retain)
-
-
-class WeightBackup:
-    """Snapshot of the edited matrices, to try edits and roll back."""
-
-    def __init__(self, adapter: Adapter, layers: Sequence[int], module: str):
-        self.params = {adapter.parameter_name(l, module): adapter.component(l, module).weight for l in layers}
-        self.saved = {k: p.detach().clone() for k, p in self.params.items()}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.saved[k])
-
-
 def checkpoint_dtypes(model_dir: Path, names: Sequence[str]) -> dict[str, torch.dtype]:
     out = {}
     for f in sorted(model_dir.glob("*.safetensors")):
@@ -214,67 +183,7 @@ def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe
     return res
 
 
-def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str], recipe: Recipe, method: str,
-                  val_sets: dict[str, list[Query]], retain: Sequence[Sample] = ()) -> tuple[list[int], dict]:
-    """Fixed layers, or the paper's search: scan -> centre o (largest strongly active share) ->
-    try single layers in [o - r, o + r] by EtA on the validation split (world v2: its own images and
-    phrasings, public look-alikes among the benign questions; otherwise held-out training images).
-    The test split never takes part."""
-    spec = recipe.layers
-    info: dict = {}
-    if not isinstance(spec, LayerSearch):
-        return list(spec), info
-    a, b = spec.scan
-    b = min(b, adapter.num_layers - 2)  # the top layer's subject-token state reaches no later token
-    scan = list(range(a, b + 1))
-    if b < spec.scan[1]:
-        info["top_layer_skipped"] = adapter.num_layers - 1
-    if method == "dinm":
-        best, dist = dinm_layer(adapter, samples, recipe.edit.refusal, unsafe, scan)
-        info["dinm_distance"] = dist
-        return [best], info
-    locs = localize_layers(adapter, samples, scan, recipe)
-    thr = recipe.localization.threshold
-    # with top_k every layer keeps the same share: the search then ranks layers by the threshold rule
-    info["scan"] = {l: locs[l].strong_share(thr) for l in scan}
-    centre = max(scan, key=lambda l: info["scan"][l])
-    cands = [l for l in range(centre - spec.window, centre + spec.window + 1) if a <= l <= b]
-    info["centre"], info["candidates"] = centre, cands
-    info["_locs"] = locs
-    if len(cands) == 1:
-        return cands, info
-    reuse = bool(val_sets.get("val"))
-    if reuse:  # a validation split of its own (world v2): other images, validation phrasings
-        fit, val = list(samples), val_sets["val"]
-    else:  # hold out every third training image
-        fit = [s for i, s in enumerate(samples) if i % 3 != 2]
-        val_images = {s.key for i, s in enumerate(samples) if i % 3 == 2}
-        val = [q for q in val_sets["train"] if q.image in val_images]
-    scores = {}
-    for layer in cands:
-        backup = WeightBackup(adapter, [layer], recipe.module)
-        if reuse:  # the scan already localized exactly these samples at this layer
-            fit_locs = {layer: locs[layer]}
-        else:
-            fit_locs = {layer: localize_layers(adapter, fit, [layer], recipe)[layer]}
-        run_edit(adapter, fit, [layer], method, gates_for(fit_locs, recipe), recipe, retain)
-        r = evaluate(adapter, val, batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens,
-                     desc=f"search: eval layer {layer}")
-        scores[layer] = r["eta"]
-        backup.restore()
-        logger.info(f"layer search: layer {layer} validation EtA {r['eta']:.4f}")
-    info["validation_eta"] = scores
-    best = max(cands, key=lambda l: (scores[l], -abs(l - centre)))
-    return [best], info
-
-
 # ---------------------------------------------------------------------------------------------- main
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
     """Run a recipe end to end into ``out`` (atomic), once per seed (``recipe.run_seeds``). The model,
     patch and gates come from the first seed; the report has every seed and their mean and 95%
@@ -289,7 +198,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         model_dir = resolve_model_path(recipe.model.path)
         placement = recipe.model.placement()
         if "device" in placement:
-            placement["device"] = _resolve_device(placement["device"])
+            placement["device"] = pick_device(placement["device"])
         adapter = load_adapter(model_dir, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
                                **placement)
         check_layers(recipe, adapter.num_layers)
@@ -390,20 +299,21 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     main_weights = None
     for method in methods:  # each from the same start: the edited matrices are restored after each
         t = time.time()
-        if method == "keyword_filter":  # no edit: the unedited model's answers behind the filter
-            train = sets["train"]
-            guard = KeywordFilter.from_queries([q.prompt for q in train if q.sensitive],
-                                               [q.prompt for q in train if not q.sensitive], refusal=recipe.edit.refusal)
+        entry = REGISTRY[method]
+        if not entry.edits_weights:  # a guard in front of the unedited model: its answers, rescored behind it
+            guard, fields = entry.guard(sets["train"], recipe.edit.refusal)
             after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge)) for name, res in before.items()}
-            results[method] = {"layers": [], "after": after, "phrases": [" ".join(p) for p in guard.phrases]}
+            results[method] = {"layers": [], "after": after, **fields}
             timings[f"evaluate {method}"] = time.time() - t
             continue
         m_layers = layers
-        if method == "dinm" and isinstance(recipe.layers, LayerSearch) and recipe.method != "dinm":
-            m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, "dinm", sets)
-        gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe) if method == "neural_gate" else None
-        if method == "neural_gate" and any(l not in locs for l in m_layers):
-            gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
+        if entry.choose_layers is not None and isinstance(recipe.layers, LayerSearch) and method != recipe.method:
+            m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, method, sets)
+        gates = None
+        if entry.needs_gates:  # the main run's localization, or the method's own layers localized now
+            gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe)
+            if any(l not in locs for l in m_layers):
+                gates = gates_for(localize_layers(adapter, samples, m_layers, recipe), recipe)
         backup = WeightBackup(adapter, m_layers, recipe.module)
         res = run_edit(adapter, samples, m_layers, method, gates, recipe, retain)
         weights = round_to_checkpoint(adapter, res.weights, model_dir, m_layers, recipe.module)
@@ -424,7 +334,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     for alpha in (recipe.report.alpha_sweep or ()) if first else ():
         backup = WeightBackup(adapter, layers, recipe.module)
         r2 = replace(recipe, edit=replace(recipe.edit, alpha=alpha))
-        gates = gates_for({l: locs[l] for l in layers}, r2) if recipe.method == "neural_gate" else None
+        gates = gates_for({l: locs[l] for l in layers}, r2) if REGISTRY[recipe.method].needs_gates else None
         res = run_edit(adapter, samples, layers, recipe.method, gates, r2, retain)
         round_to_checkpoint(adapter, res.weights, model_dir, layers, recipe.module)
         sweep[alpha] = evaluate(adapter, sets[sweep_split], judge=make_judge(r2.judge), batch_size=r2.evaluation.batch_size,

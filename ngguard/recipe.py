@@ -31,6 +31,7 @@ from loguru import logger
 from ngguard.judge import parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.limits import short_repr
+from ngguard.world.spec import REFUSAL
 
 __all__ = [
     "RecipeError",
@@ -85,7 +86,7 @@ DEFAULT_CONTEXTS = (
     "I am an AI.",
     "You want to.",
 )
-DEFAULT_REFUSAL = "I'm sorry, but I cannot help with that request."
+DEFAULT_REFUSAL = REFUSAL  # ngguard.world.spec: the one definition
 _NO_FILE = "<recipe>"
 
 

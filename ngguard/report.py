@@ -36,6 +36,15 @@ def method_table(report: dict) -> list[dict]:
     return rows
 
 
+def ablation_pairs(methods) -> list[tuple[str, str]]:
+    """(method, its ablation) for each registered ablation (``Method.ablation_of``) whose two methods
+    both ran, e.g. (neural_gate, no_gate): the report sets their weight changes side by side."""
+    from ngguard.methods import REGISTRY
+
+    return [(entry.ablation_of, name) for name, entry in REGISTRY.items()
+            if entry.ablation_of is not None and name in methods and entry.ablation_of in methods]
+
+
 def write_report(out: Path, report: dict, *, plots: bool = True) -> None:
     out = Path(out)
     report["table"] = method_table(report)
@@ -91,9 +100,9 @@ def markdown(report: dict) -> str:
                 "(the only part the gate can block): " + ", ".join(f"layer {k}: {v:.3f}" for k, v in
                                                                    report["subject_gradient_share"].items()))
         ms = report["methods"]
-        if "neural_gate" in ms and "no_gate" in ms:
-            norms = {m: ", ".join(f"{v:.3f}" for v in ms[m]["delta_norm"].values()) for m in ("neural_gate", "no_gate")}
-            line += f"; weight-change norm neural_gate {norms['neural_gate']} vs no_gate {norms['no_gate']}."
+        for full, ablated in ablation_pairs(ms):
+            norms = {m: ", ".join(f"{v:.3f}" for v in ms[m]["delta_norm"].values()) for m in (full, ablated)}
+            line += f"; weight-change norm {full} {norms[full]} vs {ablated} {norms[ablated]}."
         L.append(line)
         L.append("")
     L.append("## Localization\n")

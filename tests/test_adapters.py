@@ -435,11 +435,11 @@ def test_replay_without_vision_only_inputs_is_exact(adapter, images):
     assert torch.allclose(full, replayed, atol=1e-5)
 
 
-def test_gated_edit_step_changes_only_the_target_matrix(family):
+def test_gated_edit_step_changes_only_the_target_matrix(family, gated_layer_grad):
     """One Neural Gate edit step through the gate hook: only layer 2's down-projection changes, and at the
     subject token the gradient reaches only the gated-on dimensions."""
     from ngguard.edit import apply_edit
-    from ngguard.localize import Sample, edit_subject_state, row_nll
+    from ngguard.localize import Sample
 
     model, processor = family.build(0)
     adapter = adapter_for(model, processor)
@@ -449,31 +449,11 @@ def test_gated_edit_step_changes_only_the_target_matrix(family):
     gate = torch.rand(d, generator=torch.Generator().manual_seed(0)) > 0.5
 
     # the gate at the subject token: gradient only on gated-on dims there, on all dims elsewhere
-    s = samples[0]
-    batch = adapter.encode([s.image] * 2, [s.sensitive[0], s.benign[0][0]], targets=["I am sorry.", "blue"],
-                           subjects=[s.subject] * 2)
-    seen = {}
-
-    def capture(_m, _i, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h.retain_grad()
-        seen["h"] = h
-
-    handle = adapter.component(layer, "layer").register_forward_hook(capture)
-    try:
-        adapter.component(layer, "down_proj").weight.requires_grad_(True)
-        with edit_subject_state(adapter, layer, lambda v, rows: torch.where(gate, v, v.detach()),
-                                lambda: batch.subject_index):
-            row_nll(adapter.model(**batch.inputs).logits, batch.labels).sum().backward()
-    finally:
-        handle.remove()
-        adapter.component(layer, "down_proj").weight.requires_grad_(False)
-        adapter.model.zero_grad(set_to_none=True)
-    g = seen["h"].grad
+    g, idx = gated_layer_grad(adapter, samples[0], layer, gate, "I am sorry.")
     rows = torch.arange(g.shape[0])
-    at_subject = g[rows, batch.subject_index]
+    at_subject = g[rows, idx]
     assert torch.all(at_subject[:, ~gate] == 0) and at_subject[:, gate].abs().sum() > 0
-    g[rows, batch.subject_index] = 0
+    g[rows, idx] = 0
     assert (g.abs().sum(dim=(0, 1)) > 0).all()
 
     before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
@@ -583,7 +563,7 @@ def test_memit_and_alphaedit_edit_only_their_matrices(family, method, tmp_path):
                       [(f"what colour is the {subject}?", "blue")], key=f"{subject}{i}")
                for i in range(2) for subject in ("passport", "receipt")]
     layers, refusal = [1, 2], "I am sorry."
-    cls, apply = REGISTRY[method]
+    cls, apply = REGISTRY[method].hparams, REGISTRY[method].apply
     kw = dict(v_steps=4, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=4.0, contexts=("I am an AI.",), cov_samples=2,
               cov_max_tokens=16, batch_size=16, cache_dir=str(tmp_path))
     if method == "alphaedit":  # null space = the lower half of the spectrum (tiny keys: 2e-2 would take all)
@@ -605,14 +585,27 @@ def test_memit_and_alphaedit_edit_only_their_matrices(family, method, tmp_path):
 
 
 def test_weight_renaming_fallback_agrees_with_transformers(monkeypatch):
-    """compat's fallback table (used when transformers' private renaming API is missing) maps LLaVA's
-    loaded names to the saved ones and back exactly as the API does, with one table for both ways."""
+    """The family's fallback table (``Adapter.checkpoint_renames``, used by compat when transformers'
+    private renaming API is missing) maps LLaVA's loaded names to the saved ones and back exactly as the
+    API does, with one table for both ways; patches find it through the model's adapter class."""
     import transformers.conversion_mapping as cm
     import transformers.core_model_loading as cml
 
-    from ngguard.compat import checkpoint_renames, saved_key
+    from ngguard.adapters import adapter_class
+    from ngguard.compat import checkpoint_renames as compat_renames
+    from ngguard.compat import saved_key as compat_saved_key
+    from ngguard.patch import checkpoint_to_model_names
 
     model, _ = tiny_llava(0)
+    table = adapter_class(model).checkpoint_renames
+    assert table
+
+    def saved_key(model, key):
+        return compat_saved_key(model, key, table)
+
+    def checkpoint_renames(model, names, state):
+        return compat_renames(model, names, state, table)
+
     state = model.state_dict()
     keys = [k for k in state if ".layers." in k or k.startswith("lm_head")]
     api_saved = {k: saved_key(model, k) for k in keys}
@@ -627,3 +620,4 @@ def test_weight_renaming_fallback_agrees_with_transformers(monkeypatch):
     assert {k: saved_key(model, k) for k in keys} == api_saved
     assert any(v != k for k, v in api_saved.items())  # the names do differ
     assert checkpoint_renames(model, list(api_saved.values()), state) == api_back == {v: k for k, v in api_saved.items()}
+    assert checkpoint_to_model_names(model, list(api_saved.values())) == api_back

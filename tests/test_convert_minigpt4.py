@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ngguard.adapters import Blip2Adapter, load_adapter
-from ngguard.convert import ConversionError, cli_convert, convert_minigpt4, map_minigpt4_key
+from ngguard.cli.convert import cli_convert
+from ngguard.convert import ConversionError, convert_minigpt4, map_minigpt4_key
 from tiny_models import MINIGPT4_QUERY_TOKENS, _tokenizer_json, tiny_image, tiny_minigpt4_configs
 
 LLM_VOCAB = 640  # the tiny BPE; the converter adds "<ImageHere>" as id 640 (one new embedding row)

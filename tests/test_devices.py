@@ -218,10 +218,10 @@ def test_protected_lvlm_on_a_split_model(saved, tmp_path):
 
 
 def test_cli_device_map_choices_match_the_library():
-    from ngguard import cli
+    from ngguard.cli import serve as cli
     from ngguard.devices import AUTO_MAPS
 
-    assert cli._DEVICE_MAPS == AUTO_MAPS
+    assert cli.DEVICE_MAPS == AUTO_MAPS
     p = cli.add_serve_arguments(__import__("argparse").ArgumentParser())
     assert p.parse_args(["--device-map", "auto"]).device_map == "auto"
     with pytest.raises(SystemExit):

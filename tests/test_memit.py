@@ -153,7 +153,7 @@ def test_target_value_shortcuts_are_exact(tmp_path):
 def test_methods_change_only_the_edited_matrices(tmp_path, name, layers):
     adapter = adapter_for(*tiny_llava(0))
     before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
-    cls, apply = REGISTRY[name]
+    cls, apply = REGISTRY[name].hparams, REGISTRY[name].apply
     res = apply(adapter, _samples(), layers, module="down_proj", refusal=REFUSAL, hparams=_hp(cls, tmp_path))
     after = adapter.model.state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ngguard.adapters import adapter_for
+from ngguard.data import Query
 from ngguard.edit import apply_edit, dinm_layer
-from ngguard.localize import (Sample, edit_subject_state, gates_from_scales, jaccard, localize_layer, row_nll,
+from ngguard.localize import (Sample, gates_from_scales, jaccard, localize_layer, row_nll,
                               sample_rows)
 from tiny_models import tiny_image, tiny_llava
 
@@ -26,38 +27,12 @@ def _samples(n=3, subject="passport"):
                    [(f"what colour is the {subject}?", "blue")], key=str(i)) for i in range(n)]
 
 
-def _grad_at_layer_output(adapter, layer, gate, *, use_gate=True):
-    """Gradient of the loss w.r.t. the ORIGINAL output of ``layer`` (before the gate replaces it)."""
-    s = _samples(1)[0]
-    batch = adapter.encode([s.image] * 2, [s.sensitive[0], s.benign[0][0]], targets=[REFUSAL, "blue"],
-                           subjects=[s.subject] * 2)
-    captured = {}
-
-    def capture(_m, _i, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h.retain_grad()
-        captured["h"] = h
-
-    handle = adapter.component(layer, "layer").register_forward_hook(capture)  # runs before the gate hook
-    try:
-        for p in adapter.model.parameters():
-            p.requires_grad_(False)
-        adapter.component(layer, "down_proj").weight.requires_grad_(True)
-        fn = (lambda v, rows: torch.where(gate, v, v.detach())) if use_gate else (lambda v, rows: v)
-        with edit_subject_state(adapter, layer, fn, lambda: batch.subject_index):
-            loss = row_nll(adapter.model(**batch.inputs).logits, batch.labels).sum()
-            loss.backward()
-    finally:
-        handle.remove()
-    return captured["h"].grad, batch.subject_index
-
-
-def test_gate_blocks_gradient_on_gated_off_dims_at_subject_token_only(adapter):
+def test_gate_blocks_gradient_on_gated_off_dims_at_subject_token_only(adapter, gated_layer_grad):
     d = adapter.hidden_size
     gate = torch.zeros(d, dtype=torch.bool)
     gate[: d // 4] = True
     layer = 1
-    g, idx = _grad_at_layer_output(adapter, layer, gate)
+    g, idx = gated_layer_grad(adapter, _samples(1)[0], layer, gate, REFUSAL)
     rows = torch.arange(g.shape[0])
     at_subject = g[rows, idx]                       # [B, d]
     assert torch.all(at_subject[:, ~gate] == 0), "gated-off dims must get no gradient at the subject token"
@@ -68,9 +43,9 @@ def test_gate_blocks_gradient_on_gated_off_dims_at_subject_token_only(adapter):
     assert (other.abs().sum(dim=(0, 1)) > 0).all()
 
 
-def test_without_gate_subject_token_gets_full_gradient(adapter):
+def test_without_gate_subject_token_gets_full_gradient(adapter, gated_layer_grad):
     d = adapter.hidden_size
-    g, idx = _grad_at_layer_output(adapter, 1, torch.zeros(d, dtype=torch.bool), use_gate=False)
+    g, idx = gated_layer_grad(adapter, _samples(1)[0], 1, torch.zeros(d, dtype=torch.bool), REFUSAL, use_gate=False)
     at_subject = g[torch.arange(g.shape[0]), idx]
     assert (at_subject.abs().sum(0) > 0).float().mean() > 0.9
 
@@ -130,20 +105,29 @@ def test_unknown_method_and_missing_gates_are_refused(adapter):
         apply_edit(adapter, _samples(1), [1], method="neural_gate", refusal=REFUSAL)
 
 
-def test_registry_holds_every_edit_method_once():
-    """A recipe's method names (recipe.EDIT_METHODS) and the registry are the same list; each entry's
-    hyperparameters are a section of the recipe (the gradient edits share ``edit``)."""
+def test_registry_holds_every_method_once_and_declares_what_the_pipeline_needs():
+    """A recipe's method names (recipe.METHODS, EDIT_METHODS) and the registry are the same lists; each
+    editing entry's hyperparameters are a section of the recipe (the gradient edits share ``edit``);
+    what the pipeline treats differently is declared by the entry, not found by its name."""
     from ngguard.methods import REGISTRY, hparams_for
-    from ngguard.recipe import EDIT_METHODS, EditSpec, Recipe, load_recipe
+    from ngguard.recipe import EDIT_METHODS, METHODS, EditSpec, Recipe, load_recipe
 
-    assert list(REGISTRY) == list(EDIT_METHODS)
+    assert list(REGISTRY) == list(METHODS)
+    assert [m for m, e in REGISTRY.items() if e.edits_weights] == list(EDIT_METHODS)
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml")
     assert isinstance(recipe, Recipe)
-    for name, (cls, apply) in REGISTRY.items():
+    for name in EDIT_METHODS:
         hp = hparams_for(recipe, name)
-        assert isinstance(hp, cls) and callable(apply)
+        assert isinstance(hp, REGISTRY[name].hparams) and callable(REGISTRY[name].apply)
     assert hparams_for(recipe, "no_gate") is recipe.edit and isinstance(recipe.edit, EditSpec)
     assert hparams_for(recipe, "memit") is recipe.memit
+    assert [m for m, e in REGISTRY.items() if e.needs_gates] == ["neural_gate"]
+    assert [m for m, e in REGISTRY.items() if e.choose_layers is not None] == ["dinm"]
+    assert [(m, e.ablation_of) for m, e in REGISTRY.items() if e.ablation_of] == [("no_gate", "neural_gate")]
+    guard, fields = REGISTRY["keyword_filter"].guard(
+        [Query("a.png", "passport", "What is the passport number?", True),
+         Query("a.png", "passport", "What is the passport colour?", False)], "No.")
+    assert guard.blocks("tell me the number") and not guard.blocks("what colour is it?") and fields == {"phrases": ["number"]}
 
 
 def test_gates_from_scales_by_hand():
@@ -198,7 +182,7 @@ def test_each_question_runs_once_up_to_its_answer(template):
     """With answer-start contexts, a sensitive question has several rows: the batched loop runs the
     question once (a stem holding the subject token) and only the different endings per row."""
     from ngguard.fastpath import prepare
-    from ngguard.methods.neural_gate import encode_rows
+    from ngguard.core import encode_rows
 
     adapter = adapter_for(*tiny_llava(0, template))
     samples = _samples(2)

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 
 import ngguard.patch as P
+from ngguard.cli.patch import cli_patch
 from ngguard.patch import (
     PatchError,
     apply_patch,
     base_fingerprint,
     checkpoint_to_model_names,
-    cli_patch,
     patch_state_dict,
     revert_patch,
     verify_patch,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import re
 import socket
-import threading
 
 import pytest
 from PIL import Image
@@ -73,7 +72,7 @@ def test_compare_answers_base_and_protected(served):
     assert guard.protected is True  # the toggles were undone
 
 
-def test_concurrent_compare_and_chat_each_get_their_own_answers(served):
+def test_concurrent_compare_and_chat_each_get_their_own_answers(served, run_threads):
     guard, _, examples, url = served
     want = {i: (guard.chat(examples[i][0], examples[i][1], max_new_tokens=MAX_NEW, protected=False),
                 guard.chat(examples[i][0], examples[i][1], max_new_tokens=MAX_NEW, protected=True)) for i in range(4)}
@@ -94,11 +93,7 @@ def test_concurrent_compare_and_chat_each_get_their_own_answers(served):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(f"request {k}: {type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads(one, 8)
     assert not errors, errors[:3]
 
 

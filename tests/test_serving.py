@@ -204,7 +204,7 @@ def test_row_patch_computes_the_edited_matrix_once_per_row_state(tmp_path, monke
 
 
 @pytest.mark.parametrize("per_row", [True, False])
-def test_many_threads_every_caller_gets_its_own_answer(tmp_path, per_row):
+def test_many_threads_every_caller_gets_its_own_answer(tmp_path, per_row, run_threads):
     """Batched serving under concurrency: a protected request never gets a base answer (and the
     other way round), in per-row mode (mixed batches) and merged mode (one state per batch)."""
     ad, patch_dir, _ = _patched(tmp_path)
@@ -225,11 +225,7 @@ def test_many_threads_every_caller_gets_its_own_answer(tmp_path, per_row):
             if got != want[i, s]:
                 errors.append(f"thread {t}: input {i} protected={s}: got {got!r}, want {want[i, s]!r}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads(worker, 12)
     batcher = guard._batcher
     guard.close()
     assert not errors, errors[:3]

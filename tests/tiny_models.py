@@ -134,47 +134,29 @@ def tiny_llava_processor(template: str = "image_first"):
     ``template``: "image_first" (LLaVA-1.5), "text_first" (image after the text) or "none"."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
+    return _llava_style_processor(LlavaProcessor, CLIPImageProcessor, template)
+
+
+def _llava_style_processor(processor_class, image_processor_class, template: str, **image_kwargs):
+    """``processor_class`` over ``image_processor_class`` at ``IMAGE_SIZE`` px and the tiny tokenizer."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_convert_rgb=True,
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=TEMPLATES[template],
-    )
+    image_processor = image_processor_class(size={"shortest_edge": IMAGE_SIZE},
+                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                            do_convert_rgb=True, **image_kwargs)
+    return processor_class(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE,
+                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                           chat_template=TEMPLATES[template])
 
 
 def tiny_llava_config(vocab_size: int, image_token_id: int, *, num_layers: int = 4, hidden: int = 32):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -220,21 +202,8 @@ def tiny_llava_next_processor(template: str = "image_first"):
     aspect ratio (base 4x4 patches + CLS, plus the unpadded tile features and one newline per row)."""
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=NEXT_GRID_PINPOINTS,
-        do_pad=True,
-        do_convert_rgb=True,
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=TEMPLATES[template],
-    )
+    return _llava_style_processor(LlavaNextProcessor, LlavaNextImageProcessor, template,
+                                  image_grid_pinpoints=NEXT_GRID_PINPOINTS, do_pad=True)
 
 
 def tiny_llava_next(seed: int = 0, template: str = "image_first", *, num_layers: int = 4, hidden: int = 32):

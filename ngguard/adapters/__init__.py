@@ -10,7 +10,8 @@ from typing import Mapping
 
 import torch
 
-from .base import Adapter, Batch, find_subject_span, subject_candidates
+from ..devices import resolve_device
+from .base import Adapter, Batch, VisionExport, find_subject_span, subject_candidates
 from .blip2 import Blip2Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -41,6 +42,12 @@ def _adapter_class(config_class: str) -> type[Adapter]:
         ) from None
 
 
+def adapter_class(model: torch.nn.Module) -> type[Adapter] | None:
+    """The adapter class registered for ``model``'s config class; None for an unknown family (what a
+    family declares as data, e.g. ``vision_export``, ``checkpoint_renames``, is read from it)."""
+    return ADAPTERS.get(type(getattr(model, "config", None)).__name__)
+
+
 def adapter_for(model: torch.nn.Module, processor) -> Adapter:
     """Wrap an already loaded model + processor in the adapter registered for its config class."""
     config = getattr(model, "config", None)
@@ -54,29 +61,6 @@ def _torch_dtype(dtype):
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r} (use e.g. float32, float16, bfloat16, auto)")
     return value
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A usable torch device: None / "auto" = cuda if available, else cpu. ValueError (one line) for
-    an unknown name or a CUDA device this machine does not have (instead of torch's AssertionError
-    deep inside ``model.to``)."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {str(device)[:40]!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use cpu or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r}: MPS is not available on this machine (use cpu or auto)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {str(device)!r}: only cpu, cuda and mps are supported")
-    return dev
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -176,6 +160,8 @@ __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
     "Qwen2VLAdapter",
+    "VisionExport",
+    "adapter_class",
     "adapter_for",
     "find_subject_span",
     "load_adapter",

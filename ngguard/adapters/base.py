@@ -39,12 +39,35 @@ class Batch:
         )
 
 
+@dataclass(frozen=True)
+class VisionExport:
+    """Where a family's image features come from, as data (``ngguard.onnx_vision`` exports and checks
+    them; nothing there knows a family). On the loaded model, the first of ``owners`` (attribute paths,
+    "" = the model itself) that has ``features`` and every one of ``parts`` owns the vision path:
+    ``owner.<features>(pixel_values=..., **{a: config.a for a in feature_config})`` gives one fixed-size
+    [N, D] block per image, the output of the LAST part (the projector). ``parts``: the vision modules
+    (the export copies them, the fingerprint covers them); ``image_token_config``: the config attributes
+    that may hold the image token id (the first one set wins)."""
+
+    features: str
+    parts: tuple[str, ...]
+    feature_config: tuple[str, ...] = ()
+    image_token_config: tuple[str, ...] = ("image_token_id",)
+    owners: tuple[str, ...] = ("model", "")
+
+
 class Adapter(ABC):
     """Wraps a loaded HF model + processor of one family."""
 
     config_classes: ClassVar[tuple[str, ...]] = ()  # names of the HF config classes handled
     # config class name -> name of the ``transformers`` model class that ``load_adapter`` instantiates
     model_classes: ClassVar[dict[str, str]] = {}
+    # ONNX export of the image features (``VisionExport``); None: this family's are not exportable
+    vision_export: ClassVar[VisionExport | None] = None
+    # (saved prefix, loaded prefix) pairs: how ``save_pretrained`` names differ from the loaded model's,
+    # for patches (checkpoint names <-> parameters) when transformers' own renaming API is not there
+    # (``compat.saved_key`` / ``compat.checkpoint_renames`` fall back to them)
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         self.model = model
@@ -81,15 +104,8 @@ class Adapter(ABC):
         """The full prompt string for one user turn with one image, generation prompt appended."""
 
     @abstractmethod
-    def encode(
-        self,
-        images: Sequence[Image.Image],
-        texts: Sequence[str],
-        *,
-        targets: Sequence[str] | None = None,
-        prefixes: Sequence[str] | None = None,
-        subjects: Sequence[str] | None = None,
-    ) -> Batch:
+    def encode(self, images: Sequence[Image.Image], texts: Sequence[str], *, targets: Sequence[str] | None = None,
+               prefixes: Sequence[str] | None = None, subjects: Sequence[str] | None = None) -> Batch:
         """Tokenise a batch. ``prefixes``: answer-start text placed after the generation prompt, not
         labelled. ``targets``: answer text (labelled, followed by the end-of-turn/eos token).
         With targets: right padding (training). Without: left padding (generation)."""

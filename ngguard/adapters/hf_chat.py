@@ -59,6 +59,16 @@ class HFChatAdapter(Adapter):
     run of image tokens, with LLaMA-style decoder layers (``layers[i].mlp.down_proj``). Not registered:
     each family subclasses it with its config classes and what differs."""
 
+    # transformers 5's layout of these models (``model.language_model...`` loaded, the legacy
+    # ``language_model.model...`` saved): the renaming fallback (``Adapter.checkpoint_renames``)
+    checkpoint_renames = (
+        ("language_model.lm_head.", "lm_head."),
+        ("language_model.model.", "model.language_model."),
+        ("language_model.", "model.language_model."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    )
+
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__(model, processor)
         tok = self.tokenizer
@@ -96,7 +106,7 @@ class HFChatAdapter(Adapter):
         return module.get_submodule(COMPONENTS[name]) if COMPONENTS[name] else module
 
     def parameter_name(self, layer: int, name: str) -> str:
-        return saved_key(self.model, self.state_dict_key(layer, name))
+        return saved_key(self.model, self.state_dict_key(layer, name), self.checkpoint_renames)
 
     # ---- tokens ------------------------------------------------------------------------------
     @property
@@ -128,15 +138,8 @@ class HFChatAdapter(Adapter):
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         return f"USER: {self.image_token}\n{text} ASSISTANT:"
 
-    def encode(
-        self,
-        images: Sequence[Image.Image],
-        texts: Sequence[str],
-        *,
-        targets: Sequence[str] | None = None,
-        prefixes: Sequence[str] | None = None,
-        subjects: Sequence[str] | None = None,
-    ) -> Batch:
+    def encode(self, images: Sequence[Image.Image], texts: Sequence[str], *, targets: Sequence[str] | None = None,
+               prefixes: Sequence[str] | None = None, subjects: Sequence[str] | None = None) -> Batch:
         texts = list(texts)
         n = len(texts)
         for what, seq in (("images", images), ("targets", targets), ("prefixes", prefixes), ("subjects", subjects)):

@@ -11,6 +11,7 @@ only the registration differs.
 ``vision_only_inputs``: ``pixel_values`` and ``image_sizes`` only feed the vision tower and the
 tiling/unpadding of its features; the decoder's positions come from the attention mask alone, so both
 may be dropped when the layers up to the edited one are replayed (checked by the adapter tests).
+The tiling also means no fixed-size feature block per image: no ONNX export (``vision_export``).
 """
 from __future__ import annotations
 
@@ -21,3 +22,4 @@ class LlavaNextAdapter(LlavaAdapter):
     config_classes = ("LlavaNextConfig",)
     model_classes = {"LlavaNextConfig": "LlavaNextForConditionalGeneration"}
     vision_only_inputs = ("pixel_values", "image_sizes")
+    vision_export = None

@@ -513,21 +513,3 @@ def _write_shards(folder: Path, sources, expected, cast, max_bytes: int) -> None
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ---- CLI -----------------------------------------------------------------------------------------------
-
-
-def cli_convert(args) -> int:
-    """Handler of ``ngguard convert minigpt4 --ckpt PTH --llm DIR --blip2 DIR --out DIR [--dtype D]
-    [--overwrite]``."""
-    which = getattr(args, "convert_command", "minigpt4")
-    if which != "minigpt4":
-        raise ConversionError(f"unknown conversion {which!r}; available: minigpt4")
-    out = convert_minigpt4(args.ckpt, args.llm, args.blip2, args.out, overwrite=getattr(args, "overwrite", False),
-                           dtype=getattr(args, "dtype", None))
-    report = json.loads((Path(out) / "minigpt4_conversion.json").read_text())
-    print(f"wrote {out}: {report['tensors']} tensors ({len(report['from_ckpt'])} from the checkpoint, "
-          f"{report['from_blip2']} from BLIP-2, {report['from_llm']} from the LLaMA folder); "
-          f"image token {report['image_token']} = id {report['image_token_id']}")
-    return 0

@@ -1,4 +1,6 @@
-"""Editing methods: a registry from method name to (hyperparameter dataclass, apply function).
+"""Editing methods: a registry from method name to a ``Method``: its hyperparameter dataclass, its
+apply function and what the pipeline needs to know about it, declared (the pipeline never asks for
+a method by name).
 
 An apply function has the signature
 ``fn(adapter, samples, layers, *, module, refusal, hparams, gates=None, retain=(), shortcuts=True) -> EditResult``
@@ -6,38 +8,71 @@ An apply function has the signature
 changes only the matrices it edits. ``hparams`` is the recipe section named after the method (``memit``,
 ``alphaedit``), or ``edit`` for the gradient edits that share its settings (``hparams_for``).
 A new method = one module here + one line in ``REGISTRY`` + its section in ``ngguard.recipe``
-(``EDIT_METHODS`` there lists the names recipes accept; a test holds the two equal).
+(``METHODS`` / ``EDIT_METHODS`` there list the names recipes accept; a test holds them equal to this).
 
 - ``neural_gate`` (the paper, ``neural_gate.py``: Eq. 1-7), ``no_gate`` (its ablation), ``dinm``
 - ``memit``, ``alphaedit`` (locate-then-edit closed forms: ``memit.py``, ``alphaedit.py``)
+- ``keyword_filter``: no edit, a guard in front of the unedited model (``ngguard.keyword_filter``)
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+from ..keyword_filter import keyword_guard
 from ..recipe import AlphaEditHParams, EditSpec, MemitHParams, Recipe
 from .alphaedit import apply_alphaedit
-from .dinm import apply_dinm
+from .dinm import apply_dinm, dinm_layers
 from .memit import apply_memit
 from .neural_gate import apply_neural_gate
 from .no_gate import apply_no_gate
 
-REGISTRY: dict[str, tuple[type, Callable]] = {
-    "neural_gate": (EditSpec, apply_neural_gate),
-    "no_gate": (EditSpec, apply_no_gate),
-    "dinm": (EditSpec, apply_dinm),
-    "memit": (MemitHParams, apply_memit),
-    "alphaedit": (AlphaEditHParams, apply_alphaedit),
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry."""
+
+    hparams: type | None                 # its recipe section's class (None: no settings of its own)
+    apply: Callable | None               # the edit (signature above); None: it edits no weights
+    needs_gates: bool = False            # ``apply`` takes the gates of localization (Eq. 6)
+    # under a layer search (recipe ``layers: {search: ...}``): the method's own choice of layers,
+    # ``fn(adapter, samples, unsafe, refusal, scan) -> (layers, search info)``; None: the paper's search
+    choose_layers: Callable | None = None
+    # a method that edits no weights: ``fn(training queries, refusal) -> (guard, fields for its report entry)``;
+    # its results are the unedited model's, rescored behind the guard (``evaluate.rescore_with_guard``)
+    guard: Callable | None = None
+    ablation_of: str | None = None       # the method this one ablates (the report sets them side by side)
+
+    @property
+    def edits_weights(self) -> bool:
+        return self.apply is not None
+
+
+REGISTRY: dict[str, Method] = {
+    "neural_gate": Method(EditSpec, apply_neural_gate, needs_gates=True),
+    "no_gate": Method(EditSpec, apply_no_gate, ablation_of="neural_gate"),
+    "dinm": Method(EditSpec, apply_dinm, choose_layers=dinm_layers),
+    "memit": Method(MemitHParams, apply_memit),
+    "alphaedit": Method(AlphaEditHParams, apply_alphaedit),
+    "keyword_filter": Method(None, None, guard=keyword_guard),
 }
 
 
 def hparams_for(recipe: Recipe, method: str):
     """The recipe section holding ``method``'s hyperparameters (an instance of its REGISTRY class)."""
-    cls = REGISTRY[method][0]
+    cls = REGISTRY[method].hparams
     names = {f.name: f for f in dataclasses.fields(recipe)}
     section = method if method in names else next(n for n in names if isinstance(getattr(recipe, n), cls))
     return getattr(recipe, section)
+
+
+def run_edit(adapter, samples: Sequence, layers: Sequence[int], method: str, gates, recipe: Recipe,
+             retain: Sequence = ()):
+    """``method``'s edit with its recipe section; ``gates`` (layer -> subject -> mask) for a method that
+    ``needs_gates``, else ignored."""
+    return REGISTRY[method].apply(adapter, samples, layers, module=recipe.module, refusal=recipe.edit.refusal,
+                                  hparams=hparams_for(recipe, method), gates=gates, retain=retain)
 
 
 # How the adaptation to refusal departs from the papers' knowledge editing, whatever the settings.
@@ -57,7 +92,7 @@ def method_deviations(recipe: Recipe) -> list[str]:
     for name in dict.fromkeys([recipe.method, *recipe.report.compare_methods]):
         if name not in ADAPTATION:  # the gradient edits: their settings are the edit section's
             continue
-        cls = REGISTRY[name][0]
+        cls = REGISTRY[name].hparams
         out.append(ADAPTATION[name])
         hp, default = getattr(recipe, name), cls()
         for f in dataclasses.fields(cls):

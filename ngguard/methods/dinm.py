@@ -19,9 +19,15 @@ from .neural_gate import gated_edit
 def apply_dinm(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str, refusal: str,
                hparams: EditSpec, gates=None, retain: Sequence[Sample] = (), shortcuts: bool = True) -> EditResult:
     """``gates`` is ignored (DINM has none)."""
-    return gated_edit(adapter, samples, layers, gates=None, keep="kl", module=module, refusal=refusal,
-                      alpha=hparams.alpha, lr=hparams.lr, eps=hparams.eps, steps=hparams.steps,
-                      stop_loss=hparams.stop_loss, retain=retain, shortcuts=shortcuts, name="dinm")
+    return gated_edit(adapter, samples, layers, gates=None, keep="kl", module=module, refusal=refusal, hparams=hparams,
+                      retain=retain, shortcuts=shortcuts, name="dinm")
+
+
+def dinm_layers(adapter: Adapter, samples: Sequence[Sample], unsafe: Mapping[str, str], refusal: str,
+                scan: Sequence[int]) -> tuple[list[int], dict]:
+    """DINM's own choice under a layer search (``Method.choose_layers``): ``dinm_layer`` over ``scan``."""
+    best, dist = dinm_layer(adapter, samples, refusal, unsafe, scan)
+    return [best], {"dinm_distance": dist}
 
 
 @torch.no_grad()

@@ -13,6 +13,5 @@ from .neural_gate import gated_edit
 def apply_no_gate(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str, refusal: str,
                   hparams: EditSpec, gates=None, retain: Sequence[Sample] = (), shortcuts: bool = True) -> EditResult:
     """``gates`` is ignored (there is none)."""
-    return gated_edit(adapter, samples, layers, gates=None, module=module, refusal=refusal, alpha=hparams.alpha,
-                      lr=hparams.lr, eps=hparams.eps, steps=hparams.steps, stop_loss=hparams.stop_loss, retain=retain,
-                      shortcuts=shortcuts, name="no_gate")
+    return gated_edit(adapter, samples, layers, gates=None, module=module, refusal=refusal, hparams=hparams,
+                      retain=retain, shortcuts=shortcuts, name="no_gate")

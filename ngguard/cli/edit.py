@@ -1,0 +1,35 @@
+"""``ngguard edit RECIPE``: the main job (``ngguard.pipeline.run_recipe``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import Subparsers, common, out_folder
+
+
+def add(sub: Subparsers) -> None:
+    p = sub.add_parser("edit", parents=[common()], help="run a recipe: layer search, localization, gated edit",
+                       description="Runs a recipe end to end and writes DIR/model (HF checkpoint), DIR/patch "
+                                   "(only the changed matrices + manifest) and DIR/report.{json,md,png}.")
+    p.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/organism.yaml")
+    out_folder(p, "run folder (default: runs/<recipe name>)", overwrite="replace an existing run folder", required=False)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set edit.lr=2e-5 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ngguard.recipe import load_recipe  # the recipe is checked before the heavy imports
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if recipe.model.device != "auto":  # a CUDA recipe on a CPU machine: refused before any work
+        from ngguard.devices import resolve_device
+
+        resolve_device(recipe.model.device)
+    out = args.out if args.out is not None else Path("runs") / recipe.name
+    from ngguard.pipeline import run_recipe
+
+    run_dir = run_recipe(recipe, out, overwrite=args.overwrite)
+    print((run_dir / "report.md").read_text().split("## Per subject")[0])
+    print(f"wrote {run_dir}")
+    return 0

@@ -1,0 +1,70 @@
+"""``ngguard eval``: greedy answers for queries, judged for refusal."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ngguard.limits import DEFAULT_LIMITS as LIMITS
+from ngguard.serving.options import _DEVICE_MAPS as DEVICE_MAPS
+
+from .common import Subparsers, at_most, check_out_file, common, judge_option, positive_int, resolve_model
+
+
+def add(sub: Subparsers) -> None:
+    p = sub.add_parser("eval", parents=[common()], help="generate answers for queries and score them",
+                       description="Greedy answers for every query, judged for refusal; writes metrics "
+                                   "(RtA, EtA, accuracy, leak) and all responses as JSON.")
+    p.add_argument("--model", required=True,
+                   help="model folder (HF checkpoint), or 'organism' for the bundled model")
+    p.add_argument("--data", required=True, type=Path,
+                   help="queries: .jsonl, a Multi-P2A folder, or a CounterFact-style .json")
+    p.add_argument("--out", required=True, type=Path, help="result JSON to write")
+    p.add_argument("--batch-size", type=at_most(LIMITS.max_batch), default=16,
+                   help=f"1..{LIMITS.max_batch} (default 16)")
+    p.add_argument("--max-new-tokens", type=at_most(LIMITS.max_new_tokens), default=24,
+                   help=f"1..{LIMITS.max_new_tokens} (default 24)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
+    p.add_argument("--split", choices=("train", "test"), default=None,
+                   help="only queries of this split (default: all)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
+    p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
+    judge_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ngguard.data import DataError, atomic_write_text, load_queries
+    from ngguard.evaluate import check_queries
+
+    check_out_file(args.out)
+    queries = load_queries(args.data)
+    if args.split is not None:
+        queries = [q for q in queries if q.split == args.split]
+    if args.limit is not None:
+        queries = queries[: args.limit]
+    if not queries:
+        where = f" with split '{args.split}'" if args.split else ""
+        raise DataError(f"{args.data}: no queries{where}")
+    model_path = resolve_model(args.model)
+    check_queries(queries, LIMITS, decode=True)  # prompts and images, before the model is loaded
+    from ngguard.devices import resolve_device
+
+    device = resolve_device(args.device)
+
+    from ngguard.adapters import load_adapter
+    from ngguard.evaluate import evaluate, summary_table
+    from ngguard.judge import make_judge
+
+    judge = make_judge(args.judge, device=str(device))  # before the slow part too
+    placement = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
+    adapter = load_adapter(model_path, device=str(device), dtype=args.dtype, **placement)
+    result = evaluate(adapter, queries, judge=judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    result = {"model": str(model_path), "data": str(args.data), "max_new_tokens": args.max_new_tokens,
+              **result}
+    atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(summary_table(result))
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,78 @@
+"""``ngguard judge score | validate``: re-judge saved responses, or check a judge against human labels."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import Subparsers, command_group, common, judge_option, read_json
+
+
+def add(sub: Subparsers) -> None:
+    jsub = command_group(sub, "judge", "re-judge saved responses, or check a judge against human labels",
+                         ["score", "validate"])
+    s = jsub.add_parser("score", parents=[common()], help="re-judge the responses of an `ngguard eval` result",
+                        description="Re-judges the saved responses of RESULT.json with another judge (no generation) "
+                                    "and writes a result of the same shape.")
+    s.add_argument("--responses", required=True, type=Path, help="a result JSON written by `ngguard eval`")
+    judge_option(s)
+    s.add_argument("--out", type=Path, default=None, help="result JSON to write (default: RESULT.rejudged.json)")
+    s.add_argument("--device", default=None, help="torch device for a model judge (default: cuda if available)")
+    s.set_defaults(func=score)
+    v = jsub.add_parser("validate", parents=[common()], help="measure a judge against human labels",
+                        description="Judges every (prompt, response) of a labels file and prints accuracy, precision, "
+                                    "recall and F1 of refusal (full or partial) vs compliance, the three-way "
+                                    "confusion matrix and per-group accuracy; writes the disagreements as JSONL.")
+    v.add_argument("--labels", required=True, type=Path, help="a .csv or .jsonl file of prompt, response, label")
+    judge_option(v)
+    v.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt; optional if absent)")
+    v.add_argument("--response-col", default="response", help="response column (default: response)")
+    v.add_argument("--label-col", default="label", help="label column (default: label)")
+    v.add_argument("--group-col", action="append", default=[], help="report accuracy per value of this column "
+                                                                    "(repeatable)")
+    v.add_argument("--label-map", default=None, metavar="V=LABEL,...",
+                   help="file label values -> refusal|partial|compliance, e.g. refused=refusal,0=compliance "
+                        "(refusal, partial, compliance are always known)")
+    v.add_argument("--disagreements", type=Path, default=None,
+                   help="JSONL of the rows where judge and label differ (default: LABELS.disagreements.jsonl in "
+                        "the current folder)")
+    v.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
+    v.add_argument("--device", default=None, help="torch device for a model judge (default: cuda if available)")
+    v.set_defaults(func=validate)
+
+
+def score(args: argparse.Namespace) -> int:
+    from ngguard.data import atomic_write_text
+    from ngguard.evaluate import judge_line, summary_table
+    from ngguard.judge import make_judge
+    from ngguard.validate_judge import rescore
+
+    result = read_json(args.responses)
+    judge = make_judge(args.judge, device=args.device)
+    new = rescore(result, judge, str(args.responses))
+    out = args.out or args.responses.with_name(args.responses.stem + ".rejudged.json")
+    atomic_write_text(out, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
+    print(summary_table(new))
+    print(f"previous judge: {judge_line(new['previous_judge'])}; {new['n_changed']} of {new['n']} judgements changed")
+    print(f"wrote {out}")
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    from ngguard.data import atomic_write_text
+    from ngguard.judge import make_judge
+    from ngguard.validate_judge import format_validation, parse_label_map, read_labels, write_disagreements
+    from ngguard.validate_judge import validate as validate_judge
+
+    rows = read_labels(args.labels, prompt_col=args.prompt_col or None, response_col=args.response_col,
+                       label_col=args.label_col, group_cols=args.group_col, label_map=parse_label_map(args.label_map))
+    judge = make_judge(args.judge, device=args.device)
+    res = validate_judge(judge, rows)
+    print(format_validation(res))
+    dis = args.disagreements or Path(args.labels.stem + ".disagreements.jsonl")
+    write_disagreements(dis, res)
+    print(f"wrote {dis}")
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.json}")
+    return 0

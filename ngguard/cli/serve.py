@@ -1,0 +1,19 @@
+"""``ngguard serve``: the Gradio app (``serve/app.py``; its options: ``ngguard.serving.options``)."""
+from __future__ import annotations
+
+from ngguard.serving.options import _DEVICE_MAPS, add_serve_arguments
+
+from .common import Subparsers, common, lazy
+
+__all__ = ["add", "add_serve_arguments", "DEVICE_MAPS"]
+
+DEVICE_MAPS = _DEVICE_MAPS
+
+
+def add(sub: Subparsers) -> None:
+    p = sub.add_parser("serve", parents=[common()], help="Gradio chat + base-vs-protected demo",
+                       description="Serve a Gradio app (chat + side-by-side comparison of the base and the "
+                                   "protected model). Without arguments: the bundled organism with its bundled "
+                                   "patch. Basic auth: NGGUARD_AUTH=user:password.")
+    add_serve_arguments(p)
+    p.set_defaults(func=lazy("serve.app", "serve_cli"), own_shutdown=True)
