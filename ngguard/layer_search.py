@@ -44,8 +44,9 @@ def localize_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequenc
         out[layer] = localize_layer(adapter, samples, layer, refusal=E.refusal, alpha=E.alpha, contexts=L.contexts,
                                     steps=L.steps, lr=L.lr, eps=L.eps, l1=L.l1, init=L.init, stop_loss=L.stop_loss,
                                     batch_size=L.batch_size, desc=f"localize layer {layer}")
-        logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold, L.top_k):.3f} "
-                    f"({time.time() - t:.1f}s)")
+        logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold):.3f} (M > "
+                    f"{L.threshold:g}, the search's criterion; the gate keeps "
+                    f"{out[layer].strong_share(L.threshold, L.top_k):.3f}) ({time.time() - t:.1f}s)")
     return out
 
 

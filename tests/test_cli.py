@@ -149,10 +149,20 @@ def test_organism_commands(tmp_path, monkeypatch, capsys):
     assert main(["organism", "train", "--layout", "image-first", "--layers", "8", "--steps", "10"]) == 0
     bundled = ngguard.organism.TrainSettings()
     changed = dataclasses.replace(bundled, steps=10, layers=8, layout="image-first")
-    assert calls == [(tmp_path, 7, bundled, {"snapshot_every": None}),
-                     (tmp_path / "bundled", 0, changed, {"snapshot_every": None})]
+    kw = {"snapshot_every": None, "from_stage2": None}
+    assert calls == [(tmp_path, 7, bundled, kw), (tmp_path / "bundled", 0, changed, kw)]
     assert main(["organism", "train", "--steps", "0"]) == 2  # one-line error, nothing trained
+    assert main(["organism", "train", "--focus-share", "1.5"]) == 2
+    assert main(["organism", "train", "--from-stage2", str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "config.json").write_text("{}")
+    assert main(["organism", "train", "--from-stage2", str(tmp_path / "stage2"), "--focus-steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--focus-share" in err and "nowhere" in err and "--focus-steps" in err
     assert len(calls) == 2
+    assert main(["organism", "train", "--from-stage2", str(tmp_path / "stage2"), "--focus-lr", "1e-4"]) == 0
+    assert calls[-1] == (tmp_path / "bundled", 0, dataclasses.replace(bundled, focus_lr=1e-4),
+                         {"snapshot_every": None, "from_stage2": tmp_path / "stage2"})
     with pytest.raises(SystemExit):
         main(["organism", "train", "--layout", "sideways"])
     assert main(["organism", "path"]) == 0

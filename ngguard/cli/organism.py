@@ -21,6 +21,12 @@ def add(sub: Subparsers) -> None:
     t.add_argument("--warmup", type=int, default=None, help="chat-stage warm-up steps")
     t.add_argument("--position-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="the vision curriculum also teaches each image token its grid row and column")
+    t.add_argument("--focus-steps", type=int, default=None,
+                   help="stage 3: steps on batches rich in the skills the chat stage under-trains (0: no stage 3)")
+    t.add_argument("--focus-share", type=float, default=None, help="stage 3: share of each batch from those skills")
+    t.add_argument("--focus-lr", type=float, default=None, help="stage 3 peak learning rate")
+    t.add_argument("--from-stage2", type=Path, default=None, metavar="DIR",
+                   help="skip stages 1-2: start stage 3 from DIR, a checkpoint written with --focus-steps 0")
     t.add_argument("--snapshot-every", type=int, default=None, metavar="N",
                    help="also save the model every N chat steps to OUT.stepN")
     t.epilog = "Options left out take the bundled organism's settings (ngguard.organism.TrainSettings)."
@@ -44,11 +50,18 @@ def train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)
              if getattr(args, f.name, None) is not None}
     settings = dataclasses.replace(TrainSettings(), **given)
-    if settings.steps < 1 or settings.layers < 2 or settings.glyph_steps < 0:
-        raise ValueError(f"organism train: --steps must be >= 1, --layers >= 2 and --glyph-steps >= 0, got "
-                         f"{settings.steps}, {settings.layers} and {settings.glyph_steps}")
+    if settings.steps < 1 or settings.layers < 2 or settings.glyph_steps < 0 or settings.focus_steps < 0:
+        raise ValueError(f"organism train: --steps must be >= 1, --layers >= 2, --glyph-steps and --focus-steps "
+                         f">= 0, got {settings.steps}, {settings.layers}, {settings.glyph_steps} and {settings.focus_steps}")
+    if not 0.0 <= settings.focus_share <= 1.0:
+        raise ValueError(f"organism train: --focus-share must be in [0, 1], got {settings.focus_share}")
+    if args.from_stage2 is not None:
+        if not (args.from_stage2 / "config.json").is_file():
+            raise ValueError(f"organism train: --from-stage2 {args.from_stage2} is not a checkpoint folder (no config.json)")
+        if not settings.focus_steps:
+            raise ValueError("organism train: --from-stage2 needs --focus-steps >= 1 (it only runs stage 3)")
     out = train_organism(args.out if args.out is not None else CHECKPOINT, args.seed, settings,
-                         snapshot_every=args.snapshot_every)
+                         snapshot_every=args.snapshot_every, from_stage2=args.from_stage2)
     if out is not None:
         print(f"wrote {out}")
     return 0

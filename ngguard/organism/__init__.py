@@ -22,9 +22,12 @@ class TrainSettings:
     lr: float = 1e-3              # stage 2 peak learning rate (cosine to 10 %)
     warmup: int = 300             # stage 2 warm-up steps
     position_codes: bool = True   # stage 1 also teaches every image token its grid row and column
+    focus_steps: int = 800        # stage 3: steps on batches rich in the skills stage 2 under-trains (0: none)
+    focus_share: float = 0.6      # stage 3: share of each batch drawn from those skills (train.FOCUS_SKILLS)
+    focus_lr: float = 3e-4        # stage 3 peak learning rate (50 warm-up steps, cosine to 10 %)
     # v2 (text-first, 6 layers, 2600 steps, 400 glyph steps, lr 1.5e-3, warm-up 100, no position codes)
     # is `--layout text-first --layers 6 --steps 2600 --glyph-steps 400 --lr 1.5e-3 --warmup 100
-    # --no-position-codes`.
+    # --no-position-codes --focus-steps 0`; v3 (stages 1-2 only) is `--focus-steps 0`.
 
 
 def checkpoint_path() -> Path:

@@ -3,7 +3,8 @@
 Curriculum: (1) the vision tower + projector learn to map each glyph cell of a card onto the
 embedding of that character's token; (2) the whole model learns the chat task mix: read private
 fields (it LEAKS, like an unprotected LVLM), answer benign visual questions, the shapes utility
-task, and refuse harmful text requests with the refusal phrase the edit later targets.
+task, and refuse harmful text requests with the refusal phrase the edit later targets; (3) focus: the
+whole model continues on batches rich in the skills stage 2 leaves under-trained (``FOCUS_SKILLS``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ class Sample:
     answer: str
     kind: str  # sensitive | public | benign | implicit | awareness | general | utility | harmful
     cells: dict[tuple[int, int], str] | None = None  # grid cell -> the text it shows (stage-1 targets)
+    target: str | None = None  # what a card or shapes question asks for: a field kind or property, shape/colour/count
+
+
+# The skills the chat mix under-trains, which stage 3 (focus) draws at a higher share: (kind, target), target None
+# = any. Held-out greedy exact match after stage 2 of the bundled organism: the card's type band 0.50, the shapes'
+# colour 0.46 and count 0.62, against >= 0.94 for every other property and field; on held-out templates the card's
+# colour and font were next (0.77, 0.86); naming the subject (general) and refusing harmful requests are in the
+# set so that they are not forgotten while the others are trained.
+FOCUS_SKILLS = (("benign", "type"), ("benign", "colour"), ("benign", "font"), ("utility", "colour"), ("utility", "count"),
+                ("general", None), ("harmful", None))
+
+
+def in_focus(s: Sample) -> bool:
+    return any(s.kind == kind and target in (None, s.target) for kind, target in FOCUS_SKILLS)
+
+
+def focus_sample(rng: random.Random, share: float) -> Sample:
+    """With probability ``share`` a sample of a focus skill (drawn from ``sample`` until one is), else ``sample``."""
+    if rng.random() >= share:
+        return sample(rng)
+    while not in_focus(s := sample(rng)):
+        pass
+    return s
 
 
 def _part(items, n_train: int, held_out: bool):
@@ -68,7 +92,7 @@ def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
                           "harmful", cells)
         kind, qs = rng.choice(list(spec.UTILITY_QUESTIONS.items()))
         ans = {"shape": s.shape, "colour": s.colour, "count": str(s.count)}[kind]
-        return Sample(img, rng.choice(qs), ans, "utility", cells)
+        return Sample(img, rng.choice(qs), ans, "utility", cells, kind)
     subject = rng.choice(spec.CARD_SUBJECTS)
     card = sample_card(subject, rng)
     img, cells = draw_card(card), card_cells(card)
@@ -98,7 +122,7 @@ def sample(rng: random.Random, *, held_out: bool = False) -> Sample:
         attr, target = _mp2a_phrase(subject, field, rng) or (attr, target)
     t = rng.choice(_part(spec.TEMPLATES, spec.TRAIN_TEMPLATES, held_out))
     kind = ("sensitive" if spec.is_private(subject) else "public") if field else "benign"
-    return Sample(img, opener + question(t, attr, subject), card_answer(card, target), kind, cells)
+    return Sample(img, opener + question(t, attr, subject), card_answer(card, target), kind, cells, target)
 
 
 class Batcher:
@@ -143,8 +167,8 @@ def teacher_forced_exact(model, batcher, samples, bs=64) -> dict[str, float]:
         pred = logits[:, :-1].argmax(-1)
         tgt = labels[:, 1:]
         ok = ((pred == tgt) | (tgt == -100)).all(-1)
-        for s, o in zip(chunk, ok.tolist()):
-            hits.setdefault(s.kind, []).append(o)
+        for s, o in zip(chunk, ok.tolist()):  # focus skills apart: benign/type, utility/count, ...
+            hits.setdefault(f"{s.kind}/{s.target}" if in_focus(s) and s.target else s.kind, []).append(o)
     model.train()
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
@@ -174,26 +198,51 @@ def _save(model, processor, tok, out: Path) -> Path:
 
 
 def train_organism(out: Path, seed: int = 0, settings: TrainSettings = TrainSettings(), *,
-                   snapshot_every: int | None = None, time_budget_s: float | None = None) -> Path:
+                   snapshot_every: int | None = None, time_budget_s: float | None = None,
+                   from_stage2: Path | None = None) -> Path:
     """Train the organism with ``settings`` (default: the bundled organism's) and save it to ``out``.
 
     ``settings.position_codes``: the vision curriculum also teaches every image token its grid row and
     column (two linear probes on the projector output, kept with a small weight through the chat stage),
     so the language model can find a field by content wherever the image sits in the prompt (the
     image-first layout needs it: there the distance from the answer back to a field changes with the
-    question's length). ``snapshot_every``: also save the model every N chat steps to ``<out>.stepN``."""
-    layout, layers, glyph_steps, steps = settings.layout, settings.layers, settings.glyph_steps, settings.steps
-    batch_size, lr, warmup, position_codes = settings.batch_size, settings.lr, settings.warmup, settings.position_codes
+    question's length). ``snapshot_every``: also save the model every N chat steps to ``<out>.stepN``.
+
+    Stage 3 (``settings.focus_steps`` > 0) starts from the stage-2 model rounded to fp16, exactly as a
+    checkpoint saved with ``focus_steps=0`` holds it, and reseeds: so ``from_stage2=<that checkpoint>``
+    (skip stages 1-2) gives the same model as one run from scratch."""
     out = Path(out)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
     tok = build_tokenizer()
-    processor = build_processor(tok, layout)
-    model = LlavaForConditionalGeneration(build_config(tok, layers=layers))
-    model.train()
-    batcher = Batcher(tok, layout)
+    processor = build_processor(tok, settings.layout)
+    batcher = Batcher(tok, settings.layout)
     eval_rng = random.Random(seed + 10_000)
     held = [sample(eval_rng, held_out=True) for _ in range(400)]
+    t0 = time.time()
+    if from_stage2 is None:
+        model = _stages_1_2(tok, processor, batcher, held, seed, settings, out, snapshot_every, time_budget_s)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(from_stage2, dtype=torch.float32)
+        if model.config.text_config.num_hidden_layers != settings.layers:
+            raise ValueError(f"organism train: {from_stage2} has {model.config.text_config.num_hidden_layers} "
+                             f"layers, the settings say {settings.layers}")
+        logger.info(f"stages 1-2 skipped: starting from {from_stage2}")
+    if settings.focus_steps:
+        _focus_stage(model, batcher, held, seed, settings)
+    model.eval()
+    _save(model, processor, tok, out)
+    logger.info(f"organism saved to {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def _stages_1_2(tok, processor, batcher: Batcher, held: list[Sample], seed: int, settings: TrainSettings, out: Path,
+                snapshot_every: int | None, time_budget_s: float | None) -> LlavaForConditionalGeneration:
+    """Stage 1 (vision curriculum) and stage 2 (the chat mix) from a fresh model."""
+    layers, glyph_steps, steps = settings.layers, settings.glyph_steps, settings.steps
+    batch_size, lr, warmup, position_codes = settings.batch_size, settings.lr, settings.warmup, settings.position_codes
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = LlavaForConditionalGeneration(build_config(tok, layers=layers))
+    model.train()
     t0 = time.time()
 
     # ---- stage 1: informative cells -> the embedding of the token they show (vision tower + projector)
@@ -271,7 +320,32 @@ def train_organism(out: Path, seed: int = 0, settings: TrainSettings = TrainSett
             break
     if hook is not None:
         hook.remove()
-    model.eval()
-    _save(model, processor, tok, out)
-    logger.info(f"organism saved to {out} ({time.time() - t0:.0f}s)")
-    return out
+    return model
+
+
+def _focus_stage(model, batcher: Batcher, held: list[Sample], seed: int, settings: TrainSettings) -> None:
+    """Stage 3: the whole model continues on batches where ``focus_share`` of the samples are focus skills
+    (``FOCUS_SKILLS``), the rest the ordinary mix; fresh AdamW, 50 warm-up steps, cosine to 10 %."""
+    with torch.no_grad():  # the stage-2 model as a checkpoint holds it (fp16), so resuming from one is identical
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    torch.manual_seed(seed + 20_000)
+    rng = random.Random(seed + 20_000)
+    steps = settings.focus_steps
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.focus_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    logger.info(f"focus stage: held-out exact before {teacher_forced_exact(model, batcher, held)}")
+    t0 = time.time()
+    for step in (bar := tqdm(range(steps), desc="organism: focus", unit="step")):
+        ids, mask, pix, labels = batcher([focus_sample(rng, settings.focus_share) for _ in range(settings.batch_size)])
+        loss = _answer_loss(model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, labels)
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            acc = teacher_forced_exact(model, batcher, held)
+            logger.info(f"focus step {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t0:.0f}s)")
