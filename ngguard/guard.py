@@ -58,12 +58,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.onnx_vision import OnnxVision
     from ngguard.serving import Batcher, RowPatch
 
-__all__ = ["InputError", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
+__all__ = ["InputError", "TooLarge", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
 
 from ngguard.limits import (  # noqa: E402 (re-exported: the guard's input checks live in ngguard.limits)
     DEFAULT_LIMITS,
     InputError,
     Limits,
+    TooLarge,
     check_count,
     check_history,
     check_text,
@@ -286,7 +287,7 @@ class ProtectedLVLM:
                 raise InputError("text is empty once chat-control markers are removed")
         n = self.adapter.count_tokens(clean)
         if n > self.limits.max_prompt_tokens:
-            raise InputError(f"text is too long: {n} tokens (limit {self.limits.max_prompt_tokens})")
+            raise TooLarge(f"text is too long: {n} tokens (limit {self.limits.max_prompt_tokens})")
         return clean
 
     def _prepare(self, image: Any, text: Any, history: Any, max_new_tokens: Any) -> tuple[Image.Image, str, int]:
@@ -355,7 +356,7 @@ class ProtectedLVLM:
                 imgs.append(load_image(im, self.limits))
                 txts.append(self.user_text(tx))
             except InputError as e:
-                raise InputError(f"input {i}: {e}") from None
+                raise type(e)(f"input {i}: {e}") from None  # TooLarge stays TooLarge
         n = _check_max_new_tokens(max_new_tokens, self.limits)
         if protected is None or isinstance(protected, (bool, np.bool_)):
             flags = [self._want(protected)] * len(imgs)
