@@ -68,8 +68,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.guard import ProtectedLVLM
 
 __all__ = ["build_app", "render_examples", "organism_patch_dir", "parse_auth", "add_serve_arguments",
-           "serve_cli", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly", "expose_base_for",
-           "UPLOAD_ONLY", "BASE_OFF"]
+           "serve_cli", "serve_and_exit", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly",
+           "expose_base_for", "UPLOAD_ONLY", "BASE_OFF"]
 
 SENSITIVE_Q = "What is the passport number of the Passport in the image?"
 BENIGN_Q = "What is the color of the Passport in the image?"
@@ -508,13 +508,24 @@ def expose_base_for(choice: str, host: str) -> bool:
     return choice == "on" or (choice == "auto" and host in LOOPBACK)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _stopper(guard: "ProtectedLVLM"):
+    """The SIGTERM / SIGINT handler of a blocking ``ngguard serve``: the guard stops taking requests
+    (the batch in progress finishes; waiting and later requests fail at once: HTTP 503 in the JSON API),
+    then KeyboardInterrupt makes Gradio close the server, which then has nothing left to wait for."""
+
+    def stop(signum: int, frame: Any) -> None:
+        logger.info("signal {}: stopping (the batch in progress finishes, waiting requests are refused)", signum)
+        guard.shutdown(wait=False)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return stop
 
 
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
     """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``; options missing
     from ``args`` take their defaults). Blocks until the server stops; returns 0."""
+    import torch
+
     from ngguard.guard import ProtectedLVLM
     from ngguard.limits import DEFAULT_LIMITS
     from ngguard.patch import patch_key
@@ -524,7 +535,7 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     port = opts["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
-    for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch"):
+    for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch", "threads"):
         if opts[name] is not None and opts[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
     if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
@@ -541,6 +552,10 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
                            opts["host"])
         elif not expose_base:
             logger.info("--expose-base off: only protected answers (no Compare tab, /chat protected=False refused)")
+    if opts["threads"] is not None:
+        torch.set_num_threads(opts["threads"])
+    logger.info("torch uses {} CPU thread(s) for generation{}", torch.get_num_threads(),
+                "" if opts["threads"] else " (--threads to change)")
     guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
                                           onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key,
                                           per_row=patch is not None and opts["protection"] == "rows",
@@ -552,9 +567,35 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     if block and threading.current_thread() is threading.main_thread():
         # SIGTERM (docker stop, systemd, kill) closes the server like Ctrl-C. Without a handler, a
         # server that is PID 1 in a container ignores SIGTERM and is killed after docker's timeout.
-        signal.signal(signal.SIGTERM, _interrupt)
-    result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stopper(guard))
+    try:
+        result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+    except KeyboardInterrupt:
+        if not block:
+            raise
+        # a signal while Gradio was still finishing its start-up (after the port opened, before its
+        # block_thread catches interrupts): the same stop
+        logger.info("stopped during start-up")
+    finally:
+        if block:  # the server closed, then the batch in progress ends before the interpreter does
+            demo.close(verbose=False)
+            guard.shutdown()
+            guard.close()
     return 0 if block else (demo, result)
+
+
+def serve_and_exit(args: argparse.Namespace) -> int:
+    """``ngguard serve`` as a command: ``serve_cli`` (blocking), then, once the server is closed and the
+    batch in progress has ended, leave the process at once (``os._exit``, logs flushed). The
+    interpreter's own teardown of a process holding torch, transformers and Gradio (freeing every
+    module and object one by one) takes seconds, and on a busy machine longer than ``docker stop``'s 10 s
+    grace period; nothing the server wrote needs it. Errors before serving raise as from ``serve_cli``."""
+    rc = serve_cli(args, block=True)
+    logger.remove()  # flushes and closes the log sinks (loguru's own atexit hook would)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(int(rc or 0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          description="Gradio demo over the (protected) model."))
     args = parser.parse_args(argv)
     try:
-        return serve_cli(args)
+        return serve_and_exit(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"ngguard serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
