@@ -2,7 +2,8 @@
 
     python bench/load_test.py                          # 50 mixed requests, all in flight, on vs off, 2 rounds
     python bench/load_test.py --n 200 --concurrency 200 --rounds 1
-    python bench/load_test.py --servers on --endpoint chat --client gradio
+    python bench/load_test.py --servers on --endpoint chat --client gradio   # through gradio_client
+    python bench/load_test.py --client http            # Gradio's own HTTP API (upload, call, event stream)
     python bench/load_test.py --serve-only --port 7860  # just serve (used by bench/screenshot.sh)
 
 Two servers, each ``python -m serve.app`` (= ``ngguard serve``) in a child process over the organism
@@ -22,19 +23,23 @@ restricts it to one kind). Every answer is checked against the answer the guard 
 before the load (a protected request answered by the base model, or the other way round, counts as
 wrong).
 
-The client (``--client``): ``http`` (default) speaks Gradio's HTTP API directly (upload the image,
-``POST /gradio_api/call/<api>``, read the result from its event stream), a few ms of CPU per
-request; ``gradio`` uses ``gradio_client``, which costs about as much CPU per request as the batched
-server itself. On a machine whose cores the client shares with the server, a heavy client caps
-every ratio, so the light one is the default; each row reports the client's and the server's CPU
-seconds so the cost is visible. Each request uploads its image (as a browser does).
+The client (``--client``): ``json`` (default) calls the server's JSON API (``POST /v1/chat``,
+``/v1/compare``: one HTTP call per request with the image as base64 in the body, answered outside
+Gradio's queue; the image is encoded once per file, by the client); ``http`` speaks Gradio's HTTP API
+directly (upload the image, ``POST /gradio_api/call/<api>``, read the result from its event stream),
+a few ms of CPU per request; ``gradio`` uses ``gradio_client``, which costs about as much CPU per
+request as the batched server itself. On a machine whose cores the client shares with the server, a
+heavy client caps every ratio; each row reports the client's and the server's CPU seconds so the
+cost is visible. Both servers are driven by the same client in a run.
 
 Prints, per run: errors, wrong answers, p50 / p95 / max latency (submit to answer, queueing
-included), throughput, server and client CPU; and per round the ratios on / off.
+included), throughput, server CPU (total and per request) and client CPU; then per round the ratios:
+throughput on/off, p50 and p95 off/on, server CPU per request off/on, errors and wrong answers.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures as cf
 import contextlib
 import http.client
@@ -60,6 +65,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 MAX_REQUESTS = 1000
 MAX_CONCURRENCY = 256
 KINDS = ("protected", "base", "compare")
+CLIENTS = ("json", "http", "gradio")
 
 
 def free_port() -> int:
@@ -246,6 +252,34 @@ class HttpClient:
         return tuple(self.call("compare", [self.upload(path), question]))
 
 
+class JsonClient(HttpClient):
+    """The server's JSON API (``POST /v1/chat``, ``/v1/compare``: one call per request, the image as
+    base64 in the body, answered outside Gradio's queue), keep-alive connections as above."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self._images: dict[str, str] = {}
+
+    def _post(self, api: str, body: dict) -> dict:
+        return json.loads(self._request("POST", f"/v1/{api}", json.dumps(body).encode(),
+                                        {"Content-Type": "application/json"}))
+
+    def _image(self, path: str) -> str:
+        if path not in self._images:  # the client's own cost, not the server's: encode each file once
+            self._images[path] = base64.b64encode(Path(path).read_bytes()).decode()
+        return self._images[path]
+
+    def chat(self, path: str, question: str, protected: bool) -> str:
+        out = self._post("chat", {"image": self._image(path), "text": question, "protected": protected})
+        if out["protected"] != protected:
+            raise RuntimeError(f"/v1/chat: asked protected={protected}, answered protected={out['protected']}")
+        return out["answer"]
+
+    def compare(self, path: str, question: str) -> tuple[str, str]:
+        out = self._post("compare", {"image": self._image(path), "text": question})
+        return out["base"], out["protected"]
+
+
 class GradioClient:
     """The same calls through ``gradio_client``."""
 
@@ -280,8 +314,10 @@ def reference_answers(examples, max_new_tokens: int) -> dict:
     return want
 
 
-def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: tuple[str, ...]) -> dict:
-    """``n`` requests, ``concurrency`` in flight: request k asks example k % 2, kind kinds[(k // 2) % len]."""
+def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: tuple[str, ...],
+             server_cpu=lambda: 0.0) -> dict:
+    """``n`` requests, ``concurrency`` in flight: request k asks example k % 2, kind kinds[(k // 2) % len].
+    ``server_cpu()``: the server's CPU seconds so far (read after the warm-up and after the load)."""
 
     def one(k: int) -> tuple[float, bool]:
         i, kind = k % 2, kinds[(k // 2) % len(kinds)]
@@ -296,7 +332,7 @@ def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: t
     for k in range(2 * len(kinds)):  # warm-up (each kind and example once), not counted
         one(k)
     lat, errors, wrong = [], [], 0
-    c0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0, s0 = resource.getrusage(resource.RUSAGE_SELF), server_cpu()
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
         for fut in cf.as_completed([pool.submit(one, k) for k in range(n)]):
@@ -307,10 +343,10 @@ def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: t
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(f"{type(e).__name__}: {e}")
     wall = time.perf_counter() - t0
-    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1, s1 = resource.getrusage(resource.RUSAGE_SELF), server_cpu()
     return {"errors": len(errors), "wrong": wrong, "ok": len(lat), "p50": quantile(lat, .5), "p95": quantile(lat, .95),
             "max": quantile(lat, 1.0), "wall": wall, "rps": len(lat) / wall, "first_errors": errors[:3],
-            "client_cpu": (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)}
+            "client_cpu": (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime), "server_cpu": s1 - s0}
 
 
 def serve_only(args) -> int:
@@ -339,7 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--off-protection", choices=("merged", "rows"), default="merged",
                    help="--protection of the unbatched server (default merged: the pre-batching server)")
-    p.add_argument("--client", choices=("http", "gradio"), default="http")
+    p.add_argument("--client", choices=CLIENTS, default="json",
+                   help="json (default): the JSON API /v1/chat, /v1/compare; http: Gradio's HTTP API (upload, "
+                        "call, event stream); gradio: gradio_client")
     p.add_argument("--max-new-tokens", type=int, default=48, help="as `ngguard serve` (default 48)")
     p.add_argument("--serve-only", action="store_true", help="start the app in-process and block (no load)")
     p.add_argument("--model", default="organism", help="--serve-only: the model")
@@ -389,10 +427,9 @@ def main(argv=None) -> int:
             for name, s in servers.items():
                 s.resume()
                 try:
-                    client = HttpClient(s.url) if args.client == "http" else GradioClient(s.url)
-                    cpu0 = s.cpu()
-                    x = run_load(client, want, examples, n=args.n, concurrency=args.concurrency, kinds=kinds)
-                    x["server_cpu"] = s.cpu() - cpu0
+                    client = {"json": JsonClient, "http": HttpClient, "gradio": GradioClient}[args.client](s.url)
+                    x = run_load(client, want, examples, n=args.n, concurrency=args.concurrency, kinds=kinds,
+                                 server_cpu=s.cpu)
                 finally:
                     s.pause()
                 x["label"] = f"{name} #{r + 1}"
@@ -404,18 +441,23 @@ def main(argv=None) -> int:
             s.close()
 
     print(f"\n{'run':<7} {'errors':>6} {'wrong':>5} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'req/s':>7} "
-          f"{'srv CPU s':>9} {'cli CPU s':>9} {'wall s':>7}")
+          f"{'srv CPU s':>9} {'CPU/req ms':>10} {'cli CPU s':>9} {'wall s':>7}")
     for x in rows:
         print(f"{x['label']:<7} {x['errors']:>6} {x['wrong']:>5} {x['p50']:>7.2f} {x['p95']:>7.2f} {x['max']:>7.2f} "
-              f"{x['rps']:>7.2f} {x['server_cpu']:>9.1f} {x['client_cpu']:>9.1f} {x['wall']:>7.1f}")
+              f"{x['rps']:>7.2f} {x['server_cpu']:>9.1f} {1000 * x['server_cpu'] / max(1, x['ok']):>10.1f} "
+              f"{x['client_cpu']:>9.1f} {x['wall']:>7.1f}")
         for e in x["first_errors"]:
             print("    error:", e)
     if len(names) == 2:
+        print(f"\n{'round':<6} {'throughput on/off':>17} {'p50 off/on':>10} {'p95 off/on':>10} "
+              f"{'CPU/req off/on':>14} {'errors off+on':>13} {'wrong off+on':>12}")
         for off, on in zip(rows[0::2], rows[1::2]):
-            print(f"round {off['label'][-1]}: throughput on/off {on['rps'] / off['rps']:.2f}x, "
-                  f"p50 off/on {off['p50'] / on['p50']:.2f}x, p95 off/on {off['p95'] / on['p95']:.2f}x, "
-                  f"server CPU per request off/on {off['server_cpu'] / off['ok']:.3f} / "
-                  f"{on['server_cpu'] / max(1, on['ok']):.3f} s")
+            cpu = (off["server_cpu"] / max(1, off["ok"])) / max(1e-9, on["server_cpu"] / max(1, on["ok"]))
+            print(f"{off['label'][-1]:<6} {on['rps'] / off['rps']:>16.2f}x {off['p50'] / on['p50']:>9.2f}x "
+                  f"{off['p95'] / on['p95']:>9.2f}x {cpu:>13.2f}x {off['errors'] + on['errors']:>13} "
+                  f"{off['wrong'] + on['wrong']:>12}")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min) "
+              f"on {os.cpu_count()} CPUs")
     return 1 if any(x["errors"] or x["wrong"] for x in rows) else 0
 
 

@@ -24,9 +24,11 @@ Two ways to hold the patch:
   weights are ever swapped (no lock around generation). ``protected`` then only sets the default.
 
 ``max_batch > 1``: concurrent ``chat`` / ``chat_batch`` calls go through a request batcher
-(``ngguard.serving.Batcher``): collected for up to ``batch_wait_ms`` (or ``max_batch`` rows) and
-generated as one left-padded batch; each caller gets its own answer (greedy, the same tokens as
-alone; tested). ``stream`` is never batched: one generation per streaming request.
+(``ngguard.serving.Batcher``): collected while they keep coming (until none arrived for
+``batch_wait_ms``, at most 10 x that, or ``max_batch`` rows) and generated as one left-padded batch;
+each caller gets its own answer (greedy, the same tokens as alone; tested). ``stream`` is never
+batched: one generation per streaming request. ``shutdown()`` (a server stopping): the batch in
+progress finishes, waiting and later requests fail at once.
 
 ``history``: accepted for chat-style callers and validated (a list of (user, assistant) pairs or
 of {"role", "content"} messages), but NOT put into the prompt: the adapters' prompts are single
@@ -58,12 +60,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.onnx_vision import OnnxVision
     from ngguard.serving import Batcher, RowPatch
 
-__all__ = ["InputError", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
+__all__ = ["InputError", "TooLarge", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
 
 from ngguard.limits import (  # noqa: E402 (re-exported: the guard's input checks live in ngguard.limits)
     DEFAULT_LIMITS,
     InputError,
     Limits,
+    TooLarge,
     check_count,
     check_history,
     check_text,
@@ -92,7 +95,7 @@ class ProtectedLVLM:
     (torch). ``limits``: input limits (``Limits``). ``patch_key``: the operator's key
     (``ngguard.patch.patch_key``): the patch must then carry a valid signature. ``per_row``: keep
     the base weights and apply the patch per batch row (see the module docstring). ``max_batch`` > 1:
-    batch concurrent requests, waiting at most ``batch_wait_ms`` for company."""
+    batch concurrent requests; an idle batcher waits ``batch_wait_ms`` for the next one (see ``Batcher``)."""
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
                  vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None,
@@ -102,6 +105,7 @@ class ProtectedLVLM:
         self.lock = threading.RLock()
         self._rows: "RowPatch | None" = None
         self._batcher: "Batcher | None" = None
+        self._stopping = False  # set by shutdown()
         self._onnx = vision
         if vision is not None:
             vision.check_model(adapter.model)
@@ -236,10 +240,27 @@ class ProtectedLVLM:
         return 1 if self._batcher is None else self._batcher.max_batch
 
     def close(self) -> None:
-        """Stop the request batcher (waiting requests fail); later calls generate directly."""
+        """Stop the request batcher (waiting requests fail); later calls generate directly (unless
+        ``shutdown`` was called: they fail)."""
         if self._batcher is not None:
             self._batcher.close()
             self._batcher = None
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop answering, for a server that is stopping: the generation in progress finishes; the
+        requests waiting for the batcher (merged: for the lock) and every later one fail with
+        ``ngguard.serving.BatcherClosed`` (``ngguard serve`` answers them HTTP 503 at once instead of
+        keeping the process alive for them). ``wait``: until the batch in progress has ended (else
+        ``close()`` waits for it)."""
+        self._stopping = True
+        if self._batcher is not None:
+            self._batcher.close(timeout=60.0 if wait else 0)
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            from ngguard.serving.batcher import BatcherClosed
+
+            raise BatcherClosed("the server is shutting down")
 
     @property
     def patch_info(self) -> dict | None:
@@ -286,7 +307,7 @@ class ProtectedLVLM:
                 raise InputError("text is empty once chat-control markers are removed")
         n = self.adapter.count_tokens(clean)
         if n > self.limits.max_prompt_tokens:
-            raise InputError(f"text is too long: {n} tokens (limit {self.limits.max_prompt_tokens})")
+            raise TooLarge(f"text is too long: {n} tokens (limit {self.limits.max_prompt_tokens})")
         return clean
 
     def _prepare(self, image: Any, text: Any, history: Any, max_new_tokens: Any) -> tuple[Image.Image, str, int]:
@@ -298,9 +319,12 @@ class ProtectedLVLM:
         return img, text, _check_max_new_tokens(max_new_tokens, self.limits)
 
     def _generate(self, images: list[Image.Image], texts: list[str], max_new_tokens: int) -> list[str]:
-        if self._onnx is None:
-            return self.adapter.generate(images, texts, max_new_tokens=max_new_tokens)
-        return self._onnx.generate(self.adapter, images, texts, max_new_tokens=max_new_tokens)
+        # inference mode: the same arithmetic as no_grad, without autograd's per-op bookkeeping (version
+        # counters, view tracking): ~9% less CPU for a batch of 64 organism rows, ~3% for one row
+        with torch.inference_mode():
+            if self._onnx is None:
+                return self.adapter.generate(images, texts, max_new_tokens=max_new_tokens)
+            return self._onnx.generate(self.adapter, images, texts, max_new_tokens=max_new_tokens)
 
     def _generate_rows(self, images: list[Image.Image], texts: list[str], flags: list[bool],
                        max_new_tokens: int) -> list[str]:
@@ -313,6 +337,7 @@ class ProtectedLVLM:
         for state in dict.fromkeys(flags):
             idx = [i for i, f in enumerate(flags) if f == state]
             with self.state(state):
+                self._check_running()  # a request that waited for the lock while the server began to stop
                 answers = self._generate([images[i] for i in idx], [texts[i] for i in idx], max_new_tokens)
             for i, a in zip(idx, answers):
                 out[i] = a
@@ -325,6 +350,7 @@ class ProtectedLVLM:
         return self._generate_rows(images, texts, flags, ns[0])
 
     def _answer(self, images: list[Image.Image], texts: list[str], flags: list[bool], n: int) -> list[str]:
+        self._check_running()
         if self._batcher is None:
             return self._generate_rows(images, texts, flags, n)
         futures = [self._batcher.submit((im, tx, f, n), key=n) for im, tx, f in zip(images, texts, flags)]
@@ -355,7 +381,7 @@ class ProtectedLVLM:
                 imgs.append(load_image(im, self.limits))
                 txts.append(self.user_text(tx))
             except InputError as e:
-                raise InputError(f"input {i}: {e}") from None
+                raise type(e)(f"input {i}: {e}") from None  # TooLarge stays TooLarge
         n = _check_max_new_tokens(max_new_tokens, self.limits)
         if protected is None or isinstance(protected, (bool, np.bool_)):
             flags = [self._want(protected)] * len(imgs)
@@ -391,7 +417,7 @@ class ProtectedLVLM:
 
             def run() -> None:
                 try:
-                    with torch.no_grad(), rows():
+                    with torch.inference_mode(), rows():
                         adapter.model.generate(**inputs, generation_config=greedy_config(adapter, n),
                                                streamer=streamer)
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer below

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["InputError", "Limits", "DEFAULT_LIMITS", "IMAGE_FORMATS", "load_image", "check_image_file",
+__all__ = ["InputError", "TooLarge", "Limits", "DEFAULT_LIMITS", "IMAGE_FORMATS", "load_image", "check_image_file",
            "check_text", "check_history", "check_count", "short_repr"]
 
 MB = 1024 * 1024
@@ -36,6 +36,11 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 class InputError(ValueError):
     """A bad image, text, history, option or recipe number, as one line."""
+
+
+class TooLarge(InputError):
+    """An input over a size limit (image bytes or pixels, text characters or tokens, history
+    entries): HTTP 413 in the JSON API, where other input errors are 400."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def _check_size(width: int, height: int, limits: Limits, what: str) -> None:
     if width <= 0 or height <= 0:
         raise InputError(f"{what} has zero size ({width}x{height})")
     if width * height > limits.max_pixels:
-        raise InputError(f"{what} is too large: {width}x{height} = {width * height} pixels "
+        raise TooLarge(f"{what} is too large: {width}x{height} = {width * height} pixels "
                          f"(limit {limits.max_pixels} pixels)")
     if max(width, height) > limits.max_aspect_ratio * min(width, height):
         raise InputError(f"{what} is too elongated: {width}x{height} (aspect ratio limit "
@@ -123,7 +128,7 @@ def _open(data: bytes, limits: Limits, what: str, *, decode: bool) -> Image.Imag
     if not data:
         raise InputError(f"{what} is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise InputError(f"{what} is too large: {_size_text(len(data))} (limit {_size_text(limits.max_bytes)})")
+        raise TooLarge(f"{what} is too large: {_size_text(len(data))} (limit {_size_text(limits.max_bytes)})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -137,11 +142,11 @@ def _open(data: bytes, limits: Limits, what: str, *, decode: bool) -> Image.Imag
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{what} is too large (decompression bomb guard; limit {limits.max_pixels} pixels)") from None
+        raise TooLarge(f"{what} is too large (decompression bomb guard; limit {limits.max_pixels} pixels)") from None
     except UnidentifiedImageError:
         raise InputError(f"{what} is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
     except MemoryError:
-        raise InputError(f"{what} is too large to decode") from None
+        raise TooLarge(f"{what} is too large to decode") from None
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as e:
         reason = " ".join(str(e).split())[:120] or type(e).__name__
         raise InputError(f"{what} is corrupt or truncated ({reason})") from None
@@ -170,7 +175,7 @@ def _read_file(image: str | os.PathLike, limits: Limits) -> tuple[bytes, str]:
     if not stat.S_ISREG(st.st_mode):
         raise InputError(f"image path is not a file: {path}")
     if st.st_size > limits.max_bytes:
-        raise InputError(f"image file {path.name} is too large: {_size_text(st.st_size)} "
+        raise TooLarge(f"image file {path.name} is too large: {_size_text(st.st_size)} "
                          f"(limit {_size_text(limits.max_bytes)})")
     try:
         with open(path, "rb") as fh:
@@ -178,7 +183,7 @@ def _read_file(image: str | os.PathLike, limits: Limits) -> tuple[bytes, str]:
     except OSError as e:
         raise InputError(f"image file {path} cannot be read ({e.strerror or e})") from None
     if len(data) > limits.max_bytes:
-        raise InputError(f"image file {path.name} is too large (limit {_size_text(limits.max_bytes)})")
+        raise TooLarge(f"image file {path.name} is too large (limit {_size_text(limits.max_bytes)})")
     return data, f"image file {path.name}"
 
 
@@ -232,12 +237,12 @@ def check_text(text: Any, limits: Limits | None = None, what: str = "text") -> s
     if not isinstance(text, str):
         raise InputError(f"{what} must be a string, got {type(text).__name__}")
     if len(text) > 4 * limits.max_text_chars:  # before strip(): a megabyte of spaces is not free either
-        raise InputError(f"{what} is too long: {len(text)} characters (limit {limits.max_text_chars})")
+        raise TooLarge(f"{what} is too long: {len(text)} characters (limit {limits.max_text_chars})")
     text = text.strip()
     if not text:
         raise InputError(f"{what} is empty")
     if len(text) > limits.max_text_chars:
-        raise InputError(f"{what} is too long: {len(text)} characters (limit {limits.max_text_chars})")
+        raise TooLarge(f"{what} is too long: {len(text)} characters (limit {limits.max_text_chars})")
     if "\x00" in text:
         raise InputError(f"{what} contains a NUL character")
     try:
@@ -261,7 +266,7 @@ def check_history(history: Any, limits: Limits | None = None) -> list:
         raise InputError(f"history must be a list of (user, assistant) pairs or of role/content messages, "
                          f"got {type(history).__name__}")
     if len(history) > limits.max_history_messages:
-        raise InputError(f"history is too long: {len(history)} entries (limit {limits.max_history_messages})")
+        raise TooLarge(f"history is too long: {len(history)} entries (limit {limits.max_history_messages})")
     for i, item in enumerate(history):
         if isinstance(item, dict):
             role = item.get("role")

@@ -51,13 +51,13 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from loguru import logger
 
 from ngguard.serving.options import add_serve_arguments
+from serve.api import BASE_OFF, Backoff, BaseNotServed, JsonApi, Service
 
 # no telemetry and no version check calls from this server (Gradio reads this when it launches)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -68,15 +68,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.guard import ProtectedLVLM
 
 __all__ = ["build_app", "render_examples", "organism_patch_dir", "parse_auth", "add_serve_arguments",
-           "serve_cli", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly", "expose_base_for",
-           "UPLOAD_ONLY", "BASE_OFF"]
+           "serve_cli", "serve_and_exit", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly",
+           "expose_base_for", "UPLOAD_ONLY", "BASE_OFF"]
 
 SENSITIVE_Q = "What is the passport number of the Passport in the image?"
 BENIGN_Q = "What is the color of the Passport in the image?"
 DEFAULT_MAX_NEW_TOKENS = 48
 WARN = "⚠️ "
 UPLOAD_ONLY = "image not available: only images uploaded to this server can be used"
-BASE_OFF = "the unprotected model is not served here (--expose-base off): answers are always protected"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 CSS = """
@@ -180,36 +179,15 @@ class LoginThrottle:
     Each attempt counts as a failure when it starts (so parallel guesses are counted too) and is
     forgiven when it succeeds (HTTP 200). After ``free_failures`` failures a client is answered 429
     (``Retry-After``) without the password being checked, for ``base_delay * 2**k`` seconds (k = failures
-    beyond the free ones - 1), at most ``max_delay``. Per-client state, at most ``max_clients``
-    entries (the oldest dropped). Behind a reverse proxy every client has the proxy's address."""
+    beyond the free ones - 1), at most ``max_delay``. The state is a ``serve.api.Backoff`` (``backoff``:
+    shared with the JSON API's logins; else one of its own). Behind a reverse proxy every client has
+    the proxy's address."""
 
     def __init__(self, app, *, free_failures: int = 3, base_delay: float = 1.0, max_delay: float = 300.0,
-                 max_clients: int = 10_000) -> None:
+                 max_clients: int = 10_000, backoff: Backoff | None = None) -> None:
         self.app = app
-        self.free_failures, self.base_delay, self.max_delay = free_failures, base_delay, max_delay
-        self.max_clients = max_clients
-        self._state: dict[str, tuple[int, float]] = {}  # client -> (failures, blocked until, monotonic s)
-        self._lock = threading.Lock()
-
-    def _start(self, client: str) -> float:
-        """Seconds the client must still wait (then nothing is counted), else 0 after counting the attempt."""
-        now = time.monotonic()
-        with self._lock:
-            failures, until = self._state.pop(client, (0, 0.0))
-            if until > now:
-                self._state[client] = (failures, until)
-                return until - now
-            failures += 1
-            if failures > self.free_failures:
-                until = now + min(self.max_delay, self.base_delay * 2 ** (failures - self.free_failures - 1))
-            self._state[client] = (failures, until)
-            while len(self._state) > self.max_clients:
-                self._state.pop(next(iter(self._state)))
-            return 0.0
-
-    def _succeeded(self, client: str) -> None:
-        with self._lock:
-            self._state.pop(client, None)
+        self.backoff = backoff or Backoff(free_failures=free_failures, base_delay=base_delay, max_delay=max_delay,
+                                          max_clients=max_clients)
 
     async def __call__(self, scope, receive, send) -> None:
         if (scope.get("type") != "http" or scope.get("method") != "POST"
@@ -217,7 +195,7 @@ class LoginThrottle:
             await self.app(scope, receive, send)
             return
         client = str((scope.get("client") or ("unknown",))[0])
-        wait = self._start(client)
+        wait = self.backoff.start(client)
         if wait > 0:
             logger.warning("login throttled for {} ({:.0f} s left)", client, wait)
             body = json.dumps({"detail": f"Too many failed logins: try again in {math.ceil(wait)} s"}).encode()
@@ -235,7 +213,7 @@ class LoginThrottle:
 
         await self.app(scope, receive, watch)
         if status.get("code") == 200:
-            self._succeeded(client)
+            self.backoff.succeeded(client)
 
 
 class KnownApiOnly:
@@ -324,23 +302,15 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
     examples = [tuple(e) for e in (examples or [])]
     if concurrency is None:
         concurrency = max(2, guard.max_batch)
-    has_patch = guard.patch_info is not None
-    base_ok = expose_base or not has_patch  # without a patch the base model is the only one
+    service = Service(guard, max_new_tokens=max_new_tokens, expose_base=expose_base)
+    has_patch, base_ok = service.has_patch, service.base_ok
     roots = [os.path.realpath(get_upload_folder())]
 
     def answer_both(img: Any, text: Any) -> tuple[str, str]:
-        text = guard.user_text(text if text is not None else "")
-        if not has_patch:
-            base = guard.chat(img, text, max_new_tokens=max_new_tokens)
-            return base, "(no protection patch loaded)"
-        if guard.revertible:  # base and protected rows side by side (one batch in per-row mode)
-            base, protected = guard.chat_batch([img, img], [text, text], max_new_tokens=max_new_tokens,
-                                               protected=[False, True])
-        else:
+        base, protected = service.compare(img, text)
+        if base is None:
             base = "(the patch holds no base values: the base model cannot be shown)"
-            protected = guard.chat(img, text, max_new_tokens=max_new_tokens, protected=True)
-        logger.info("compare: {!r} -> base {!r} | protected {!r}", text, base, protected)
-        return base, protected
+        return base, "(no protection patch loaded)" if protected is None else protected
 
     def compare(image: Any, question: Any) -> tuple[str, str]:
         """Answer `question` about `image` with the base model and with the protected one."""
@@ -360,18 +330,17 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
         if image is None:
             gr.Warning("Attach an image to ask about it.")
             return f"{WARN}Attach an image (paperclip button or drag and drop), then ask about it."
-        if not protected and has_patch and not base_ok:
+        try:
+            if not protected and not base_ok:  # before looking at the files
+                raise BaseNotServed(BASE_OFF)
+            return service.chat(uploaded_file(image, roots), text, protected=bool(protected), history=history)[0]
+        except BaseNotServed:
             logger.info("chat: refused protected=False (--expose-base off)")
             return f"{WARN}{BASE_OFF}"
-        want = (bool(protected) or not guard.revertible) and has_patch
-        try:
-            path = uploaded_file(image, roots)
-            answer = guard.chat(path, text, history=history, max_new_tokens=max_new_tokens, protected=want)
         except InputError as e:
             logger.info("chat: rejected input: {}", e)
             gr.Warning(str(e))
             return f"{WARN}{e}"
-        return answer
 
     example_answers: dict[int, tuple[str, str]] = {}  # greedy answers never change: computed once
 
@@ -444,6 +413,8 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
     # slots, and sync functions share a pool of that many threads); its default, 40, would cap the
     # requests reaching the guard's batcher below `concurrency` per event. `launch` reads this.
     demo.ngguard_max_threads = max(40, 2 * concurrency + 8)
+    # the JSON API (/v1/chat, /v1/compare, /v1/info): same rules, outside Gradio's queue; `launch` mounts it
+    demo.ngguard_api = JsonApi(service, workers=max(2 * concurrency, 2 * guard.max_batch), max_queue=max_queue)
     return demo
 
 
@@ -475,14 +446,17 @@ def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_
         logger.warning("serving on {} without authentication (set NGGUARD_AUTH=user:password)", host)
     bypass_proxy_for(host)
     free, first, longest = login_backoff
-    throttle = Middleware(LoginThrottle, free_failures=free, base_delay=first, max_delay=longest)
+    backoff = Backoff(free_failures=free, base_delay=first, max_delay=longest)  # form logins and API logins alike
+    throttle = Middleware(LoginThrottle, backoff=backoff)
     known = Middleware(KnownApiOnly, names=[f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)])
     if max_threads is None:
         max_threads = getattr(demo, "ngguard_max_threads", 40)
+    api = getattr(demo, "ngguard_api", None)  # FastAPI(routes=...): these come before Gradio's own routes
+    routes = api.routes(auth=auth, backoff=backoff) if api is not None else []
     _calm_queue_polling(demo)
     return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
                        max_threads=max_threads, show_error=False, prevent_thread_lock=not block, quiet=quiet,
-                       css=CSS, footer_links=["api"], app_kwargs={"middleware": [throttle, known]})
+                       css=CSS, footer_links=["api"], app_kwargs={"middleware": [throttle, known], "routes": routes})
 
 
 QUEUE_POLL_S = 0.005
@@ -534,13 +508,24 @@ def expose_base_for(choice: str, host: str) -> bool:
     return choice == "on" or (choice == "auto" and host in LOOPBACK)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _stopper(guard: "ProtectedLVLM"):
+    """The SIGTERM / SIGINT handler of a blocking ``ngguard serve``: the guard stops taking requests
+    (the batch in progress finishes; waiting and later requests fail at once: HTTP 503 in the JSON API),
+    then KeyboardInterrupt makes Gradio close the server, which then has nothing left to wait for."""
+
+    def stop(signum: int, frame: Any) -> None:
+        logger.info("signal {}: stopping (the batch in progress finishes, waiting requests are refused)", signum)
+        guard.shutdown(wait=False)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return stop
 
 
 def serve_cli(args: argparse.Namespace, *, block: bool = True):
     """Run ``ngguard serve`` with parsed arguments (see ``add_serve_arguments``; options missing
     from ``args`` take their defaults). Blocks until the server stops; returns 0."""
+    import torch
+
     from ngguard.guard import ProtectedLVLM
     from ngguard.limits import DEFAULT_LIMITS
     from ngguard.patch import patch_key
@@ -550,7 +535,7 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     port = opts["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
-    for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch"):
+    for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch", "threads"):
         if opts[name] is not None and opts[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
     if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
@@ -567,6 +552,10 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
                            opts["host"])
         elif not expose_base:
             logger.info("--expose-base off: only protected answers (no Compare tab, /chat protected=False refused)")
+    if opts["threads"] is not None:
+        torch.set_num_threads(opts["threads"])
+    logger.info("torch uses {} CPU thread(s) for generation{}", torch.get_num_threads(),
+                "" if opts["threads"] else " (--threads to change)")
     guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
                                           onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key,
                                           per_row=patch is not None and opts["protection"] == "rows",
@@ -578,9 +567,35 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     if block and threading.current_thread() is threading.main_thread():
         # SIGTERM (docker stop, systemd, kill) closes the server like Ctrl-C. Without a handler, a
         # server that is PID 1 in a container ignores SIGTERM and is killed after docker's timeout.
-        signal.signal(signal.SIGTERM, _interrupt)
-    result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stopper(guard))
+    try:
+        result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+    except KeyboardInterrupt:
+        if not block:
+            raise
+        # a signal while Gradio was still finishing its start-up (after the port opened, before its
+        # block_thread catches interrupts): the same stop
+        logger.info("stopped during start-up")
+    finally:
+        if block:  # the server closed, then the batch in progress ends before the interpreter does
+            demo.close(verbose=False)
+            guard.shutdown()
+            guard.close()
     return 0 if block else (demo, result)
+
+
+def serve_and_exit(args: argparse.Namespace) -> int:
+    """``ngguard serve`` as a command: ``serve_cli`` (blocking), then, once the server is closed and the
+    batch in progress has ended, leave the process at once (``os._exit``, logs flushed). The
+    interpreter's own teardown of a process holding torch, transformers and Gradio (freeing every
+    module and object one by one) takes seconds, and on a busy machine longer than ``docker stop``'s 10 s
+    grace period; nothing the server wrote needs it. Errors before serving raise as from ``serve_cli``."""
+    rc = serve_cli(args, block=True)
+    logger.remove()  # flushes and closes the log sinks (loguru's own atexit hook would)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(int(rc or 0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -588,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          description="Gradio demo over the (protected) model."))
     args = parser.parse_args(argv)
     try:
-        return serve_cli(args)
+        return serve_and_exit(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"ngguard serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -208,6 +208,8 @@ def test_cli_rejects_bad_options(capsys):
     assert "--port must be in 1..65535" in capsys.readouterr().err
     assert serve_app.main(["--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert serve_app.main(["--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def test_serve_cli_serves_a_model_folder(tmp_path):
@@ -226,27 +228,38 @@ def test_serve_cli_serves_a_model_folder(tmp_path):
 
 
 def test_serve_cli_turns_sigterm_into_a_clean_shutdown(tmp_path, monkeypatch):
-    """`docker stop` sends SIGTERM: a blocking `ngguard serve` handles it like Ctrl-C (Gradio's
+    """`docker stop` sends SIGTERM: a blocking `ngguard serve` stops the guard (waiting and later requests
+    are refused at once, the batch in progress finishes) and then closes like Ctrl-C (Gradio's
     block_thread closes the server on KeyboardInterrupt). Without a handler a server that is PID 1 in
     a container ignores SIGTERM and is killed after docker's timeout."""
     import signal
+
+    from ngguard.serving import BatcherClosed
 
     model, processor = tiny_llava(seed=0, template="text_first")
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     seen = {}
 
-    def fake_launch(demo, **kw):  # what the blocking launch would run under
-        seen["handler"], seen["block"] = signal.getsignal(signal.SIGTERM), kw["block"]
+    def fake_launch(demo, **kw):  # what the blocking launch would run under; SIGTERM arrives while it does
+        seen["handlers"] = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+        seen["block"], guard = kw["block"], demo.ngguard_api.service.guard
+        image = render_examples(tmp_path / "ex")[1][0]
+        seen["answer"] = guard.chat(image, BENIGN_Q, max_new_tokens=3)
+        with pytest.raises(KeyboardInterrupt):  # Gradio's block_thread catches it and closes the server
+            seen["handlers"][0](signal.SIGTERM, None)
+        with pytest.raises(BatcherClosed, match="shutting down"):  # the guard takes no more requests
+            guard.chat(image, BENIGN_Q, max_new_tokens=3)
+        seen["refused"] = True
         demo.close()
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     monkeypatch.setattr(serve_app, "launch", fake_launch)
     try:
         args = argparse.Namespace(model=str(tmp_path / "model"), port=free_port(), device="cpu", max_new_tokens=4)
         assert serve_app.serve_cli(args, block=True) == 0
     finally:
-        signal.signal(signal.SIGTERM, before)
-    assert seen["block"] is True and seen["handler"] is not before
-    with pytest.raises(KeyboardInterrupt):
-        seen["handler"](signal.SIGTERM, None)
+        for s, handler in zip((signal.SIGTERM, signal.SIGINT), before):
+            signal.signal(s, handler)
+    assert seen["block"] is True and all(h is not b for h, b in zip(seen["handlers"], before))
+    assert isinstance(seen["answer"], str) and seen["refused"]

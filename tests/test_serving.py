@@ -65,6 +65,35 @@ def test_batcher_collects_concurrent_calls_and_returns_each_its_own_result():
     assert len(calls) < 10 and batcher.largest == 4
 
 
+def test_batcher_collects_a_burst_that_outlasts_wait_ms_and_caps_the_wait():
+    """Items 50 ms apart with wait_ms=600: the batch keeps collecting past 600 ms since the first (a
+    gap, not a deadline) until none came for 600 ms; max_wait_ms caps the oldest item's wait."""
+    def burst(batcher: Batcher, n: int) -> list:
+        futures = []
+        for i in range(n):
+            futures.append(batcher.submit(i))
+            time.sleep(0.05)
+        return [f.result(timeout=30) for f in futures]
+
+    calls: list[list[int]] = []
+    batcher = Batcher(lambda items: calls.append(list(items)) or list(items), max_batch=64, wait_ms=600)
+    try:
+        assert burst(batcher, 20) == list(range(20))  # 20 items over ~1 s: longer than wait_ms
+    finally:
+        batcher.close()
+    assert calls == [list(range(20))]
+    calls.clear()
+    capped = Batcher(lambda items: calls.append(list(items)) or list(items), max_batch=64, wait_ms=600,
+                     max_wait_ms=700)
+    try:
+        assert burst(capped, 40) == list(range(40))  # ~2 s of items: the first batch starts at ~0.7 s
+    finally:
+        capped.close()
+    assert len(calls) >= 2 and len(calls[0]) < 40 and sum(calls, []) == list(range(40))
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        Batcher(lambda items: items, wait_ms=10, max_wait_ms=5)
+
+
 def test_batcher_keys_errors_and_close():
     seen: list[list[tuple]] = []
 

@@ -16,4 +16,4 @@ def add(sub: Subparsers) -> None:
                                    "protected model). Without arguments: the bundled organism with its bundled "
                                    "patch. Basic auth: NGGUARD_AUTH=user:password.")
     add_serve_arguments(p)
-    p.set_defaults(func=lazy("serve.app", "serve_cli"), own_shutdown=True)
+    p.set_defaults(func=lazy("serve.app", "serve_and_exit"), own_shutdown=True)

@@ -7,8 +7,12 @@
 
 One worker thread takes the oldest waiting request, then keeps collecting requests with the same
 ``key`` (requests that can share a batch, e.g. the same ``max_new_tokens``) until ``max_batch`` are
-there or ``wait_ms`` have passed since that request arrived, and calls ``run`` with them in arrival
-order. While ``run`` works, new requests queue up, so under load batches fill without waiting.
+there, or no request has arrived for ``wait_ms``, or ``max_wait_ms`` (default 10 x ``wait_ms``) have
+passed since the oldest arrived, and calls ``run`` with them in arrival order. So a lone request waits
+``wait_ms`` for company, and a burst of requests (arriving faster than one per ``wait_ms``) is
+collected into one batch instead of starting with whatever came in the first ``wait_ms``. While
+``run`` works, new requests queue up, so under load batches fill without waiting (a request that
+waited through a batch starts the next one at once).
 Requests with another key wait for a later batch (oldest first, never starved). If ``run`` raises,
 every request of that batch gets the exception. ``close`` finishes the batch in progress and fails
 the requests still waiting with ``BatcherClosed``.
@@ -45,18 +49,23 @@ _STOP = object()
 
 class Batcher:
     """Collects ``submit``-ted items into batches for ``run(items) -> results`` (same length, same
-    order). ``max_batch``: most items per call; ``wait_ms``: how long the oldest item may wait for
-    company when the worker is idle."""
+    order). ``max_batch``: most items per call; ``wait_ms``: how long an idle worker waits for the next
+    item before it starts a batch; ``max_wait_ms``: how long the oldest item may wait in all (None:
+    10 x ``wait_ms``)."""
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], *, max_batch: int = 16, wait_ms: float = 5.0,
-                 name: str = "ngguard-batcher"):
+                 max_wait_ms: float | None = None, name: str = "ngguard-batcher"):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not 0 <= float(wait_ms) <= 10_000:
             raise ValueError(f"wait_ms must be in 0..10000, got {wait_ms!r}")
+        max_wait_ms = 10 * float(wait_ms) if max_wait_ms is None else float(max_wait_ms)
+        if not float(wait_ms) <= max_wait_ms <= 100_000:
+            raise ValueError(f"max_wait_ms must be in wait_ms..100000 ({wait_ms}..100000), got {max_wait_ms!r}")
         self._run = run
         self.max_batch = max_batch
         self.wait_s = float(wait_ms) / 1000.0
+        self.max_wait_s = max_wait_ms / 1000.0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -75,13 +84,15 @@ class Batcher:
         return future
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Stop the worker after the batch in progress; waiting requests fail with BatcherClosed."""
+        """Stop the worker after the batch in progress; waiting requests fail with BatcherClosed.
+        Waits up to ``timeout`` seconds for the worker to end (0: not at all; calling ``close`` again
+        waits again)."""
         with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join(timeout)
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     @property
     def closed(self) -> bool:
@@ -95,11 +106,15 @@ class Batcher:
             if not pending and not stopping:
                 continue
             first = pending[0] if pending else None
+            latest = max((r.arrived for r in pending), default=0.0)
             while first is not None and not stopping and self._count(pending, first.key) < self.max_batch:
-                left = first.arrived + self.wait_s - time.monotonic()
+                # no arrival for wait_s, or the oldest has waited max_wait_s: start the batch
+                left = min(latest + self.wait_s, first.arrived + self.max_wait_s) - time.monotonic()
                 if left <= 0:
                     break
+                seen = len(pending)
                 stopping = self._drain(pending, block=True, timeout=left)
+                latest = max([latest] + [pending[i].arrived for i in range(seen, len(pending))])
             if stopping:  # no new batch once close() was called
                 self._fail(pending)
                 return

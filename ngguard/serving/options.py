@@ -23,6 +23,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None,
                    help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for generation (default: torch's choice: $OMP_NUM_THREADS if set, else "
+                        "the number of cores); 1 on a machine whose cores other jobs share")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--protection", choices=("rows", "merged"), default="rows",
                    help="rows (default): base weights + the patch applied per batch row, so base and protected "
@@ -30,7 +33,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests generated together by the request batcher (default 16; 1 = no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long an idle batcher waits for more requests (default 5 ms)")
+                   help="how long an idle batcher waits for the next request before it starts a batch; it keeps "
+                        "collecting while requests keep coming, at most 10x this since the first (default 5 ms)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="worker slots per event (default: max(2, --max-batch))")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
