@@ -410,6 +410,10 @@ class EditSpec:
     # ``alpha`` (like DINM's general-knowledge term): utility = non-document images, public = the
     # public look-alikes' training questions (benign retention). [] = the paper.
     retain: tuple[str, ...] = _f((), _list(_choice(tuple(RETAIN_SETS))))
+    # Not in the paper (1 = the paper: each subject once, in sequence): the number of passes over the
+    # subjects. On a small model a later subject's edit undoes part of an earlier one's (the retention
+    # of public look-alikes pulls the shared attribute words back); a second pass revisits each subject.
+    passes: int = _f(1, _int(ge=1, le=100))
 
 
 @dataclass(frozen=True)

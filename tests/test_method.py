@@ -199,3 +199,30 @@ def test_each_question_runs_once_up_to_its_answer(template):
     assert work < batch.inputs["input_ids"][:, chunk.start:].numel()
     # every target token is still predicted (same labels, in the tails)
     assert (sp.tail_labels != -100).sum() == (batch.labels != -100).sum()
+
+
+def test_a_second_pass_is_the_same_edit_run_again_on_the_edited_model(adapter):
+    """edit.passes = 2 revisits every subject after the last one: the same as editing the edited model
+    again with passes = 1 (a fresh Adam per subject and pass); the log has a row per image and pass."""
+    from ngguard.methods import REGISTRY
+    from ngguard.recipe import EditSpec
+    s = _samples(2) + _samples(2, "receipt")
+    d = adapter.hidden_size
+    gates = {1: {subj: torch.rand(d, generator=torch.Generator().manual_seed(k)) > 0.5
+                 for k, subj in enumerate(["passport", "receipt"])}}
+    name, w0 = adapter.parameter_name(1, "down_proj"), adapter.component(1, "down_proj").weight.detach().clone()
+    def edit(passes):
+        hp = EditSpec(lr=1e-2, steps=2, stop_loss=0.0, passes=passes)
+        return REGISTRY["neural_gate"].apply(adapter, s, [1], module="down_proj", refusal=REFUSAL, hparams=hp,
+                                             gates=gates)
+    twice = edit(2)
+    assert [(r["subject"], r["pass"]) for r in twice.log] == \
+        [("passport", 0)] * 2 + [("receipt", 0)] * 2 + [("passport", 1)] * 2 + [("receipt", 1)] * 2
+    with torch.no_grad():
+        adapter.component(1, "down_proj").weight.copy_(w0)
+    edit(1)
+    once_more = edit(1)
+    assert torch.allclose(twice.weights[name], once_more.weights[name], atol=1e-5)
+    with torch.no_grad():
+        adapter.component(1, "down_proj").weight.copy_(w0)
+    assert not torch.allclose(edit(1).weights[name], twice.weights[name], atol=1e-5)

@@ -106,7 +106,8 @@ class _ImageRun:
 
 
 class EditLog:
-    """Per image: subject, key, steps, first and last loss (``EditResult.log``); a line per subject."""
+    """Per image and pass: subject, key, pass, steps, first and last loss (``EditResult.log``); a line per
+    subject and pass."""
 
     def __init__(self, name: str):
         self.name, self.rows = name, []
@@ -115,14 +116,16 @@ class EditLog:
         return tqdm([s for s in samples if s.subject == subject], desc=f"edit {self.name} {subject}", unit="image",
                     leave=False)
 
-    def image(self, subject: str, key: str) -> _ImageRun:
-        self.rows.append({"subject": subject, "key": key, "steps": 0, "loss_first": None, "loss_last": None})
+    def image(self, subject: str, key: str, pass_: int = 0) -> _ImageRun:
+        self.rows.append({"subject": subject, "key": key, "pass": pass_, "steps": 0, "loss_first": None,
+                          "loss_last": None})
         return _ImageRun(self.rows[-1])
 
-    def subject_done(self, subject: str) -> None:
-        last = [r["loss_last"] for r in self.rows if r["subject"] == subject]
-        logger.info(f"edit {self.name}: {subject} done ({len(last)} images, mean last loss "
-                    f"{sum(last) / max(1, len(last)):.4f})")
+    def subject_done(self, subject: str, pass_: int = 0) -> None:
+        rows = [r for r in self.rows if r["subject"] == subject and r["pass"] == pass_]
+        first, last = [r["loss_first"] for r in rows], [r["loss_last"] for r in rows]
+        logger.info(f"edit {self.name}: {subject} done{f' (pass {pass_ + 1})' if pass_ else ''} ({len(rows)} images, "
+                    f"mean loss {sum(first) / max(1, len(first)):.4f} -> {sum(last) / max(1, len(last)):.4f})")
 
 
 def commit(adapter: Adapter, ds: Mapping[str, Delta], layers: Sequence[int], module: str, log: EditLog) -> EditResult:

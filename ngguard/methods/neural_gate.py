@@ -166,7 +166,8 @@ def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
                name: str = "neural_gate") -> EditResult:
     """Eq. 7 on ``module`` of ``layers``, in place on ``adapter.model``; returns the new weights. Only an
     fp32 delta of each matrix trains (``hooks.deltas``); subjects in sequence, each image's questions up
-    to ``hparams.steps`` times. ``gates[layer][subject]``: the strong dims (Eq. 6); None: no gate (no_gate).
+    to ``hparams.steps`` times, the whole sequence ``hparams.passes`` times (1: the paper; a fresh Adam per
+    subject and pass). ``gates[layer][subject]``: the strong dims (Eq. 6); None: no gate (no_gate).
     ``keep``: the benign term, "nll" (Eq. 2) or "kl" (DINM). ``retain``: general samples whose original
     answers are kept too, weight alpha, one per step (not in the paper). ``shortcuts``: layers below the
     lowest edited one are replayed (``fastpath.prepare``)."""
@@ -176,8 +177,9 @@ def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
     below = min(layers) - 1 if shortcuts else -1  # layers <= below are replayed (-1: none)
     prep = lambda batch: prepare(adapter, batch, below, frozen_above=False, shortcuts=shortcuts)  # noqa: E731
     retained, log, state = retain_batches(adapter, retain, prep), EditLog(name), HookState()
+    order = [(p, subject) for p in range(hparams.passes) for subject in dict.fromkeys(s.subject for s in samples)]
     with deltas(adapter, layers, module) as ds:
-        for subject in dict.fromkeys(s.subject for s in samples):
+        for pass_, subject in order:
             opt = torch.optim.Adam([d.delta for d in ds.values()], lr=hparams.lr, eps=hparams.eps)
             with ExitStack() as gated:
                 for layer in layers if gates is not None else ():
@@ -185,7 +187,7 @@ def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
                                                            lambda: state.subject_index))
                 for s in log.images(samples, subject):
                     batch, sens = encode_sample(adapter, s, refusal)                   # sens [B] bool
-                    pb, run = prep(batch), log.image(subject, s.key)
+                    pb, run = prep(batch), log.image(subject, s.key, pass_)
                     with replayed_prefix(adapter, below, state) if below >= 0 else nullcontext():
                         ref_logits = unedited_logits(pb, model, state, ds) if keep == "kl" else None
                         for _ in range(hparams.steps):
@@ -200,7 +202,7 @@ def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
                             opt.zero_grad()
                             loss.backward()     # Eq. 7: the gate (Eq. 6) masks the subject token's part
                             opt.step()          # Eq. 7
-            log.subject_done(subject)
+            log.subject_done(subject, pass_)
         return commit(adapter, ds, layers, module, log)
 
 
