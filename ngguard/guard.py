@@ -101,13 +101,15 @@ class ProtectedLVLM:
     Serving work savers (answers unchanged, each can be switched off): ``fast_decode`` generates
     through ``ngguard.serving.GreedyDecoder`` (finished rows leave the batch, a short loop; the first
     batch is checked against ``generate``; models it does not support use ``generate``);
-    ``vision_cache``: image features kept by image content (entries; 0: none); ``dedup``: rows of one
+    ``vision_cache``: image features kept by image content (entries; 0: none); ``prefix_cache_mb``:
+    the keys and values of prompt prefixes up to the image, kept by (image content, protection state,
+    prefix tokens), at most that many MB (0: none; with fast decoding only); ``dedup``: rows of one
     batch with the same image content, text and protection state are generated once."""
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
                  vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None,
                  per_row: bool = False, max_batch: int = 1, batch_wait_ms: float = 5.0, fast_decode: bool = True,
-                 vision_cache: int = 256, dedup: bool = True):
+                 vision_cache: int = 256, prefix_cache_mb: float = 64.0, dedup: bool = True):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
         self.lock = threading.RLock()
@@ -150,7 +152,7 @@ class ProtectedLVLM:
         if fast_decode and vision is None:
             from ngguard.serving.greedy import GreedyDecoder
 
-            decoder = GreedyDecoder(adapter, vision_cache=vision_cache)
+            decoder = GreedyDecoder(adapter, vision_cache=vision_cache, prefix_cache_mb=prefix_cache_mb)
             if decoder.supported:
                 self._decoder = decoder
             else:
@@ -168,14 +170,15 @@ class ProtectedLVLM:
                         limits: Limits | None = None, patch_key: bytes | None = None, per_row: bool = False,
                         max_batch: int = 1, batch_wait_ms: float = 5.0, device_map: str | dict | None = None,
                         max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                        fast_decode: bool = True, vision_cache: int = 256, dedup: bool = True) -> "ProtectedLVLM":
+                        fast_decode: bool = True, vision_cache: int = 256, prefix_cache_mb: float = 64.0,
+                        dedup: bool = True) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
         ``vision``: "torch" or "onnx"; with "onnx" and no ``onnx_dir`` the export is made once and
         cached under ``$NGGUARD_CACHE`` (default ~/.cache/ngguard) keyed by the vision weights.
-        ``per_row``, ``max_batch``, ``batch_wait_ms``, ``fast_decode``, ``vision_cache``, ``dedup``: as the
-        constructor.
+        ``per_row``, ``max_batch``, ``batch_wait_ms``, ``fast_decode``, ``vision_cache``, ``prefix_cache_mb``,
+        ``dedup``: as the constructor.
         ``device_map`` ("auto", or a map by component like {"layers.0-15": 0, "default": 1}),
         ``max_memory``, ``offload_folder``: spread a model larger than one device through accelerate
         (``ngguard.adapters.load_adapter``; ``device`` is then ignored). The patched layers must not be
@@ -205,7 +208,7 @@ class ProtectedLVLM:
             onnx = _onnx_for(adapter, onnx_dir)
         guard = cls(adapter, patch, vision=onnx, limits=limits, patch_key=patch_key, per_row=per_row,
                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, fast_decode=fast_decode,
-                    vision_cache=vision_cache, dedup=dedup)
+                    vision_cache=vision_cache, prefix_cache_mb=prefix_cache_mb, dedup=dedup)
         logger.info("ProtectedLVLM: {} on {} ({} vision), {}", type(adapter.model).__name__, adapter.device, vision,
                     f"patch {guard.patch_info['id']}" if guard.patch_info else "no patch")
         return guard
@@ -347,7 +350,9 @@ class ProtectedLVLM:
         rows = self._rows.rows if self._rows is not None and flags is not None else None
         with torch.inference_mode():
             if self._decoder is not None and self._decoder.supported:
-                return self._decoder.generate(images, texts, max_new_tokens, keys=keys, flags=flags, rows=rows)
+                # merged: the weights hold one state, the guard's (the lock is held): it keys cached prefixes
+                states = flags if flags is not None else [self._protected] * len(images)
+                return self._decoder.generate(images, texts, max_new_tokens, keys=keys, flags=states, rows=rows)
             with rows(flags) if rows is not None else nullcontext():
                 if self._onnx is None:
                     return self.adapter.generate(images, texts, max_new_tokens=max_new_tokens)
@@ -389,7 +394,7 @@ class ProtectedLVLM:
     def _image_keys(self, images: list[Image.Image]) -> list[bytes] | None:
         """Content keys of the images when something uses them (computed in the caller's thread)."""
         decoder = self._decoder
-        if not self._dedup and (decoder is None or decoder.cache.max_items == 0):
+        if not self._dedup and (decoder is None or not (decoder.cache.max_items or decoder.prefixes.max_items)):
             return None
         from ngguard.serving.greedy import image_key
 

@@ -126,7 +126,7 @@ def test_vision_cache_gives_the_same_answers_and_skips_the_vision_tower(monkeypa
     ad, images, texts = _llava_with_early_stops()
     want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
     mixed = ProtectedLVLM(ad, fast_decode=False).chat(images[3], texts[0], max_new_tokens=N)
-    guard = ProtectedLVLM(ad, vision_cache=3, dedup=False)
+    guard = ProtectedLVLM(ad, vision_cache=3, dedup=False, prefix_cache_mb=0)
     guard._decoder._verify = False  # the first-batch check runs generate (and its vision tower) too
     calls = []
     encoder = ad.model.base_model.get_image_features
@@ -143,7 +143,7 @@ def test_vision_cache_gives_the_same_answers_and_skips_the_vision_tower(monkeypa
     assert calls == [3, 1]
     cache = guard._decoder.cache
     assert len(cache) == 3  # bounded: 4 distinct images seen, 3 kept
-    off = ProtectedLVLM(ad, vision_cache=0, dedup=False)
+    off = ProtectedLVLM(ad, vision_cache=0, dedup=False, prefix_cache_mb=0)
     off._decoder._verify = False
     calls.clear()
     assert off.chat_batch(images[:3], texts[:3], max_new_tokens=N) == want[:3]
@@ -185,6 +185,57 @@ def test_duplicate_rows_are_generated_once_with_their_own_state(tmp_path, monkey
     assert pair[0] != pair[1]
     nodedup = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch, per_row=True, dedup=False)
     assert nodedup.chat_batch(images, texts, max_new_tokens=N, protected=flags) == got
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_prompt_prefixes_are_reused_by_image_and_state_only(tmp_path, per_row, monkeypatch):
+    """The prefix up to the image is computed once per (image content, state) and reused by other
+    questions, in later batches too; base and protected prefixes are kept apart (per-row flags, and in
+    merged mode the swapped weights); answers equal generate's."""
+    ad, patch = _patched(tmp_path)
+    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch, per_row=True, fast_decode=False, dedup=False)
+    guard = ProtectedLVLM(ad, patch, per_row=per_row, dedup=False)
+    decoder = guard._decoder
+    decoder._verify = False
+    prefix_rows = []
+    fill = decoder._prefill_after_prefixes
+    monkeypatch.setattr(decoder, "_prefill_after_prefixes", lambda inputs, split, keys, flags, *a: prefix_rows.append(
+        len({(k, f) for k, f in zip(keys, flags)} - {(k, f) for (k, f, _) in decoder.prefixes._items})) or
+        fill(inputs, split, keys, flags, *a))
+    image = Image.frombytes("RGB", tiny_image(0).size, tiny_image(0).tobytes())
+
+    def want(texts, state):
+        return [reference.chat(tiny_image(0), t, max_new_tokens=N, protected=state) for t in texts]
+
+    assert guard.chat_batch([image] * 2, TEXTS[:2], max_new_tokens=N, protected=True) == want(TEXTS[:2], True)
+    assert prefix_rows[-1] == 1 and len(decoder.prefixes) == 1  # one prefix for both questions
+    copy = Image.frombytes("RGB", image.size, image.tobytes())
+    assert guard.chat_batch([copy] * 2, TEXTS[2:], max_new_tokens=N, protected=True) == want(TEXTS[2:], True)
+    assert prefix_rows[-1] == 0 and len(decoder.prefixes) == 1  # reused by content, in a later batch
+    base = guard.chat_batch([image] * 2, TEXTS[:2], max_new_tokens=N, protected=False)
+    assert base == want(TEXTS[:2], False) and base != want(TEXTS[:2], True)
+    assert len(decoder.prefixes) == 2  # the base prefix is another entry
+    assert guard.chat(image, TEXTS[3], max_new_tokens=N, protected=True) == want(TEXTS[3:], True)[0]
+    assert guard.chat(image, TEXTS[3], max_new_tokens=N, protected=False) == want(TEXTS[3:], False)[0]
+
+
+def test_prefix_cache_is_bounded_in_bytes_and_can_be_off():
+    ad, images, texts = _llava_with_early_stops()
+    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
+    one = None
+    for mb, kept in ((0, 0), (None, 2), (64, 6)):
+        if mb is None:
+            mb = 2.5 * one / 2**20  # room for two prefixes
+        guard = ProtectedLVLM(ad, prefix_cache_mb=mb, dedup=False)
+        assert guard.chat_batch(images, texts, max_new_tokens=N) == want
+        prefixes = guard._decoder.prefixes
+        assert len(prefixes) == kept and prefixes.nbytes <= mb * 2**20
+        if mb == 0:
+            probe = ProtectedLVLM(ad, dedup=False)
+            probe.chat(images[0], texts[0], max_new_tokens=N)
+            one = probe._decoder.prefixes.nbytes
+    with pytest.raises(ValueError, match="prefix cache size"):
+        GreedyDecoder(ad, prefix_cache_mb=-1)
 
 
 def test_organism_fast_decoding_equals_generate_with_mixed_rows():

@@ -16,6 +16,14 @@ What it does differently from ``transformers``' ``generate`` (same model calls, 
   object), so an image seen again (the compare view's two rows, a chat follow-up, a retried request)
   skips the vision tower. The features do not depend on the protection state: patches edit
   decoder layers only (``ngguard.patch`` checks the names).
+- **prompt prefixes by image and state**: the keys and values of each prompt's prefix up to the end
+  of its image (LLaVA: "<s>USER: " + the image tokens) are kept in an LRU bounded in bytes, keyed by
+  (image content, protection state, prefix tokens); a row whose prefix is known, or shares it with
+  another row of the batch (the same image asked two questions), computes only its own question:
+  [prefix | padding | question], the padding masked, positions continuing after the prefix. The
+  prefix is the same tokens at the same positions whatever follows, so its keys and values are the
+  same numbers a full prefill computes for them (up to float summation order). In per-row mode the
+  state is the row's flag; in merged mode the guard's state under its lock.
 - the generation loop is a few tensor operations per step (no logits processors, stopping
   criteria, streamer, output bookkeeping).
 
@@ -58,19 +66,29 @@ def image_key(image: Image.Image) -> bytes:
     return h.digest()
 
 
-class FeatureCache:
-    """A thread-safe LRU of at most ``max_items`` tensors by key (0: keeps nothing). ``hits`` and
-    ``misses`` count lookups."""
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
 
-    def __init__(self, max_items: int = 256):
+
+class FeatureCache:
+    """A thread-safe LRU of at most ``max_items`` values by key (0: keeps nothing) and, with
+    ``max_bytes``, at most that many bytes of tensors (a value is a tensor or nested tuples of
+    them; one larger than ``max_bytes`` is not kept). ``hits`` and ``misses`` count lookups."""
+
+    def __init__(self, max_items: int = 256, *, max_bytes: int | None = None, what: str = "vision cache size"):
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
-            raise ValueError(f"vision cache size must be a non-negative integer, got {max_items!r}")
+            raise ValueError(f"{what} must be a non-negative integer, got {max_items!r}")
         self.max_items = max_items
-        self._items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+        self.nbytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key):
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -80,14 +98,22 @@ class FeatureCache:
             self.hits += 1
             return value
 
-    def put(self, key: bytes, value: torch.Tensor) -> None:
+    def put(self, key, value) -> None:
         if self.max_items == 0:
             return
+        size = _nbytes(value)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return
         with self._lock:
+            if key in self._items:
+                self.nbytes -= self._sizes[key]
             self._items[key] = value
+            self._sizes[key] = size
+            self.nbytes += size
             self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            while len(self._items) > self.max_items or (self.max_bytes is not None and self.nbytes > self.max_bytes):
+                old, _ = self._items.popitem(last=False)
+                self.nbytes -= self._sizes.pop(old)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -95,6 +121,8 @@ class FeatureCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._sizes.clear()
+            self.nbytes = 0
 
 
 RowsContext = Callable[[list[bool]], ContextManager]
@@ -105,9 +133,14 @@ class GreedyDecoder:
     docstring). ``vision_cache``: image features kept (0: none); ``verify``: check the first batch
     against ``generate``."""
 
-    def __init__(self, adapter: "Adapter", *, vision_cache: int = 256, verify: bool = True):
+    def __init__(self, adapter: "Adapter", *, vision_cache: int = 256, prefix_cache_mb: float = 64.0,
+                 verify: bool = True):
         self.adapter = adapter
         self.cache = FeatureCache(vision_cache)
+        if not 0 <= float(prefix_cache_mb) <= 1_000_000:
+            raise ValueError(f"prefix cache size must be in 0..1000000 MB, got {prefix_cache_mb!r}")
+        self.prefixes = FeatureCache(1_000_000 if prefix_cache_mb > 0 else 0,
+                                     max_bytes=int(prefix_cache_mb * 2**20), what="prefix cache size")
         self._verify = verify
         self._lock = threading.Lock()
         self.reason = self._unsupported()
@@ -205,17 +238,21 @@ class GreedyDecoder:
         eos = self._eos()
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         n = ids.shape[0]
-        feats = self._features(inputs["pixel_values"], keys)
-        position = mask.long().cumsum(-1) - 1
-        position = position.masked_fill(mask == 0, 0)
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        split = self._split(ids, mask) if keys is not None and self.prefixes.max_items else None
+        if split is not None:
+            logits, mask, last = self._prefill_after_prefixes(inputs, split, keys, flags, rows, cache)
+        else:
+            feats = self._features(inputs["pixel_values"], keys)
+            position = mask.long().cumsum(-1) - 1
+            position = position.masked_fill(mask == 0, 0)
+            with rows(flags):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
+                               mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)},
+                               logits_to_keep=1, use_cache=True, return_dict=True).logits
+            last = position[:, -1:]
         out: list[list[int]] = [[] for _ in range(n)]
         alive = list(range(n))  # batch row -> request index
-        with rows(flags):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
-                           mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)},
-                           logits_to_keep=1, use_cache=True, return_dict=True).logits
-        last = position[:, -1:]
         for step in range(max_new_tokens):
             nxt = logits[:, -1].to(dtype=torch.float32).argmax(-1)
             chosen = nxt.tolist()
@@ -239,6 +276,69 @@ class GreedyDecoder:
             self.steps += 1
             self.row_steps += len(alive)
         return out
+
+    # ---- the prompt's prefix up to the image, computed once per image and state --------------------------
+    def _split(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, list[list[int]], list[list[int]]] | None:
+        """(P, prefixes, suffixes): each row's prompt cut after its last image token, when every row's
+        prefix has the same length P and a non-empty suffix follows; else None."""
+        image = self.adapter.image_token_id
+        prefixes, suffixes, length = [], [], None
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            real = [t for t, k in zip(row, m) if k]
+            at = max((i for i, t in enumerate(real) if t == image), default=None)
+            if at is None or at + 1 >= len(real) or (length is not None and at + 1 != length):
+                return None
+            length = at + 1
+            prefixes.append(real[:length])
+            suffixes.append(real[length:])
+        return length, prefixes, suffixes
+
+    def _prefill_after_prefixes(self, inputs: dict, split, keys, flags: list[bool], rows: RowsContext, cache):
+        """The prefill with each row's prefix (its prompt up to the end of the image) taken from the
+        prefix cache, keyed by (image content, protection state, prefix tokens), or computed once per
+        distinct key: the prefix is the same tokens at the same positions (0..P-1) whatever follows
+        it, so its keys and values are too. The rows' suffixes follow the prefix, left-padded among
+        themselves (the padding masked): [prefix | padding | suffix], positions P, P+1, ... .
+        Returns (logits of each row's last token, attention mask, last positions)."""
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        model = self.adapter.model
+        length, prefixes, suffixes = split
+        n = len(prefixes)
+        pkeys = [(keys[r], bool(flags[r]), tuple(prefixes[r])) for r in range(n)]
+        entries = {k: self.prefixes.get(k) for k in dict.fromkeys(pkeys)}
+        todo = [pkeys.index(k) for k, v in entries.items() if v is None]  # first row of each missing prefix
+        if todo:
+            feats = self._features(inputs["pixel_values"][todo], [keys[r] for r in todo])
+            fresh = DynamicCache(config=model.config.get_text_config(decoder=True))
+            ids = torch.tensor([prefixes[r] for r in todo], dtype=torch.long, device=inputs["input_ids"].device)
+            with rows([flags[r] for r in todo]):
+                model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      position_ids=torch.arange(length, device=ids.device).expand(len(todo), -1), cache=fresh,
+                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)},
+                      logits_to_keep=1, use_cache=True, return_dict=True)
+            for u, r in enumerate(todo):
+                entry = tuple((layer.keys[u].clone(), layer.values[u].clone()) for layer in fresh.layers)
+                entries[pkeys[r]] = entry
+                self.prefixes.put(pkeys[r], entry)
+        for i in range(len(next(iter(entries.values())))):
+            cache.update(torch.stack([entries[k][i][0] for k in pkeys]),
+                         torch.stack([entries[k][i][1] for k in pkeys]), i)
+        width = max(len(s) for s in suffixes)
+        device = inputs["input_ids"].device
+        ids = torch.full((n, width), self.adapter.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((n, length + width), dtype=torch.long, device=device)
+        mask[:, :length] = 1
+        position = torch.zeros((n, width), dtype=torch.long, device=device)
+        for r, s in enumerate(suffixes):
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, length + width - len(s):] = 1
+            position[r, width - len(s):] = torch.arange(length, length + len(s))
+        with rows(flags):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
+                           logits_to_keep=1, use_cache=True, return_dict=True).logits
+        return logits, mask, position[:, -1:]
 
     def _generate(self, inputs: dict, max_new_tokens: int, flags: list[bool], rows: RowsContext | None
                   ) -> list[str]:
