@@ -267,3 +267,24 @@ def test_organism_fast_decoding_equals_generate_with_mixed_rows():
     assert decoder.row_steps < len(images) * decoder.steps
     alone = [guard.chat(im, tx, max_new_tokens=24, protected=f) for im, tx, f in zip(images, texts, flags)]
     assert alone == want
+
+
+def test_image_after_the_text_template_equals_generate():
+    """A template that puts the image after the question: the prefix then holds the question too.
+    Prefixes of different lengths in one batch: the plain prefill; of one length: shared by identical
+    questions about the same image only. Answers equal generate's either way."""
+    model, processor = tiny_llava(seed=2, template="text_first")
+    ad = adapter_for(model, processor)
+    images = [tiny_image(0), tiny_image(0), tiny_image(1), tiny_image(0)]
+    texts = [TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[0]]
+    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
+    guard = ProtectedLVLM(ad, dedup=False)
+    guard._decoder._verify = False
+    assert guard.chat_batch(images, texts, max_new_tokens=N) == want
+    assert len(guard._decoder.prefixes) == 0  # questions of different lengths before the image
+    same = [0, 2, 3]  # one question, images 0, 1, 0
+    assert guard.chat_batch([images[i] for i in same], [texts[i] for i in same], max_new_tokens=N) == \
+        [want[i] for i in same]
+    assert len(guard._decoder.prefixes) == 2  # (image 0, q0), (image 1, q0)
+    assert [guard.chat(im, tx, max_new_tokens=N) for im, tx in zip(images, texts)] == want
+    assert len(guard._decoder.prefixes) == 3  # + (image 0, q1)
