@@ -42,9 +42,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision-cache", type=int, default=256,
                    help="image features kept by image content, for images seen again (default 256 images; 0 = off)")
     p.add_argument("--prefix-cache-mb", type=float, default=64.0,
-                   help="keys/values of prompt prefixes up to the image (a question about an image seen before, "
-                        "the compare view's two rows) kept by image content and protection state, at most this "
-                        "many MB (default 64; 0 = off; with --decode fast)")
+                   help="keys/values of prompt prefixes up to the image (a question about an image asked about "
+                        "before, several questions about one image in a batch) kept by image content and "
+                        "protection state, at most this many MB (default 64; 0 = off; with --decode fast)")
     p.add_argument("--dedup", choices=("on", "off"), default="on",
                    help="on (default): requests of one batch with the same image content, question and protection "
                         "state are generated once")
