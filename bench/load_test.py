@@ -5,6 +5,8 @@
     python bench/load_test.py --servers on --endpoint chat --client gradio   # through gradio_client
     python bench/load_test.py --client http            # Gradio's own HTTP API (upload, call, event stream)
     python bench/load_test.py --serve-only --port 7860  # just serve (used by bench/screenshot.sh)
+    python bench/load_test.py --images 25              # 25 distinct cards (50 distinct image+question pairs)
+    python bench/load_test.py --server-args "--dedup off --vision-cache 0 --decode generate"   # both servers
 
 Two servers, each ``python -m serve.app`` (= ``ngguard serve``) in a child process over the organism
 with its bundled patch:
@@ -19,7 +21,11 @@ Rounds alternate off, on, off, on, ...; while one server is loaded the other is 
 the two never compete for the CPU. The load: ``--n`` requests with ``--concurrency`` in flight, a
 third protected ``/chat``, a third unprotected ``/chat`` and a third ``/compare`` (a base and a
 protected row), on the organism world's sensitive and benign passport questions (``--endpoint``
-restricts it to one kind). Every answer is checked against the answer the guard gives alone, computed
+restricts it to one kind). With ``--images K`` the load uses K distinct passport cards, each with the
+sensitive and the benign question (2K distinct image + question pairs; request k asks pair k mod 2K),
+so that identical requests are rare: the servers' duplicate-row merging (``--dedup``) and image
+feature cache (``--vision-cache``) then save little, and the figures show batching alone.
+``--server-args`` adds ``ngguard serve`` options to both servers. Every answer is checked against the answer the guard gives alone, computed
 before the load (a protected request answered by the base model, or the other way round, counts as
 wrong).
 
@@ -47,6 +53,7 @@ import ipaddress
 import json
 import os
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -303,24 +310,45 @@ class GradioClient:
 
 
 def reference_answers(examples, max_new_tokens: int) -> dict:
-    """{example: {protected: answer}} computed alone, in this process (what every answer must equal)."""
+    """{example: {protected: answer}} computed alone, in this process, through transformers' own
+    ``generate`` (the servers' fast decoding, duplicate merging and feature cache are not used here):
+    what every answer must equal."""
     from ngguard.guard import ProtectedLVLM, load_image
     from serve.app import organism_patch_dir
 
-    guard = ProtectedLVLM.from_pretrained("organism", str(organism_patch_dir()), device="cpu")
+    guard = ProtectedLVLM.from_pretrained("organism", str(organism_patch_dir()), device="cpu", fast_decode=False,
+                                          vision_cache=0, dedup=False)
     want = {i: {s: guard.chat(load_image(examples[i][0]), examples[i][1], max_new_tokens=max_new_tokens, protected=s)
-                for s in (False, True)} for i in (0, 1)}
+                for s in (False, True)} for i in range(len(examples))}
     guard.close()
     return want
 
 
+def distinct_examples(k: int, folder: str) -> list[tuple[str, str]]:
+    """``k`` distinct passport cards (organism world), each with the sensitive and the benign question."""
+    import random
+
+    from PIL import Image
+
+    from ngguard.world.render import draw_card, sample_card
+    from serve.app import BENIGN_Q, SENSITIVE_Q
+
+    out = []
+    for j in range(k):
+        path = os.path.join(folder, f"card{j}.png")
+        Image.fromarray(draw_card(sample_card("Passport", random.Random(1000 + j)))).save(path)
+        out += [(path, SENSITIVE_Q), (path, BENIGN_Q)]
+    return out
+
+
 def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: tuple[str, ...],
              server_cpu=lambda: 0.0) -> dict:
-    """``n`` requests, ``concurrency`` in flight: request k asks example k % 2, kind kinds[(k // 2) % len].
+    """``n`` requests, ``concurrency`` in flight: request k asks example k % len(examples), kind
+    kinds[(k // 2) % len].
     ``server_cpu()``: the server's CPU seconds so far (read after the warm-up and after the load)."""
 
     def one(k: int) -> tuple[float, bool]:
-        i, kind = k % 2, kinds[(k // 2) % len(kinds)]
+        i, kind = k % len(examples), kinds[(k // 2) % len(kinds)]
         path, question = examples[i][0], examples[i][1]
         t = time.perf_counter()
         if kind == "compare":
@@ -379,6 +407,10 @@ def main(argv=None) -> int:
                    help="json (default): the JSON API /v1/chat, /v1/compare; http: Gradio's HTTP API (upload, "
                         "call, event stream); gradio: gradio_client")
     p.add_argument("--max-new-tokens", type=int, default=48, help="as `ngguard serve` (default 48)")
+    p.add_argument("--images", type=int, default=None,
+                   help="K distinct passport cards x 2 questions (default: one card, the demo's two questions)")
+    p.add_argument("--server-args", default="",
+                   help="extra `ngguard serve` options for both servers, e.g. \"--dedup off --vision-cache 0\"")
     p.add_argument("--serve-only", action="store_true", help="start the app in-process and block (no load)")
     p.add_argument("--model", default="organism", help="--serve-only: the model")
     p.add_argument("--patch", default=None, help="--serve-only: the patch")
@@ -401,12 +433,16 @@ def main(argv=None) -> int:
     if not (CHECKPOINT / "config.json").is_file() or not (organism_patch_dir() / "patch.json").is_file():
         raise SystemExit("load_test: the bundled organism checkpoint and patch are needed")
     kinds = {"mixed": KINDS, "chat": ("protected",), "compare": ("compare",)}[args.endpoint]
-    examples = render_examples()
+    if args.images is not None and not 1 <= args.images <= 500:
+        p.error("--images must be in 1..500")
+    tmp = tempfile.TemporaryDirectory(prefix="ngguard-load-")
+    examples = render_examples()[:2] if args.images is None else distinct_examples(args.images, tmp.name)
     want = reference_answers(examples, args.max_new_tokens)
+    extra = shlex.split(args.server_args)
     queue = max(64, 2 * args.n)
-    specs = {"off": ["--protection", args.off_protection, "--max-batch", "1"],
+    specs = {"off": ["--protection", args.off_protection, "--max-batch", "1", *extra],
              "on": ["--protection", "rows", "--max-batch", str(args.max_batch), "--batch-wait-ms",
-                    str(args.batch_wait_ms)]}
+                    str(args.batch_wait_ms), *extra]}
     names = ["off", "on"] if args.servers == "both" else [args.servers]
     servers = {}
     try:
@@ -416,7 +452,9 @@ def main(argv=None) -> int:
             s.wait_ready()
             s.pause()
         load = os.getloadavg()[0]
+        inputs = "1 card x 2 questions" if args.images is None else f"{args.images} distinct cards x 2 questions"
         print(f"organism + bundled patch; {args.n} requests, {args.concurrency} in flight; endpoint {args.endpoint}; "
+              f"inputs: {inputs}; "
               f"client {args.client}; max_new_tokens {args.max_new_tokens}; "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs, "
               f"load average {load:.1f} at the start")

@@ -538,6 +538,11 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch", "threads"):
         if opts[name] is not None and opts[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
+    if isinstance(opts["vision_cache"], bool) or not isinstance(opts["vision_cache"], int) or \
+            not 0 <= opts["vision_cache"] <= 1_000_000:
+        raise ValueError(f"--vision-cache must be in 0..1000000, got {opts['vision_cache']}")
+    if not 0 <= opts["prefix_cache_mb"] <= 1_000_000:
+        raise ValueError(f"--prefix-cache-mb must be in 0..1000000, got {opts['prefix_cache_mb']}")
     if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
         raise ValueError(f"--max-new-tokens must be <= {DEFAULT_LIMITS.max_new_tokens}, got {opts['max_new_tokens']}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
@@ -560,7 +565,9 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
                                           onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key,
                                           per_row=patch is not None and opts["protection"] == "rows",
                                           max_batch=opts["max_batch"], batch_wait_ms=opts["batch_wait_ms"],
-                                          device_map=opts["device_map"])
+                                          device_map=opts["device_map"], fast_decode=opts["decode"] == "fast",
+                                          vision_cache=opts["vision_cache"], prefix_cache_mb=opts["prefix_cache_mb"],
+                                          dedup=opts["dedup"] == "on")
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
                      max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))

@@ -35,6 +35,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long an idle batcher waits for the next request before it starts a batch; it keeps "
                         "collecting while requests keep coming, at most 10x this since the first (default 5 ms)")
+    p.add_argument("--decode", choices=("fast", "generate"), default="fast",
+                   help="fast (default): serving's greedy loop, finished rows leave the batch (checked against "
+                        "transformers' generate on the first batch; models it does not cover use generate); "
+                        "generate: transformers' generate only")
+    p.add_argument("--vision-cache", type=int, default=256,
+                   help="image features kept by image content, for images seen again (default 256 images; 0 = off)")
+    p.add_argument("--prefix-cache-mb", type=float, default=64.0,
+                   help="keys/values of prompt prefixes up to the image (a question about an image asked about "
+                        "before, several questions about one image in a batch) kept by image content and "
+                        "protection state, at most this many MB (default 64; 0 = off; with --decode fast)")
+    p.add_argument("--dedup", choices=("on", "off"), default="on",
+                   help="on (default): requests of one batch with the same image content, question and protection "
+                        "state are generated once")
     p.add_argument("--concurrency", type=int, default=None,
                    help="worker slots per event (default: max(2, --max-batch))")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before new ones are refused")
