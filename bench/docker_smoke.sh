@@ -196,8 +196,12 @@ EOF
 log "API: $answer"
 
 # ---- 7. stop --------------------------------------------------------------------------------------------
-t0=$SECONDS
+t0=$(date +%s.%N)
 docker stop -t 20 "$NAME" >/dev/null
-stop_s=$((SECONDS - t0))
+stop_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b - a}')
+exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
+# SIGTERM -> a clean shutdown exits 0; 137 = killed by docker after the 20 s timeout
+[[ $exit_code == 0 ]] || die "docker stop: the server exited with $exit_code after ${stop_s} s (not a clean SIGTERM shutdown)"
+log "stopped in ${stop_s} s, exit code $exit_code"
 echo "docker smoke OK: build ${build_s} s, image $(awk -v b="$size" 'BEGIN{printf "%.2f GB", b/1e9}') (torch $torch_v)," \
      "HTTP 200 after ${http_s} s, healthy after ${healthy_s} s, stop ${stop_s} s; $answer"
