@@ -399,6 +399,8 @@ def main(argv=None) -> int:
                    help="mixed (default): protected /chat, base /chat and /compare; chat: protected /chat only")
     p.add_argument("--servers", choices=("both", "on", "off"), default="both")
     p.add_argument("--rounds", type=int, default=2, help="off/on pairs, alternating (default 2)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="uncounted runs of the same load per server before the rounds (default 1; 0: none)")
     p.add_argument("--max-batch", type=int, default=64, help="the batching server's --max-batch (default 64)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--off-protection", choices=("merged", "rows"), default="merged",
@@ -420,8 +422,10 @@ def main(argv=None) -> int:
     if args.serve_only:
         return serve_only(args)
     args.concurrency = args.concurrency or min(args.n, MAX_CONCURRENCY)
-    if not 1 <= args.n <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY or args.rounds < 1:
-        p.error(f"--n must be in 1..{MAX_REQUESTS}, --concurrency in 1..{MAX_CONCURRENCY}, --rounds >= 1")
+    if not 1 <= args.n <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY or args.rounds < 1 \
+            or not 0 <= args.warmup <= 10:
+        p.error(f"--n must be in 1..{MAX_REQUESTS}, --concurrency in 1..{MAX_CONCURRENCY}, --rounds >= 1, "
+                "--warmup in 0..10")
 
     from loguru import logger
 
@@ -454,14 +458,14 @@ def main(argv=None) -> int:
         load = os.getloadavg()[0]
         inputs = "1 card x 2 questions" if args.images is None else f"{args.images} distinct cards x 2 questions"
         print(f"organism + bundled patch; {args.n} requests, {args.concurrency} in flight; endpoint {args.endpoint}; "
-              f"inputs: {inputs}; "
+              f"inputs: {inputs}; {args.warmup} uncounted warm-up run(s) per server; "
               f"client {args.client}; max_new_tokens {args.max_new_tokens}; "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs, "
               f"load average {load:.1f} at the start")
         for s in servers.values():
             print(f"  {s.name:>3}: {s.command}")
-        rows = []
-        for r in range(args.rounds):
+        rows, warm = [], []
+        for r in range(-args.warmup, args.rounds):  # negative: warm-up runs, not counted
             for name, s in servers.items():
                 s.resume()
                 try:
@@ -470,10 +474,10 @@ def main(argv=None) -> int:
                                  server_cpu=s.cpu)
                 finally:
                     s.pause()
-                x["label"] = f"{name} #{r + 1}"
-                rows.append(x)
-                print(f"  {x['label']:<7} done: {x['rps']:.2f} req/s, {x['errors']} errors, {x['wrong']} wrong",
-                      file=sys.stderr, flush=True)
+                x["label"] = f"{name} #{r + 1}" if r >= 0 else f"{name} w{r + args.warmup + 1}"
+                (rows if r >= 0 else warm).append(x)
+                print(f"  {x['label']:<7} done: {x['rps']:.2f} req/s, {x['errors']} errors, {x['wrong']} wrong"
+                      + ("" if r >= 0 else " (warm-up, not counted)"), file=sys.stderr, flush=True)
     finally:
         for s in servers.values():
             s.close()
@@ -496,7 +500,10 @@ def main(argv=None) -> int:
                   f"{off['wrong'] + on['wrong']:>12}")
         print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min) "
               f"on {os.cpu_count()} CPUs")
-    return 1 if any(x["errors"] or x["wrong"] for x in rows) else 0
+    bad = [x["label"] for x in warm if x["errors"] or x["wrong"]]
+    if bad:
+        print(f"errors or wrong answers in the warm-up runs {', '.join(bad)}")
+    return 1 if bad or any(x["errors"] or x["wrong"] for x in rows) else 0
 
 
 if __name__ == "__main__":

@@ -288,3 +288,31 @@ def test_image_after_the_text_template_equals_generate():
     assert len(guard._decoder.prefixes) == 2  # (image 0, q0), (image 1, q0)
     assert [guard.chat(im, tx, max_new_tokens=N) for im, tx in zip(images, texts)] == want
     assert len(guard._decoder.prefixes) == 3  # + (image 0, q1)
+
+
+def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():
+    """Keys and values written in place (with reallocation when the room runs out, and rows leaving
+    the batch) are the tensors transformers' concatenating ``DynamicLayer`` holds."""
+    from transformers.cache_utils import DynamicLayer
+
+    from ngguard.serving.greedy import _ReservedLayer
+
+    g = torch.Generator().manual_seed(0)
+    for reserve in (0, 1, 3, 50):
+        ours, ref = _ReservedLayer(reserve), DynamicLayer()
+        batch = 5
+        for step, m in enumerate([7, 1, 1, 4, 1, 2, 1, 1]):
+            k, v = torch.randn(batch, 2, m, 4, generator=g), torch.randn(batch, 2, m, 4, generator=g)
+            got, want = ours.update(k, v), ref.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (reserve, step)
+            assert ours.get_seq_length() == ref.get_seq_length()
+            if step in (2, 5):  # rows leave the batch
+                keep = torch.tensor([0, 2, 3][: batch - 1])
+                ours.batch_select_indices(keep)
+                ref.batch_select_indices(keep)
+                batch = len(keep)
+                assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+        # the returned tensors of an earlier step are not overwritten by later steps
+        before = ours.keys.clone()
+        ours.update(torch.zeros(batch, 2, 1, 4), torch.zeros(batch, 2, 1, 4))
+        assert torch.equal(ours.keys[..., :-1, :], before)
