@@ -18,7 +18,10 @@ with its bundled patch:
   batcher, Gradio's queue and thread pool sized to let B requests reach the batcher at once).
 
 Rounds alternate off, on, off, on, ...; while one server is loaded the other is paused (SIGSTOP), so
-the two never compete for the CPU. The load: ``--n`` requests with ``--concurrency`` in flight, a
+the two never compete for the CPU. Before the counted rounds each server runs the same load
+``--warmup`` times (default 1) uncounted: the batched server's first run of a load meets batch shapes
+it has not seen and was measured 2-3x slower than its later runs (the steady state a long-running
+server is in); errors or wrong answers in a warm-up run still fail the script. The load: ``--n`` requests with ``--concurrency`` in flight, a
 third protected ``/chat``, a third unprotected ``/chat`` and a third ``/compare`` (a base and a
 protected row), on the organism world's sensitive and benign passport questions (``--endpoint``
 restricts it to one kind). With ``--images K`` the load uses K distinct passport cards, each with the
