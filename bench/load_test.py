@@ -21,16 +21,17 @@ Rounds alternate off, on, off, on, ...; while one server is loaded the other is 
 the two never compete for the CPU. Before the counted rounds each server runs the same load
 ``--warmup`` times (default 1) uncounted: the batched server's first run of a load meets batch shapes
 it has not seen and was measured 2-3x slower than its later runs (the steady state a long-running
-server is in); errors or wrong answers in a warm-up run still fail the script. The load: ``--n`` requests with ``--concurrency`` in flight, a
-third protected ``/chat``, a third unprotected ``/chat`` and a third ``/compare`` (a base and a
-protected row), on the organism world's sensitive and benign passport questions (``--endpoint``
-restricts it to one kind). With ``--images K`` the load uses K distinct passport cards, each with the
-sensitive and the benign question (2K distinct image + question pairs; request k asks pair k mod 2K),
-so that identical requests are rare: the servers' duplicate-row merging (``--dedup``) and image
-feature cache (``--vision-cache``) then save little, and the figures show batching alone.
-``--server-args`` adds ``ngguard serve`` options to both servers. Every answer is checked against the answer the guard gives alone, computed
-before the load (a protected request answered by the base model, or the other way round, counts as
-wrong).
+server is in); errors or wrong answers in a warm-up run still fail the script.
+
+The load: ``--n`` requests with ``--concurrency`` in flight, a third protected ``/chat``, a third
+unprotected ``/chat`` and a third ``/compare`` (a base and a protected row), on the organism world's
+sensitive and benign passport questions (``--endpoint`` restricts it to one kind). With ``--images
+K`` the load uses K distinct passport cards, each with the sensitive and the benign question (2K
+distinct image + question pairs; request k asks pair k mod 2K), so that identical requests are rare:
+the servers' duplicate-row merging (``--dedup``) and image feature cache (``--vision-cache``) then
+save little, and the figures show batching alone. ``--server-args`` adds ``ngguard serve`` options
+to both servers. Every answer is checked against the answer the guard gives alone, computed before
+the load (a protected request answered by the base model, or the other way round, counts as wrong).
 
 The client (``--client``): ``json`` (default) calls the server's JSON API (``POST /v1/chat``,
 ``/v1/compare``: one HTTP call per request with the image as base64 in the body, answered outside

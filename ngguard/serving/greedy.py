@@ -33,9 +33,9 @@ What it does differently from ``transformers``' ``generate`` (same model calls, 
 
 The model sees exactly what ``generate`` gives it (checked on the organism and the tiny LLaVA in the
 tests): the prefill with ``input_ids``, the 2-D ``attention_mask``, ``position_ids`` = cumsum of
-the mask - 1 (0 on padding), a ``DynamicCache`` built from the text config (its layers' buffers reserved), the image features as
-``mm_encoder_outputs``, ``logits_to_keep=1``; then one token per row and step, positions + 1, the
-mask grown by one column. The next token is the argmax of the float32 logits (first maximum), as
+the mask - 1 (0 on padding), a ``DynamicCache`` built from the text config (its layers writing in
+place), the image features as ``mm_encoder_outputs``, ``logits_to_keep=1``; then one token per row
+and step, positions + 1, the mask grown by one column. The next token is the argmax of the float32 logits (first maximum), as
 greedy ``generate`` picks it. Supported when the adapter says its model places tokens by 1-D
 positions after a cache (``Adapter.prefix_cache``), has ``get_image_features``, its encoded batch
 holds only ``input_ids``, ``attention_mask`` and ``pixel_values``, and its generation config adds
@@ -165,7 +165,7 @@ class _ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._k is not None and self.get_seq_length() > 0:
+        if self._k is not None:  # a buffer holds at least one position
             n = self.keys.shape[-2]
             self._k, self._v = self._k[indices, ...], self._v[indices, ...]
             self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
