@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     from ngguard.data import read_jsonl
     from ngguard.edit import apply_edit
     from ngguard.evaluate import evaluate
-    from ngguard.localize import jaccard, localize_layer
+    from ngguard.core import jaccard
+    from ngguard.methods.neural_gate import localize_layer
     from ngguard.pipeline import make_samples
     from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL
     from ngguard.world.render import render_world

@@ -30,7 +30,8 @@ import torch
 
 from ngguard.adapters import load_adapter
 from ngguard.data import read_jsonl
-from ngguard.localize import jaccard, localize_layer
+from ngguard.core import jaccard
+from ngguard.methods.neural_gate import localize_layer
 from ngguard.pipeline import make_samples
 from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL
 from ngguard.world.render import render_world

@@ -1,5 +1,7 @@
-"""Output files: atomic folders (build in a temp folder next to the target, rename at the end), checksums,
-and reading back the JSON manifest such a folder carries (``read_manifest``).
+"""Output files: atomic folders (``atomic_dir``: build in a temp folder next to the target, rename at
+the end) and single files (``atomic_file``, ``atomic_write_text``), checksums, and reading back the
+JSON manifest such a folder carries (``Manifest.read``: the one manifest reader; a patch's and an
+ONNX export's are ``Manifest`` values in ``patch.py`` and ``onnx_vision.py``).
 
 A run that fails or is killed leaves no half-written target. An exception (also Ctrl-C, and SIGTERM,
 which the CLI raises as an interrupt) removes the temp folder. A process killed outright (kill -9,
@@ -9,6 +11,7 @@ this host whose process is gone (``sweep_stale``)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,9 +20,11 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from loguru import logger
+
+from ngguard.limits import short_repr
 
 
 @contextlib.contextmanager
@@ -65,6 +70,36 @@ def _default_modes(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
             os.chmod(f, (0o777 if f.stat().st_mode & 0o100 else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp file path next to ``path`` (named as ``temp_prefix``); on success it replaces
+    ``path`` (created with a plain ``open``'s mode), on any exception it is removed. For writers
+    that take a path (``safetensors.torch.save_file``, ``PIL.Image.save``, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_file``), flushed to disk. Returns ``path``."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 _STALE = re.compile(r"\.tmp-.*-([0-9a-f]{6})p(\d+)-[A-Za-z0-9_]+")
@@ -126,36 +161,51 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_manifest(folder: str | os.PathLike, name: str, *, error: type[Exception], kind: str, fmt: str, version: int,
-                  required: Iterable[str], hint: str = "", max_bytes: int | None = None) -> dict:
-    """The JSON manifest ``folder/name`` of an output folder, checked for its ``format`` (``fmt``), its
-    ``format_version`` and the ``required`` keys; every problem raises ``error`` as one line naming
-    the file. ``kind`` names the folder ("patch", "ONNX vision"); ``hint``: how to make one."""
-    from ngguard.limits import short_repr
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What the JSON manifest ``name`` of an output folder must hold: its ``format`` (``fmt``), its
+    ``format_version`` and the ``required`` keys. ``kind`` names the folder in messages ("patch",
+    "ONNX vision"), ``hint`` says how to make one, ``error`` is the exception every problem raises
+    (one line naming the file), ``check(manifest, path)``: further checks of the kind's own fields."""
 
-    folder = Path(folder)
-    path = folder / name
-    if not folder.is_dir():
-        raise error(f"{folder}: {kind} folder not found")
-    if not path.is_file():
-        raise error(f"{folder}: not {_article(kind)} {kind} folder (no {name}{hint})")
-    try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise error(f"{path}: manifest too large ({path.stat().st_size} bytes)")
-        m: Any = json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:
-        raise error(f"{path}: unreadable manifest (nested too deeply)") from None
-    except (OSError, ValueError) as e:
-        raise error(f"{path}: unreadable manifest ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(m, dict) or m.get("format") != fmt:
-        raise error(f"{path}: not an ngguard {kind} manifest")
-    if m.get("format_version") != version:
-        raise error(f"{path}: unsupported {kind} format version {short_repr(m.get('format_version'), 40)} "
-                    f"(this ngguard reads {version})")
-    for key in required:
-        if key not in m:
-            raise error(f"{path}: manifest lacks {key!r}")
-    return m
+    name: str
+    kind: str
+    fmt: str
+    version: int
+    required: tuple[str, ...]
+    error: type[Exception] = ValueError
+    hint: str = ""
+    max_bytes: int | None = None
+    check: Callable[[dict, Path], None] | None = None
+
+    def read(self, folder: str | os.PathLike) -> dict:
+        """Load ``folder/name`` and check it (see the class)."""
+        error, kind, name = self.error, self.kind, self.name
+        folder = Path(folder)
+        path = folder / name
+        if not folder.is_dir():
+            raise error(f"{folder}: {kind} folder not found")
+        if not path.is_file():
+            raise error(f"{folder}: not {_article(kind)} {kind} folder (no {name}{self.hint})")
+        try:
+            if self.max_bytes is not None and path.stat().st_size > self.max_bytes:
+                raise error(f"{path}: manifest too large ({path.stat().st_size} bytes)")
+            m: Any = json.loads(path.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise error(f"{path}: unreadable manifest (nested too deeply)") from None
+        except (OSError, ValueError) as e:
+            raise error(f"{path}: unreadable manifest ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(m, dict) or m.get("format") != self.fmt:
+            raise error(f"{path}: not an ngguard {kind} manifest")
+        if m.get("format_version") != self.version:
+            raise error(f"{path}: unsupported {kind} format version {short_repr(m.get('format_version'), 40)} "
+                        f"(this ngguard reads {self.version})")
+        for key in self.required:
+            if key not in m:
+                raise error(f"{path}: manifest lacks {key!r}")
+        if self.check is not None:
+            self.check(m, path)
+        return m
 
 
 def _article(word: str) -> str:

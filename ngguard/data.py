@@ -1,15 +1,15 @@
 """PrivacyPair queries: the record, readers and the paper's split rule."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from loguru import logger
+
+from .atomic import atomic_write_text  # re-exported: callers import it from here too
 
 
 @dataclass(frozen=True)
@@ -66,24 +66,6 @@ def _image_field(r: dict, where: str) -> str:
 
 def _type_name(value) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _require_file(path: Path) -> None:

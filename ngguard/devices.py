@@ -30,12 +30,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .device_maps import AUTO_MAPS  # torch-free, for argument parsers; defined there once
+
 __all__ = ["auto_device", "gpu_available", "pick_device", "resolve_device", "AUTO_MAPS", "COMPONENT_NAMES",
            "component_device_map", "device_value", "input_device", "module_device", "offload_kind", "real_tensor",
            "check_editable", "edited_offload", "parse_component", "OffloadedError"]
 
-# device_map strings that accelerate / transformers place by themselves
-AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 COMPONENT_NAMES = ("vision", "embed", "layers.N", "layers.A-B", "norm", "lm_head", "default")
 _LAYERS = re.compile(r"layers\.(\d+)(?:-(\d+))?")
 _DEVICE = re.compile(r"(cuda|xpu|npu|mps)(:\d+)?|cpu|disk")

@@ -29,7 +29,15 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+from .adapters import _adapter_class, resolve_model_path
+from .atomic import atomic_dir
+from .patch import PatchError, _check_out, _locate, checkpoint_to_model_names, load_patch_tensors
 
 __all__ = ["export_lora", "parse_rank", "lora_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -73,11 +81,6 @@ def lora_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, t
 
 def _meta_model(base: Path):
     """The base model's class built on the meta device from its config.json (no weights read)."""
-    import transformers
-    from transformers import AutoConfig
-
-    from ngguard.adapters import _adapter_class
-
     config = AutoConfig.from_pretrained(base, local_files_only=True)
     cls = _adapter_class(type(config).__name__)
     model_class = getattr(transformers, cls.model_classes[type(config).__name__])
@@ -91,13 +94,6 @@ def export_lora(patch_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ran
     (atomically). ``base``: the checkpoint the patch was made for (its config.json names the
     modules; its weights are read only when the patch holds no base values). Returns the
     ``ngguard-lora.json`` record. ``key``: the operator's patch key (a valid signature is then required)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from ngguard.adapters import resolve_model_path
-    from ngguard.atomic import atomic_dir
-    from ngguard.patch import PatchError, _check_out, _locate, checkpoint_to_model_names, load_patch_tensors
-
     patch_dir, out_dir = Path(patch_dir), Path(out_dir)
     base_dir = resolve_model_path(base)
     _check_out(out_dir, overwrite, patch_dir)

@@ -35,8 +35,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import atomic_dir, sha256_file
-from .atomic import read_manifest as read_folder_manifest
+from .atomic import Manifest, atomic_dir, sha256_file
 from .devices import gpu_available
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -236,10 +235,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    return atomic_dir(out_dir, overwrite=overwrite, error=OnnxVisionError)
-
-
 def _parity(session, reference: torch.nn.Module, shape: tuple[int, int, int], batches: Sequence[int],
             seed: int = 0) -> tuple[float, float]:
     """(max abs difference between onnxruntime and torch, max abs torch feature) on random N(0, 1)
@@ -340,7 +335,7 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
         "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=OnnxVisionError) as tmp:
         (tmp / ONNX_FILE).write_bytes(data)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if sha256_file(tmp / ONNX_FILE) != manifest["onnx_sha256"]:
@@ -370,10 +365,10 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def read_manifest(onnx_dir: str | os.PathLike) -> dict:
-    return read_folder_manifest(onnx_dir, MANIFEST, error=OnnxVisionError, kind="ONNX vision", fmt=FORMAT,
-                                version=FORMAT_VERSION, required=("onnx_file", "onnx_sha256", "input", "output", "model"),
-                                hint="; create it with export_vision")
+ONNX_MANIFEST = Manifest(MANIFEST, "ONNX vision", FORMAT, FORMAT_VERSION,
+                         required=("onnx_file", "onnx_sha256", "input", "output", "model"),
+                         error=OnnxVisionError, hint="; create it with export_vision")
+read_manifest = ONNX_MANIFEST.read  # the export folder's manifest.json, checked
 
 
 class OnnxVision:

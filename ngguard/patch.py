@@ -33,15 +33,19 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_dir, sha256_file
-from .atomic import read_manifest as read_folder_manifest
-from .compat import checkpoint_renames
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from . import __version__
+from .adapters import adapter_class
+from .atomic import Manifest, atomic_dir, atomic_write_text, sha256_file
+from .compat import checkpoint_renames
+from .limits import short_repr
+from .recipe import MODULES
 
 __all__ = [
     "PatchError",
@@ -255,10 +259,6 @@ def _check_out(out_dir: Path, overwrite: bool, *others: Path) -> None:
             raise PatchError(f"output folder {out_dir} must not be, contain or lie inside {other}")
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    return atomic_dir(out_dir, overwrite=overwrite, error=PatchError)
-
-
 def _copy_range(src: Path, src_start: int, dst_fh, dst_start: int, n: int) -> None:
     with open(src, "rb") as fh:
         dst_fh.seek(dst_start)
@@ -276,7 +276,7 @@ def _write_checkpoint(src_dir: Path, out_dir: Path, targets: Mapping[str, _Loc],
     for name, loc in targets.items():
         touched.setdefault(loc.file, []).append(name)
     rewritten = []
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=PatchError) as tmp:
         for src in sorted(src_dir.rglob("*")):
             rel = src.relative_to(src_dir)
             if any(part.startswith(".") for part in rel.parts):
@@ -340,6 +340,7 @@ def _base_info(base_dir: Path) -> dict:
     model_type = cfg.get("model_type")
     config_class = None
     try:
+        # lazy: transformers' auto mapping costs ~1 s to import, and only writing a patch needs it
         from transformers import CONFIG_MAPPING
 
         config_class = CONFIG_MAPPING[model_type].__name__
@@ -352,21 +353,7 @@ def _dump_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def read_manifest(patch_dir: str | os.PathLike) -> dict:
-    """Load and sanity-check ``patch.json`` (no checksums; see ``verify_patch``)."""
-    m = read_folder_manifest(patch_dir, MANIFEST, error=PatchError, kind="patch", fmt=FORMAT, version=FORMAT_VERSION,
-                             required=("patch_id", "base", "patched_fingerprint", "tensors", "files"),
-                             max_bytes=_MAX_MANIFEST_BYTES)
-    path = Path(patch_dir) / MANIFEST
-    _check_schema(m, path)
-    if not m["tensors"]:
-        raise PatchError(f"{path}: manifest lists no tensors")
-    return m
-
-
 def _short(value: Any, width: int = 40) -> str:
-    from ngguard.limits import short_repr
-
     return short_repr(value, width)
 
 
@@ -421,14 +408,24 @@ def _check_schema(m: dict, path: Path) -> None:
         raise bad("extra.module", "a module name like down_proj", module)
 
 
+def _check_patch_manifest(m: dict, path: Path) -> None:
+    _check_schema(m, path)
+    if not m["tensors"]:
+        raise PatchError(f"{path}: manifest lists no tensors")
+
+
+PATCH_MANIFEST = Manifest(MANIFEST, "patch", FORMAT, FORMAT_VERSION,
+                          required=("patch_id", "base", "patched_fingerprint", "tensors", "files"),
+                          error=PatchError, max_bytes=_MAX_MANIFEST_BYTES, check=_check_patch_manifest)
+read_manifest = PATCH_MANIFEST.read  # load and sanity-check patch.json (no checksums; see verify_patch)
+
+
 def check_tensor_names(m: dict, expected: Iterable[str] | None = None) -> None:
     """Every tensor of the patch is the weight of the manifest's module in one of the manifest's
     layers: ``...layers.<L>.<...>.<module>.weight`` with L in ``layers`` and module =
     ``extra.module`` (or, for manifests without it, one of the recipe modules down/up/gate_proj).
     With ``expected`` (the checkpoint names the model's adapter gives for those layers and module),
     the names must be among them exactly. Raises PatchError naming the first stray tensor."""
-    from ngguard.recipe import MODULES
-
     module = (m.get("extra") or {}).get("module")
     allowed = ({module} if module else set(MODULES)) & set(MODULES)  # an edit only ever changes an MLP matrix
     layers = set(m["layers"])
@@ -539,8 +536,6 @@ def sign_patch(patch_dir: str | os.PathLike, key: bytes) -> str:
     patch_dir = Path(patch_dir)
     m, _, _ = _check_patch(patch_dir)
     mac = _mac(patch_dir, key)
-    from ngguard.data import atomic_write_text
-
     atomic_write_text(patch_dir / SIGNATURE, json.dumps({"alg": "hmac-sha256", "patch_id": m["patch_id"],
                                                          "mac": mac}) + "\n")
     return mac
@@ -574,9 +569,7 @@ def checkpoint_to_model_names(model: torch.nn.Module, names: Iterable[str]) -> d
     todo = [n for n in names if n not in state]
     if not todo:
         return out
-    from ngguard.adapters import adapter_class  # the family's renaming, when transformers cannot say
-
-    family = adapter_class(model)
+    family = adapter_class(model)  # the family's renaming, when transformers cannot say
     out.update(checkpoint_renames(model, todo, state, family.checkpoint_renames if family is not None else ()))
     return out
 
@@ -640,7 +633,7 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     patched = dict(digests, **new_sha)
     patched_fp = _fp_of(locs, patched)
 
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=PatchError) as tmp:
         # same tensors -> same bytes: sorted insertion order, and ONE metadata key (safetensors
         # writes metadata in hash-map order, which varies between calls)
         save_file({n: new[n] for n in sorted(new)}, str(tmp / PATCH_FILE), metadata={"format": "pt"})
@@ -653,8 +646,6 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
             save_file(base_vals, str(tmp / BASE_FILE), metadata={"format": "pt"})
             del base_vals
             files[BASE_FILE] = {"sha256": sha256_file(tmp / BASE_FILE), "bytes": (tmp / BASE_FILE).stat().st_size}
-        from ngguard import __version__
-
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

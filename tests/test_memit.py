@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ngguard.adapters import adapter_for
-from ngguard.localize import Sample
+from ngguard.core import Sample
 from ngguard.methods import REGISTRY, method_deviations
 from ngguard.methods import covariance as cov_mod
 from ngguard.methods.alphaedit import AlphaEditHParams, alphaedit_update, apply_alphaedit

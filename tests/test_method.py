@@ -9,8 +9,8 @@ import torch
 from ngguard.adapters import adapter_for
 from ngguard.data import Query
 from ngguard.edit import apply_edit, dinm_layer
-from ngguard.localize import (Sample, gates_from_scales, jaccard, localize_layer, row_nll,
-                              sample_rows)
+from ngguard.core import Sample, jaccard, row_nll
+from ngguard.methods.neural_gate import gates_from_scales, localize_layer, sample_rows
 from tiny_models import tiny_image, tiny_llava
 
 REFUSAL = "I am sorry."

@@ -248,13 +248,6 @@ def minigpt4_processor(tokenizer, image_processor, num_query_tokens: int):
     return processor
 
 
-# ---- atomic output folder ----------------------------------------------------------------------------
-
-
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    return atomic_dir(out_dir, overwrite=overwrite, error=ConversionError)
-
-
 # ---- the conversion ------------------------------------------------------------------------------------
 
 
@@ -460,7 +453,7 @@ def convert_minigpt4(ckpt_pth: str | os.PathLike, llm_dir: str | os.PathLike, bl
         "num_query_tokens": n_query,
         "dtype": str(cast) if cast is not None else "as in the sources",
     }
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=ConversionError) as tmp:
         _write_shards(tmp, sources, expected, cast, max_shard_bytes)
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)

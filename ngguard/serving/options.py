@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# = ngguard.devices.AUTO_MAPS (not imported: it pulls torch; tests/test_devices.py checks they agree)
-_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+from ngguard.device_maps import AUTO_MAPS as _DEVICE_MAPS  # torch-free; = ngguard.devices.AUTO_MAPS
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
