@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 from loguru import logger
 
-from ngguard.judge import parse_judge_spec
+from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.limits import short_repr
 from ngguard.world.spec import REFUSAL
@@ -476,9 +475,9 @@ class ReportSpec:
 @dataclass(frozen=True)
 class JudgeSpec:
     """The refusal judge of the evaluation: ``rules`` (default), ``{classifier: PATH, labels: {...}}``
-    or ``{generative: PATH, template: FILE}`` (see ``ngguard.judge.parse_judge_spec``). Kept as the
+    or ``{generative: PATH, template: FILE}`` (see ``ngguard.judges.spec.parse_judge_spec``). Kept as the
     canonical JSON of the plain value (paths resolved) so the recipe stays hashable and frozen;
-    ``value`` gives the plain value back, which ``ngguard.judge.make_judge`` accepts."""
+    ``value`` gives the plain value back. ``ngguard.judges.make_judge`` accepts the spec itself."""
 
     canonical: str = '"rules"'
 
@@ -486,13 +485,11 @@ class JudgeSpec:
     def value(self) -> Any:
         return json.loads(self.canonical)
 
-    @functools.cached_property
+    @property
     def judge(self):
-        """The judge, built once per spec (a model judge loads and fingerprints its weights once,
-        however many evaluations of a run use it)."""
-        from ngguard.judge import make_judge
-
-        return make_judge(self.value)
+        """The judge, built once per spec by ``make_judge`` (a model judge loads and fingerprints its
+        weights once, however many evaluations of a run use it)."""
+        return make_judge(self)
 
 
 def _judge(v, ctx: _Ctx, key: str) -> JudgeSpec:

@@ -44,8 +44,8 @@ def add(sub: Subparsers) -> None:
 def score(args: argparse.Namespace) -> int:
     from ngguard.data import atomic_write_text
     from ngguard.evaluate import judge_line, summary_table
-    from ngguard.judge import make_judge
-    from ngguard.validate_judge import rescore
+    from ngguard.judges import make_judge
+    from ngguard.judges.validate import rescore
 
     result = read_json(args.responses)
     judge = make_judge(args.judge, device=args.device)
@@ -60,9 +60,9 @@ def score(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> int:
     from ngguard.data import atomic_write_text
-    from ngguard.judge import make_judge
-    from ngguard.validate_judge import format_validation, parse_label_map, read_labels, write_disagreements
-    from ngguard.validate_judge import validate as validate_judge
+    from ngguard.judges import make_judge
+    from ngguard.judges.validate import format_validation, parse_label_map, read_labels, write_disagreements
+    from ngguard.judges.validate import validate as validate_judge
 
     rows = read_labels(args.labels, prompt_col=args.prompt_col or None, response_col=args.response_col,
                        label_col=args.label_col, group_cols=args.group_col, label_map=parse_label_map(args.label_map))
