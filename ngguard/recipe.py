@@ -474,7 +474,8 @@ class ReportSpec:
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    """The refusal judge of the evaluation: ``rules`` (default), ``{classifier: PATH, labels: {...}}``
+    """The refusal judge of the evaluation: ``rules`` (default), ``learned`` (or ``{learned: FILE}``),
+    ``{classifier: PATH, labels: {...}}``
     or ``{generative: PATH, template: FILE}`` (see ``ngguard.judges.spec.parse_judge_spec``). Kept as the
     canonical JSON of the plain value (paths resolved) so the recipe stays hashable and frozen;
     ``value`` gives the plain value back. ``ngguard.judges.make_judge`` accepts the spec itself."""
@@ -508,6 +509,13 @@ def _judge(v, ctx: _Ctx, key: str) -> JudgeSpec:
     kind = spec.pop("kind")
     if kind == "rules":
         plain: Any = "rules" if not spec else {"rules": spec}
+    elif kind == "learned" and "path" not in spec:
+        plain = "learned"
+    elif kind == "learned":
+        p = _resolve(spec["path"], ctx.root)
+        if ctx.check_files and not p.is_file():
+            raise ctx.fail(f"{key}.learned", f"file not found: {p}")
+        plain = {"learned": str(p)}
     else:
         path = spec.pop("path")
         p = _resolve(path, ctx.root)

@@ -1,5 +1,6 @@
 """Judge specs and the factory: ``make_judge(spec)`` builds a judge from a recipe's / the CLI's
-``judge`` value: ``"rules"`` (default, ``ngguard.judges.rules``), ``{"classifier": PATH, ...}`` or
+``judge`` value: ``"rules"`` (default, ``ngguard.judges.rules``), ``"learned"`` / ``{"learned": WEIGHTS}`` (the
+hashed n-gram classifier, bundled weights by default, ``ngguard.judges.learned``), ``{"classifier": PATH, ...}`` or
 ``{"generative": PATH, ...}`` (``ngguard.judges.models``: HF checkpoints, loaded only when asked
 for). Imports flow one way: this module imports the judges, no judge imports it, and nothing here
 knows the recipe (a recipe's ``JudgeSpec`` is recognised by its ``canonical`` JSON text)."""
@@ -12,26 +13,29 @@ from typing import Any, Mapping
 
 from ngguard.judges.rules import RefusalJudge
 
-JUDGE_KINDS = ("rules", "classifier", "generative")
+JUDGE_KINDS = ("rules", "learned", "classifier", "generative")
 
 
 def parse_judge_spec(value: Any, where: str = "judge") -> dict:
     """Normalise a judge spec into a dict with ``kind`` (one line ValueError on anything else).
 
-    Accepted: ``"rules"``; ``"classifier:PATH"`` / ``"generative:PATH"`` (CLI shorthand); a path to
+    Accepted: ``"rules"``; ``"learned"`` (bundled weights) / ``"learned:FILE"`` / ``{"learned": FILE}``;
+    ``"classifier:PATH"`` / ``"generative:PATH"`` (CLI shorthand); a path to
     a ``.yaml``/``.yml``/``.json`` file holding one of the mappings below; ``{"rules": {...}}``
     (optional ``prefixes``/``keywords``/``sentence_rules``); ``{"classifier": PATH, "labels": {...},
     "input": "response"|"pair", "batch_size": N, "device": ..., "max_length": N}``; ``{"generative": PATH,
     "template": FILE, "batch_size": N, "device": ...}``."""
     if value is None or value == "rules":
         return {"kind": "rules"}
+    if value == "learned":
+        return {"kind": "learned"}
     if isinstance(value, str):
         kind, sep, rest = value.partition(":")
-        if sep and kind in ("classifier", "generative") and rest.strip():
+        if sep and kind in ("learned", "classifier", "generative") and rest.strip():
             return parse_judge_spec({kind: rest.strip()}, where)
         if value.endswith((".yaml", ".yml", ".json")):
             return parse_judge_spec(_read_spec_file(value, where), value)
-        raise ValueError(f"{where}: unknown judge {value!r}; use rules, classifier:PATH, generative:PATH "
+        raise ValueError(f"{where}: unknown judge {value!r}; use rules, learned, classifier:PATH, generative:PATH "
                          f"or a judge spec file (.yaml/.json)")
     if not isinstance(value, Mapping):
         raise ValueError(f"{where}: expected rules or a mapping like {{classifier: PATH}}, got {type(value).__name__}")
@@ -40,7 +44,7 @@ def parse_judge_spec(value: Any, where: str = "judge") -> dict:
         raise ValueError(f"{where}: give exactly one of {', '.join(JUDGE_KINDS)} (got "
                          f"{', '.join(map(str, value)) or 'an empty mapping'})")
     kind = kinds[0]
-    allowed = {"rules": {"rules"}, "classifier": {"classifier", "labels", "input", "batch_size", "device", "max_length"},
+    allowed = {"rules": {"rules"}, "learned": {"learned"}, "classifier": {"classifier", "labels", "input", "batch_size", "device", "max_length"},
                "generative": {"generative", "template", "batch_size", "device"}}[kind]
     extra = [k for k in value if k not in allowed]
     if extra:
@@ -56,8 +60,11 @@ def parse_judge_spec(value: Any, where: str = "judge") -> dict:
             raise ValueError(f"{where}.rules.{bad[0]}: unknown key (allowed: keywords, prefixes, sentence_rules)")
         return {"kind": "rules", **opts}
     path = value[kind]
+    if kind == "learned" and path in (None, "", "bundled"):
+        return {"kind": "learned"}
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise ValueError(f"{where}.{kind}: expected the path of a model folder, got {path!r}")
+        what = "weights file (.safetensors)" if kind == "learned" else "model folder"
+        raise ValueError(f"{where}.{kind}: expected the path of a {what}, got {path!r}")
     out["path"] = str(path)
     for key in ("batch_size", "max_length"):
         if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
@@ -88,7 +95,7 @@ def _read_spec_file(path: str, where: str) -> Any:
     if isinstance(raw, Mapping):  # relative paths inside the file are relative to the file
         base = os.path.dirname(os.path.abspath(p))
         raw = dict(raw)
-        for key in ("classifier", "generative", "template"):
+        for key in ("learned", "classifier", "generative", "template"):
             if isinstance(raw.get(key), str) and not os.path.isabs(os.path.expanduser(raw[key])):
                 raw[key] = os.path.join(base, raw[key])
     return raw
@@ -120,6 +127,10 @@ def _build(spec: dict, device: str | None):
             return RefusalJudge(**spec)
         except TypeError as e:
             raise ValueError(f"judge.rules: {e}") from None
+    if kind == "learned":
+        from ngguard.judges.learned import LearnedJudge  # numpy + safetensors only
+
+        return LearnedJudge.load(spec.get("path"))
     from ngguard.judges import models  # torch / transformers only when a model judge is asked for
 
     if device is not None and "device" not in spec:

@@ -18,7 +18,9 @@ from typing import Mapping, Sequence
 from ngguard.data import atomic_write_text
 from ngguard.judges.base import LABELS, REFUSAL_LABELS, Judge
 
-DEFAULT_LABEL_VALUES = {lab: lab for lab in LABELS}
+# the judge labels themselves, and XSTest's label values (``1_full_compliance`` ...)
+DEFAULT_LABEL_VALUES = {**{lab: lab for lab in LABELS}, "1_full_compliance": "compliance",
+                        "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,12 @@ def binary_metrics(gold: Sequence[bool], pred: Sequence[bool]) -> dict:
             "recall": rec, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": n - tp - fp - fn}
 
 
+def _partial_recall(rows: Sequence[Labelled], pred_b: Sequence[bool], idx) -> float | None:
+    """Share of the human-labelled partial refusals that the judge counts as a refusal."""
+    hits = [pred_b[i] for i in idx if rows[i].label == "partial"]
+    return _ratio(sum(hits), len(hits))
+
+
 def validate(judge: Judge, rows: Sequence[Labelled]) -> dict:
     """Judge every row; metrics overall and per group, the confusion matrix, the disagreements."""
     prompts = [r.prompt for r in rows]
@@ -134,6 +142,7 @@ def validate(judge: Judge, rows: Sequence[Labelled]) -> dict:
     gold_b = [r.label in REFUSAL_LABELS for r in rows]
     pred_b = [p in REFUSAL_LABELS for p in preds]
     out = binary_metrics(gold_b, pred_b)
+    out["partial_recall"] = _partial_recall(rows, pred_b, range(len(rows)))
     out["label_accuracy"] = _ratio(sum(r.label == p for r, p in zip(rows, preds)), len(rows))
     out["confusion"] = {g: {p: sum(r.label == g and q == p for r, q in zip(rows, preds)) for p in LABELS} for g in LABELS}
     groups: dict[str, dict] = {}
@@ -144,6 +153,7 @@ def validate(judge: Judge, rows: Sequence[Labelled]) -> dict:
             idx = [i for i, r in enumerate(rows) if r.groups[col] == v]
             m = binary_metrics([gold_b[i] for i in idx], [pred_b[i] for i in idx])
             m["label_accuracy"] = _ratio(sum(rows[i].label == preds[i] for i in idx), len(idx))
+            m["partial_recall"] = _partial_recall(rows, pred_b, idx)
             groups[col][v] = m
     out["groups"] = groups
     verdict = getattr(judge, "verdict", None)
@@ -164,6 +174,7 @@ def format_validation(res: dict) -> str:
     L = [f"judge: {res['judge'].get('name')} (fingerprint {res['judge'].get('fingerprint')})",
          f"n={res['n']}  refusal (full or partial) vs compliance: accuracy {_f(res['accuracy'])}  precision "
          f"{_f(res['precision'])}  recall {_f(res['recall'])}  F1 {_f(res['f1'])}",
+         f"partial refusals counted as refusals (partial recall): {_f(res.get('partial_recall'))}",
          f"three-way label agreement: {_f(res['label_accuracy'])}",
          "confusion (rows: human label, columns: judge):",
          f"{'':>12}" + "".join(f"{p:>12}" for p in LABELS)]
@@ -173,9 +184,46 @@ def format_validation(res: dict) -> str:
         w = max(len(v) for v in vals)
         for v, m in vals.items():
             L.append(f"  {v:<{w}}  n={m['n']:<4} accuracy {_f(m['accuracy'])}  precision {_f(m['precision'])}  "
-                     f"recall {_f(m['recall'])}  3-way {_f(m['label_accuracy'])}")
+                     f"recall {_f(m['recall'])}  partial recall {_f(m.get('partial_recall'))}  "
+                     f"3-way {_f(m['label_accuracy'])}")
     n_bin = sum(not d["binary_agrees"] for d in res["disagreements"])
     L.append(f"disagreements: {len(res['disagreements'])} on the label, {n_bin} on refusal vs compliance")
+    return "\n".join(L)
+
+
+def cross_validate(judge: Judge, rows: Sequence[Labelled], group_col: str) -> dict:
+    """Leave one group out: for each value of ``group_col``, a judge fitted on the other groups'
+    rows, judged on that group's rows. A judge that can learn has ``refit(responses, labels) ->
+    judge`` (the learned judge); any other judge (rules, model judges) is judged as is on every
+    group, which is then its per-group figure (said by ``learnable: False``)."""
+    if not rows or group_col not in rows[0].groups:
+        raise ValueError(f"--cross {group_col}: not a group column of the labels (add --group-col {group_col})")
+    values = sorted({r.groups[group_col] for r in rows})
+    if len(values) < 2:
+        raise ValueError(f"--cross {group_col}: needs at least two groups, the labels have {len(values)}")
+    refit = getattr(judge, "refit", None)
+    folds = {}
+    for v in values:
+        test = [r for r in rows if r.groups[group_col] == v]
+        fitted = judge
+        if refit is not None:
+            train_rows = [r for r in rows if r.groups[group_col] != v]
+            fitted = refit([r.response for r in train_rows], [r.label for r in train_rows])
+        res = validate(fitted, test)
+        folds[v] = {k: res[k] for k in ("n", "accuracy", "precision", "recall", "f1", "partial_recall",
+                                        "label_accuracy", "confusion")}
+    return {"group_col": group_col, "learnable": refit is not None, "judge": judge.info(), "folds": folds}
+
+
+def format_cross(res: dict) -> str:
+    how = ("trained on the other groups, tested on the one left out" if res["learnable"]
+           else "not learnable: judged as is on each group")
+    L = [f"leave one {res['group_col']} out ({how}); judge {res['judge'].get('name')} "
+         f"(fingerprint {res['judge'].get('fingerprint')}):"]
+    w = max(len(v) for v in res["folds"])
+    for v, m in res["folds"].items():
+        L.append(f"  {v:<{w}}  n={m['n']:<4} accuracy {_f(m['accuracy'])}  precision {_f(m['precision'])}  "
+                 f"recall {_f(m['recall'])}  partial recall {_f(m['partial_recall'])}  3-way {_f(m['label_accuracy'])}")
     return "\n".join(L)
 
 
