@@ -18,9 +18,7 @@ from typing import Mapping, Sequence
 from ngguard.data import atomic_write_text
 from ngguard.judges.base import LABELS, REFUSAL_LABELS, Judge
 
-# the judge labels themselves, and XSTest's label values (``1_full_compliance`` ...)
-DEFAULT_LABEL_VALUES = {**{lab: lab for lab in LABELS}, "1_full_compliance": "compliance",
-                        "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
+DEFAULT_LABEL_VALUES = {lab: lab for lab in LABELS}
 
 
 @dataclass(frozen=True)
