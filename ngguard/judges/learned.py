@@ -183,7 +183,7 @@ class TrainConfig:
     classes are weighted by inverse frequency (partial refusals are rare)."""
 
     featurizer: Featurizer = field(default_factory=Featurizer)
-    l2: float = 1e-4
+    l2: float = 1e-5
     steps: int = 300
     lr: float = 0.05
     balanced: bool = True
