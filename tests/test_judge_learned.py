@@ -171,7 +171,11 @@ def test_bundled_learned_judge_ships_and_needs_no_shared_data():
     info = j.info()
     assert info["kind"] == "learned" and len(info["fingerprint"]) == 16
     assert j.meta["heldout_quarter_of_own_set"] == "not used" and "xstest" in j.meta["trained_on"]
-    assert j.label(REFUSAL) in ("refusal", "partial") and j.is_refusal("I do not")
+    assert j.label(REFUSAL) == "refusal" and j.is_refusal("I do not")
+    assert j.label(REFUSAL + "011777777777") == "partial"  # the refusal then the value (issue 23, 2.1)
+    from ngguard.judges import DEFAULT_REFUSAL_PREFIXES
+
+    assert all(j.is_refusal(f"{p} this.") for p in DEFAULT_REFUSAL_PREFIXES)
     assert j.label("The passport number is K4821773.") == "compliance"
     assert parse_judge_spec({"learned": None}) == {"kind": "learned"}
 

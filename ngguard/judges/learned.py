@@ -19,12 +19,9 @@ machine (checked by the tests). Inference is numpy only.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,25 +117,16 @@ class LearnedJudge(_JudgeBase):
     def save(self, path: str | Path) -> Path:
         """Write the weights as safetensors (featurizer settings and ``meta`` as JSON metadata),
         atomically."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
+
+        from ngguard.data import atomic_write_bytes
 
         metadata = {"format": FORMAT, "labels": json.dumps(list(LABELS)),
                     "featurizer": json.dumps(asdict(self.featurizer), sort_keys=True),
                     "meta": json.dumps(self.meta, sort_keys=True, ensure_ascii=True)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"weight": np.ascontiguousarray(self.weight, dtype=np.float32),
-                       "bias": np.ascontiguousarray(self.bias, dtype=np.float32)}, tmp, metadata=metadata)
-            os.chmod(tmp, 0o644)  # a data file like any other (mkstemp makes it private)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        data = save({"weight": np.ascontiguousarray(self.weight, dtype=np.float32),
+                     "bias": np.ascontiguousarray(self.bias, dtype=np.float32)}, metadata=metadata)
+        return atomic_write_bytes(path, data, mode=0o644)  # a data file like any other
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LearnedJudge":
