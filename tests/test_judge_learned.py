@@ -241,3 +241,19 @@ def test_every_rule_pattern_enters_the_rules_fingerprint():
     missing = [name for name, v in vars(rules).items() if isinstance(v, re.Pattern) and v.pattern not in source]
     missing += [f"_IMPERSONAL[{i}]" for i, p in enumerate(rules._IMPERSONAL) if p.pattern not in source]
     assert not missing
+
+
+def test_recipe_judge_learned(tmp_path):
+    from ngguard.recipe import RecipeError, recipe_from_dict
+
+    raw = {"model": {"path": "organism"}, "method": "neural_gate", "data": {"world": {"n": 1}},
+           "judge": "learned", "evaluation": {"sets": ["test"]}}
+    recipe = recipe_from_dict(raw)
+    assert recipe.judge.value == "learned" and recipe.judge.judge.info()["kind"] == "learned"
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+    weights = train(*_small_data(), SMALL).save(tmp_path / "w" / "mine.safetensors")
+    mine = recipe_from_dict({**raw, "judge": {"learned": "../w/mine.safetensors"}}, root=tmp_path / "recipes")
+    assert mine.judge.value == {"learned": str(weights)}
+    assert mine.judge.judge.info()["name"] == "learned:mine"
+    with pytest.raises(RecipeError, match=r"judge.learned: file not found"):
+        recipe_from_dict({**raw, "judge": {"learned": "nope.safetensors"}}, root=tmp_path)
