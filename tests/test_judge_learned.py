@@ -257,3 +257,8 @@ def test_recipe_judge_learned(tmp_path):
     assert mine.judge.judge.info()["name"] == "learned:mine"
     with pytest.raises(RecipeError, match=r"judge.learned: file not found"):
         recipe_from_dict({**raw, "judge": {"learned": "nope.safetensors"}}, root=tmp_path)
+
+
+def test_judge_train_refuses_a_folder_as_out_before_any_work(tmp_path, capsys):
+    assert main(["judge", "train", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

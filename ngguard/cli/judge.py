@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import Subparsers, command_group, common, judge_option, read_json
+from .common import Subparsers, check_out_file, command_group, common, judge_option, read_json
 
 
 def add(sub: Subparsers) -> None:
@@ -111,6 +111,8 @@ def train(args: argparse.Namespace) -> int:
     from ngguard.judges.learned import BUNDLED, TrainConfig
     from ngguard.judges.training import cross_model, find_shared, select, train_final, training_sets
 
+    out = args.out or BUNDLED
+    check_out_file(out)
     shared = find_shared(args.shared)
     if shared is None:
         where = args.shared or "$NGGUARD_SHARED or ../shared"
@@ -133,6 +135,6 @@ def train(args: argparse.Namespace) -> int:
         print(f"chosen configuration, tested on {k}: accuracy {m['accuracy']:.3f} precision {m['precision']:.3f} "
               f"recall {m['recall']:.3f} partial recall {m['partial_recall']:.3f}")
     judge = train_final(sets, config, cross)
-    out = judge.save(args.out or BUNDLED)
+    out = judge.save(out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, fingerprint {judge.fingerprint()})")
     return 0
