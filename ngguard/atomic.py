@@ -73,9 +73,9 @@ def _default_modes(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temp file path next to ``path`` (named as ``temp_prefix``); on success it replaces
-    ``path`` (created with a plain ``open``'s mode), on any exception it is removed. For writers
+    ``path`` (with permissions ``mode``, default a plain ``open``'s), on any exception it is removed. For writers
     that take a path (``safetensors.torch.save_file``, ``PIL.Image.save``, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         mask = os.umask(0)
         os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
+        os.chmod(tmp, 0o666 & ~mask if mode is None else mode)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -93,13 +93,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_file``), flushed to disk. Returns ``path``."""
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (``atomic_file``), flushed to disk (``mode``: the file's
+    permissions, e.g. 0o644; default: a plain ``open``'s). Returns ``path``."""
+    with atomic_file(path, mode) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_file``), flushed to disk. Returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 _STALE = re.compile(r"\.tmp-.*-([0-9a-f]{6})p(\d+)-[A-Za-z0-9_]+")

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 from loguru import logger
 
-from .atomic import atomic_write_text  # re-exported: callers import it from here too
+from .atomic import atomic_write_bytes, atomic_write_text  # re-exported: callers import them from here too
 
 
 @dataclass(frozen=True)

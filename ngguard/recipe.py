@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 from loguru import logger
 
-from ngguard.judge import parse_judge_spec
+from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.limits import short_repr
 from ngguard.world.spec import REFUSAL
@@ -475,10 +474,11 @@ class ReportSpec:
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    """The refusal judge of the evaluation: ``rules`` (default), ``{classifier: PATH, labels: {...}}``
-    or ``{generative: PATH, template: FILE}`` (see ``ngguard.judge.parse_judge_spec``). Kept as the
+    """The refusal judge of the evaluation: ``rules`` (default), ``learned`` (or ``{learned: FILE}``),
+    ``{classifier: PATH, labels: {...}}``
+    or ``{generative: PATH, template: FILE}`` (see ``ngguard.judges.spec.parse_judge_spec``). Kept as the
     canonical JSON of the plain value (paths resolved) so the recipe stays hashable and frozen;
-    ``value`` gives the plain value back, which ``ngguard.judge.make_judge`` accepts."""
+    ``value`` gives the plain value back. ``ngguard.judges.make_judge`` accepts the spec itself."""
 
     canonical: str = '"rules"'
 
@@ -486,13 +486,11 @@ class JudgeSpec:
     def value(self) -> Any:
         return json.loads(self.canonical)
 
-    @functools.cached_property
+    @property
     def judge(self):
-        """The judge, built once per spec (a model judge loads and fingerprints its weights once,
-        however many evaluations of a run use it)."""
-        from ngguard.judge import make_judge
-
-        return make_judge(self.value)
+        """The judge, built once per spec by ``make_judge`` (a model judge loads and fingerprints its
+        weights once, however many evaluations of a run use it)."""
+        return make_judge(self)
 
 
 def _judge(v, ctx: _Ctx, key: str) -> JudgeSpec:
@@ -511,6 +509,13 @@ def _judge(v, ctx: _Ctx, key: str) -> JudgeSpec:
     kind = spec.pop("kind")
     if kind == "rules":
         plain: Any = "rules" if not spec else {"rules": spec}
+    elif kind == "learned" and "path" not in spec:
+        plain = "learned"
+    elif kind == "learned":
+        p = _resolve(spec["path"], ctx.root)
+        if ctx.check_files and not p.is_file():
+            raise ctx.fail(f"{key}.learned", f"file not found: {p}")
+        plain = {"learned": str(p)}
     else:
         path = spec.pop("path")
         p = _resolve(path, ctx.root)
