@@ -490,9 +490,10 @@ def _read_spec_file(path: str, where: str) -> Any:
     import yaml
 
     p = os.path.expanduser(path)
-    try:
-        with open(p, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+    from ngguard.limits import DEFAULT_LIMITS, read_text_file
+
+    try:  # a regular file of recipe size (never a FIFO or /dev/zero)
+        raw = yaml.safe_load(read_text_file(p, DEFAULT_LIMITS.max_recipe_bytes, what="judge spec file"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: judge spec file not found") from None
     except yaml.YAMLError as e:
