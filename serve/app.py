@@ -660,8 +660,8 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
         raise ValueError(f"--max-new-tokens must be <= {DEFAULT_LIMITS.max_new_tokens}, got {opts['max_new_tokens']}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
     proxies = check_proxies(opts["trusted_proxies"])
-    check_address(opts["host"], port)  # a port in use, a host not of this machine: one line, before loading
     key = patch_key(opts["key_file"])
+    check_address(opts["host"], port)  # a port in use, a host not of this machine: one line, before loading
     patch = _resolve_patch(argparse.Namespace(**opts))
     if not 0 <= opts["batch_wait_ms"] <= 10_000:
         raise ValueError(f"--batch-wait-ms must be in 0..10000, got {opts['batch_wait_ms']}")
