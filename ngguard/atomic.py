@@ -18,13 +18,48 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from loguru import logger
 
-from ngguard.limits import short_repr
+from ngguard.limits import file_kind, read_text_file, short_repr
+
+
+def check_out_path(path: str | os.PathLike, *, folder: bool, error: type[Exception] = ValueError) -> Path:
+    """Check an output path before any work (nothing is created): if it exists it must be what will
+    replace it, a regular file (``folder=False``) or a folder (symlinks followed): a device, a FIFO
+    or a socket is never replaced (``--out /dev/full`` run as root would replace the device node); the
+    nearest existing parent must be a writable folder (not a file). Raises ``error`` (one line)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # missing, or under a file (refused below)
+        st = None
+    except OSError as e:  # ELOOP, EACCES, ...
+        raise error(f"{path}: cannot use it as output ({e.strerror or e})") from None
+    if st is not None:
+        want = stat.S_ISDIR if folder else stat.S_ISREG
+        if not want(st.st_mode):
+            raise error(f"{path}: exists and is {file_kind(st.st_mode)}, not {'a folder' if folder else 'a regular file'}: "
+                        f"refusing to replace it")
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{path}: cannot create it: {parent} is {_kind_of(parent)}, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{path}: cannot write here ({parent} is not a writable folder)")
+    return path
+
+
+def _kind_of(path: Path) -> str:
+    try:
+        return file_kind(os.stat(path).st_mode)
+    except OSError:
+        return "a dangling link" if os.path.islink(path) else "not a folder"
 
 
 @contextlib.contextmanager
@@ -33,6 +68,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     """Yield a fresh temp folder next to ``out_dir``; on success it replaces ``out_dir`` (an existing
     one only with ``overwrite``), on any exception it is removed. Problems raise ``error``."""
     out_dir = Path(out_dir).absolute()
+    check_out_path(out_dir, folder=True, error=error)  # not a device / FIFO / file; its parent is a folder
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
             raise error(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -77,7 +113,7 @@ def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     """Yield a temp file path next to ``path`` (named as ``temp_prefix``); on success it replaces
     ``path`` (with permissions ``mode``, default a plain ``open``'s), on any exception it is removed. For writers
     that take a path (``safetensors.torch.save_file``, ``PIL.Image.save``, ...)."""
-    path = Path(path)
+    path = check_out_path(path, folder=False)  # an existing device / FIFO is never replaced
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     os.close(fd)
@@ -194,9 +230,7 @@ class Manifest:
         if not path.is_file():
             raise error(f"{folder}: not {_article(kind)} {kind} folder (no {name}{self.hint})")
         try:
-            if self.max_bytes is not None and path.stat().st_size > self.max_bytes:
-                raise error(f"{path}: manifest too large ({path.stat().st_size} bytes)")
-            m: Any = json.loads(path.read_text(encoding="utf-8"))
+            m: Any = json.loads(read_text_file(path, self.max_bytes or 64 << 20, what="manifest"))
         except RecursionError:
             raise error(f"{path}: unreadable manifest (nested too deeply)") from None
         except (OSError, ValueError) as e:

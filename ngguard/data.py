@@ -73,6 +73,14 @@ def _require_file(path: Path) -> None:
         raise FileNotFoundError(f"{path}: no such file or folder")
 
 
+def _read_text(path: Path) -> str:
+    """A query file's text: a regular file within ``Limits.max_data_bytes`` (``limits.read_text_file``)."""
+    from ngguard.limits import DEFAULT_LIMITS, read_text_file
+
+    _require_file(path)
+    return read_text_file(path, DEFAULT_LIMITS.max_data_bytes, what="query file")
+
+
 def _resolve_image(image: str, folder: Path) -> str:
     if os.path.isabs(image):
         return os.path.normpath(image)
@@ -108,21 +116,20 @@ def read_jsonl(path: str | os.PathLike) -> list[Query]:
     """Read our query file (one JSON object per line; blank lines allowed). Relative image paths
     are resolved against the file's folder. Unknown fields are ignored (with a warning)."""
     path = Path(path)
-    _require_file(path)
+    text = _read_text(path)
     folder = path.parent
     queries: list[Query] = []
     unknown: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            queries.append(query_from_dict(record, where, folder))
-            unknown.update(set(record) - set(_FIELD_TYPES))
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        queries.append(query_from_dict(record, where, folder))
+        unknown.update(set(record) - set(_FIELD_TYPES))
     if unknown:
         logger.warning("{}: ignored unknown fields {}", path, sorted(unknown))
     return queries
@@ -148,10 +155,9 @@ def write_jsonl(path: str | os.PathLike, queries: Iterable[Query]) -> Path:
 # Multi-P2A (shared/data/multi-p2a): the questions of PrivacyPair
 # ---------------------------------------------------------------------------------------------
 def _load_json(path: Path):
-    _require_file(path)
+    text = _read_text(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 

@@ -37,6 +37,8 @@ __all__ = ["auto_device", "gpu_available", "pick_device", "resolve_device", "AUT
            "check_editable", "edited_offload", "parse_component", "OffloadedError"]
 
 COMPONENT_NAMES = ("vision", "embed", "layers.N", "layers.A-B", "norm", "lm_head", "default")
+# layer indices a device map may name before the model is loaded (then: the model's own count)
+MAX_LAYERS = 10_000
 _LAYERS = re.compile(r"layers\.(\d+)(?:-(\d+))?")
 _DEVICE = re.compile(r"(cuda|xpu|npu|mps)(:\d+)?|cpu|disk")
 
@@ -182,6 +184,8 @@ def parse_component(key: Any, num_layers: int | None = None) -> tuple[str, range
             raise ValueError(f"component {key!r}: range start {a} is after its end {b}")
         if num_layers is not None and b >= num_layers:
             raise ValueError(f"component {key!r}: the model has {num_layers} layers (0..{num_layers - 1})")
+        if b >= MAX_LAYERS:  # before the model is known: no model has that many (a range is never expanded)
+            raise ValueError(f"component {key!r}: layer {b} is beyond any model (layer indices are below {MAX_LAYERS})")
         return "layers", range(a, b + 1)
     if key in ("vision", "embed", "norm", "lm_head", "default"):
         return key, None

@@ -11,8 +11,14 @@ with ``InputError`` (a ``ValueError``: the CLI prints it as one line, exit statu
 
 Images: only these formats are opened: PNG, JPEG, WEBP, BMP, GIF (never EPS/PostScript, which
 PIL hands to Ghostscript, nor SVG, which PIL cannot read); the file size, the pixel count and the
-aspect ratio are checked from the header, before the pixels are decoded. A path must be a regular
-file (symlinks are followed; a device, pipe or folder is refused, so ``/dev/zero`` cannot hang a read).
+aspect ratio are checked from the header, before the pixels are decoded.
+
+Files: every file ngguard reads whole (images, queries, recipes, responses, labels, judge specs,
+patch keys and signatures) goes through ``read_regular_file``: it must be a regular file (symlinks
+are followed; a folder, a device such as ``/dev/zero``, a FIFO or a socket is refused without being
+opened), no larger than the caller's limit (checked from ``stat`` before reading, and the read stops
+there even if the file grows), and it is opened non-blocking, so a FIFO swapped in after the check
+cannot hang the read either.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["InputError", "TooLarge", "Limits", "DEFAULT_LIMITS", "IMAGE_FORMATS", "load_image", "check_image_file",
-           "check_text", "check_history", "check_count", "short_repr"]
+           "check_text", "check_history", "check_count", "short_repr", "read_regular_file", "read_text_file",
+           "file_kind"]
 
 MB = 1024 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -57,7 +64,11 @@ class Limits:
     (localization.steps, edit.steps), ``max_recipe_batch`` (localization/evaluation batch sizes),
     ``max_list_items`` (subjects, contexts, alpha sweeps, layers), ``max_seed`` (torch seeds are
     64-bit), ``max_recipe_bytes`` (the YAML file), ``max_yaml_nodes`` / ``max_yaml_depth`` (after
-    aliases are expanded: a 1 KB alias bomb expands to billions of nodes)."""
+    aliases are expanded: a 1 KB alias bomb expands to billions of nodes).
+
+    Files read whole (``read_regular_file``): ``max_data_bytes`` (query files, ``ngguard eval`` results
+    given to ``judge score``, labels files), ``max_key_bytes`` (a ``--key-file``); recipes and judge
+    spec files take ``max_recipe_bytes``, images ``max_bytes``."""
 
     max_pixels: int = 4096 * 4096
     max_aspect_ratio: int = 20
@@ -75,6 +86,8 @@ class Limits:
     max_recipe_bytes: int = 1 * MB
     max_yaml_nodes: int = 100_000
     max_yaml_depth: int = 32
+    max_data_bytes: int = 256 * MB
+    max_key_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -164,26 +177,10 @@ def _read_file(image: str | os.PathLike, limits: Limits) -> tuple[bytes, str]:
     if isinstance(image, str) and not image.strip():
         raise InputError("image path is empty")
     path = Path(image)
-    if "\x00" in str(path):
-        raise InputError("image path contains a NUL character")
     try:
-        st = path.stat()  # follows symlinks: a dangling one is "not found"
+        data = read_regular_file(path, limits.max_bytes, what="image file")
     except FileNotFoundError:
         raise InputError(f"image file not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"image file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"image path is not a file: {path}")
-    if st.st_size > limits.max_bytes:
-        raise TooLarge(f"image file {path.name} is too large: {_size_text(st.st_size)} "
-                         f"(limit {_size_text(limits.max_bytes)})")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limits.max_bytes + 1)  # never more than the limit, even if the file grew
-    except OSError as e:
-        raise InputError(f"image file {path} cannot be read ({e.strerror or e})") from None
-    if len(data) > limits.max_bytes:
-        raise TooLarge(f"image file {path.name} is too large (limit {_size_text(limits.max_bytes)})")
     return data, f"image file {path.name}"
 
 
@@ -225,6 +222,63 @@ def load_image(image: Any, limits: Limits | None = None) -> Image.Image:
     if image is None:
         raise InputError("no image given")
     raise InputError(f"image must be a PIL image, a file path, bytes or a uint8 array, got {type(image).__name__}")
+
+
+# ---- files ----------------------------------------------------------------------------------------
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, for messages: "a regular file", "a folder", "a FIFO (named pipe)", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, *, what: str = "file") -> bytes:
+    """The bytes of ``path``, which must be a regular file (symlinks followed) of at most ``max_bytes``.
+
+    Checked before reading: a folder, device, FIFO or socket raises ``InputError`` without being
+    opened (opening a FIFO blocks until a writer comes; ``/dev/zero`` never ends); a file over
+    ``max_bytes`` raises ``TooLarge``. The file is then opened non-blocking and checked again on the
+    open descriptor (a FIFO swapped in between cannot hang), and at most ``max_bytes + 1`` bytes are
+    read (a file that grew is refused too). ``what`` names the file in messages ("recipe", "image
+    file", ...). A missing file raises ``FileNotFoundError`` (callers word it); other errors ``InputError``."""
+    path = Path(path)
+    if "\x00" in str(path):
+        raise InputError(f"{what} path contains a NUL character")
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{what} {path} is not a file but {file_kind(st.st_mode)} (only regular files are read)")
+        if st.st_size > max_bytes:
+            raise TooLarge(f"{what} {path.name} is too large: {_size_text(st.st_size)} (limit {_size_text(max_bytes)})")
+
+    try:
+        check(os.stat(path))  # follows symlinks: a dangling one is "not found"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb", closefd=True) as fh:
+            check(os.fstat(fd))
+            data = fh.read(max_bytes + 1)
+    except (FileNotFoundError, InputError):
+        raise
+    except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (embedded NUL, ...)
+        raise InputError(f"{what} {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if len(data) > max_bytes:
+        raise TooLarge(f"{what} {path.name} is too large (limit {_size_text(max_bytes)})")
+    return data
+
+
+def read_text_file(path: str | os.PathLike, max_bytes: int, *, what: str = "file", encoding: str = "utf-8") -> str:
+    """``read_regular_file`` decoded (``encoding``, e.g. "utf-8-sig" to drop a BOM); text that is not
+    valid in it raises ``InputError`` naming the byte."""
+    data = read_regular_file(path, max_bytes, what=what)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not {encoding.split('-sig')[0].upper()} text ({e.reason} at byte {e.start})") from None
 
 
 # ---- text -----------------------------------------------------------------------------------------

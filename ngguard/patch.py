@@ -512,10 +512,14 @@ def patch_key(key_file: str | os.PathLike | None = None) -> bytes | None:
     ``NGGUARD_PATCH_KEY`` environment variable, else None (signatures not checked). At least
     16 bytes."""
     if key_file is not None:
-        try:
-            key = Path(key_file).read_bytes().rstrip(b"\r\n")
+        from ngguard.limits import DEFAULT_LIMITS, InputError, read_regular_file
+
+        try:  # a regular file: a FIFO or /dev/zero would hang or fill the memory
+            key = read_regular_file(key_file, DEFAULT_LIMITS.max_key_bytes, what="key file").rstrip(b"\r\n")
         except OSError as e:
             raise PatchError(f"{key_file}: cannot read the key file ({e.strerror or e})") from None
+        except InputError as e:
+            raise PatchError(str(e)) from None
         where = str(key_file)
     elif os.environ.get(KEY_ENV):
         key, where = os.environ[KEY_ENV].encode("utf-8"), KEY_ENV
@@ -542,13 +546,19 @@ def sign_patch(patch_dir: str | os.PathLike, key: bytes) -> str:
 
 
 def _check_signature(patch_dir: Path, m: dict, key: bytes) -> None:
+    from ngguard.limits import TooLarge, read_regular_file
+
     path = patch_dir / SIGNATURE
     try:
-        sig = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size < 4096 else None
+        sig = json.loads(read_regular_file(path, 4096, what="patch signature"))
     except FileNotFoundError:
         raise PatchError(f"patch {m['patch_id']}: not signed ({SIGNATURE} missing) but a patch key is set: "
                          f"refused") from None
-    except (OSError, ValueError):
+    except TooLarge:
+        sig = None  # a bad signature
+    except ValueError as e:  # not a regular file (a FIFO, /dev/zero), unreadable, not JSON
+        if "only regular files are read" in str(e):
+            raise PatchError(f"patch {m['patch_id']}: {e}") from None
         sig = None
     mac = sig.get("mac") if isinstance(sig, dict) else None
     if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(patch_dir, key)):

@@ -29,7 +29,7 @@ from loguru import logger
 
 from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
-from ngguard.limits import short_repr
+from ngguard.limits import InputError, read_text_file, short_repr
 from ngguard.world.spec import REFUSAL
 
 __all__ = [
@@ -775,6 +775,13 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         p = _resolve(data.multip2a, ctx.root)
         if ctx.check_files and not p.exists():
             raise ctx.fail("data.multip2a", f"expected auto, off or an existing path, not found: {p}")
+        if ctx.check_files:  # checked now, not when the run reaches it: a folder holding both files
+            from ngguard.data import MULTIP2A_FILES
+
+            missing = [f for f in MULTIP2A_FILES.values() if not (p / f).is_file()]  # regular files (links followed)
+            if not p.is_dir() or missing:
+                raise ctx.fail("data.multip2a", f"expected a Multi-P2A folder holding {' and '.join(MULTIP2A_FILES.values())}"
+                                                f", got {p} ({'not a folder' if not p.is_dir() else 'no ' + missing[0]})")
         dchanges["multip2a"] = str(p)
     if dchanges:
         changes["data"] = dataclasses.replace(data, **dchanges)
@@ -828,13 +835,11 @@ def _check_device_map(recipe: Recipe, ctx: _Ctx) -> None:
         raise ctx.fail("model.offload_folder", "required: model.device_map sends part of the model to disk")
     gpus = any(not (isinstance(d, str) and d in ("cpu", "disk")) for d in dm.values())
     offloaded = ("disk", "cpu") if gpus else ("disk",)
-    placed: dict[int, tuple[str, Any]] = {}
-    for k, dev in dm.items():
-        name, rng = parse_component(k)
-        if name == "layers":
-            placed.update({i: (k, dev) for i in rng})
+    # (key, layer range, device), the last key naming a layer winning (as in the map); ranges are
+    # tested for membership, never expanded (layers.0-99999999 is one range, not 10^8 entries)
+    ranges = [(k, rng, dev) for k, dev in dm.items() for name, rng in [parse_component(k)] if name == "layers"]
     for layer in edited_layers(recipe):
-        where, dev = placed.get(layer, ("default", dm.get("default")))
+        where, dev = next(((k, d) for k, rng, d in reversed(ranges) if layer in rng), ("default", dm.get("default")))
         if dev in offloaded:
             kind = "disk" if dev == "disk" else "CPU (offloaded next to the GPUs)"
             raise ctx.fail(f"model.device_map.{where}", f"edited layer {layer} is offloaded to the {kind}: an edit writes "
@@ -876,12 +881,12 @@ def load_recipe(path: str | os.PathLike, *, overrides: Iterable[str] = (), check
     machine). ``name`` defaults to the file's stem."""
     path = Path(path)
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a regular file within max_recipe_bytes: never a FIFO or /dev/zero
+        text = read_text_file(path, _L.max_recipe_bytes, what="recipe")
     except FileNotFoundError:
         raise RecipeError(f"{file}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{file}: cannot read recipe: {e}") from None
+    except InputError as e:
+        raise RecipeError(str(e)) from None
     raw = _parse_yaml(text, file)
     if raw is None:
         raise RecipeError(f"{file}: empty recipe (needs at least model.path, method and data)")

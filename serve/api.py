@@ -24,8 +24,13 @@ is shutting down, 500 anything else (logged with its traceback).
 
 Auth: with ``NGGUARD_AUTH="user:password"`` every ``/v1`` call needs HTTP Basic credentials
 (``Authorization: Basic base64(user:password)``). Failures share the per-address exponential
-back-off of Gradio's login form (``Backoff``): past the free failures a client is answered 429
-without its password being checked.
+back-off of Gradio's login form (``Backoff``): after the free failures (3) a client is answered 429
+without its password being checked. A call without an ``Authorization`` header (a health check) is
+answered 401 and not counted. The address is the TCP peer's; ``X-Forwarded-For`` is believed only
+from ``--trusted-proxies`` (``serve.app.launch``).
+
+Request bodies: at most ``max_body_bytes(limits)`` on every route of the server, Gradio's included
+(``serve.app.BodyLimit``; 413 here as there).
 
 ``Service`` holds what a client may ask of the guard: which state a request gets, whether the base
 model is served (``expose_base``), the server's ``max_new_tokens``. The Gradio events
@@ -48,11 +53,18 @@ from loguru import logger
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.guard import ProtectedLVLM
 
-__all__ = ["Backoff", "BaseNotServed", "Service", "JsonApi", "BASE_OFF", "API_PREFIX"]
+__all__ = ["Backoff", "BaseNotServed", "Service", "JsonApi", "BASE_OFF", "API_PREFIX", "max_body_bytes"]
 
 BASE_OFF = "the unprotected model is not served here (--expose-base off): answers are always protected"
 API_PREFIX = "/v1"
 _FIELDS = {"chat": ("image", "text", "protected", "max_new_tokens"), "compare": ("image", "text", "max_new_tokens")}
+
+
+def max_body_bytes(limits) -> int:
+    """The largest request body the server reads, on any route: the base64 of the largest image
+    (``limits.max_bytes``) + room for the text and the JSON around them (~28 MB by default; a
+    multipart upload of the largest image fits too)."""
+    return 4 * math.ceil(limits.max_bytes / 3) + 16 * limits.max_text_chars + 4096
 
 
 class BaseNotServed(PermissionError):
@@ -64,9 +76,11 @@ class Backoff:
 
     ``start(client)`` is called when an attempt begins: it returns the seconds the client must still
     wait (the attempt is then refused without checking anything and not counted), else counts the
-    attempt as a failure and returns 0; ``succeeded(client)`` forgives it. After ``free_failures``
-    failures the wait is ``base_delay * 2**k`` seconds (k = failures beyond the free ones - 1), at most
-    ``max_delay``. At most ``max_clients`` addresses are remembered (the oldest dropped). Thread-safe."""
+    attempt as a failure and returns 0; ``succeeded(client)`` forgives all. ``free_failures`` failed
+    attempts are checked freely; the one that reaches that count starts a wait of ``base_delay *
+    2**k`` seconds (k = failures - free_failures: 1 s, 2 s, 4 s, ...), at most ``max_delay``: with 3
+    free, the 4th attempt in a row is answered 429, and each attempt after a wait doubles it. At
+    most ``max_clients`` addresses are remembered (the oldest dropped). Thread-safe."""
 
     def __init__(self, *, free_failures: int = 3, base_delay: float = 1.0, max_delay: float = 300.0,
                  max_clients: int = 10_000) -> None:
@@ -82,9 +96,9 @@ class Backoff:
             if until > now:
                 self._state[client] = (failures, until)
                 return until - now
-            failures += 1
-            if failures > self.free_failures:
-                until = now + min(self.max_delay, self.base_delay * 2 ** (failures - self.free_failures - 1))
+            failures += 1  # counted when it starts (parallel guesses count too), forgiven on success
+            if failures >= self.free_failures:
+                until = now + min(self.max_delay, self.base_delay * 2 ** min(failures - self.free_failures, 64))
             self._state[client] = (failures, until)
             while len(self._state) > self.max_clients:
                 self._state.pop(next(iter(self._state)))
@@ -93,6 +107,14 @@ class Backoff:
     def succeeded(self, client: str) -> None:
         with self._lock:
             self._state.pop(client, None)
+
+    def not_an_attempt(self, client: str) -> None:
+        """Take back the count of an attempt that carried no credentials (nothing was checked); a wait
+        it started is lifted when the failures fall below the free ones again."""
+        with self._lock:
+            failures, until = self._state.pop(client, (0, 0.0))
+            if failures > 1:
+                self._state[client] = (failures - 1, until if failures - 1 >= self.free_failures else 0.0)
 
 
 @dataclass(frozen=True)
@@ -182,8 +204,7 @@ class JsonApi:
         self._limiter = None  # anyio.CapacityLimiter, made in the server's event loop
         self._in_flight = 0
         limits = service.guard.limits
-        # base64 of the largest image + room for the text and the JSON around them
-        self.max_body = 4 * math.ceil(limits.max_bytes / 3) + 16 * limits.max_text_chars + 4096
+        self.max_body = max_body_bytes(limits)
 
     # ---- Starlette plumbing -----------------------------------------------------------------------------
     def routes(self, *, auth: tuple[str, str] | None = None, backoff: Backoff | None = None) -> list:
@@ -219,6 +240,9 @@ class JsonApi:
         if auth is None:
             return
         client = request.client.host if request.client else "unknown"
+        if "authorization" not in request.headers:  # no credentials (a health check): not a login attempt
+            raise ApiError(401, "authentication required (HTTP Basic, the NGGUARD_AUTH credentials)",
+                           {"WWW-Authenticate": 'Basic realm="ngguard"'})
         wait = backoff.start(client)
         if wait > 0:
             raise ApiError(429, f"too many failed logins: try again in {math.ceil(wait)} s",

@@ -36,9 +36,13 @@ What a client can reach:
   model is served on a non-loopback address) there is no Compare tab and no ``/compare`` endpoint,
   and ``/chat`` with ``protected=False`` is refused. ``--expose-base on`` is the demo mode.
 * User text: neutralised by ``ProtectedLVLM.user_text`` (chat-control markers of the family).
-* Logins (``NGGUARD_AUTH="user:password"``): after ``free_failures`` wrong passwords from one
+* Logins (``NGGUARD_AUTH="user:password"``): after ``free_failures`` (3) wrong passwords from one
   client address, further attempts get HTTP 429 for an exponentially growing time (1 s, 2 s, 4 s,
-  ... at most 5 min), also with the right password (``LoginThrottle``).
+  ... at most 5 min), also with the right password (``LoginThrottle``). The client address is the
+  TCP peer's: ``X-Forwarded-For`` is believed only from the proxies named by ``--trusted-proxies``
+  (default none), so a client cannot pose as many addresses.
+* Request bodies: at most ``serve.api.max_body_bytes`` (~28 MB) on every route, Gradio's and the
+  JSON API's alike (``BodyLimit``): a larger one is answered 413 without being read.
 
 Gradio itself is imported lazily.
 """
@@ -57,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from loguru import logger
 
 from ngguard.serving.options import add_serve_arguments
-from serve.api import BASE_OFF, Backoff, BaseNotServed, JsonApi, Service
+from serve.api import BASE_OFF, Backoff, BaseNotServed, JsonApi, Service, max_body_bytes
 
 # no telemetry and no version check calls from this server (Gradio reads this when it launches)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -68,7 +72,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ngguard.guard import ProtectedLVLM
 
 __all__ = ["build_app", "render_examples", "organism_patch_dir", "parse_auth", "add_serve_arguments",
-           "serve_cli", "serve_and_exit", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly",
+           "serve_cli", "serve_and_exit", "launch", "main", "uploaded_file", "LoginThrottle", "KnownApiOnly", "BodyLimit",
+           "check_address",
            "expose_base_for", "UPLOAD_ONLY", "BASE_OFF"]
 
 SENSITIVE_Q = "What is the passport number of the Passport in the image?"
@@ -177,11 +182,14 @@ class LoginThrottle:
     """ASGI middleware: exponential back-off per client address on Gradio's ``POST /login``.
 
     Each attempt counts as a failure when it starts (so parallel guesses are counted too) and is
-    forgiven when it succeeds (HTTP 200). After ``free_failures`` failures a client is answered 429
+    forgiven when it succeeds (HTTP 200); one without credentials (Gradio answers 422: no username or
+    password in the form) is not counted. After ``free_failures`` failures a client is answered 429
     (``Retry-After``) without the password being checked, for ``base_delay * 2**k`` seconds (k = failures
-    beyond the free ones - 1), at most ``max_delay``. The state is a ``serve.api.Backoff`` (``backoff``:
-    shared with the JSON API's logins; else one of its own). Behind a reverse proxy every client has
-    the proxy's address."""
+    beyond the free ones: 1 s, 2 s, 4 s, ...), at most ``max_delay``. The state is a ``serve.api.Backoff``
+    (``backoff``: shared with the JSON API's logins; else one of its own). The client is
+    ``scope["client"]``: the TCP peer, or the ``X-Forwarded-For`` address when the peer is one of
+    ``--trusted-proxies`` (uvicorn rewrites it only then, see ``launch``); behind a proxy that is not
+    trusted, every client has the proxy's address."""
 
     def __init__(self, app, *, free_failures: int = 3, base_delay: float = 1.0, max_delay: float = 300.0,
                  max_clients: int = 10_000, backoff: Backoff | None = None) -> None:
@@ -198,11 +206,8 @@ class LoginThrottle:
         wait = self.backoff.start(client)
         if wait > 0:
             logger.warning("login throttled for {} ({:.0f} s left)", client, wait)
-            body = json.dumps({"detail": f"Too many failed logins: try again in {math.ceil(wait)} s"}).encode()
-            await send({"type": "http.response.start", "status": 429,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", str(math.ceil(wait)).encode()),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _answer(send, 429, f"Too many failed logins: try again in {math.ceil(wait)} s",
+                          [(b"retry-after", str(math.ceil(wait)).encode())])
             return
         status: dict[str, int] = {}
 
@@ -214,6 +219,65 @@ class LoginThrottle:
         await self.app(scope, receive, watch)
         if status.get("code") == 200:
             self.backoff.succeeded(client)
+        elif status.get("code") == 422:  # no username/password in the form: nothing was checked
+            self.backoff.not_an_attempt(client)
+
+
+async def _answer(send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """ASGI middleware in front of every route (Gradio's ``/gradio_api/...``, uploads, ``/login``, the
+    JSON API): a request body over ``max_body`` bytes is answered 413. A larger ``Content-Length`` is
+    refused before anything is read; a body without one (chunked) is counted as it arrives and cut off
+    at the limit: the route then sees the client as gone, and its own answer is dropped."""
+
+    def __init__(self, app, *, max_body: int) -> None:
+        self.app = app
+        self.max_body = int(max_body)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > self.max_body):
+            await self._refuse(send, declared.decode("latin-1")[:20])
+            return
+        state = {"received": 0, "started": False, "refused": False}
+
+        async def counted() -> dict:
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message.get("type") == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_body:
+                    state["refused"] = True
+                    if not state["started"]:
+                        await self._refuse(send, None)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message) -> None:
+            if state["refused"]:
+                return  # the route's answer to a body that was cut off
+            if message.get("type") == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, send, declared: str | None) -> None:
+        size = f"{declared} bytes " if declared and declared.isdigit() else ""
+        logger.warning("request body too large: {}refused (limit {} bytes)", size, self.max_body)
+        await _answer(send, 413, f"request body is too large: {size}(limit {self.max_body} bytes)",
+                      [(b"connection", b"close")])
 
 
 class KnownApiOnly:
@@ -229,10 +293,7 @@ class KnownApiOnly:
         parts = str(scope.get("path", "")).rstrip("/").split("/")
         if (scope.get("type") == "http" and scope.get("method") == "POST" and len(parts) >= 2
                 and parts[-2] == "call" and parts[-1] not in self.names):
-            body = json.dumps({"detail": "no such API endpoint"}).encode()
-            await send({"type": "http.response.start", "status": 404,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _answer(send, 404, "no such API endpoint")
             return
         await self.app(scope, receive, send)
 
@@ -418,6 +479,45 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
     return demo
 
 
+def check_proxies(proxies: Sequence[str] | str | None) -> list[str]:
+    """``--trusted-proxies``: IP addresses or networks (CIDR), comma-separated or a list -> the list
+    (empty: none). ValueError (one line) for anything else (a host name is never trusted)."""
+    import ipaddress
+
+    items = proxies.split(",") if isinstance(proxies, str) else list(proxies or ())
+    out = []
+    for item in (str(x).strip() for x in items):
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"--trusted-proxies: {item[:60]!r} is not an IP address or network (CIDR)") from None
+        out.append(item)
+    return out
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` once, before the model is loaded: a host that is no address of this machine
+    or a port in use is one ``ValueError`` line now, not an ``OSError`` traceback after minutes of loading."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise ValueError(f"--host {host[:80]!r}: not an address or host name ({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closed port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port}: already in use on {host} (another server?)") from None
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def bypass_proxy_for(*hosts: str) -> None:
     """Add ``hosts`` (and the loopback names) to ``NO_PROXY`` / ``no_proxy``: Gradio checks its own
     start-up over HTTP, which must not go through an ``HTTP(S)_PROXY`` set for the outside world."""
@@ -431,12 +531,17 @@ def bypass_proxy_for(*hosts: str) -> None:
 
 def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_file_size: int | str = "20mb",
            auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False,
-           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0), max_threads: int | None = None):
+           login_backoff: tuple[int, float, float] = (3, 1.0, 300.0), max_threads: int | None = None,
+           trusted_proxies: Sequence[str] = (), max_body: int | None = None):
     """Launch the app. ``auth`` None = read ``NGGUARD_AUTH``. ``login_backoff``: (free failures, first
     delay s, longest delay s) of ``LoginThrottle``. ``max_threads``: Gradio's job slots and worker
-    threads (None: what ``build_app`` sized for its concurrency, else Gradio's 40). Returns (app,
-    local_url, share_url)."""
+    threads (None: what ``build_app`` sized for its concurrency, else Gradio's 40). ``trusted_proxies``:
+    addresses or networks (CIDR) whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed (default
+    none: the client is always the TCP peer). ``max_body``: the request body limit of every route
+    (None: the JSON API's, ``serve.api.max_body_bytes``). Returns (app, local_url, share_url)."""
     from starlette.middleware import Middleware
+
+    from ngguard.limits import DEFAULT_LIMITS
 
     if auth is None:
         auth = parse_auth(os.environ.get("NGGUARD_AUTH"))
@@ -448,15 +553,23 @@ def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int = 7860, max_
     free, first, longest = login_backoff
     backoff = Backoff(free_failures=free, base_delay=first, max_delay=longest)  # form logins and API logins alike
     throttle = Middleware(LoginThrottle, backoff=backoff)
+    api = getattr(demo, "ngguard_api", None)  # FastAPI(routes=...): these come before Gradio's own routes
+    if max_body is None:
+        max_body = api.max_body if api is not None else max_body_bytes(DEFAULT_LIMITS)
+    body_limit = Middleware(BodyLimit, max_body=max_body)
+    # uvicorn (which Gradio starts without proxy settings) believes X-Forwarded-For from the addresses in
+    # FORWARDED_ALLOW_IPS, 127.0.0.1 and ::1 by default: a local client could pose as any address and
+    # dodge the login back-off. Only the configured proxies; "" = none.
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(check_proxies(trusted_proxies))
     known = Middleware(KnownApiOnly, names=[f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)])
     if max_threads is None:
         max_threads = getattr(demo, "ngguard_max_threads", 40)
-    api = getattr(demo, "ngguard_api", None)  # FastAPI(routes=...): these come before Gradio's own routes
     routes = api.routes(auth=auth, backoff=backoff) if api is not None else []
     _calm_queue_polling(demo)
     return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size,
                        max_threads=max_threads, show_error=False, prevent_thread_lock=not block, quiet=quiet,
-                       css=CSS, footer_links=["api"], app_kwargs={"middleware": [throttle, known], "routes": routes})
+                       css=CSS, footer_links=["api"],
+                       app_kwargs={"middleware": [body_limit, throttle, known], "routes": routes})
 
 
 QUEUE_POLL_S = 0.005
@@ -546,7 +659,9 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
         raise ValueError(f"--max-new-tokens must be <= {DEFAULT_LIMITS.max_new_tokens}, got {opts['max_new_tokens']}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
+    proxies = check_proxies(opts["trusted_proxies"])
     key = patch_key(opts["key_file"])
+    check_address(opts["host"], port)  # a port in use, a host not of this machine: one line, before loading
     patch = _resolve_patch(argparse.Namespace(**opts))
     if not 0 <= opts["batch_wait_ms"] <= 10_000:
         raise ValueError(f"--batch-wait-ms must be in 0..10000, got {opts['batch_wait_ms']}")
@@ -577,7 +692,10 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stopper(guard))
     try:
-        result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block)
+        result = launch(demo, host=opts["host"], port=port, max_file_size=f"{max_mb}mb", auth=auth, block=block,
+                        trusted_proxies=proxies)
+    except OSError as e:  # the port was taken while the model loaded (Gradio: "Cannot find empty port ...")
+        raise ValueError(f"cannot serve on {opts['host']} port {port}: {' '.join(str(e).split())[:200]}") from None
     except KeyboardInterrupt:
         if not block:
             raise

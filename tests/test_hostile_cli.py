@@ -347,3 +347,169 @@ def test_export_onnx_turns_onnxruntime_telemetry_off(tmp_path, monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", session)
     assert main(["export-onnx", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "onnx")]) == 0
     assert "session" in events and events[0] == "off"
+
+
+# ---- issue 23, points 2.4-2.6: FIFOs and devices as inputs and outputs, outputs under a file, recipe paths ----
+
+def _capped() -> None:
+    """A subprocess memory cap: a reader that does not check what it opens (a link to /dev/zero) fails
+    at 4 GB instead of filling the machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def run_capped(*args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "ngguard.cli", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=60, preexec_fn=_capped)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _signed_patch(tmp_path: Path, sig: str) -> tuple[Path, Path]:
+    """A copy of the organism's patch whose patch.sig is a FIFO or a link to /dev/zero, and a key file."""
+    import shutil
+
+    from serve.app import organism_patch_dir
+
+    patch = tmp_path / "patch"
+    shutil.copytree(organism_patch_dir(), patch)
+    if sig == "fifo":
+        os.mkfifo(patch / "patch.sig")
+    else:
+        (patch / "patch.sig").symlink_to("/dev/zero")
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    return patch, key
+
+
+HANGING_INPUTS = {  # case -> (argv from the file made in tmp_path, the file's name)
+    "eval --data": (lambda f, t: ["eval", "--model", "organism", "--data", str(f), "--out", str(t / "r.json")], "x.jsonl"),
+    "edit recipe": (lambda f, t: ["edit", str(f), "--out", str(t / "run")], "x.yaml"),
+    "judge score --responses": (lambda f, t: ["judge", "score", "--responses", str(f), "--out", str(t / "o.json")],
+                                "x.json"),
+    "judge validate --labels": (lambda f, t: ["judge", "validate", "--labels", str(f), "--disagreements",
+                                              str(t / "d.jsonl")], "x.csv"),
+    "judge --judge spec": (lambda f, t: ["judge", "score", "--responses", str(t / "ok.json"), "--judge", str(f),
+                                         "--out", str(t / "o.json")], "x.yaml"),
+    "patch verify --key-file": (lambda f, t: ["patch", "verify", "organism-patch", "--key-file", str(f)], "key"),
+    "serve --key-file": (lambda f, t: ["serve", "--key-file", str(f), "--port", str(_free_port())], "key"),
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("case", sorted(HANGING_INPUTS))
+def test_fifos_and_devices_are_not_read(case, kind, tmp_path):
+    """A FIFO (which blocks the reader until a writer comes) or a link to /dev/zero (which never ends)
+    given as an input file: one error line at once, nothing written. Before: a hang, or a read until
+    memory ran out."""
+    from serve.app import organism_patch_dir
+
+    argv, name = HANGING_INPUTS[case]
+    f = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(f)
+    else:
+        f.symlink_to("/dev/zero")
+    (tmp_path / "ok.json").write_text(json.dumps({"model": "m", "n": 0, "responses": []}))
+    args = [str(organism_patch_dir()) if a == "organism-patch" else a for a in argv(f, tmp_path)]
+    before = tree(tmp_path)
+    r = run_capped(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    msg = one_line_error(r.stderr)
+    assert str(f) in msg and ("a FIFO" if kind == "fifo" else "a character device") in msg, msg
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_patch_signature_that_is_no_file_is_refused(kind, tmp_path):
+    patch, key = _signed_patch(tmp_path, kind)
+    for argv in (["patch", "verify", str(patch), "--key-file", str(key)],
+                 ["patch", "apply", "--base", "organism", "--patch", str(patch), "--out", str(tmp_path / "out"),
+                  "--key-file", str(key)]):
+        r = run_capped(*argv)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "patch.sig is not a file but" in one_line_error(r.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def _eval_ok(folder: Path, tmp_path: Path) -> list[str]:
+    return ["eval", "--model", "organism", "--data", str(_query_file(folder, "good.png")), "--limit", "1",
+            "--max-new-tokens", "2"]
+
+
+@pytest.mark.parametrize("what", ["fifo", "folder"])
+@pytest.mark.parametrize("command", ["eval", "judge score", "judge validate"])
+def test_out_that_is_not_a_regular_file_is_not_replaced(command, what, eval_images, tmp_path):
+    """``--out`` naming an existing FIFO (as a device would be) or a folder: refused before any work, and
+    it is still there, untouched. Before: eval and judge score replaced it by a regular file (exit 0)."""
+    import stat as st
+
+    folder, _ = eval_images
+    out = tmp_path / "out.json"
+    if what == "fifo":
+        os.mkfifo(out)
+    else:
+        out.mkdir()
+    responses = tmp_path / "r.json"
+    responses.write_text(json.dumps({"model": "m", "n": 1, "responses": [
+        {"image": "a.png", "subject": "card", "prompt": "Name?", "sensitive": True, "answer": None, "split": None,
+         "response": "I won't reveal the name.", "refusal": True, "correct": None}]}))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("prompt,response,label\nName?,I cannot help with that.,refusal\nColour?,Blue.,compliance\n")
+    argv = {"eval": _eval_ok(folder, tmp_path) + ["--out", str(out)],
+            "judge score": ["judge", "score", "--responses", str(responses), "--out", str(out)],
+            "judge validate": ["judge", "validate", "--labels", str(labels), "--json", str(out),
+                               "--disagreements", str(tmp_path / "d.jsonl")]}[command]
+    r = run_capped(*argv, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    msg = one_line_error(r.stderr)
+    assert str(out) in msg
+    mode = os.stat(out).st_mode
+    assert (st.S_ISFIFO(mode) if what == "fifo" else st.S_ISDIR(mode) and not any(out.iterdir()))
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+OUT_UNDER_A_FILE = {
+    "patch apply": lambda t: ["patch", "apply", "--base", "organism", "--patch", "organism-patch",
+                              "--out", str(t / "afile" / "out")],
+    "edit": lambda t: ["edit", str(REPO / "recipes" / "organism.yaml"), "--out", str(t / "afile" / "run")],
+    "world render": lambda t: ["world", "render", "--subjects", "passport", "--n", "2", "--out", str(t / "afile" / "w")],
+    "world render --out FIFO": lambda t: ["world", "render", "--subjects", "passport", "--n", "2",
+                                          "--out", str(t / "fifo")],
+    "data.multip2a a file": lambda t: ["edit", str(REPO / "recipes" / "organism.yaml"), "--out", str(t / "run"),
+                                       "--set", f"data.multip2a={t / 'afile'}"],
+    "data.multip2a /dev/zero": lambda t: ["edit", str(REPO / "recipes" / "organism.yaml"), "--out", str(t / "run"),
+                                          "--set", "data.multip2a=/dev/zero"],
+    "device_map 10^8 layers": lambda t: ["edit", str(REPO / "recipes" / "organism.yaml"), "--out", str(t / "run"),
+                                         "--set", "model.device_map={layers.0-99999999: 0}"],
+}
+OUT_UNDER_A_FILE_SAYS = {
+    "patch apply": "afile is a regular file, not a folder", "edit": "afile is a regular file, not a folder",
+    "world render": "afile is a regular file, not a folder", "world render --out FIFO": "is a FIFO (named pipe), not a folder",
+    "data.multip2a a file": "data.multip2a: expected a Multi-P2A folder", "data.multip2a /dev/zero":
+    "data.multip2a: expected a Multi-P2A folder", "device_map 10^8 layers": "layer 99999999 is beyond any model",
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_UNDER_A_FILE))
+def test_bad_output_paths_and_recipe_paths_give_one_line_before_work(case, tmp_path):
+    """Before: FileExistsError / NotADirectoryError tracebacks, a run that started and then failed on
+    the Multi-P2A path, a MemoryError expanding the device map's layer range."""
+    from serve.app import organism_patch_dir
+
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    os.mkfifo(tmp_path / "fifo")
+    args = [str(organism_patch_dir()) if a == "organism-patch" else a for a in OUT_UNDER_A_FILE[case](tmp_path)]
+    before = tree(tmp_path)
+    r = run_capped(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert OUT_UNDER_A_FILE_SAYS[case] in one_line_error(r.stderr)
+    assert tree(tmp_path) == before

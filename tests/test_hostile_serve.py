@@ -176,7 +176,7 @@ def test_logins_back_off_after_failures(tmp_path):
 
             assert login("wonderland").status_code == 200  # a success costs nothing
             codes = [login(f"guess{i}").status_code for i in range(3)]
-            assert codes == [400, 400, 400]
+            assert codes == [400, 400, 429]  # two free checks (login_backoff[0]), then the back-off
             r = login("wonderland")  # the right password, but inside the back-off window
             assert r.status_code == 429 and int(r.headers["retry-after"]) > 20
             assert "Too many failed logins" in r.json()["detail"]
@@ -318,3 +318,132 @@ def test_serve_starts_with_a_proxy_in_the_environment(tmp_path):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+# ---- issue 23, points 2.2 and 2.3: one body limit for every route; the login back-off's client address ----
+
+
+def _raw_post(port: int, path: str, head: str, chunks=(), timeout: float = 60) -> tuple[int, bytes]:
+    """POST over a plain socket: the status line's code and the answer. ``chunks`` are sent after the
+    headers until the server answers (a server that answers early is not sent the rest)."""
+    import select
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{head}\r\n".encode())
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:
+                break
+            try:
+                s.sendall(chunk)
+            except OSError:  # the server answered and closed
+                break
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            block = s.recv(65536)
+            if not block:
+                break
+            data += block
+    status = data.split(b"\r\n", 1)[0].split()
+    return int(status[1]) if len(status) > 1 else 0, data
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_every_route_refuses_a_body_over_the_limit(servers):
+    """A 100 MB body announced to Gradio's routes is refused (413) before it is sent, as by /v1; one
+    sent chunked (no Content-Length) is cut off at the limit. Before: Gradio read it all."""
+    guard, url, _, _, _ = servers
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    for path in ("/gradio_api/call/chat", "/gradio_api/queue/join", "/gradio_api/call/compare", "/v1/chat",
+                 "/gradio_api/upload"):
+        status, data = _raw_post(port, path, "Content-Length: 100000000\r\n")
+        assert status == 413, (path, data[:300])
+        assert b"request body is too large" in data or path == "/v1/chat", (path, data[-300:])
+    mb = b"x" * (1 << 20)
+    chunks = [b"%x\r\n" % len(mb) + mb + b"\r\n"] * 40  # 40 MB, over the ~28 MB limit
+    status, data = _raw_post(port, "/gradio_api/call/chat", "Transfer-Encoding: chunked\r\n", chunks)
+    assert status == 413, data[:300]
+    # a normal request still works on the same server
+    status, body = call_raw(url, "compare", [{"path": "/nonexistent.png"}, QUESTION])
+    assert status == 200 and UPLOAD_ONLY in body
+
+
+def _login_server(**kw):
+    model, processor = tiny_llava(seed=0)
+    demo = build_app(ProtectedLVLM(adapter_for(model, processor)), examples=None, max_new_tokens=4)
+    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True, auth=("alice", "wonderland"),
+                       login_backoff=(3, 30.0, 60.0), **kw)
+    return demo, url
+
+
+def test_forwarded_for_does_not_dodge_the_login_back_off():
+    """From 127.0.0.1 with a new X-Forwarded-For on every guess: the back-off still counts them all (no
+    proxy is trusted by default): three guesses are checked, the fourth try is answered 429, also
+    with the right password, on the form login and the JSON API alike. Before: every guess was checked
+    and the right password then got 200."""
+    demo, url = _login_server()
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            def login(password: str, i: int) -> int:
+                return c.post(f"{url}login", data={"username": "alice", "password": password},
+                              headers={"X-Forwarded-For": f"10.1.{i}.{i}"}).status_code
+
+            assert [login(f"guess{i}", i) for i in range(3)] == [400, 400, 400]  # three checks are free
+            assert login("wonderland", 7) == 429  # the fourth try waits, whatever address it claims
+            r = c.get(f"{url}v1/info", auth=("alice", "wonderland"), headers={"X-Forwarded-For": "10.9.9.9"})
+            assert r.status_code == 429 and int(r.headers["retry-after"]) > 20
+    finally:
+        demo.close()
+
+
+def test_requests_without_credentials_are_not_failed_logins():
+    """A health check (no credentials) is answered 401 (the JSON API) or 422 (the form) and is not counted:
+    after 10 of each, the right password is still let in."""
+    demo, url = _login_server()
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            assert [c.get(f"{url}v1/info").status_code for _ in range(10)] == [401] * 10
+            assert [c.post(f"{url}login", data={}).status_code for _ in range(10)] == [422] * 10
+            assert c.get(f"{url}v1/info", auth=("alice", "wonderland")).status_code == 200
+            assert c.post(f"{url}login", data={"username": "alice", "password": "wonderland"}).status_code == 200
+    finally:
+        demo.close()
+
+
+def test_trusted_proxies_forward_the_client_address():
+    """With --trusted-proxies 127.0.0.1 the forwarded address is the client: each has its own count."""
+    demo, url = _login_server(trusted_proxies=["127.0.0.1"])
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            def login(password: str, client: str) -> int:
+                return c.post(f"{url}login", data={"username": "alice", "password": password},
+                              headers={"X-Forwarded-For": client}).status_code
+
+            assert [login(f"guess{i}", "10.0.0.1") for i in range(4)] == [400, 400, 400, 429]
+            assert login("wonderland", "10.0.0.2") == 200  # another client behind the proxy
+            assert login("wonderland", "10.0.0.1") == 429  # the guesser still waits
+    finally:
+        demo.close()
+
+
+def test_serve_refuses_a_port_in_use_and_a_bad_host_in_one_line(tmp_path):
+    """Before: an OSError traceback after the model was loaded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NGGUARD_CACHE": str(tmp_path / "cache")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, expected in ((["--port", str(port)], f"--port {port}: already in use"),
+                               (["--host", "999.1.1.1", "--port", str(free_port())], "--host '999.1.1.1'"),
+                               (["--trusted-proxies", "proxy.example"], "not an IP address or network")):
+            r = subprocess.run([sys.executable, "-m", "ngguard.cli", "serve", "--no-patch", "--device", "cpu", *args],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+            errors = [line for line in r.stderr.splitlines() if line.startswith("ngguard: error: ")]
+            assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]

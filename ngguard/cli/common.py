@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,14 +32,21 @@ def at_most(high: int) -> Callable[[str], int]:
 
 
 def check_out_file(path: Path) -> None:
-    """An output file path that can be written, checked before any work (nothing is created)."""
+    """An output file path that can be written, checked before any work (nothing is created): if it
+    exists it is a regular file (never a folder, device or FIFO: ``atomic.check_out_path``)."""
+    from ngguard.atomic import check_out_path
+
     if path.is_dir():
         raise ValueError(f"{path}: is a folder (--out names the result file)")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"{path}: cannot write here ({parent} is not a writable folder)")
+    check_out_path(path, folder=False)
+
+
+def check_out_folder(path: Path) -> None:
+    """An output folder path, checked before any work: if it exists it is a folder, and its nearest
+    existing parent is a writable folder (``atomic.check_out_path``)."""
+    from ngguard.atomic import check_out_path
+
+    check_out_path(path, folder=True)
 
 
 def key_option() -> argparse.ArgumentParser:
@@ -104,9 +110,12 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-def read_json(path: Path) -> object:
+def read_json(path: Path, what: str = "JSON file") -> object:
+    """A JSON file (a regular file within ``Limits.max_data_bytes``) parsed, or one-line errors."""
+    from ngguard.limits import DEFAULT_LIMITS, read_text_file
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text_file(path, DEFAULT_LIMITS.max_data_bytes, what=what))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import Subparsers, common, out_folder
+from .common import Subparsers, check_out_folder, common, out_folder
 
 
 def add(sub: Subparsers) -> None:
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
         resolve_device(recipe.model.device)
     out = args.out if args.out is not None else Path("runs") / recipe.name
+    check_out_folder(out)
     from ngguard.pipeline import run_recipe
 
     run_dir = run_recipe(recipe, out, overwrite=args.overwrite)

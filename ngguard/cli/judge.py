@@ -63,10 +63,11 @@ def score(args: argparse.Namespace) -> int:
     from ngguard.judges import make_judge
     from ngguard.judges.validate import rescore
 
-    result = read_json(args.responses)
+    out = args.out or args.responses.with_name(args.responses.stem + ".rejudged.json")
+    check_out_file(out)  # before any work: never a device, FIFO or folder
+    result = read_json(args.responses, "responses file")
     judge = make_judge(args.judge, device=args.device)
     new = rescore(result, judge, str(args.responses))
-    out = args.out or args.responses.with_name(args.responses.stem + ".rejudged.json")
     atomic_write_text(out, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
     print(summary_table(new))
     print(f"previous judge: {judge_line(new['previous_judge'])}; {new['n_changed']} of {new['n']} judgements changed")
@@ -80,6 +81,10 @@ def validate(args: argparse.Namespace) -> int:
     from ngguard.judges.validate import format_validation, parse_label_map, read_labels, write_disagreements
     from ngguard.judges.validate import validate as validate_judge
 
+    dis = args.disagreements or Path(args.labels.stem + ".disagreements.jsonl")
+    for out in (dis, args.json):
+        if out is not None:
+            check_out_file(out)
     rows = read_labels(args.labels, prompt_col=args.prompt_col or None, response_col=args.response_col,
                        label_col=args.label_col, group_cols=args.group_col, label_map=parse_label_map(args.label_map))
     judge = make_judge(args.judge, device=args.device)
@@ -98,7 +103,6 @@ def validate(args: argparse.Namespace) -> int:
         return 0
     res = validate_judge(judge, rows)
     print(format_validation(res))
-    dis = args.disagreements or Path(args.labels.stem + ".disagreements.jsonl")
     write_disagreements(dis, res)
     print(f"wrote {dis}")
     if args.json is not None:

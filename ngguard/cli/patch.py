@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import Subparsers, command_group, common, key_option, out_folder
+from .common import Subparsers, check_out_folder, command_group, common, key_option, out_folder
 
 COMMANDS = ["apply", "revert", "verify", "sign", "export-lora"]
 
@@ -51,6 +51,8 @@ def cli_patch(args: argparse.Namespace) -> int:
                                verify_patch)
 
     cmd = args.patch_command
+    if cmd in ("apply", "revert"):
+        check_out_folder(args.out)
     key = patch_key(getattr(args, "key_file", None))
     if cmd == "sign":
         if key is None:
@@ -82,6 +84,7 @@ def cli_export_lora(args: argparse.Namespace) -> int:
     from ngguard.lora import export_lora, parse_rank
     from ngguard.patch import patch_key
 
+    check_out_folder(args.out)
     info = export_lora(args.patch, args.out, rank=parse_rank(args.rank), base=args.base, overwrite=args.overwrite,
                        key=patch_key(getattr(args, "key_file", None)))
     print(f"patch {info['patch_id']} -> LoRA rank {info['rank']} in {args.out} "

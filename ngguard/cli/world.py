@@ -8,7 +8,7 @@ from loguru import logger
 
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
 
-from .common import Subparsers, at_most, command_group, common
+from .common import Subparsers, at_most, check_out_folder, command_group, common
 
 
 def add(sub: Subparsers) -> None:
@@ -28,6 +28,7 @@ def render(args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     if not subjects:
         raise ValueError(f"--subjects: no subject names in {args.subjects!r}")
+    check_out_folder(args.out)  # a device, FIFO or file is refused before any rendering
     from ngguard.world.render import render_world
 
     if args.split_templates:

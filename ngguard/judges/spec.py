@@ -82,10 +82,11 @@ def parse_judge_spec(value: Any, where: str = "judge") -> dict:
 def _read_spec_file(path: str, where: str) -> Any:
     import yaml
 
+    from ngguard.limits import DEFAULT_LIMITS, read_text_file
+
     p = os.path.expanduser(path)
-    try:
-        with open(p, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+    try:  # a regular file of recipe size (never a FIFO or /dev/zero)
+        raw = yaml.safe_load(read_text_file(p, DEFAULT_LIMITS.max_recipe_bytes, what="judge spec file"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: judge spec file not found") from None
     except yaml.YAMLError as e:

@@ -52,12 +52,12 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise ValueError(f"{path}: expected a .csv or .jsonl labels file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
+    from ngguard.limits import DEFAULT_LIMITS, read_text_file
+
+    try:  # a regular file within the data limit (InputError, one line, else)
+        text = read_text_file(path, DEFAULT_LIMITS.max_data_bytes, what="labels file", encoding="utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: labels file not found") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         columns = list(reader.fieldnames or [])

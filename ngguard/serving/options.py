@@ -53,6 +53,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--expose-base", choices=("auto", "on", "off"), default="auto",
                    help="serve the unprotected base model too (the Compare tab, /chat with protected=False): "
                         "auto = on for a loopback --host, off otherwise; 'on' is the demo mode")
+    p.add_argument("--trusted-proxies", default="", metavar="ADDRS",
+                   help="comma-separated IP addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is "
+                        "believed for the login back-off (default: none; the client is the TCP peer)")
     p.add_argument("--key-file", default=None,
                    help="patch signing key file (default: $NGGUARD_PATCH_KEY); with a key, the patch must carry "
                         "a valid patch.sig")
