@@ -120,8 +120,10 @@ class Adapter(ABC):
 
     @torch.no_grad()
     @abstractmethod
-    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
-        """Greedy answers, batched, decoded without special tokens and stripped."""
+    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32,
+                 stop=None) -> list[str]:
+        """Greedy answers, batched, decoded without special tokens and stripped. ``stop``: a
+        ``ngguard.serving.stop.StopAfter``: each answer ends at the end of that refusal (serving)."""
 
     # Inputs that only feed the vision encoder: they may be dropped when the decoder layers that
     # would consume the image features are replayed from a cache (see localize.replayed_prefix).

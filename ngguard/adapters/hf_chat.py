@@ -258,8 +258,12 @@ class HFChatAdapter(Adapter):
         raise ValueError(f"input_ids do not contain the prompt of {text!r}; encode it with this adapter")
 
     @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
+    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32,
+                 stop=None) -> list[str]:
         batch = self.encode(images, texts).to(self.device)
-        out = self.model.generate(**batch.inputs, generation_config=self.greedy_config(max_new_tokens))
-        new = out[:, batch.inputs["input_ids"].shape[1] :]
-        return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        width = batch.inputs["input_ids"].shape[1]
+        criteria = None if stop is None else stop.criteria(width)
+        out = self.model.generate(**batch.inputs, generation_config=self.greedy_config(max_new_tokens),
+                                  stopping_criteria=criteria)
+        answers = [s.strip() for s in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return answers if stop is None else [stop.cut(a) for a in answers]
