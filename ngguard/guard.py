@@ -35,6 +35,9 @@ of {"role", "content"} messages), but NOT put into the prompt: the adapters' pro
 turn (the bundled organism was trained on single turns, and the protection is measured on exactly
 that prompt). Each call answers the current image + text alone.
 
+Answers end at the end of the refusal sentence (``refusal``; ``ngguard.serving.stop``): generation
+stops there in every path (fast decoding, ``generate``, ``stream``) and nothing after it is returned.
+
 User text: checked against ``limits`` (``ngguard.limits``: characters, then tokens) and
 neutralised (``Adapter.neutralize``): the family's special tokens and chat-template role markers
 ("USER:", "</s>", "<|im_start|>", "[INST]", the image placeholder, ...) are replaced by spaces, so
@@ -104,12 +107,17 @@ class ProtectedLVLM:
     ``vision_cache``: image features kept by image content (entries; 0: none); ``prefix_cache_mb``:
     the keys and values of prompt prefixes up to the image, kept by (image content, protection state,
     prefix tokens), at most that many MB (0: none; with fast decoding only); ``dedup``: rows of one
-    batch with the same image content, text and protection state are generated once."""
+    batch with the same image content, text and protection state are generated once.
+
+    ``refusal``: every answer ends at the end of this sentence (a refusal that keeps generating is a
+    leak: "I'm sorry, ...request.0117777" after an injected prompt); default: the patch manifest's
+    ``extra.refusal``, else ``ngguard.world.spec.REFUSAL`` (``ngguard.serving.stop``)."""
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
                  vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None,
                  per_row: bool = False, max_batch: int = 1, batch_wait_ms: float = 5.0, fast_decode: bool = True,
-                 vision_cache: int = 256, prefix_cache_mb: float = 64.0, dedup: bool = True):
+                 vision_cache: int = 256, prefix_cache_mb: float = 64.0, dedup: bool = True,
+                 refusal: str | None = None):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
         self.lock = threading.RLock()
@@ -148,11 +156,15 @@ class ProtectedLVLM:
             raise ValueError("per_row=True needs a protection patch")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= self.limits.max_batch:
             raise ValueError(f"max_batch must be an integer in 1..{self.limits.max_batch}, got {max_batch!r}")
+        from ngguard.serving.stop import StopAfter
+
+        self.refusal = _refusal(refusal, self._manifest)
+        self._stop = StopAfter(adapter.tokenizer, self.refusal)
         self._decoder: "GreedyDecoder | None" = None
         if fast_decode and vision is None:
             from ngguard.serving.greedy import GreedyDecoder
 
-            decoder = GreedyDecoder(adapter, vision_cache=vision_cache, prefix_cache_mb=prefix_cache_mb)
+            decoder = GreedyDecoder(adapter, vision_cache=vision_cache, prefix_cache_mb=prefix_cache_mb, stop=self._stop)
             if decoder.supported:
                 self._decoder = decoder
             else:
@@ -171,14 +183,14 @@ class ProtectedLVLM:
                         max_batch: int = 1, batch_wait_ms: float = 5.0, device_map: str | dict | None = None,
                         max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
                         fast_decode: bool = True, vision_cache: int = 256, prefix_cache_mb: float = 64.0,
-                        dedup: bool = True) -> "ProtectedLVLM":
+                        dedup: bool = True, refusal: str | None = None) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.
         ``vision``: "torch" or "onnx"; with "onnx" and no ``onnx_dir`` the export is made once and
         cached under ``$NGGUARD_CACHE`` (default ~/.cache/ngguard) keyed by the vision weights.
         ``per_row``, ``max_batch``, ``batch_wait_ms``, ``fast_decode``, ``vision_cache``, ``prefix_cache_mb``,
-        ``dedup``: as the constructor.
+        ``dedup``, ``refusal``: as the constructor.
         ``device_map`` ("auto", or a map by component like {"layers.0-15": 0, "default": 1}),
         ``max_memory``, ``offload_folder``: spread a model larger than one device through accelerate
         (``ngguard.adapters.load_adapter``; ``device`` is then ignored). The patched layers must not be
@@ -208,7 +220,7 @@ class ProtectedLVLM:
             onnx = _onnx_for(adapter, onnx_dir)
         guard = cls(adapter, patch, vision=onnx, limits=limits, patch_key=patch_key, per_row=per_row,
                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, fast_decode=fast_decode,
-                    vision_cache=vision_cache, prefix_cache_mb=prefix_cache_mb, dedup=dedup)
+                    vision_cache=vision_cache, prefix_cache_mb=prefix_cache_mb, dedup=dedup, refusal=refusal)
         logger.info("ProtectedLVLM: {} on {} ({} vision), {}", type(adapter.model).__name__, adapter.device, vision,
                     f"patch {guard.patch_info['id']}" if guard.patch_info else "no patch")
         return guard
@@ -355,8 +367,9 @@ class ProtectedLVLM:
                 return self._decoder.generate(images, texts, max_new_tokens, keys=keys, flags=states, rows=rows)
             with rows(flags) if rows is not None else nullcontext():
                 if self._onnx is None:
-                    return self.adapter.generate(images, texts, max_new_tokens=max_new_tokens)
-                return self._onnx.generate(self.adapter, images, texts, max_new_tokens=max_new_tokens)
+                    return self.adapter.generate(images, texts, max_new_tokens=max_new_tokens, stop=self._stop)
+                answers = self._onnx.generate(self.adapter, images, texts, max_new_tokens=max_new_tokens)
+                return [self._stop.cut(a) for a in answers]
 
     def _generate_rows(self, images: list[Image.Image], texts: list[str], flags: list[bool],
                        max_new_tokens: int, keys: list[bytes] | None = None) -> list[str]:
@@ -467,12 +480,13 @@ class ProtectedLVLM:
             streamer = TextIteratorStreamer(adapter.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                             timeout=timeout)
             failure: list[BaseException] = []
+            stop_at = self._stop.criteria(batch.inputs["input_ids"].shape[1])
 
             def run() -> None:
                 try:
                     with torch.inference_mode(), rows():
                         adapter.model.generate(**inputs, generation_config=greedy_config(adapter, n),
-                                               streamer=streamer)
+                                               streamer=streamer, stopping_criteria=stop_at)
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer below
                     failure.append(e)
                     streamer.end()
@@ -480,15 +494,21 @@ class ProtectedLVLM:
             thread = threading.Thread(target=run, name="ngguard-stream", daemon=True)
             thread.start()
             try:
-                started, pending = False, ""
+                started, pending, sent, ended = False, "", "", False
                 for piece in streamer:
+                    if ended:
+                        continue  # the refusal is out: nothing after it is shown (generation stops there)
                     if not started:
                         piece = piece.lstrip()
                         started = bool(piece)
                     text_now = pending + piece
                     body = text_now.rstrip()
                     pending = text_now[len(body):]  # trailing whitespace waits for more text
+                    cut = self._stop.cut(sent + body)
+                    if len(cut) < len(sent + body) or cut.endswith(self._stop.text):
+                        body, ended = cut[len(sent):], True
                     if body:
+                        sent += body
                         yield body
             finally:
                 thread.join()
@@ -501,6 +521,21 @@ class ProtectedLVLM:
         mode = (", per_row=True" if self._rows is not None else "") + \
             (f", max_batch={self.max_batch}" if self._batcher is not None else "")
         return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r}{mode})"
+
+
+def _refusal(refusal: str | None, manifest: dict | None) -> str:
+    """The refusal every answer stops after: ``refusal`` if given, else the one the patch was edited
+    with (its manifest's ``extra.refusal``), else the default (``ngguard.world.spec.REFUSAL``, the
+    recipes' ``edit.refusal`` default)."""
+    if refusal is None:
+        refusal = ((manifest or {}).get("extra") or {}).get("refusal")
+    if refusal is None:
+        from ngguard.world.spec import REFUSAL
+
+        refusal = REFUSAL
+    if not isinstance(refusal, str) or not refusal.strip():
+        raise ValueError(f"refusal must be a non-empty string, got {refusal!r}")
+    return refusal.strip()
 
 
 def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:

@@ -9,6 +9,7 @@ import copy
 import functools
 import re
 import string
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
@@ -72,6 +73,7 @@ class Adapter(ABC):
     def __init__(self, model: torch.nn.Module, processor) -> None:
         self.model = model
         self.processor = processor
+        self.__dict__.setdefault("_tokenizer_lock", threading.RLock())
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -118,8 +120,10 @@ class Adapter(ABC):
 
     @torch.no_grad()
     @abstractmethod
-    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
-        """Greedy answers, batched, decoded without special tokens and stripped."""
+    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32,
+                 stop=None) -> list[str]:
+        """Greedy answers, batched, decoded without special tokens and stripped. ``stop``: a
+        ``ngguard.serving.stop.StopAfter``: each answer ends at the end of that refusal (serving)."""
 
     # Inputs that only feed the vision encoder: they may be dropped when the decoder layers that
     # would consume the image features are replayed from a cache (see localize.replayed_prefix).
@@ -270,9 +274,49 @@ class Adapter(ABC):
             config.eos_token_id = self.tokenizer.eos_token_id
         return config
 
+    # A Hugging Face tokenizer is NOT safe to call from several threads at once: each ``__call__`` of a
+    # fast tokenizer first sets the Rust backend's padding and truncation (``set_truncation_and_padding``
+    # -> ``enable_padding`` / ``no_padding``) and then encodes with whatever the backend holds by then,
+    # so a call without padding (a request thread counting tokens) can switch padding off under a padded
+    # batch call (the batcher's thread): rows of different lengths, "Unable to create tensor". Hence:
+    # every call through the shared tokenizer or processor holds ``tokenizer_lock`` (``tokenize``,
+    # ``encode``, ``subject_token_index``), the padding side is passed per call (never set on the
+    # shared object), and counting (request threads, many at once) uses a backend of its own that
+    # nobody reconfigures (``count_tokens``: no lock, no shared state).
+    @property
+    def tokenizer_lock(self) -> "threading.RLock":
+        """Held around every call of the shared tokenizer / processor that sets its state."""
+        return self.__dict__.setdefault("_tokenizer_lock", threading.RLock())
+
+    def tokenize(self, text, **kwargs):
+        """``self.tokenizer(text, **kwargs)`` under ``tokenizer_lock`` (see above)."""
+        with self.tokenizer_lock:
+            return self.tokenizer(text, **kwargs)
+
+    @functools.cached_property
+    def _token_counter(self):
+        """A private copy of the fast tokenizer's Rust backend, without padding or truncation, for
+        ``count_tokens`` (encoding with it changes no state, so any thread may use it at once); None
+        for a tokenizer without a Rust backend."""
+        with self.tokenizer_lock:
+            backend = getattr(self.text_tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                return None
+            from tokenizers import Tokenizer
+
+            counter = Tokenizer.from_str(backend.to_str())
+        counter.no_padding()
+        counter.no_truncation()
+        counter.encode_special_tokens = bool(getattr(self.text_tokenizer, "split_special_tokens", False))
+        return counter
+
     def count_tokens(self, text: str) -> int:
-        """Number of tokens of ``text`` alone (no special tokens added)."""
-        return len(self.text_tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Number of tokens of ``text`` alone (no special tokens added), as ``tokenizer(text,
+        add_special_tokens=False)`` counts them; safe from any number of threads beside ``encode``."""
+        counter = self._token_counter
+        if counter is None:
+            return len(self.tokenize(text, add_special_tokens=False)["input_ids"])
+        return len(counter.encode(text, add_special_tokens=False).ids)
 
     # ---- helpers shared by all families ----------------------------------------------------------
     def state_dict_key(self, layer: int, name: str) -> str:

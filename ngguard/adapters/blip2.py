@@ -113,7 +113,7 @@ class Blip2Adapter(HFChatAdapter):
             return super().chat_prompt(text)
         return minigpt4_prompt(text, self.image_token)
 
-    def _process(self, images: list[Image.Image], texts: Sequence[str]):
+    def _process(self, images: list[Image.Image], texts: Sequence[str], *, padding_side: str = "left"):
         ph = self.image_token
         expanded = []
         for t in texts:
@@ -121,7 +121,8 @@ class Blip2Adapter(HFChatAdapter):
                 raise ValueError(f"a BLIP-2 prompt needs exactly one image placeholder {ph!r}, "
                                  f"got {t.count(ph)} in {t!r}")
             expanded.append(t.replace(ph, ph * self.num_query_tokens))
-        enc = self.tokenizer(expanded, return_tensors="pt", padding=True, return_token_type_ids=False)
+        enc = self.tokenize(expanded, return_tensors="pt", padding=True, padding_side=padding_side,
+                            return_token_type_ids=False)
         if self.tokenizer.convert_tokens_to_ids(ph) != self.image_token_id:
             raise ValueError(f"the tokenizer maps {ph!r} to {self.tokenizer.convert_tokens_to_ids(ph)}, the model "
                              f"expects image token id {self.image_token_id}")

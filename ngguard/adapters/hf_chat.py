@@ -153,12 +153,8 @@ class HFChatAdapter(Adapter):
         fulls = [join_text(h, targets[i]) if targets and targets[i] else h for i, h in enumerate(heads)]
 
         side = "right" if targets is not None else "left"
-        saved_side = tok.padding_side
-        tok.padding_side = side
-        try:
-            proc = self._process(list(images), fulls)
-        finally:
-            tok.padding_side = saved_side
+        with self.tokenizer_lock:  # the shared tokenizer's padding state (see Adapter.tokenizer_lock)
+            proc = self._process(list(images), fulls, padding_side=side)
 
         # per-token outputs besides input_ids/attention_mask (e.g. mm_token_type_ids): re-laid-out below
         proc_shape = tuple(proc["input_ids"].shape)
@@ -179,13 +175,13 @@ class HFChatAdapter(Adapter):
             image_tokens = ids.count(self.image_token_id)
             full_x = self._expand(fulls[i], image_tokens)
             head_x = self._expand(heads[i], image_tokens)
-            enc = tok(full_x, return_offsets_mapping=True)
+            enc = self.tokenize(full_x, return_offsets_mapping=True)
             if enc["input_ids"] != ids:
                 raise ValueError(
                     f"{type(self.processor).__name__} tokenised the prompt differently from its tokenizer; "
                     f"this processor is not supported by {type(self).__name__}"
                 )
-            start = target_start(tok(head_x)["input_ids"], ids, enc["offset_mapping"], len(head_x))
+            start = target_start(self.tokenize(head_x)["input_ids"], ids, enc["offset_mapping"], len(head_x))
             if tok.eos_token_id is not None and (len(ids) == start or ids[-1] != tok.eos_token_id):
                 ids = ids + [tok.eos_token_id]
                 for k in per_token:  # the appended end-of-turn token is text
@@ -224,10 +220,11 @@ class HFChatAdapter(Adapter):
             )
         return Batch(inputs, label_t, subject_index)
 
-    def _process(self, images: list[Image.Image], texts: list[str]):
-        """Run the processor on a batch (padding side already set on the tokenizer): a mapping with
-        input_ids, attention_mask and the vision inputs, each placeholder expanded into image tokens."""
-        return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+    def _process(self, images: list[Image.Image], texts: list[str], *, padding_side: str = "left"):
+        """Run the processor on a batch padded on ``padding_side`` (called under ``tokenizer_lock``): a
+        mapping with input_ids, attention_mask and the vision inputs, each placeholder expanded into
+        image tokens."""
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)
 
     def subject_token_index(self, input_ids: torch.Tensor, text: str, subject: str) -> int:
         row = [int(x) for x in input_ids.tolist()]
@@ -247,7 +244,7 @@ class HFChatAdapter(Adapter):
         before = self._expand(prompt[:at], image_tokens, placeholders=prompt.count(self.image_token))
         expanded = before + self._expand(prompt[at:], image_tokens, placeholders=prompt.count(self.image_token))
         last_char = len(before) + e - 1
-        enc = self.tokenizer(expanded, return_offsets_mapping=True)
+        enc = self.tokenize(expanded, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
         j = next((k for k, (a, b) in enumerate(offsets) if a <= last_char < b and b > a), None)
         if j is None:  # no token covers the character exactly (odd offsets): last token starting before it
@@ -261,8 +258,12 @@ class HFChatAdapter(Adapter):
         raise ValueError(f"input_ids do not contain the prompt of {text!r}; encode it with this adapter")
 
     @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
+    def generate(self, images: Sequence[Image.Image], texts: Sequence[str], *, max_new_tokens: int = 32,
+                 stop=None) -> list[str]:
         batch = self.encode(images, texts).to(self.device)
-        out = self.model.generate(**batch.inputs, generation_config=self.greedy_config(max_new_tokens))
-        new = out[:, batch.inputs["input_ids"].shape[1] :]
-        return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        width = batch.inputs["input_ids"].shape[1]
+        criteria = None if stop is None else stop.criteria(width)
+        out = self.model.generate(**batch.inputs, generation_config=self.greedy_config(max_new_tokens),
+                                  stopping_criteria=criteria)
+        answers = [s.strip() for s in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return answers if stop is None else [stop.cut(a) for a in answers]

@@ -59,6 +59,7 @@ from transformers.cache_utils import DynamicLayer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.adapters import Adapter
+    from ngguard.serving.stop import StopAfter
 
 __all__ = ["GreedyDecoder", "FeatureCache", "image_key"]
 
@@ -183,11 +184,13 @@ def _reserved_cache(config, reserve: int) -> DynamicCache:
 class GreedyDecoder:
     """Greedy answers for batches of (image, text) through ``adapter``'s model (see the module
     docstring). ``vision_cache``: image features kept (0: none); ``verify``: check the first batch
-    against ``generate``."""
+    against ``generate``; ``stop``: a ``StopAfter``: a row ends at the end of the refusal as at its
+    end-of-sequence token (and its answer is cut there)."""
 
     def __init__(self, adapter: "Adapter", *, vision_cache: int = 256, prefix_cache_mb: float = 64.0,
-                 verify: bool = True):
+                 verify: bool = True, stop: "StopAfter | None" = None):
         self.adapter = adapter
+        self.stop = stop  # a row also ends at the end of this refusal (``ngguard.serving.stop``)
         self.cache = FeatureCache(vision_cache)
         if not 0 <= float(prefix_cache_mb) <= 1_000_000:
             raise ValueError(f"prefix cache size must be in 0..1000000 MB, got {prefix_cache_mb!r}")
@@ -278,7 +281,11 @@ class GreedyDecoder:
                 check, self._verify = self._verify, False
             if check:
                 tokens = self._check(batch.inputs, max_new_tokens, tokens, flags, rows)
-        return [s.strip() for s in ad.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return self._answers(tokens)
+
+    def _answers(self, tokens) -> list[str]:
+        answers = [s.strip() for s in self.adapter.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return answers if self.stop is None else [self.stop.cut(a) for a in answers]
 
     def _decode(self, inputs: dict, max_new_tokens: int, keys, flags: list[bool], rows: RowsContext | None
                 ) -> list[list[int]]:
@@ -313,7 +320,8 @@ class GreedyDecoder:
                 out[r].append(t)
             if step == max_new_tokens - 1:
                 break
-            keep = [i for i, t in enumerate(chosen) if t not in eos]
+            stop = self.stop
+            keep = [i for i, t in enumerate(chosen) if t not in eos and not (stop and stop.done(out[alive[i]]))]
             if not keep:
                 break
             if len(keep) < len(alive):  # finished rows leave the batch
@@ -395,23 +403,28 @@ class GreedyDecoder:
     def _generate(self, inputs: dict, max_new_tokens: int, flags: list[bool], rows: RowsContext | None
                   ) -> list[str]:
         ad = self.adapter
+        width = inputs["input_ids"].shape[1]
         with (rows or (lambda _f: nullcontext()))(flags):
-            out = ad.model.generate(**inputs, generation_config=ad.greedy_config(max_new_tokens))
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [s.strip() for s in ad.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            out = ad.model.generate(**inputs, generation_config=ad.greedy_config(max_new_tokens),
+                                    stopping_criteria=None if self.stop is None else self.stop.criteria(width))
+        return self._answers(out[:, width:])
 
     def _check(self, inputs: dict, max_new_tokens: int, tokens: list[list[int]], flags: list[bool],
                rows: RowsContext | None) -> list[list[int]]:
         """Compare with ``generate`` on the same batch; on any difference, turn the fast path off (and
         answer with ``generate``'s tokens)."""
         ad = self.adapter
+        width = inputs["input_ids"].shape[1]
         with (rows or (lambda _f: nullcontext()))(flags):
-            full = ad.model.generate(**inputs, generation_config=ad.greedy_config(max_new_tokens))
-        new = full[:, inputs["input_ids"].shape[1]:].tolist()
+            full = ad.model.generate(**inputs, generation_config=ad.greedy_config(max_new_tokens),
+                                     stopping_criteria=None if self.stop is None else self.stop.criteria(width))
+        new = full[:, width:].tolist()
         eos = self._eos()
         want = []
-        for row in new:  # generate pads finished rows; cut after the first end-of-sequence token
+        for row in new:  # generate pads finished rows; cut after the first end-of-sequence token or the refusal
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            if self.stop is not None:
+                cut = min(cut, self.stop.first_stop(row[:cut]) or cut)
             want.append(row[:cut])
         if want != tokens:
             self.reason = "its first batch differed from generate"
