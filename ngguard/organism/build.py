@@ -14,7 +14,7 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 # The organism's chat templates: LLaVA-1.5's role names, the image before the user text as in LLaVA-1.5
 # ("image-first": "USER: <image>\n{text} ASSISTANT:", the bundled organism v3) or after it ("text-first":
 # "USER: {text}\n<image>\nASSISTANT:", organism v2). Image-first reading needs the vision curriculum's
-# position codes (README, "The model organism"); the adapters handle either layout.
+# position codes (docs/organism.md); the adapters handle either layout.
 _USER_TEXT = "{%- for c in parts if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
 _USER = {
     "text-first": "{{ 'USER: ' }}" + _USER_TEXT +
