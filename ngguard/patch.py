@@ -546,19 +546,21 @@ def sign_patch(patch_dir: str | os.PathLike, key: bytes) -> str:
 
 
 def _check_signature(patch_dir: Path, m: dict, key: bytes) -> None:
-    from ngguard.limits import TooLarge, read_regular_file
+    from ngguard.limits import InputError, TooLarge, read_regular_file
 
     path = patch_dir / SIGNATURE
-    try:
-        sig = json.loads(read_regular_file(path, 4096, what="patch signature"))
+    try:  # a regular file of at most 4 KB: a FIFO would hang the read, a link to /dev/zero never end
+        raw = read_regular_file(path, 4096, what="patch signature")
     except FileNotFoundError:
         raise PatchError(f"patch {m['patch_id']}: not signed ({SIGNATURE} missing) but a patch key is set: "
                          f"refused") from None
     except TooLarge:
-        sig = None  # a bad signature
-    except ValueError as e:  # not a regular file (a FIFO, /dev/zero), unreadable, not JSON
-        if "only regular files are read" in str(e):
-            raise PatchError(f"patch {m['patch_id']}: {e}") from None
+        raw = b""  # no signature of ours: a bad one
+    except InputError as e:  # a FIFO, a device, a folder, unreadable
+        raise PatchError(f"patch {m['patch_id']}: {e}") from None
+    try:
+        sig = json.loads(raw)
+    except ValueError:
         sig = None
     mac = sig.get("mac") if isinstance(sig, dict) else None
     if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(patch_dir, key)):

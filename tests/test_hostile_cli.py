@@ -478,11 +478,11 @@ def test_out_that_is_not_a_regular_file_is_not_replaced(command, what, eval_imag
 
 
 OUT_UNDER_A_FILE = {
-    "patch apply": lambda t: ["patch", "apply", "--base", "organism", "--patch", "organism-patch",
+    "patch apply": lambda t: ["patch", "apply", "--base", "organism-checkpoint", "--patch", "organism-patch",
                               "--out", str(t / "afile" / "out")],
     "edit": lambda t: ["edit", str(REPO / "recipes" / "organism.yaml"), "--out", str(t / "afile" / "run")],
-    "world render": lambda t: ["world", "render", "--subjects", "passport", "--n", "2", "--out", str(t / "afile" / "w")],
-    "world render --out FIFO": lambda t: ["world", "render", "--subjects", "passport", "--n", "2",
+    "world render": lambda t: ["world", "render", "--subjects", "Passport", "--n", "2", "--out", str(t / "afile" / "w")],
+    "world render --out FIFO": lambda t: ["world", "render", "--subjects", "Passport", "--n", "2",
                                           "--out", str(t / "fifo")],
     "data.multip2a a file": lambda t: ["edit", str(REPO / "recipes" / "organism.yaml"), "--out", str(t / "run"),
                                        "--set", f"data.multip2a={t / 'afile'}"],
@@ -503,11 +503,13 @@ OUT_UNDER_A_FILE_SAYS = {
 def test_bad_output_paths_and_recipe_paths_give_one_line_before_work(case, tmp_path):
     """Before: FileExistsError / NotADirectoryError tracebacks, a run that started and then failed on
     the Multi-P2A path, a MemoryError expanding the device map's layer range."""
+    from ngguard.organism import checkpoint_path
     from serve.app import organism_patch_dir
 
     (tmp_path / "afile").write_text("a file, not a folder\n")
     os.mkfifo(tmp_path / "fifo")
-    args = [str(organism_patch_dir()) if a == "organism-patch" else a for a in OUT_UNDER_A_FILE[case](tmp_path)]
+    real = {"organism-patch": str(organism_patch_dir()), "organism-checkpoint": str(checkpoint_path())}
+    args = [real.get(a, a) for a in OUT_UNDER_A_FILE[case](tmp_path)]
     before = tree(tmp_path)
     r = run_capped(*args, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
