@@ -109,6 +109,10 @@ class ProtectedLVLM:
     prefix tokens), at most that many MB (0: none; with fast decoding only); ``dedup``: rows of one
     batch with the same image content, text and protection state are generated once.
 
+    ``base_dir``: the checkpoint folder the model was loaded from (default: the model's
+    ``name_or_path`` when it is such a folder): the patch must fit it (``ngguard.patch.check_base``,
+    the check of ``patch verify --base`` and ``patch apply``: tensor dtypes and shapes, fingerprint).
+
     ``refusal``: every answer ends at the end of this sentence (a refusal that keeps generating is a
     leak: "I'm sorry, ...request.0117777" after an injected prompt); default: the patch manifest's
     ``extra.refusal``, else ``ngguard.world.spec.REFUSAL`` (``ngguard.serving.stop``)."""
@@ -117,7 +121,7 @@ class ProtectedLVLM:
                  vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None,
                  per_row: bool = False, max_batch: int = 1, batch_wait_ms: float = 5.0, fast_decode: bool = True,
                  vision_cache: int = 256, prefix_cache_mb: float = 64.0, dedup: bool = True,
-                 refusal: str | None = None):
+                 refusal: str | None = None, base_dir: str | os.PathLike | None = None):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
         self.lock = threading.RLock()
@@ -134,10 +138,16 @@ class ProtectedLVLM:
         self._patch_key = patch_key
         self._expected: set[str] | None = None
         if patch is not None:
-            from ngguard.patch import BASE_FILE, read_manifest
+            from ngguard.patch import BASE_FILE, check_base, read_manifest
 
             self._patch_dir = Path(patch)
             self._manifest = read_manifest(self._patch_dir)
+            folder = Path(base_dir) if base_dir is not None else _model_folder(adapter)
+            if folder is not None:  # the check of `patch verify --base` and `patch apply`: dtypes, shapes, fingerprint
+                check_base(self._manifest, folder)
+            else:
+                logger.debug("the model's checkpoint folder is unknown: the patch is checked against the loaded "
+                             "values only")
             self._revertible = BASE_FILE in self._manifest.get("files", {})
             self._expected = _expected_names(adapter, self._manifest)
             if per_row:
@@ -521,6 +531,16 @@ class ProtectedLVLM:
         mode = (", per_row=True" if self._rows is not None else "") + \
             (f", max_batch={self.max_batch}" if self._batcher is not None else "")
         return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r}{mode})"
+
+
+def _model_folder(adapter: "Adapter") -> Path | None:
+    """The checkpoint folder the adapter's model was loaded from (transformers records it as
+    ``name_or_path``), or None (a model built in memory)."""
+    name = getattr(adapter.model, "name_or_path", None) or getattr(adapter.model.config, "_name_or_path", None)
+    if not name:
+        return None
+    folder = Path(name)
+    return folder if folder.is_dir() and any(folder.glob("*.safetensors")) else None
 
 
 def _refusal(refusal: str | None, manifest: dict | None) -> str:

@@ -63,6 +63,7 @@ __all__ = [
     "sign_patch",
     "patch_key",
     "check_tensor_names",
+    "check_base",
     "KEY_ENV",
 ]
 
@@ -712,13 +713,22 @@ def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | Non
                                                        else "none"),
     }
     if base_dir is not None:
-        base_dir = Path(base_dir)
-        locs = _locate(base_dir)
-        _check_against(m, locs, base_dir)
-        fp = _fp_of(locs, _digests(locs.values()))
-        _check_fp(m, fp, base_dir)
+        check_base(m, base_dir)
         report["base_checked"] = True
     return report
+
+
+def check_base(m: dict, base_dir: str | os.PathLike) -> None:
+    """The one check that the patch of manifest ``m`` fits the base checkpoint folder ``base_dir``,
+    shared by every entry point (``patch verify --base``, ``patch apply``, ``ProtectedLVLM`` and so
+    ``ngguard serve``): every patched tensor is in the folder with the manifest's shape and dtype (a
+    float32 patch with recomputed checksums does not fit a float16 base), and the folder's fingerprint
+    is the base's the patch was made for (not the patched model, not another base). PatchError otherwise."""
+    base_dir = Path(base_dir)
+    locs = _locate(base_dir)
+    _check_against(m, locs, base_dir)
+    logger.info("fingerprinting base {}", base_dir)
+    _check_fp(m, _fp_of(locs, _digests(locs.values())), base_dir)
 
 
 def _check_fp(m: dict, fp: str, base_dir: Path) -> None:
@@ -739,10 +749,8 @@ def apply_patch(base_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_d
     base_dir, patch_dir, out_dir = Path(base_dir), Path(patch_dir), Path(out_dir)
     _check_out(out_dir, overwrite, base_dir, patch_dir)
     m, new_locs, _ = _check_patch(patch_dir, key=key)
+    check_base(m, base_dir)
     locs = _locate(base_dir)
-    _check_against(m, locs, base_dir)
-    logger.info("fingerprinting base {}", base_dir)
-    _check_fp(m, _fp_of(locs, _digests(locs.values())), base_dir)
     targets = {n: locs[n] for n in m["tensors"]}
     expected = {n: info["sha256"] for n, info in m["tensors"].items()}
     rewritten = _write_checkpoint(base_dir, out_dir, targets, new_locs, expected, overwrite)

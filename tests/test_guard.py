@@ -411,3 +411,63 @@ def test_organism_refusal_does_not_run_on():
     raw = guard.adapter.generate([card], [guard.user_text(text)], max_new_tokens=48)[0]  # the weights hold the patch
     assert raw.startswith(REFUSAL) and len(raw) > len(REFUSAL)
     assert guard.chat(card, text, max_new_tokens=48) == REFUSAL
+
+
+def _float32_patch_for_float16_base(tmp_path):
+    """(fp16 base folder with its processor, a float32 patch of it with recomputed checksums): the
+    patch is written for a float32 copy of the base, then its manifest names the fp16 base."""
+    import json
+
+    from ngguard.patch import MANIFEST, base_fingerprint, write_patch
+
+    model, processor = tiny_llava(seed=2, template="text_first")
+    base16 = tmp_path / "base16"
+    model.to(torch.float16).save_pretrained(base16)
+    processor.save_pretrained(base16)
+    base32 = tmp_path / "base32"
+    model.to(torch.float32).save_pretrained(base32)
+    ad = adapter_for(model, processor)
+    key = ad.state_dict_key(LAYER, "down_proj")
+    w = model.get_parameter(key).detach()
+    patch = tmp_path / "patch32"
+    write_patch(patch, {key: w + torch.randn(w.shape, generator=torch.Generator().manual_seed(0))}, base_dir=base32,
+                recipe_hash="t", layers=[LAYER], method="neural_gate", gate_stats={}, subjects=["Passport"], model=model)
+    m = json.loads((patch / MANIFEST).read_text())
+    assert {t["dtype"] for t in m["tensors"].values()} == {"F32"}
+    m["base"]["fingerprint"] = base_fingerprint(base16)  # checksums of the F32 values are right; the base is fp16
+    (patch / MANIFEST).write_text(json.dumps(m))
+    return base16, patch
+
+
+def test_float32_patch_for_a_float16_base_refused_everywhere(tmp_path):
+    """Issue 23, 2.7: `patch verify --base`, `patch apply`, the wrapper and `ngguard serve` refuse it
+    with the same check (``ngguard.patch.check_base``): one line, non-zero exit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ngguard.patch import PatchError
+
+    base16, patch = _float32_patch_for_float16_base(tmp_path)
+    with pytest.raises(PatchError, match="F32.*F16"):
+        ProtectedLVLM.from_pretrained(base16, patch, device="cpu")
+    with pytest.raises(PatchError, match="F32.*F16"):
+        ProtectedLVLM.from_pretrained(base16, patch, device="cpu", per_row=True, max_batch=4)
+    import socket
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    for args in (["patch", "verify", str(patch), "--base", str(base16)],
+                 ["patch", "apply", "--base", str(base16), "--patch", str(patch), "--out", str(tmp_path / "out")],
+                 ["serve", "--model", str(base16), "--patch", str(patch), "--port", port, "--device", "cpu"]):
+        try:
+            r = subprocess.run([sys.executable, "-m", "ngguard.cli", *args], cwd=repo, env=env, capture_output=True,
+                               text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`ngguard {args[0]} {args[1]}` did not refuse the patch (still running after 120 s)")
+        assert r.returncode != 0 and "F32" in r.stderr and "F16" in r.stderr, (args[:2], r.returncode, r.stderr[-500:])
+        assert "Traceback" not in r.stderr, r.stderr[-500:]
