@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from ngguard.cli import main
 from ngguard.judges import LABELS, RefusalJudge, make_judge, parse_judge_spec
+from ngguard.limits import InputError
 from ngguard.judges.learned import BUNDLED, Featurizer, LearnedJudge, TrainConfig, train
 from ngguard.judges.training import find_shared, metrics, own_rows, world_rows, xstest_rows
 from ngguard.world.spec import REFUSAL
@@ -189,6 +191,13 @@ def test_learned_judge_bad_files(tmp_path):
         LearnedJudge.load(bad)
     with pytest.raises(FileNotFoundError, match="learned judge weights not found"):
         LearnedJudge.load(tmp_path / "missing.safetensors")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # opening it would block until a writer comes: refused unopened
+    with pytest.raises(InputError, match="FIFO"):
+        LearnedJudge.load(fifo)
+    (tmp_path / "zero.safetensors").symlink_to("/dev/zero")  # would never end: refused unread
+    with pytest.raises(InputError, match="character device"):
+        LearnedJudge.load(tmp_path / "zero.safetensors")
     with pytest.raises(ValueError, match="unknown label"):
         train(["a"], ["maybe"], SMALL)
 

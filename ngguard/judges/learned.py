@@ -31,9 +31,11 @@ import numpy as np
 
 from ngguard.judges.base import LABELS, _JudgeBase, check_batch
 from ngguard.judges.rules import normalize
+from ngguard.limits import read_regular_file
 
 BUNDLED = Path(__file__).resolve().parent / "learned.safetensors"
 FORMAT = "ngguard-learned-judge/1"
+MAX_WEIGHTS_BYTES = 64 << 20  # the bundled file is 1.6 MB; a weights file past this is refused unread
 _TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 _DIGITS = re.compile(r"\d+")  # every number is the token "0": what matters is that a value is given
 
@@ -135,10 +137,10 @@ class LearnedJudge(_JudgeBase):
         from safetensors.numpy import load
 
         p = Path(path).expanduser() if path else BUNDLED
-        if not p.is_file():
+        if not p.exists():
             hint = " (the bundled weights are missing: run `ngguard judge train`)" if p == BUNDLED else ""
             raise FileNotFoundError(f"{p}: learned judge weights not found{hint}")
-        raw = p.read_bytes()
+        raw = read_regular_file(p, MAX_WEIGHTS_BYTES, what="learned judge weights")  # never a FIFO or /dev/zero
         try:
             tensors = load(raw)
             n = int.from_bytes(raw[:8], "little")
