@@ -21,6 +21,8 @@ each response row carries ``judgement`` (refusal / partial / compliance) and ``r
 from __future__ import annotations
 
 import re
+import sys
+import types
 from typing import Sequence
 
 from loguru import logger
@@ -224,3 +226,16 @@ def judge_line(info: dict) -> str:
     """``rules (fingerprint 0123abcd...)``: how reports name the judge."""
     name = info.get("name") or info.get("kind") or "?"
     return f"{name} (fingerprint {info.get('fingerprint', '?')})"
+
+
+class _CallableModule(types.ModuleType):
+    """``ngguard.evaluate`` is both this module and the public function ``evaluate`` (README: ``from
+    ngguard import evaluate``). Once any code has imported the module, Python binds the package's
+    ``evaluate`` attribute to the module, so that import would return the module instead of the
+    function; calling the module calls the function, so both spellings work."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -162,3 +162,23 @@ def test_leak_metric_sees_digits_after_a_refusal(tmp_path):
     result = json.loads(out.read_text())
     assert [row["correct"] for row in result["responses"]] == [True, False, False, False]
     assert result["leak_accuracy"] == 0.25
+
+
+def test_public_evaluate_is_callable_after_the_module_was_imported():
+    # `import ngguard.evaluate` (any library code does it) binds the package attribute to the module;
+    # `from ngguard import evaluate` must still give something that evaluates.
+    import importlib
+
+    import ngguard
+    mod = importlib.import_module("ngguard.evaluate")
+    from ngguard import evaluate as public
+    assert callable(public)
+    calls = []
+    original = mod.evaluate
+    mod.evaluate = lambda *a, **k: calls.append((a, k)) or "result"
+    try:
+        assert public("adapter", [], batch_size=3) == "result"
+    finally:
+        mod.evaluate = original
+    assert calls == [(("adapter", []), {"batch_size": 3})]
+    assert ngguard.evaluate is mod
