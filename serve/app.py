@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from loguru import logger
 
 from ngguard.serving.options import add_serve_arguments
-from serve.api import BASE_OFF, Backoff, BaseNotServed, JsonApi, Service, max_body_bytes
+from serve.api import API_PREFIX, BASE_OFF, Backoff, BaseNotServed, JsonApi, Service, max_body_bytes
 
 # no telemetry and no version check calls from this server (Gradio reads this when it launches)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -223,8 +223,11 @@ class LoginThrottle:
             self.backoff.not_an_attempt(client)
 
 
-async def _answer(send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _answer(send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = (), *,
+                  key: str = "detail") -> None:
+    """A JSON error answer from a middleware: ``{"detail": ...}`` as Gradio's own errors, ``key="error"``
+    in the JSON API's shape."""
+    body = json.dumps({key: detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -235,7 +238,8 @@ class BodyLimit:
     """ASGI middleware in front of every route (Gradio's ``/gradio_api/...``, uploads, ``/login``, the
     JSON API): a request body over ``max_body`` bytes is answered 413. A larger ``Content-Length`` is
     refused before anything is read; a body without one (chunked) is counted as it arrives and cut off
-    at the limit: the route then sees the client as gone, and its own answer is dropped."""
+    at the limit: the route then sees the client as gone, and its own answer is dropped. The answer is
+    ``{"error": ...}`` under ``/v1/`` (the JSON API's errors), else ``{"detail": ...}`` (Gradio's)."""
 
     def __init__(self, app, *, max_body: int) -> None:
         self.app = app
@@ -246,8 +250,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        key = "error" if str(scope.get("path", "")).startswith(API_PREFIX + "/") else "detail"
         if declared is not None and (not declared.strip().isdigit() or int(declared) > self.max_body):
-            await self._refuse(send, declared.decode("latin-1")[:20])
+            await self._refuse(send, declared.decode("latin-1")[:20], key)
             return
         state = {"received": 0, "started": False, "refused": False}
 
@@ -260,7 +265,7 @@ class BodyLimit:
                 if state["received"] > self.max_body:
                     state["refused"] = True
                     if not state["started"]:
-                        await self._refuse(send, None)
+                        await self._refuse(send, None, key)
                     return {"type": "http.disconnect"}
             return message
 
@@ -273,11 +278,11 @@ class BodyLimit:
 
         await self.app(scope, counted, guarded)
 
-    async def _refuse(self, send, declared: str | None) -> None:
+    async def _refuse(self, send, declared: str | None, key: str) -> None:
         size = f"{declared} bytes " if declared and declared.isdigit() else ""
         logger.warning("request body too large: {}refused (limit {} bytes)", size, self.max_body)
         await _answer(send, 413, f"request body is too large: {size}(limit {self.max_body} bytes)",
-                      [(b"connection", b"close")])
+                      [(b"connection", b"close")], key=key)
 
 
 class KnownApiOnly:
