@@ -7,6 +7,7 @@
     python bench/load_test.py --serve-only --port 7860  # just serve (used by bench/screenshot.sh)
     python bench/load_test.py --images 25              # 25 distinct cards (50 distinct image+question pairs)
     python bench/load_test.py --server-args "--dedup off --vision-cache 0 --decode generate"   # both servers
+    python bench/load_test.py --n 200 --concurrency 200 --bad 0.25 --servers on --rounds 1   # 1 in 4 requests bad
 
 Two servers, each ``python -m serve.app`` (= ``ngguard serve``) in a child process over the organism
 with its bundled patch:
@@ -41,6 +42,12 @@ a few ms of CPU per request; ``gradio`` uses ``gradio_client``, which costs abou
 request as the batched server itself. On a machine whose cores the client shares with the server, a
 heavy client caps every ratio; each row reports the client's and the server's CPU seconds so the
 cost is visible. Both servers are driven by the same client in a run.
+
+``--bad F`` (JSON client only): a share F of the requests are bad ones, mixed in among the good:
+a question over the token limit (2000 emoji: counted in the request thread, 413), over the character
+limit (413), an image that is not base64 (400), a body with an unknown field (400). Each must get its
+4xx (anything else is an error); the good requests are checked as above, so a bad request that
+disturbs a good one (the tokenizer race of issue 23) shows up as an error or a wrong answer.
 
 Prints, per run: errors, wrong answers, p50 / p95 / max latency (submit to answer, queueing
 included), throughput, server CPU (total and per request) and client CPU; then per round the ratios:
@@ -77,6 +84,7 @@ MAX_REQUESTS = 1000
 MAX_CONCURRENCY = 256
 KINDS = ("protected", "base", "compare")
 CLIENTS = ("json", "http", "gradio")
+BAD_KINDS = ("tokens", "chars", "base64", "field")
 
 
 def free_port() -> int:
@@ -290,6 +298,24 @@ class JsonClient(HttpClient):
         out = self._post("compare", {"image": self._image(path), "text": question})
         return out["base"], out["protected"]
 
+    def bad(self, path: str, k: int) -> bool:
+        """Bad request number ``k`` (of ``BAD_KINDS``, in turn): True when it got its 4xx status."""
+        body, status = {"image": self._image(path), "text": "What colour is the card?"}, 413
+        kind = BAD_KINDS[k % len(BAD_KINDS)]
+        if kind == "tokens":
+            body["text"] = "\U0001F600" * 1999
+        elif kind == "chars":
+            body["text"] = "x" * 2001
+        elif kind == "base64":
+            body["image"], status = "not base64 !", 400
+        else:
+            body["colour"], status = "red", 400
+        try:
+            self._post("chat", body)
+        except RuntimeError as e:
+            return f"HTTP {status}:" in str(e)
+        return False
+
 
 class GradioClient:
     """The same calls through ``gradio_client``."""
@@ -346,15 +372,18 @@ def distinct_examples(k: int, folder: str) -> list[tuple[str, str]]:
 
 
 def run_load(client, want: dict, examples, *, n: int, concurrency: int, kinds: tuple[str, ...],
-             server_cpu=lambda: 0.0) -> dict:
+             server_cpu=lambda: 0.0, bad: float = 0.0) -> dict:
     """``n`` requests, ``concurrency`` in flight: request k asks example k % len(examples), kind
-    kinds[(k // 2) % len].
-    ``server_cpu()``: the server's CPU seconds so far (read after the warm-up and after the load)."""
+    kinds[(k // 2) % len]; with ``bad``, request k is a bad one when int(k * bad) grows at k (a share
+    ``bad`` of them, spread evenly). ``server_cpu()``: the server's CPU seconds so far (read after the
+    warm-up and after the load)."""
 
     def one(k: int) -> tuple[float, bool]:
         i, kind = k % len(examples), kinds[(k // 2) % len(kinds)]
         path, question = examples[i][0], examples[i][1]
         t = time.perf_counter()
+        if bad and int((k + 1) * bad) > int(k * bad):
+            return time.perf_counter() - t, client.bad(path, int(k * bad))
         if kind == "compare":
             ok = client.compare(path, question) == (want[i][False], want[i][True])
         else:
@@ -417,6 +446,8 @@ def main(argv=None) -> int:
                    help="K distinct passport cards x 2 questions (default: one card, the demo's two questions)")
     p.add_argument("--server-args", default="",
                    help="extra `ngguard serve` options for both servers, e.g. \"--dedup off --vision-cache 0\"")
+    p.add_argument("--bad", type=float, default=0.0,
+                   help="share of bad requests (0..0.9, JSON client only; default 0), each must get its 4xx")
     p.add_argument("--serve-only", action="store_true", help="start the app in-process and block (no load)")
     p.add_argument("--model", default="organism", help="--serve-only: the model")
     p.add_argument("--patch", default=None, help="--serve-only: the patch")
@@ -430,6 +461,9 @@ def main(argv=None) -> int:
             or not 0 <= args.warmup <= 10:
         p.error(f"--n must be in 1..{MAX_REQUESTS}, --concurrency in 1..{MAX_CONCURRENCY}, --rounds >= 1, "
                 "--warmup in 0..10")
+
+    if not 0 <= args.bad <= 0.9 or (args.bad and args.client != "json"):
+        p.error("--bad must be in 0..0.9, with --client json")
 
     from loguru import logger
 
@@ -463,7 +497,7 @@ def main(argv=None) -> int:
         inputs = "1 card x 2 questions" if args.images is None else f"{args.images} distinct cards x 2 questions"
         print(f"organism + bundled patch; {args.n} requests, {args.concurrency} in flight; endpoint {args.endpoint}; "
               f"inputs: {inputs}; {args.warmup} uncounted warm-up run(s) per server; "
-              f"client {args.client}; max_new_tokens {args.max_new_tokens}; "
+              f"client {args.client}; max_new_tokens {args.max_new_tokens}; bad requests {args.bad:.0%}; "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs, "
               f"load average {load:.1f} at the start")
         for s in servers.values():
@@ -475,7 +509,7 @@ def main(argv=None) -> int:
                 try:
                     client = {"json": JsonClient, "http": HttpClient, "gradio": GradioClient}[args.client](s.url)
                     x = run_load(client, want, examples, n=args.n, concurrency=args.concurrency, kinds=kinds,
-                                 server_cpu=s.cpu)
+                                 server_cpu=s.cpu, bad=args.bad)
                 finally:
                     s.pause()
                 x["label"] = f"{name} #{r + 1}" if r >= 0 else f"{name} w{r + args.warmup + 1}"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ngguard.data import Query
 from ngguard.judge import REFUSAL_LABELS, Judge, RefusalJudge, normalize
-from ngguard.limits import DEFAULT_LIMITS, InputError, Limits, check_image_file, check_text, load_image
+from ngguard.limits import DEFAULT_LIMITS, InputError, Limits, TokenBudget, check_image_file, check_text, load_image
 
 METRIC_KEYS = ("n", "n_sensitive", "n_benign", "rta_sensitive", "rta_benign", "eta", "benign_answer_rate",
                "partial_sensitive", "partial_benign", "benign_accuracy", "leak_accuracy", "n_benign_with_answer",
@@ -128,9 +128,10 @@ def score(queries: Sequence[Query], responses: Sequence[str], judge: Judge | Non
 
 
 def check_queries(queries: Sequence[Query], limits: Limits | None = None, adapter=None, *,
-                  decode: bool = False) -> None:
+                  decode: bool = False, max_new_tokens: int = 1) -> None:
     """Check every query against ``limits`` before any work: its prompt (``check_text``; with an
-    ``adapter`` also its token count) and its image file (regular file, size, supported format,
+    ``adapter`` also its token count, against what the model's context leaves beside the prompt
+    template, the image and an answer of ``max_new_tokens``: ``TokenBudget``) and its image file (regular file, size, supported format,
     pixels and aspect ratio from the header; each distinct file once; with ``decode`` the pixels
     are decoded too, which finds corrupt and truncated bodies). Raises ``InputError`` naming the query."""
     limits = limits or DEFAULT_LIMITS
@@ -148,11 +149,12 @@ def check_queries(queries: Sequence[Query], limits: Limits | None = None, adapte
             raise InputError(f"query {i} ({q.subject}): {e}") from None
     count = getattr(adapter, "count_tokens", None)  # every Adapter has it; test doubles may not
     if count is not None:
+        budget = TokenBudget.of(adapter, limits)
         for i, q in enumerate(queries):
-            n = count(q.prompt)
-            if n > limits.max_prompt_tokens:
-                raise InputError(f"query {i} ({q.subject}): prompt is too long: {n} tokens "
-                                 f"(limit {limits.max_prompt_tokens})")
+            try:
+                budget.check_prompt(count(q.prompt), max_new_tokens, "prompt")
+            except InputError as e:
+                raise InputError(f"query {i} ({q.subject}): {e}") from None
 
 
 def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, batch_size: int = 16,
@@ -168,7 +170,7 @@ def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, b
             not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise ValueError(f"evaluate: max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new_tokens!r}")
     queries = list(queries)
-    check_queries(queries, limits, adapter)
+    check_queries(queries, limits, adapter, max_new_tokens=max_new_tokens)
     blocked = {i for i, q in enumerate(queries) if guard is not None and guard.blocks(q.prompt)}
     todo = [q for i, q in enumerate(queries) if i not in blocked]
     responses: list[str] = []

@@ -70,16 +70,13 @@ from ngguard.limits import (  # noqa: E402 (re-exported: the guard's input check
     DEFAULT_LIMITS,
     InputError,
     Limits,
+    TokenBudget,
     TooLarge,
     check_count,
     check_history,
     check_text,
     load_image,
 )
-
-
-def _check_max_new_tokens(n: Any, limits: Limits) -> int:
-    return check_count(n, "max_new_tokens", limits.max_new_tokens)
 
 
 # ---- the guard -----------------------------------------------------------------------------------
@@ -124,6 +121,7 @@ class ProtectedLVLM:
                  refusal: str | None = None, base_dir: str | os.PathLike | None = None):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
+        self.budget = TokenBudget.of(adapter, self.limits)  # what the model's context leaves for text and answer
         self.lock = threading.RLock()
         self._rows: "RowPatch | None" = None
         self._batcher: "Batcher | None" = None
@@ -339,29 +337,29 @@ class ProtectedLVLM:
                     self.protected = before
 
     # ---- answering ------------------------------------------------------------------------------
-    def user_text(self, text: Any) -> str:
+    def user_text(self, text: Any, *, max_new_tokens: int = 1) -> str:
         """The question as it goes into the prompt: validated (``check_text``), the family's
         chat-control strings neutralised (``Adapter.neutralize``: user text cannot fake a turn, an
         end-of-turn token or an image placeholder) and its token count checked against
-        ``limits.max_prompt_tokens``. InputError otherwise."""
+        ``limits.max_prompt_tokens`` and what the model's context leaves beside the prompt template,
+        the image and an answer of ``max_new_tokens`` (``self.budget``). InputError otherwise."""
         text = check_text(text, self.limits)
         clean = self.adapter.neutralize(text)
         if clean != text:
             logger.info("neutralised chat-control strings in the user text ({} -> {} characters)", len(text), len(clean))
             if not clean:
                 raise InputError("text is empty once chat-control markers are removed")
-        n = self.adapter.count_tokens(clean)
-        if n > self.limits.max_prompt_tokens:
-            raise TooLarge(f"text is too long: {n} tokens (limit {self.limits.max_prompt_tokens})")
+        self.budget.check_prompt(self.adapter.count_tokens(clean), max_new_tokens)
         return clean
 
     def _prepare(self, image: Any, text: Any, history: Any, max_new_tokens: Any) -> tuple[Image.Image, str, int]:
         img = load_image(image, self.limits)
-        text = self.user_text(text)
+        n = self.budget.check_max_new_tokens(max_new_tokens)
+        text = self.user_text(text, max_new_tokens=n)
         hist = check_history(history, self.limits)
         if hist:
             logger.debug("history of {} entries validated; the single-turn prompt does not use it", len(hist))
-        return img, text, _check_max_new_tokens(max_new_tokens, self.limits)
+        return img, text, n
 
     def _generate(self, images: list[Image.Image], texts: list[str], max_new_tokens: int,
                   keys: list[bytes] | None = None, flags: list[bool] | None = None) -> list[str]:
@@ -451,14 +449,14 @@ class ProtectedLVLM:
         if not images:
             raise InputError("chat_batch: no inputs")
         check_count(len(images), "chat_batch: number of inputs", self.limits.max_batch)
+        n = self.budget.check_max_new_tokens(max_new_tokens)
         imgs, txts = [], []
         for i, (im, tx) in enumerate(zip(images, texts)):
             try:
                 imgs.append(load_image(im, self.limits))
-                txts.append(self.user_text(tx))
+                txts.append(self.user_text(tx, max_new_tokens=n))
             except InputError as e:
                 raise type(e)(f"input {i}: {e}") from None  # TooLarge stays TooLarge
-        n = _check_max_new_tokens(max_new_tokens, self.limits)
         if protected is None or isinstance(protected, (bool, np.bool_)):
             flags = [self._want(protected)] * len(imgs)
         else:

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = ["InputError", "TooLarge", "Limits", "DEFAULT_LIMITS", "IMAGE_FORMATS", "load_image", "check_image_file",
            "check_text", "check_history", "check_count", "short_repr", "read_regular_file", "read_text_file",
-           "file_kind"]
+           "file_kind", "model_context", "TokenBudget"]
 
 MB = 1024 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -57,7 +57,8 @@ class Limits:
     Serving and eval: ``max_pixels`` (width x height of a decoded image), ``max_aspect_ratio``
     (long side / short side), ``max_bytes`` (size of an encoded image), ``max_text_chars`` (length
     of a question), ``max_prompt_tokens`` (its tokens, as the model's tokenizer counts them: 2000
-    emoji are 2000 characters but ~8000 byte-level tokens), ``max_new_tokens``, ``max_batch``
+    emoji are 2000 characters but ~8000 byte-level tokens; with a model, also no more than its
+    context leaves: ``TokenBudget``), ``max_new_tokens``, ``max_batch``
     (inputs per generation batch), ``max_history_messages``.
 
     Recipes: ``max_world_images`` (data.world.n, images per subject), ``max_steps``
@@ -116,6 +117,82 @@ def check_count(value: Any, what: str, high: int, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
         raise InputError(f"{what} must be an integer in {low}..{high}, got {short_repr(value)}")
     return int(value)
+
+
+# ---- tokens: what the model's context leaves ---------------------------------------------------------
+
+
+def model_context(model: Any) -> int | None:
+    """The most positions ``model``'s language model takes (``max_position_embeddings`` of its text
+    config, else of its config), or None when the config does not say."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    configs = []
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            configs.append(get_text(decoder=True))
+        except (TypeError, ValueError):
+            pass
+    for c in configs + [config]:
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How the model's context is shared: ``context`` positions (None: unknown, no bound), of which
+    ``overhead`` go to the prompt around the user's text (template, image tokens). The user's text
+    may have ``limits.max_prompt_tokens`` tokens and no more than the context leaves after the
+    overhead and the answer (``max_new_tokens``); an answer at most what is left after one text token.
+    ``TokenBudget.of(adapter, limits)``: the budget of a loaded model (the wrapper and ``ngguard eval``)."""
+
+    limits: Limits
+    context: int | None = None
+    overhead: int = 0
+
+    @classmethod
+    def of(cls, adapter: Any, limits: Limits | None = None) -> "TokenBudget":
+        limits = limits or DEFAULT_LIMITS
+        context = model_context(getattr(adapter, "model", None))
+        try:
+            overhead = getattr(adapter, "prompt_overhead", None) if context is not None else None
+        except (ValueError, RuntimeError, TypeError):  # a family whose dummy prompt cannot be encoded
+            overhead = None
+        if not isinstance(overhead, int):
+            return cls(limits)
+        return cls(limits, context, overhead)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest answer: ``limits.max_new_tokens``, and what the context leaves after the overhead
+        and a one-token text (at least 1)."""
+        if self.context is None:
+            return self.limits.max_new_tokens
+        return max(1, min(self.limits.max_new_tokens, self.context - self.overhead - 1))
+
+    def prompt_tokens(self, max_new_tokens: int = 1) -> int:
+        """The most tokens a user's text may have when the answer may take ``max_new_tokens``."""
+        if self.context is None:
+            return self.limits.max_prompt_tokens
+        return max(0, min(self.limits.max_prompt_tokens, self.context - self.overhead - max_new_tokens))
+
+    def check_prompt(self, n: int, max_new_tokens: int = 1, what: str = "text") -> None:
+        """TooLarge (one line) when a text of ``n`` tokens is over ``prompt_tokens(max_new_tokens)``."""
+        limit = self.prompt_tokens(max_new_tokens)
+        if n <= limit:
+            return
+        why = ""
+        if self.context is not None and limit < self.limits.max_prompt_tokens:
+            why = (f": the model's context is {self.context} positions, {self.overhead} of them for the prompt "
+                   f"template and image, {max_new_tokens} for the answer")
+        raise TooLarge(f"{what} is too long: {n} tokens (limit {limit}{why})")
+
+    def check_max_new_tokens(self, value: Any) -> int:
+        return check_count(value, "max_new_tokens", self.max_new_tokens)
 
 
 # ---- images ---------------------------------------------------------------------------------------

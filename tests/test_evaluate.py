@@ -182,3 +182,35 @@ def test_public_evaluate_is_callable_after_the_module_was_imported():
         mod.evaluate = original
     assert calls == [(("adapter", []), {"batch_size": 3})]
     assert ngguard.evaluate is mod
+
+
+@pytest.mark.parametrize("tail", [" ".join(["of the card"] * 60), "\U0001F600" * 400],
+                         ids=["over-the-context", "over-1024-tokens"])
+def test_eval_prompt_over_the_models_context_is_one_line(tmp_path, tail):
+    """``ngguard eval`` (a CLI subprocess) on the organism (256 positions): a prompt that does not fit
+    beside the template, the image and the answer is refused before generation with exactly one line
+    on stderr (issue 23, 2.6/2.8: no transformers "Token indices sequence length" warning first)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ngguard.organism import CHECKPOINT
+
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.skip("bundled organism checkpoint not built yet")
+    Image.new("RGB", (48, 48), "white").save(tmp_path / "a.png")
+    prompt = "What is the passport number " + tail + "?"
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "subject": "Passport", "prompt": prompt,
+                                                  "sensitive": True}) + "\n")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "ngguard.cli", "eval", "--model", "organism", "--data",
+                        str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "r.json"), "--device", "cpu",
+                        "--max-new-tokens", "24"],
+                       cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    # the one error line; transformers' "Loading weights" progress bar aside
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("Loading weights")]
+    assert r.returncode == 2, r.stderr[-800:]
+    assert len(lines) == 1 and "prompt is too long" in lines[0] and "256 positions" in lines[0], lines
+    assert not (tmp_path / "r.json").exists()

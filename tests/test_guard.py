@@ -471,3 +471,30 @@ def test_float32_patch_for_a_float16_base_refused_everywhere(tmp_path):
             pytest.fail(f"`ngguard {args[0]} {args[1]}` did not refuse the patch (still running after 120 s)")
         assert r.returncode != 0 and "F32" in r.stderr and "F16" in r.stderr, (args[:2], r.returncode, r.stderr[-500:])
         assert "Traceback" not in r.stderr, r.stderr[-500:]
+
+
+def test_prompt_tokens_fit_the_organisms_context():
+    """Issue 23, 2.8: the organism's context is 256 positions; a question of ~200 tokens (under the
+    1,024-token cap) no longer reaches the model: TooLarge names the context. The same question fits
+    with a short enough answer budget only when it fits the context."""
+    from ngguard.organism import CHECKPOINT
+
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.skip("bundled organism checkpoint not built yet")
+    from ngguard.limits import TooLarge
+
+    guard = ProtectedLVLM.from_pretrained("organism", device="cpu")
+    budget = guard.budget
+    assert budget.context == 256 and 0 < budget.overhead < 256
+    text = " ".join(["passport"] * 200)
+    n = guard.adapter.count_tokens(text)
+    assert budget.prompt_tokens(48) < n < guard.limits.max_prompt_tokens
+    with pytest.raises(TooLarge, match=r"256 positions"):
+        guard.chat(tiny_image(0), text, max_new_tokens=48)
+    with pytest.raises(TooLarge, match=r"too long"):
+        guard.chat_batch([tiny_image(0)], [text], max_new_tokens=48)
+    with pytest.raises(InputError, match="max_new_tokens"):  # no answer budget beyond the context either
+        guard.chat(tiny_image(0), "What colour is the card?", max_new_tokens=budget.context)
+    fits = " ".join(["passport"] * 20)
+    assert guard.adapter.count_tokens(fits) + budget.overhead + 48 <= 256
+    assert isinstance(guard.chat(tiny_image(0), fits, max_new_tokens=48), str)

@@ -310,6 +310,15 @@ class Adapter(ABC):
         counter.encode_special_tokens = bool(getattr(self.text_tokenizer, "split_special_tokens", False))
         return counter
 
+    @functools.cached_property
+    def prompt_overhead(self) -> int:
+        """Positions a prompt takes besides the user's text: the chat template and the image tokens,
+        measured once on a 336x336 image (exact for families with a fixed number of image tokens;
+        families that tile larger images use more for those). ``ngguard.limits.TokenBudget`` uses it."""
+        text = "x"
+        batch = self.encode([Image.new("RGB", (336, 336))], [text])
+        return max(0, int(batch.inputs["attention_mask"][0].sum()) - self.count_tokens(text))
+
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` alone (no special tokens added), as ``tokenizer(text,
         add_special_tokens=False)`` counts them; safe from any number of threads beside ``encode``."""
