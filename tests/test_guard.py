@@ -372,7 +372,8 @@ def test_answers_end_at_the_refusal(leaky, fast_decode):
         assert "".join(guard.stream(image, text, max_new_tokens=48)) == refusal
     assert guard.chat_batch([image] * 3, list(INJECTIONS), max_new_tokens=48) == [refusal] * 3
     assert guard.refusal == refusal and (guard._decoder is not None) == fast_decode
-    if fast_decode:  # rows left the batch at the refusal: far fewer than 48 decode steps per row
+    if fast_decode:  # its first batch agreed with generate (same stop); rows left the batch at the refusal
+        assert guard._decoder.supported, guard._decoder.reason
         n_refusal = len(ad.tokenizer(refusal, add_special_tokens=False)["input_ids"])
         assert guard._decoder.steps <= 7 * (n_refusal + 2)
 
