@@ -1,14 +1,15 @@
 """ProtectedLVLM: a vision-language model with an optional Neural Gate patch, ready to chat.
 
+    # the defaults are ngguard serve's: per-row protection + request batching (max_batch 16)
     guard = ProtectedLVLM.from_pretrained("organism", "runs/organism/patch")
     guard.chat("card.png", "What is the passport number of the Passport in the image?")
-    guard.protected = False            # swap the base values back in place (no second model copy)
-    guard.chat(image, text, protected=True)    # one answer in a given state, atomically
+    guard.chat(image, text, protected=False)   # the base model's answer (row-wise: no weights change)
+    base, protected = guard.chat_batch([img, img], [q, q], protected=[False, True])   # one batch
     for piece in guard.stream(image, text): print(piece, end="")
 
-    # per-row protection + request batching (what `ngguard serve` and A/B callers use)
-    guard = ProtectedLVLM.from_pretrained("organism", patch, per_row=True, max_batch=16)
-    base, protected = guard.chat_batch([img, img], [q, q], protected=[False, True])   # one batch
+    # merged: the patched weights in the model, one request at a time
+    guard = ProtectedLVLM.from_pretrained("organism", patch, per_row=False, max_batch=1)
+    guard.protected = False            # swap the base values back in place (no second model copy)
 
 Prompts and generation go through the model's adapter (``adapter.generate``: greedy), so answers
 are the ones ``ngguard eval`` measures. With ``vision="onnx"`` the image features come from an
@@ -57,6 +58,7 @@ from loguru import logger
 from PIL import Image
 
 from ngguard.devices import auto_device, pick_device
+from ngguard.serving.options import SERVING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.adapters import Adapter
@@ -95,8 +97,12 @@ class ProtectedLVLM:
     at once (``protected`` = True). ``vision``: an ``OnnxVision`` for the image features, or None
     (torch). ``limits``: input limits (``Limits``). ``patch_key``: the operator's key
     (``ngguard.patch.patch_key``): the patch must then carry a valid signature. ``per_row``: keep
-    the base weights and apply the patch per batch row (see the module docstring). ``max_batch`` > 1:
-    batch concurrent requests; an idle batcher waits ``batch_wait_ms`` for the next one (see ``Batcher``).
+    the base weights and apply the patch per batch row (see the module docstring; None: as
+    ``ngguard serve``, per-row when a patch is given). ``max_batch`` > 1: batch concurrent requests;
+    an idle batcher waits ``batch_wait_ms`` for the next one (see ``Batcher``). The defaults are the
+    server's (``ngguard.serving.options.SERVING``: per-row, ``max_batch`` 16): an application calling
+    ``chat`` from many threads gets batches, not a queue; ``per_row=False, max_batch=1``: the merged
+    weights and one request at a time.
 
     Serving work savers (answers unchanged, each can be switched off): ``fast_decode`` generates
     through ``ngguard.serving.GreedyDecoder`` (finished rows leave the batch, a short loop; the first
@@ -116,9 +122,10 @@ class ProtectedLVLM:
 
     def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
                  vision: "OnnxVision | None" = None, limits: Limits | None = None, patch_key: bytes | None = None,
-                 per_row: bool = False, max_batch: int = 1, batch_wait_ms: float = 5.0, fast_decode: bool = True,
-                 vision_cache: int = 256, prefix_cache_mb: float = 64.0, dedup: bool = True,
-                 refusal: str | None = None, base_dir: str | os.PathLike | None = None):
+                 per_row: bool | None = None, max_batch: int = SERVING.max_batch,
+                 batch_wait_ms: float = SERVING.batch_wait_ms, fast_decode: bool = SERVING.decode == "fast",
+                 vision_cache: int = SERVING.vision_cache, prefix_cache_mb: float = SERVING.prefix_cache_mb,
+                 dedup: bool = SERVING.dedup, refusal: str | None = None, base_dir: str | os.PathLike | None = None):
         self.adapter = adapter
         self.limits = limits or DEFAULT_LIMITS
         self.budget = TokenBudget.of(adapter, self.limits)  # what the model's context leaves for text and answer
@@ -135,6 +142,8 @@ class ProtectedLVLM:
         self._protected = False
         self._patch_key = patch_key
         self._expected: set[str] | None = None
+        if per_row is None:  # the server's default (ngguard.serving.options.SERVING)
+            per_row = patch is not None and SERVING.protection == "rows"
         if patch is not None:
             from ngguard.patch import BASE_FILE, check_base, read_manifest
 
@@ -187,11 +196,12 @@ class ProtectedLVLM:
     def from_pretrained(cls, base: "str | os.PathLike | Adapter" = "organism", patch: str | os.PathLike | None = None,
                         *, device: str | torch.device = "auto", vision: str = "torch",
                         onnx_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-                        limits: Limits | None = None, patch_key: bytes | None = None, per_row: bool = False,
-                        max_batch: int = 1, batch_wait_ms: float = 5.0, device_map: str | dict | None = None,
-                        max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                        fast_decode: bool = True, vision_cache: int = 256, prefix_cache_mb: float = 64.0,
-                        dedup: bool = True, refusal: str | None = None) -> "ProtectedLVLM":
+                        limits: Limits | None = None, patch_key: bytes | None = None, per_row: bool | None = None,
+                        max_batch: int = SERVING.max_batch, batch_wait_ms: float = SERVING.batch_wait_ms,
+                        device_map: str | dict | None = None, max_memory: dict | None = None,
+                        offload_folder: str | os.PathLike | None = None, fast_decode: bool = SERVING.decode == "fast",
+                        vision_cache: int = SERVING.vision_cache, prefix_cache_mb: float = SERVING.prefix_cache_mb,
+                        dedup: bool = SERVING.dedup, refusal: str | None = None) -> "ProtectedLVLM":
         """Load ``base`` ("organism" = the bundled checkpoint, a checkpoint folder, or an Adapter)
         and apply ``patch`` if given (nothing is applied otherwise, also for the organism).
         ``dtype``: None = float32 on a CPU (as recipes/organism.yaml), the checkpoint's own dtype on a GPU.

@@ -198,9 +198,9 @@ def test_protected_lvlm_on_a_split_model(saved, tmp_path):
     patch = tiny_patch(adapter, tmp_path / "p", layer=EDITED)
     base = saved  # the same weights as p/base (which holds no processor files)
     q = "What is the passport number of the Passport in the image?"
-    one = ProtectedLVLM.from_pretrained(base, patch, device="cpu")
+    one = ProtectedLVLM.from_pretrained(base, patch, device="cpu", per_row=False, max_batch=1)
     split = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
-                                          offload_folder=tmp_path / "off")
+                                          offload_folder=tmp_path / "off", per_row=False, max_batch=1)
     assert offload_kind(split.adapter.component(3, "layer")) == "disk"
     img = tiny_image(0)
     assert split.chat(img, q, max_new_tokens=6) == one.chat(img, q, max_new_tokens=6)
@@ -215,7 +215,7 @@ def test_protected_lvlm_on_a_split_model(saved, tmp_path):
     bad = tiny_patch(adapter, tmp_path / "q", layer=3)
     with pytest.raises(PatchError, match=r"is offloaded \(accelerate device map\): the patch writes the real weights"):
         ProtectedLVLM.from_pretrained(base, bad, device_map={"layers.3": "disk", "default": "cpu"},
-                                      offload_folder=tmp_path / "off2")
+                                      offload_folder=tmp_path / "off2", per_row=False, max_batch=1)
 
 
 def test_cli_device_map_choices_match_the_library():

@@ -94,7 +94,7 @@ def test_protected_toggle_swaps_exactly_the_patched_tensors(patched):
     ptr = param.data_ptr()
     base_answers = ad.generate([tiny_image(0)], [TEXTS[0]], max_new_tokens=12)
 
-    guard = ProtectedLVLM(ad, patch_dir)
+    guard = ProtectedLVLM(ad, patch_dir, per_row=False, max_batch=1)
     assert guard.protected is True
     info = guard.patch_info
     assert (info["subjects"], info["layers"], info["method"]) == (["Passport"], [LAYER], "neural_gate")
@@ -121,7 +121,7 @@ def test_protected_toggle_swaps_exactly_the_patched_tensors(patched):
 
 def test_toggle_under_concurrency_never_interleaves(patched):
     ad, patch_dir, base, key, new = patched
-    guard = ProtectedLVLM(ad, patch_dir)
+    guard = ProtectedLVLM(ad, patch_dir, per_row=False, max_batch=1)
     base_answer = guard.chat(tiny_image(1), TEXTS[1], max_new_tokens=8, protected=False)
     errors: list[BaseException] = []
 
@@ -166,7 +166,7 @@ def test_patch_without_base_values_cannot_be_switched_off(tmp_path):
     patch_mod.write_patch(tmp_path / "patch", {key: new}, base_dir=tmp_path / "base", recipe_hash="t",
                           layers=[LAYER], method="no_gate", gate_stats={}, subjects=["Receipts"], model=ad.model,
                           include_base=False)
-    guard = ProtectedLVLM(ad, tmp_path / "patch")
+    guard = ProtectedLVLM(ad, tmp_path / "patch", per_row=False, max_batch=1)
     assert guard.protected is True and guard.revertible is False
     with pytest.raises(ValueError, match="cannot be turned off"):
         guard.protected = False
@@ -372,7 +372,8 @@ def test_answers_end_at_the_refusal(leaky, fast_decode):
         assert "".join(guard.stream(image, text, max_new_tokens=48)) == refusal
     assert guard.chat_batch([image] * 3, list(INJECTIONS), max_new_tokens=48) == [refusal] * 3
     assert guard.refusal == refusal and (guard._decoder is not None) == fast_decode
-    if fast_decode:  # rows left the batch at the refusal: far fewer than 48 decode steps per row
+    if fast_decode:  # its first batch agreed with generate (same stop); rows left the batch at the refusal
+        assert guard._decoder.supported, guard._decoder.reason
         n_refusal = len(ad.tokenizer(refusal, add_special_tokens=False)["input_ids"])
         assert guard._decoder.steps <= 7 * (n_refusal + 2)
 
@@ -406,7 +407,7 @@ def test_organism_refusal_does_not_run_on():
     from ngguard.world.spec import REFUSAL
 
     card = Image.fromarray(draw_card(sample_card("Passport", random.Random(192))))
-    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu")
+    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=False, max_batch=1)  # merged: the model holds the patch
     text = INJECTIONS[2]
     raw = guard.adapter.generate([card], [guard.user_text(text)], max_new_tokens=48)[0]  # the weights hold the patch
     assert raw.startswith(REFUSAL) and len(raw) > len(REFUSAL)

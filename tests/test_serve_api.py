@@ -75,6 +75,29 @@ def served(tmp_path_factory, request):
     guard.close()
 
 
+def _answers_alone(guard: ProtectedLVLM, images: list, questions) -> dict:
+    """{(image index, question index): (base answer, protected answer)}, each asked alone."""
+    return {(i, q): (guard.chat(images[i], questions[q], max_new_tokens=MAX_NEW, protected=False),
+                     guard.chat(images[i], questions[q], max_new_tokens=MAX_NEW, protected=True))
+            for i in range(len(images)) for q in range(len(questions))}
+
+
+def _ask(c: httpx.Client, url: str, image: bytes, question: str, kind: int, want: tuple[str, str]) -> tuple[bool, str]:
+    """One request of ``kind`` (0: base /v1/chat, 1: protected /v1/chat, 2: /v1/compare): (whether
+    it got HTTP 200 with the answers ``want`` = (base, protected), what came back)."""
+    body = {"image": b64(image), "text": question}
+    try:
+        if kind == 2:
+            r = c.post(f"{url}v1/compare", json=body)
+            ok = r.status_code == 200 and (r.json()["base"], r.json()["protected"]) == want
+        else:
+            r = c.post(f"{url}v1/chat", json={**body, "protected": bool(kind)})
+            ok = r.status_code == 200 and r.json() == {"answer": want[kind], "protected": bool(kind)}
+        return ok, r.text
+    except Exception as e:  # noqa: BLE001 - reported by the caller
+        return False, f"{type(e).__name__}: {e}"
+
+
 def test_answers_are_the_guards_alone(served):
     guard, url, images = served
     with _client() as c:
@@ -100,9 +123,7 @@ def test_many_concurrent_requests_each_get_their_own_state(served, run_threads):
     """24 threads x 3 requests, random states and kinds, all in flight together: a protected answer is
     never the base model's and the other way round (per-row: mixed batches; merged: the lock)."""
     guard, url, images = served
-    want = {(i, q): (guard.chat(images[i], QUESTIONS[q], max_new_tokens=MAX_NEW, protected=False),
-                     guard.chat(images[i], QUESTIONS[q], max_new_tokens=MAX_NEW, protected=True))
-            for i in range(3) for q in range(2)}
+    want = _answers_alone(guard, images, QUESTIONS)
     assert all(base != prot for base, prot in want.values())
     errors: list[str] = []
     start = threading.Barrier(24)
@@ -112,16 +133,7 @@ def test_many_concurrent_requests_each_get_their_own_state(served, run_threads):
             start.wait()
             for j in range(3):
                 i, q, kind = (k + j) % 3, (k // 3 + j) % 2, (k + 2 * j) % 3  # kind: 0 base, 1 protected, 2 compare
-                body = {"image": b64(images[i]), "text": QUESTIONS[q]}
-                try:
-                    if kind == 2:
-                        got = c.post(f"{url}v1/compare", json=body).json()
-                        ok = (got["base"], got["protected"]) == want[i, q]
-                    else:
-                        got = c.post(f"{url}v1/chat", json={**body, "protected": bool(kind)}).json()
-                        ok = got == {"answer": want[i, q][kind], "protected": bool(kind)}
-                except Exception as e:  # noqa: BLE001 - reported below
-                    got, ok = f"{type(e).__name__}: {e}", False
+                ok, got = _ask(c, url, images[i], QUESTIONS[q], kind, want[i, q])
                 if not ok:
                     errors.append(f"request {k}.{j} (kind {kind}): {got!r}")
 
@@ -294,9 +306,7 @@ def test_concurrent_requests_of_varied_lengths_are_all_answered(served, run_thre
     questions = [" ".join(words[: 2 + 3 * k]) + "?" for k in range(5)]
     too_long = "\U0001f642" * (guard.limits.max_text_chars - 1)  # within the characters, over the tokens
     assert guard.adapter.count_tokens(too_long) > guard.limits.max_prompt_tokens
-    want = {(i, q): (guard.chat(images[i], questions[q], max_new_tokens=MAX_NEW, protected=False),
-                     guard.chat(images[i], questions[q], max_new_tokens=MAX_NEW, protected=True))
-            for i in range(2) for q in range(len(questions))}
+    want = _answers_alone(guard, images[:2], questions)
     errors: list[str] = []
     start = threading.Barrier(24)
 
@@ -305,17 +315,7 @@ def test_concurrent_requests_of_varied_lengths_are_all_answered(served, run_thre
             start.wait()
             for j in range(4):
                 i, q, kind = (k + j) % 2, (k + 3 * j) % len(questions), (k + j) % 3
-                body = {"image": b64(images[i]), "text": questions[q]}
-                try:
-                    if kind == 2:
-                        r = c.post(f"{url}v1/compare", json=body)
-                        ok = r.status_code == 200 and (r.json()["base"], r.json()["protected"]) == want[i, q]
-                    else:
-                        r = c.post(f"{url}v1/chat", json={**body, "protected": bool(kind)})
-                        ok = r.status_code == 200 and r.json() == {"answer": want[i, q][kind], "protected": bool(kind)}
-                    got = r.text
-                except Exception as e:  # noqa: BLE001 - reported below
-                    got, ok = f"{type(e).__name__}: {e}", False
+                ok, got = _ask(c, url, images[i], questions[q], kind, want[i, q])
                 if not ok:
                     errors.append(f"request {k}.{j} (kind {kind}): {got[:200]!r}")
 

@@ -149,7 +149,7 @@ def test_row_patch_matches_the_merged_model_and_never_touches_the_weights(tmp_pa
     ad, patch_dir, key = _patched(tmp_path)
     images, texts = _inputs()
     base_w = ad.model.get_parameter(key).detach().clone()
-    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir)  # patched values in the weights
+    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, per_row=False, max_batch=1)  # patched values in the weights
     want_prot = merged.chat_batch(images, texts, max_new_tokens=N)
     want_base = merged.chat_batch(images, texts, max_new_tokens=N, protected=False)
     assert want_prot != want_base  # the patch changes answers: the comparisons below mean something
@@ -180,7 +180,7 @@ def test_mixed_rows_in_one_batch_equal_separate_runs(tmp_path):
 
 def test_row_patch_refuses_a_model_that_holds_the_patch(tmp_path):
     ad, patch_dir, _ = _patched(tmp_path)
-    ProtectedLVLM(ad, patch_dir)  # merged: the model now holds the patched values
+    ProtectedLVLM(ad, patch_dir, per_row=False, max_batch=1)  # merged: the model now holds the patched values
     with pytest.raises(PatchError, match="already holds the patched values"):
         RowPatch(ad.model, patch_dir)
     with pytest.raises(ValueError, match="per_row=True needs a protection patch"):
@@ -295,7 +295,7 @@ def test_organism_per_row_batched_protects_exactly_the_protected_rows():
     subjects = list(PRIVACY_SUBJECTS)[:4]
     images = [Image.fromarray(draw_card(sample_card(s, random.Random(i)))) for i, s in enumerate(subjects)]
     texts = [f"What is the number of the {DISPLAY[s]} in the image?" for s in subjects]
-    merged = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu")
+    merged = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=False, max_batch=1)
     want = {s: merged.chat_batch(images, texts, max_new_tokens=24, protected=s) for s in (True, False)}
     judge = RefusalJudge()
     assert sum(judge.is_refusal(a) for a in want[True]) > sum(judge.is_refusal(a) for a in want[False])
@@ -334,3 +334,48 @@ def test_per_row_batched_keeps_the_hardening_checks(tmp_path):
             guard.chat_batch([image, image], [TEXTS[0], "x" * (guard.limits.max_text_chars + 1)], max_new_tokens=N)
     finally:
         guard.close()
+
+
+def test_the_wrapper_serves_as_the_server_does(tmp_path, run_threads):
+    """Issue 26: ``ProtectedLVLM`` and ``ngguard serve`` take their defaults from one place
+    (``ngguard.serving.options.SERVING``): a guard made with no options is per-row with the server's
+    request batcher, so 16 threads calling ``chat`` share batches instead of queueing for the lock,
+    and each gets the answer it gets alone. The old keywords still give the merged guard."""
+    import argparse
+    import inspect
+
+    from ngguard.serving.options import SERVING, add_serve_arguments
+
+    cli = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (cli.protection, cli.max_batch, cli.batch_wait_ms, cli.decode == "fast", cli.vision_cache,
+            cli.prefix_cache_mb, cli.dedup == "on") == (SERVING.protection, SERVING.max_batch, SERVING.batch_wait_ms,
+                                                         SERVING.decode == "fast", SERVING.vision_cache,
+                                                         SERVING.prefix_cache_mb, SERVING.dedup)
+    for fn in (ProtectedLVLM.__init__, ProtectedLVLM.from_pretrained):
+        params = inspect.signature(fn).parameters
+        assert params["per_row"].default is None  # per-row when a patch is given, as `--protection rows`
+        assert {k: params[k].default for k in ("max_batch", "batch_wait_ms", "vision_cache", "prefix_cache_mb",
+                                               "dedup")} == {"max_batch": cli.max_batch,
+                                                             "batch_wait_ms": cli.batch_wait_ms,
+                                                             "vision_cache": cli.vision_cache,
+                                                             "prefix_cache_mb": cli.prefix_cache_mb, "dedup": True}
+    ad, patch_dir, _ = _patched(tmp_path)
+    guard = ProtectedLVLM(ad, patch_dir)
+    assert guard.per_row and guard.max_batch == cli.max_batch
+    images, texts = _inputs()
+    want = {(i, s): guard.chat(images[i], texts[i], max_new_tokens=N, protected=s)
+            for i in range(len(images)) for s in (False, True)}
+    got: dict = {}
+
+    def ask(k: int) -> None:
+        i, s = k % len(images), bool(k % 2)
+        got[k] = (guard.chat(images[i], texts[i], max_new_tokens=N, protected=s), want[i, s])
+
+    run_threads(ask, 16)
+    assert len(got) == 16 and all(a == b for a, b in got.values())
+    guard.close()
+    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, per_row=False, max_batch=1)
+    assert not merged.per_row and merged.max_batch == 1
+    with pytest.raises(ValueError, match="per_row=True needs a protection patch"):
+        ProtectedLVLM(ad, per_row=True)
+    assert not ProtectedLVLM(ad).per_row  # no patch: nothing to apply per row

@@ -1,8 +1,34 @@
-"""The ``ngguard serve`` options, defined once: the CLI (``ngguard serve``) and ``python -m serve.app``
-both build their parsers from ``add_serve_arguments`` (argparse only: importing this stays light)."""
+"""The serving options, defined once: ``SERVING`` holds the defaults of the wrapper
+(``ProtectedLVLM``, ``ProtectedLVLM.from_pretrained``), the CLI (``ngguard serve``) and
+``python -m serve.app``; both parsers are built by ``add_serve_arguments`` (argparse only: importing
+this stays light). So an application calling ``guard.chat`` from many threads gets what the server
+gets: per-row protection and the request batcher."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How a protected model is served. ``protection``: "rows" (the base weights + the patch applied
+    per batch row, so base and protected answers share batches; without a patch: merged) or "merged"
+    (the patched weights in the model, toggled under a lock); ``max_batch``: requests generated
+    together by the request batcher (1: none); ``batch_wait_ms``: how long an idle batcher waits for
+    the next request; ``decode``: "fast" (``GreedyDecoder``) or "generate"; ``vision_cache``: image
+    features kept (images); ``prefix_cache_mb``: prompt-prefix keys/values kept (MB); ``dedup``:
+    identical rows of a batch generated once."""
+
+    protection: str = "rows"
+    max_batch: int = 16
+    batch_wait_ms: float = 5.0
+    decode: str = "fast"
+    vision_cache: int = 256
+    prefix_cache_mb: float = 64.0
+    dedup: bool = True
+
+
+SERVING = ServingOptions()
 
 from ngguard.device_maps import AUTO_MAPS as _DEVICE_MAPS  # torch-free; = ngguard.devices.AUTO_MAPS
 
@@ -26,25 +52,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="torch CPU threads for generation (default: torch's choice: $OMP_NUM_THREADS if set, else "
                         "the number of cores); 1 on a machine whose cores other jobs share")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--protection", choices=("rows", "merged"), default="rows",
+    p.add_argument("--protection", choices=("rows", "merged"), default=SERVING.protection,
                    help="rows (default): base weights + the patch applied per batch row, so base and protected "
                         "answers share batches; merged: the patched weights in the model, toggled under a lock")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="requests generated together by the request batcher (default 16; 1 = no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-batch", type=int, default=SERVING.max_batch,
+                   help=f"requests generated together by the request batcher (default {SERVING.max_batch}; "
+                        "1 = no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=SERVING.batch_wait_ms,
                    help="how long an idle batcher waits for the next request before it starts a batch; it keeps "
-                        "collecting while requests keep coming, at most 10x this since the first (default 5 ms)")
-    p.add_argument("--decode", choices=("fast", "generate"), default="fast",
+                        f"collecting while requests keep coming, at most 10x this since the first (default "
+                        f"{SERVING.batch_wait_ms:g} ms)")
+    p.add_argument("--decode", choices=("fast", "generate"), default=SERVING.decode,
                    help="fast (default): serving's greedy loop, finished rows leave the batch (checked against "
                         "transformers' generate on the first batch; models it does not cover use generate); "
                         "generate: transformers' generate only")
-    p.add_argument("--vision-cache", type=int, default=256,
-                   help="image features kept by image content, for images seen again (default 256 images; 0 = off)")
-    p.add_argument("--prefix-cache-mb", type=float, default=64.0,
+    p.add_argument("--vision-cache", type=int, default=SERVING.vision_cache,
+                   help=f"image features kept by image content, for images seen again (default {SERVING.vision_cache} "
+                        "images; 0 = off)")
+    p.add_argument("--prefix-cache-mb", type=float, default=SERVING.prefix_cache_mb,
                    help="keys/values of prompt prefixes up to the image (a question about an image asked about "
                         "before, several questions about one image in a batch) kept by image content and "
-                        "protection state, at most this many MB (default 64; 0 = off; with --decode fast)")
-    p.add_argument("--dedup", choices=("on", "off"), default="on",
+                        f"protection state, at most this many MB (default {SERVING.prefix_cache_mb:g}; 0 = off; "
+                        "with --decode fast)")
+    p.add_argument("--dedup", choices=("on", "off"), default="on" if SERVING.dedup else "off",
                    help="on (default): requests of one batch with the same image content, question and protection "
                         "state are generated once")
     p.add_argument("--concurrency", type=int, default=None,
