@@ -158,7 +158,8 @@ def test_eval_prompt_token_limit_is_checked_before_generation(tmp_path, capsys, 
                "--device", "cpu"])
     assert rc == 2 and calls == []
     msg = one_line_error(capsys.readouterr().err)
-    assert "prompt is too long" in msg and f"tokens (limit {DEFAULT_LIMITS.max_prompt_tokens})" in msg
+    # the limit is the model's context less the prompt template, image and answer (under the 1024 cap)
+    assert "prompt is too long: 8000 tokens (limit " in msg and "the model's context is" in msg
     assert not (tmp_path / "r.json").exists()
 
 

@@ -387,7 +387,8 @@ def tiny_minigpt4_configs(vocab_size: int, image_token_id: int, *, num_layers: i
                                  max_position_embeddings=32)
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                       # 512: the 105 query tokens + a fake dialogue fit the context-derived token budget
+                       max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return vision, qformer, text
 
 
