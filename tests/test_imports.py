@@ -150,9 +150,6 @@ def test_the_graph_sees_module_level_and_function_local_imports(tmp_path):
     assert cycles(graph) == [["ngguard.a", "ngguard.b"], ["ngguard.sub", "ngguard.sub.d"]]
 
 
-@pytest.mark.xfail(strict=False, reason="two circles remain on this branch (judge <-> judge_models, "
-                   "methods.neural_gate <-> methods.reference); issues 24 and 28 remove them: drop this "
-                   "marker once they are merged")
 def test_no_import_circles():
     graph = import_graph()
     assert len(graph) > 20  # the package was found
