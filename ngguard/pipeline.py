@@ -264,7 +264,8 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         gate_stats = {str(l): loc.stats(thr, top_k) for l, loc in locs.items() if l in layers}
         manifest = write_patch(tmp / "patch", main["main_weights"], base_dir=model_dir, recipe_hash=recipe_hash(recipe),
                                layers=layers, method=recipe.method, gate_stats=gate_stats,
-                               subjects=main["edit_subjects"], extra={"recipe": recipe.name, "module": recipe.module})
+                               subjects=main["edit_subjects"], extra={"recipe": recipe.name, "module": recipe.module,
+                                      "refusal": recipe.edit.refusal})  # where serving stops an answer
         apply_patch(model_dir, tmp / "patch", tmp / "model")
         save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
                   str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})

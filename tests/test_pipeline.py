@@ -68,6 +68,9 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
     changed = sorted(k for k in orig if orig[k] != edited[k])
     assert changed == ["language_model.model.layers.1.mlp.down_proj.weight"]
     assert manifest["ok"] if "ok" in manifest else True
+    # the patch names the refusal it was edited toward: serving stops answers there
+    patch_manifest = json.loads((out / "patch" / "patch.json").read_text())
+    assert patch_manifest["extra"]["refusal"] == recipe_from_dict(raw).edit.refusal
     assert not list(tmp_path.glob(".tmp-*"))
     # the report lists each stage's time (the run's progress bar plans the same stages)
     times = report["stage_times_s"]
