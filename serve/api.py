@@ -179,7 +179,7 @@ class Service:
                 "revertible": guard.revertible, "expose_base": self.base_ok, "max_new_tokens": self.max_new_tokens,
                 "max_batch": guard.max_batch, "per_row": guard.per_row,
                 "limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,
-                           "max_text_chars": limits.max_text_chars, "max_prompt_tokens": limits.max_prompt_tokens}}
+                           "max_text_chars": limits.max_text_chars, "max_prompt_tokens": guard.budget.prompt_tokens(self.max_new_tokens)}}
 
 
 class ApiError(Exception):

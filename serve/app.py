@@ -368,6 +368,7 @@ def build_app(guard: "ProtectedLVLM", *, examples: Sequence[tuple[str, str, str]
     examples = [tuple(e) for e in (examples or [])]
     if concurrency is None:
         concurrency = max(2, guard.max_batch)
+    max_new_tokens = guard.budget.check_max_new_tokens(max_new_tokens)  # what the model's context leaves
     service = Service(guard, max_new_tokens=max_new_tokens, expose_base=expose_base)
     has_patch, base_ok = service.has_patch, service.base_ok
     roots = [os.path.realpath(get_upload_folder())]

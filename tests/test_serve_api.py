@@ -116,6 +116,8 @@ def test_answers_are_the_guards_alone(served):
         info = c.get(f"{url}v1/info").json()
     assert info["patch"]["id"] == guard.patch_info["id"] and "path" not in info["patch"]
     assert info["expose_base"] is True and info["max_new_tokens"] == MAX_NEW and info["per_row"] == guard.per_row
+    # the token limit a client is told is what the model's context leaves, not the global cap
+    assert info["limits"]["max_prompt_tokens"] == guard.budget.prompt_tokens(MAX_NEW) < guard.limits.max_prompt_tokens
     assert guard.protected is True  # the merged guard's toggles were undone
 
 
