@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from ngguard.adapters import adapter_for, load_adapter
     from ngguard.evaluate import evaluate
     from ngguard.guard import ProtectedLVLM
-    from ngguard.judge import RefusalJudge
+    from ngguard.judges import RefusalJudge
     from ngguard.lora import export_lora, parse_rank
     from ngguard.pipeline import build_sets
     from ngguard.recipe import load_recipe

@@ -29,7 +29,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from ngguard.data import Query
-from ngguard.judge import REFUSAL_LABELS, Judge, RefusalJudge, normalize
+from ngguard.judges import REFUSAL_LABELS, Judge, RefusalJudge, normalize
 from ngguard.limits import DEFAULT_LIMITS, InputError, Limits, TokenBudget, check_image_file, check_text, load_image
 
 METRIC_KEYS = ("n", "n_sensitive", "n_benign", "rta_sensitive", "rta_benign", "eta", "benign_answer_rate",

@@ -37,7 +37,7 @@ from .core import Sample, WeightBackup
 from .data import Query, load_queries, paper_split, read_jsonl
 from .devices import pick_device
 from .evaluate import evaluate, rescore_with_guard, score
-from .judge import make_judge
+from .judges import make_judge
 from .layer_search import choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share

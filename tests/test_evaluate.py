@@ -3,7 +3,7 @@ from PIL import Image
 
 from ngguard.data import Query
 from ngguard.evaluate import contains_answer, evaluate, score, summary_table
-from ngguard.judge import RefusalJudge
+from ngguard.judges import RefusalJudge
 
 
 def Q(subject, sensitive, answer=None, image="x.png", prompt="q?"):

@@ -310,7 +310,7 @@ def test_bundled_patch_protects_the_organism():
         pytest.skip("bundled organism checkpoint or its patch not built yet")
     import random
 
-    from ngguard.judge import RefusalJudge
+    from ngguard.judges import RefusalJudge
     from ngguard.world.render import draw_card, sample_card
 
     judge = RefusalJudge()

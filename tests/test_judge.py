@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from ngguard.judge import (DEFAULT_REFUSAL_PREFIXES, LABELS, RefusalJudge, make_judge, normalize,
-                           parse_judge_spec)
+from ngguard.judges import (DEFAULT_REFUSAL_PREFIXES, LABELS, RefusalJudge, make_judge, normalize,
+                            parse_judge_spec)
 from ngguard.recipe import DEFAULT_REFUSAL
-from ngguard.validate_judge import binary_metrics
+from ngguard.judges.validate import binary_metrics
 from ngguard.world import spec
 
 LABELS_FILE = Path(__file__).parent / "data" / "refusal_labels.jsonl"

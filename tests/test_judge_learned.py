@@ -60,6 +60,23 @@ def test_old_import_paths_still_work():
     assert (models.TEMPLATE_DIR / "wildguard.yaml").is_file()
 
 
+def test_old_import_paths_warn_that_they_are_deprecated():
+    import subprocess
+    import sys
+
+    for old, new in [("ngguard.judge", "ngguard.judges"), ("ngguard.judge_models", "ngguard.judges.models"),
+                     ("ngguard.validate_judge", "ngguard.judges.validate")]:
+        run = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", f"import {old}"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert f"{old} is deprecated" in run.stderr and f"import {new}" in run.stderr, run.stderr
+    # the package itself no longer uses them
+    run = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:ngguard", "-c",
+                          "import ngguard.pipeline, ngguard.evaluate, ngguard.cli.eval"],
+                         capture_output=True, text=True, timeout=120)
+    assert "is deprecated" not in run.stderr, run.stderr
+
+
 def test_recipe_judge_spec_is_built_once_by_make_judge():
     from ngguard.recipe import JudgeSpec
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 import ngguard.adapters
 from ngguard.cli import main
-from ngguard.judge import make_judge
-from ngguard.judge_models import ClassifierJudge, GenerativeJudge, Template
+from ngguard.judges import make_judge
+from ngguard.judges.models import ClassifierJudge, GenerativeJudge, Template
 from tiny_models import tiny_tokenizer
 
 TEXTS = ["I'm sorry, but I cannot help with that request.", "The passport is blue.", "No.",

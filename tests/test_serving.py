@@ -288,7 +288,7 @@ def test_organism_per_row_batched_protects_exactly_the_protected_rows():
 
     if read_manifest(patch_dir)["base"].get("fingerprint") != base_fingerprint(CHECKPOINT):
         pytest.skip("the bundled patch was made for another organism checkpoint (regenerate it)")
-    from ngguard.judge import RefusalJudge
+    from ngguard.judges import RefusalJudge
     from ngguard.world.render import draw_card, sample_card
     from ngguard.world.spec import DISPLAY, PRIVACY_SUBJECTS
 

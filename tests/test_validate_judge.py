@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ngguard.cli import main
-from ngguard.judge import RefusalJudge
-from ngguard.validate_judge import binary_metrics, parse_label_map, read_labels, validate
+from ngguard.judges import RefusalJudge
+from ngguard.judges.validate import binary_metrics, parse_label_map, read_labels, validate
 
 LABELS_FILE = Path(__file__).parent / "data" / "refusal_labels.jsonl"
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ngguard.adapters import load_adapter
     from ngguard.evaluate import evaluate, summary_table
-    from ngguard.judge import make_judge
+    from ngguard.judges import make_judge
 
     judge = make_judge(args.judge, device=str(device))  # before the slow part too
     placement = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
