@@ -12,8 +12,10 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
-# relative cost of one unit of each kind of work (about: seconds x 100 on the organism, 2 CPU threads)
-COST = {"query": 0.7, "localize sample-step": 9.0, "edit image-step": 5.0, "other": 100.0}
+# relative cost of one unit of each kind of work: CPU centiseconds on the organism (bench/recipe_time.py
+# --clock cpu, recipes/organism.yaml: 45 s for ~4100 queries, 167 s for 2 layers x 60 samples x 10 steps,
+# 526 s for 60 images x 3 passes x 25 steps)
+COST = {"query": 1.1, "localize sample-step": 14.0, "edit image-step": 11.7, "other": 100.0}
 
 
 class RunProgress:
