@@ -86,9 +86,12 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     missing = [s for s in edit_subjects if s not in present]
     if missing:
         raise ValueError(f"data.subjects: {missing} not found in the data (subjects present: {present})")
+    edit_subjects = [s for s in edit_subjects if s not in d.val_holdout]  # leave-one-subject-out (validation)
     edited = set(edit_subjects)
     sets: dict[str, list[Query]] = defaultdict(list)
     for q in queries:
+        if q.subject in d.val_holdout and q.split in ("train", "overrefusal_train"):
+            continue
         if q.split in ("train", "test", "val"):
             if q.subject in edited or q.split == "val" and q.subject not in PRIVACY_SUBJECTS:
                 sets[q.split].append(q)  # val also holds the seen public look-alikes

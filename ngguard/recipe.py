@@ -75,8 +75,11 @@ MODULES = ("down_proj", "up_proj", "gate_proj")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("paper", "field")
-EVAL_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness",
+TEST_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness",
              "general", "adversarial", "harmful", "multip2a", "utility")
+# the validation-role sets (ngguard.world.render.VALIDATION_SPLITS): for choosing settings, never reported as results
+VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+EVAL_SETS = TEST_SETS + VALIDATION_SETS
 # sets a recipe may keep answering while editing (edit.retain) -> the training split that holds them
 RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train"}
 DEFAULT_CONTEXTS = (
@@ -372,6 +375,9 @@ class DataSpec:
     split: str = _f("paper", _choice(SPLITS))
     heldout_subjects: tuple[str, ...] = _f((), _list(_str()))
     multip2a: str = _f("auto", _multip2a)
+    # seen subjects (edited private ones, seen look-alikes) kept out of everything the edit sees: the
+    # leave-one-subject-out proxy of the unseen groups, read on the validation sets (val_pairs, ...)
+    val_holdout: tuple[str, ...] = _f((), _list(_str()))
 
 
 @dataclass(frozen=True)
@@ -458,7 +464,7 @@ class AlphaEditHParams(LocateEditHParams):
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    sets: tuple[str, ...] = _f(EVAL_SETS, _list(_choice(EVAL_SETS)))
+    sets: tuple[str, ...] = _f(TEST_SETS, _list(_choice(EVAL_SETS)))
     max_new_tokens: int = _f(24, _int(ge=1, le=_L.max_new_tokens))
     batch_size: int = _f(16, _int(ge=1, le=_L.max_recipe_batch))
 
@@ -747,6 +753,12 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         if both:
             raise ctx.fail("data.heldout_subjects", f"{both[0]!r} is also in data.subjects "
                                                     f"(held-out subjects are never edited)")
+    if data.val_holdout:
+        from .world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS
+        bad = [s for s in data.val_holdout if s not in PRIVACY_SUBJECTS + PUBLIC_SUBJECTS]
+        if bad:
+            raise ctx.fail("data.val_holdout", f"{bad[0]!r} is not a seen world subject (one of "
+                                               f"{', '.join(PRIVACY_SUBJECTS + PUBLIC_SUBJECTS)})")
     changes: dict[str, Any] = {}
     _check_device_map(recipe, ctx)
     mchanges: dict[str, Any] = {}
