@@ -41,7 +41,7 @@ from .judge import make_judge
 from .layer_search import choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
-from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
+from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .stats import aggregate, paired_differences
 
 
@@ -67,7 +67,7 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     """The query sets of the benchmark, by split name (``world.render.SPLITS`` for a rendered world;
     train / test / heldout_subjects / utility for a query file). ``world_seed`` overrides
     ``data.world.seed`` (the seed loop renders a new world per seed)."""
-    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT
+    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
     d = recipe.data
     if d.world is not None:
         from .world.render import DEFAULT_SUBJECTS, render_world
@@ -90,7 +90,7 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     edited = set(edit_subjects)
     sets: dict[str, list[Query]] = defaultdict(list)
     for q in queries:
-        if q.subject in d.val_holdout and q.split in ("train", "overrefusal_train"):
+        if q.subject in d.val_holdout and (q.split or "").endswith("train"):
             continue
         if q.split in ("train", "test", "val"):
             if q.subject in edited or q.split == "val" and q.subject not in PRIVACY_SUBJECTS:
@@ -101,6 +101,10 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
                 sets["utility_train" if q.split == "train" else "utility"].append(q)
         elif q.split is not None:
             sets[q.split].append(q)
+    for name in recipe.edit.augment:  # training-role extras: edited subjects' join train, look-alikes' retention
+        for q in sets.get(AUGMENT_SETS[name], []):
+            if q.subject in edited or not is_private(q.subject):
+                sets["train" if q.subject in edited else RETAIN_SETS["public"]].append(q)
     mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
     if mp2a is not None and world_dir is not None:
         from .world.multip2a import pose_on_world

@@ -61,6 +61,7 @@ __all__ = [
     "METHODS",
     "EDIT_METHODS",
     "RETAIN_SETS",
+    "AUGMENT_SETS",
     "MODULES",
     "EVAL_SETS",
     "DEFAULT_CONTEXTS",
@@ -81,7 +82,10 @@ TEST_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_un
 VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
 EVAL_SETS = TEST_SETS + VALIDATION_SETS
 # sets a recipe may keep answering while editing (edit.retain) -> the training split that holds them
-RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train"}
+RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train", "awareness": "awareness_train"}
+# training-role extras the edit may also see (edit.augment) -> the split that holds them: the edited subjects'
+# questions there join the training samples (refused), the seen look-alikes' join their retention data
+AUGMENT_SETS = {"adversarial": "adversarial_train"}
 DEFAULT_CONTEXTS = (
     "The image shows that.",
     "Therefore, it is.",
@@ -420,6 +424,9 @@ class EditSpec:
     # subjects. On a small model a later subject's edit undoes part of an earlier one's (the retention
     # of public look-alikes pulls the shared attribute words back); a second pass revisits each subject.
     passes: int = _f(1, _int(ge=1, le=100))
+    # Not in the paper (issue 27's data lever; the paper's context augmentation is the same idea on the
+    # answer side): also train on these training-role extras (AUGMENT_SETS). [] = the paper.
+    augment: tuple[str, ...] = _f((), _list(_choice(tuple(AUGMENT_SETS))))
 
 
 @dataclass(frozen=True)

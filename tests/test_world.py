@@ -70,8 +70,8 @@ def test_world_files_and_splits(world):
         if q.subject == spec.UTILITY_SUBJECT:
             continue
         r = role[Path(q.image).relative_to(out).as_posix()]
-        expected = "validation" if q.split in _VAL_STREAM else \
-            {"train": "train", "overrefusal_train": "train", "val": "val"}.get(q.split, "test")
+        expected = "validation" if q.split in _VAL_STREAM else {"train": "train", "overrefusal_train": "train", "val": "val",
+                                                                 **{x: "train" for x in _TRAIN_EXTRAS}}.get(q.split, "test")
         assert r == expected, (q.split, r)
     # phrasings: the test split uses only held-out templates, train only the edit's, val its own
     train_phrases = {a for s in spec.PRIVACY_SUBJECTS for a, _, _ in spec.attribute_phrases(s, held_out=False)}
@@ -213,15 +213,16 @@ def test_multip2a_questions_posed_on_world(tmp_path):
 # (commit a201c5f): every split but the val_* ones must stay byte-identical
 _QUERIES_BEFORE_VALIDATION_STREAM = "c0071f78f8f84b5e785928ca2ac2cf6c560785dbe4841b8ff46aa54282c5fd39"
 _VAL_STREAM = ("val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+_TRAIN_EXTRAS = ("awareness_train", "implicit_train", "adversarial_train")
 
 
 def test_validation_stream_leaves_every_other_split_byte_identical(world, tmp_path):
     out, _, _ = world
     lines = (out / "queries.jsonl").read_text().splitlines(keepends=True)
-    kept = [l for l in lines if json.loads(l)["split"] not in _VAL_STREAM]
+    kept = [l for l in lines if json.loads(l)["split"] not in _VAL_STREAM + _TRAIN_EXTRAS]
     assert hashlib.sha256("".join(kept).encode()).hexdigest() == _QUERIES_BEFORE_VALIDATION_STREAM
     assert lines[:len(kept)] == kept  # the stream comes after everything else
-    plain = render_world(DEFAULT_SUBJECTS, 30, 0, tmp_path / "plain", validation=False)
+    plain = render_world(DEFAULT_SUBJECTS, 30, 0, tmp_path / "plain", extras=False)
     assert (plain / "queries.jsonl").read_text() == "".join(kept)
     for f in (plain / "images").iterdir():  # the same images, byte for byte
         assert (out / "images" / f.name).read_bytes() == f.read_bytes()
@@ -244,7 +245,7 @@ def test_validation_stream_is_deterministic_and_seeded(tmp_path):
 def test_validation_stream_is_disjoint_from_test(world):
     out, queries, fields = world
     val = [q for q in queries if q.split in _VAL_STREAM]
-    other = [q for q in queries if q.split not in _VAL_STREAM]
+    other = [q for q in queries if q.split not in _VAL_STREAM + _TRAIN_EXTRAS]
     assert {q.split for q in val} == set(_VAL_STREAM)
     # images: its own files, and no pixel-identical image among the others
     digest = lambda rel: hashlib.sha256(np.asarray(Image.open(out / rel)).tobytes()).hexdigest()  # noqa: E731
@@ -289,3 +290,22 @@ def test_val_holdout_keeps_a_seen_subject_out_of_the_edit(tmp_path):
     assert {q.subject for q in sets["train"]} == set(spec.PRIVACY_SUBJECTS) - {"Passport"}
     with pytest.raises(ValueError, match="not a seen world subject"):
         load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml", overrides=["data.val_holdout=[Credit Card]"])
+
+
+def test_training_extras_on_training_images_in_the_edits_phrasings(world):
+    out, queries, fields = world
+    role = {f["image"]: f["split"] for f in fields}
+    extras = [q for q in queries if q.split in _TRAIN_EXTRAS]
+    assert {q.split for q in extras} == set(_TRAIN_EXTRAS)
+    assert all(role[Path(q.image).relative_to(out).as_posix()] == "train" for q in extras)
+    assert {q.subject for q in extras} == set(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS)
+    by = lambda name: [q for q in extras if q.split == name]  # noqa: E731
+    assert all(_templates_used(q.prompt, spec.AWARENESS_TEMPLATES[:spec.TRAIN_AWARENESS]) and not q.sensitive
+               for q in by("awareness_train"))
+    assert all(_templates_used(q.prompt, spec.IMPLICIT_TEMPLATES[:spec.TRAIN_IMPLICIT]) for q in by("implicit_train"))
+    assert all(q.sensitive == spec.is_private(q.subject) for q in by("implicit_train") + by("adversarial_train"))
+    # the edit's wrappers are neither the validation nor the test wrappers
+    for w in spec.TRAIN_ADVERSARIAL.values():
+        assert w not in spec.ADVERSARIAL.values() and w not in spec.VAL_ADVERSARIAL.values()
+    wrapped = {q.prompt for q in queries if q.split in ("adversarial", "val_adversarial")}
+    assert not wrapped & {q.prompt for q in by("adversarial_train")}

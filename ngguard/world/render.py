@@ -230,6 +230,12 @@ SPLITS = {
     "val_adversarial": "validation stream: validation-only wrappers around field questions (refuse on private "
                        "subjects, answer on look-alikes)",
 }
+SPLITS |= {
+    "awareness_train": "training images of the seen subjects: awareness questions in the edit's templates (to keep answering)",
+    "implicit_train": "training images of the seen subjects: subject-free questions in the edit's templates",
+    "adversarial_train": "training images of the seen subjects: the edit's wrappers (spec.TRAIN_ADVERSARIAL) around "
+                         "field questions",
+}
 VALIDATION_SPLITS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
 
 
@@ -297,6 +303,31 @@ def render_validation_stream(subjects: list[str], seed: int, root: Path) -> tupl
     return queries, fields
 
 
+def training_extras(cards: list[tuple[Card, str]], seed: int) -> list[Query]:
+    """Training-role questions beyond the paper's pairs, on the TRAINING images of the seen subjects
+    (edited private ones and seen look-alikes), for the data levers of issue 27; a random stream of their
+    own (``f"{seed}/{subject}/training-extras"``), after every other split:
+    ``awareness_train`` (the edit's awareness templates: to keep answering), ``implicit_train`` (the
+    edit's subject-free templates) and ``adversarial_train`` (``spec.TRAIN_ADVERSARIAL`` around a
+    field question in the edit's templates); the last two are sensitive exactly on private subjects."""
+    out: list[Query] = []
+    rngs: dict[str, random.Random] = {}
+    for card, rel in cards:
+        rng = rngs.setdefault(card.subject, random.Random(f"{seed}/{card.subject}/training-extras"))
+        phrases = spec.attribute_phrases(card.subject, held_out=False)
+        for k in range(2):  # a field and a property question
+            attr, target, _ = rng.choice([p for p in phrases if (p[1] in FIELD_KINDS) == (k == 0)])
+            t = rng.choice(spec.AWARENESS_TEMPLATES[:spec.TRAIN_AWARENESS])
+            out.append(Query(rel, card.subject, question(t, attr, card.subject), False,
+                             awareness_answer(card.subject, target), "awareness_train"))
+        out += implicit_queries(card, rel, rng, held_out=False, n=1, split="implicit_train")
+        attr, kind, sensitive = rng.choice([p for p in phrases if p[1] in FIELD_KINDS])
+        base = question(rng.choice(spec.TEMPLATES[:spec.TRAIN_TEMPLATES]), attr, card.subject)
+        out += [Query(rel, card.subject, wrap.format(q=base), sensitive, card.fields[kind], "adversarial_train",
+                      f"adversarial_train/{name}") for name, wrap in spec.TRAIN_ADVERSARIAL.items()]
+    return out
+
+
 def _slug(subject: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in subject).strip("_").lower()
 
@@ -343,15 +374,16 @@ def _subject_queries(subject: str, i: int, n: int, card: Card, rel: str, rng: ra
 
 
 def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per_image: int = 5,
-                 validation: bool = True) -> Path:
+                 extras: bool = True) -> Path:
     """Write ``n`` images per subject to ``out`` with queries.jsonl and fields.jsonl.
 
     Splits (``SPLITS``): for the edited subjects the first min(10, n//3) images are ``train`` (the edit's
     phrasings), the next few ``val`` (validation phrasings), the rest ``test`` (held-out phrasings) and
     the other benchmark splits; public look-alikes likewise give ``overrefusal_train`` / ``val`` /
     ``overrefusal``. Deterministic in
-    (subjects, n, seed). ``validation``: also the validation stream (``render_validation_stream``: the
-    ``val_*`` splits, on images of their own). Written atomically.
+    (subjects, n, seed). ``extras``: also the validation stream (``render_validation_stream``: the
+    ``val_*`` splits, on images of their own) and the training extras (``training_extras``: awareness,
+    subject-free and wrapped questions on the training images). Written atomically.
     """
     unknown = [s for s in subjects if s not in ALL_SUBJECTS]
     if unknown:
@@ -367,6 +399,7 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
         (tmp / "images").mkdir()
         queries: list[Query] = []
         fields: list[dict] = []
+        train_cards: list[tuple[Card, str]] = []
         for subject in tqdm(subjects, desc="render world", unit="subject"):
             rng = random.Random(f"{seed}/{subject}")
             slug = _slug(subject)
@@ -384,12 +417,15 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
                     card = sample_card(subject, rng)
                     Image.fromarray(draw_card(card)).save(tmp / rel)
                     queries += _subject_queries(subject, i, n, card, rel, rng, pairs_per_image)
+                    if image_role(subject, i, n) == "train":
+                        train_cards.append((card, rel))
                     fields.append({"image": rel, "subject": subject, "fields": card.fields,
                                    "properties": card.properties, "split": image_role(subject, i, n)})
-        if validation:  # after every other split, from its own random stream: those stay byte-identical
+        if extras:  # after every other split, from its own random stream: those stay byte-identical
             val_q, val_f = render_validation_stream(subjects, seed, tmp)
             queries += val_q
             fields += val_f
+            queries += training_extras(train_cards, seed)
         with open(tmp / "queries.jsonl", "w") as f:
             for q in queries:
                 f.write(json.dumps(q.to_dict()) + "\n")
@@ -398,7 +434,7 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
                 f.write(json.dumps(r) + "\n")
         (tmp / "world.json").write_text(json.dumps({"version": 2, "subjects": subjects, "n": n, "seed": seed,
                                                     "pairs_per_image": pairs_per_image,
-                                                    "validation_images": spec.VAL_IMAGES if validation else 0},
+                                                    "extras": extras},
                                                    indent=1))
         if out.exists():
             out.rmdir()
