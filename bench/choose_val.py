@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     adapter = load_adapter(recipe0.model.path, dtype=recipe0.model.dtype, device="cpu")
     model_dir = Path(adapter.model.name_or_path)
     ev = dict(batch_size=recipe0.evaluation.batch_size, max_new_tokens=recipe0.evaluation.max_new_tokens)
-    rows, before = [], None
+    rows, before, locs_cache = [], None, {}
     with tempfile.TemporaryDirectory() as tmp:
         for k, variant in enumerate(a.variant):
             method, _, extra = variant.partition(":")
@@ -110,7 +110,12 @@ def main(argv=None) -> int:
                 retain, _ = make_samples(adapter, retain_q, max_words=r.edit.max_answer_words,
                                          batch_size=r.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
                 layers = list(r.layers)
-                gates = gates_for(localize_layers(adapter, samples, layers, r), r) if REGISTRY[method].needs_gates else None
+                gates = None
+                if REGISTRY[method].needs_gates:  # localization depends on the training samples only: shared
+                    key = (tuple(layers), tuple((s.key, tuple(s.sensitive), tuple(s.benign)) for s in samples))
+                    if key not in locs_cache:
+                        locs_cache[key] = localize_layers(adapter, samples, layers, r)
+                    gates = gates_for(locs_cache[key], r)
                 backup = WeightBackup(adapter, layers, r.module)
                 out = run_edit(adapter, samples, layers, method, gates, r, retain)
                 round_to_checkpoint(adapter, out.weights, model_dir, layers, r.module)

@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("recipe", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--train-sets", default="train,overrefusal_train",
+                   help="comma-separated training-role sets the probe learns from (sensitive = 1)")
+    p.add_argument("--l2", type=float, default=1e-2)
     a = p.parse_args(argv)
     r = load_recipe(a.recipe, overrides=["data.multip2a=off", *a.overrides])
     torch.manual_seed(a.seed)
@@ -54,15 +57,15 @@ def main(argv=None) -> int:
     n = adapter.num_layers
     with tempfile.TemporaryDirectory() as tmp:
         sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed)
-        train = sets["train"] + sets["overrefusal_train"]
+        train = [q for k in a.train_sets.split(",") for q in sets[k]]
         layers = list(range(n))
         X = prompt_states(adapter, train, layers)
         y = torch.tensor([q.sensitive for q in train], dtype=torch.float)
         ev = {k: (sets[k], prompt_states(adapter, sets[k], layers)) for k in EVAL if sets.get(k)}
-        print(f"\nlast-prompt-token probe 'sensitive or not', trained on train + overrefusal_train ({len(train)} q)")
+        print(f"\nlast-prompt-token probe 'sensitive or not', trained on {a.train_sets} ({len(train)} q), l2 {a.l2}")
         print("| set | " + " | ".join(f"L{l}" for l in layers) + " | all |")
         print("|---|" + "---|" * (n + 1))
-        probes = [fit_probe(X[:, [l]], y, [l]) for l in layers] + [fit_probe(X, y, layers)]
+        probes = [fit_probe(X[:, [l]], y, [l], l2=a.l2) for l in layers] + [fit_probe(X, y, layers, l2=a.l2)]
         for k, (qs, S) in ev.items():
             yt = torch.tensor([q.sensitive for q in qs])
             accs = [(pr.fires(S[:, [l]]) == yt).float().mean().item() for l, pr in zip(layers, probes)]

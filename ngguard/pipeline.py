@@ -308,7 +308,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
         t = time.time()
         entry = REGISTRY[method]
         if not entry.edits_weights:  # a guard in front of the unedited model: its answers, rescored behind it
-            guard, fields = entry.guard(sets["train"], recipe.edit.refusal)
+            guard, fields = entry.guard(sets["train"], recipe.edit.refusal, adapter=adapter, sets=sets, recipe=recipe) \
+                if entry.guard_needs_model else entry.guard(sets["train"], recipe.edit.refusal)
             after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge)) for name, res in before.items()}
             results[method] = {"layers": [], "after": after, **fields}
             timings[f"evaluate {method}"] = time.time() - t

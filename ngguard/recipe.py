@@ -47,6 +47,7 @@ __all__ = [
     "LocateEditHParams",
     "MemitHParams",
     "AlphaEditHParams",
+    "PrivacyProbeHParams",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -69,7 +70,7 @@ __all__ = [
 ]
 
 ORGANISM = "organism"
-METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter")
+METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter", "privacy_probe")
 # methods that change weights (keyword_filter is a guard in front of the unedited model)
 EDIT_METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit")
 MODULES = ("down_proj", "up_proj", "gate_proj")
@@ -82,7 +83,8 @@ TEST_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_un
 VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
 EVAL_SETS = TEST_SETS + VALIDATION_SETS
 # sets a recipe may keep answering while editing (edit.retain) -> the training split that holds them
-RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train", "awareness": "awareness_train"}
+RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train", "awareness": "awareness_train",
+               "general": "general_train"}
 # training-role extras the edit may also see (edit.augment) -> the split that holds them: the edited subjects'
 # questions there join the training samples (refused), the seen look-alikes' join their retention data
 AUGMENT_SETS = {"adversarial": "adversarial_train"}
@@ -470,6 +472,26 @@ class AlphaEditHParams(LocateEditHParams):
 
 
 @dataclass(frozen=True)
+class PrivacyProbeHParams:
+    """``privacy_probe`` (not in the paper; ``ngguard/methods/privacy_probe.py``): linear probes on the
+    unedited model's hidden states, read after decoder layer ``*_layer``; a question is refused when
+    its subject reads private AND it asks to read a text field. Layers chosen on the validation sets
+    (``bench/choose_val.py``; recipes/organism.yaml says which figures)."""
+
+    subject_layer: int = _f(1, _int(ge=0, le=4096))    # private vs public subject, at its token
+    locator_layer: int = _f(1, _int(ge=0, le=4096))    # which token is the subject
+    request_layer: int = _f(4, _int(ge=0, le=4096))    # asks to read a text field (last token)
+    image_layer: int = _f(7, _int(ge=0, le=4096))      # private card from the image (no subject named)
+    fallback: float = _f(0.5, _float(gt=0, lt=1))              # locator below this: no subject named
+    l2: float = _f(1.0e-2, _float(ge=0))
+    # training-role sets besides the edit's pairs (``train``) that name card subjects / that are about no card
+    train_sets: tuple[str, ...] = _f(("overrefusal_train", "awareness_train", "implicit_train", "adversarial_train",
+                                      "general_train"), _list(_str()))
+    neutral_sets: tuple[str, ...] = _f(("utility_train",), _list(_str()))
+    batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
+
+
+@dataclass(frozen=True)
 class EvaluationSpec:
     sets: tuple[str, ...] = _f(TEST_SETS, _list(_choice(EVAL_SETS)))
     max_new_tokens: int = _f(24, _int(ge=1, le=_L.max_new_tokens))
@@ -589,6 +611,7 @@ class Recipe:
     edit: EditSpec = _f(EditSpec(), _nested(EditSpec))
     memit: MemitHParams = _f(MemitHParams(), _nested(MemitHParams))
     alphaedit: AlphaEditHParams = _f(AlphaEditHParams(), _nested(AlphaEditHParams))
+    privacy_probe: PrivacyProbeHParams = _f(PrivacyProbeHParams(), _nested(PrivacyProbeHParams))
     evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
     judge: JudgeSpec = _f(JudgeSpec(), _judge)

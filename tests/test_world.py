@@ -213,7 +213,7 @@ def test_multip2a_questions_posed_on_world(tmp_path):
 # (commit a201c5f): every split but the val_* ones must stay byte-identical
 _QUERIES_BEFORE_VALIDATION_STREAM = "c0071f78f8f84b5e785928ca2ac2cf6c560785dbe4841b8ff46aa54282c5fd39"
 _VAL_STREAM = ("val_pairs", "val_awareness", "val_implicit", "val_adversarial")
-_TRAIN_EXTRAS = ("awareness_train", "implicit_train", "adversarial_train")
+_TRAIN_EXTRAS = ("awareness_train", "implicit_train", "adversarial_train", "general_train")
 
 
 def test_validation_stream_leaves_every_other_split_byte_identical(world, tmp_path):
@@ -304,6 +304,7 @@ def test_training_extras_on_training_images_in_the_edits_phrasings(world):
                for q in by("awareness_train"))
     assert all(_templates_used(q.prompt, spec.IMPLICIT_TEMPLATES[:spec.TRAIN_IMPLICIT]) for q in by("implicit_train"))
     assert all(q.sensitive == spec.is_private(q.subject) for q in by("implicit_train") + by("adversarial_train"))
+    assert all(q.prompt in spec.GENERAL_QUESTIONS[:spec.TRAIN_GENERAL] and not q.sensitive for q in by("general_train"))
     # the edit's wrappers are neither the validation nor the test wrappers
     for w in spec.TRAIN_ADVERSARIAL.values():
         assert w not in spec.ADVERSARIAL.values() and w not in spec.VAL_ADVERSARIAL.values()

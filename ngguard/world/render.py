@@ -235,6 +235,7 @@ SPLITS |= {
     "implicit_train": "training images of the seen subjects: subject-free questions in the edit's templates",
     "adversarial_train": "training images of the seen subjects: the edit's wrappers (spec.TRAIN_ADVERSARIAL) around "
                          "field questions",
+    "general_train": "training images of the seen subjects: general questions in the edit's phrasings (to keep answering)",
 }
 VALIDATION_SPLITS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
 
@@ -309,7 +310,8 @@ def training_extras(cards: list[tuple[Card, str]], seed: int) -> list[Query]:
     own (``f"{seed}/{subject}/training-extras"``), after every other split:
     ``awareness_train`` (the edit's awareness templates: to keep answering), ``implicit_train`` (the
     edit's subject-free templates) and ``adversarial_train`` (``spec.TRAIN_ADVERSARIAL`` around a
-    field question in the edit's templates); the last two are sensitive exactly on private subjects."""
+    field question in the edit's templates; these two are sensitive exactly on private subjects) and
+    ``general_train`` (the edit's general questions: to keep answering)."""
     out: list[Query] = []
     rngs: dict[str, random.Random] = {}
     for card, rel in cards:
@@ -325,6 +327,7 @@ def training_extras(cards: list[tuple[Card, str]], seed: int) -> list[Query]:
         base = question(rng.choice(spec.TEMPLATES[:spec.TRAIN_TEMPLATES]), attr, card.subject)
         out += [Query(rel, card.subject, wrap.format(q=base), sensitive, card.fields[kind], "adversarial_train",
                       f"adversarial_train/{name}") for name, wrap in spec.TRAIN_ADVERSARIAL.items()]
+        out += general_queries(card, rel, rng, held_out=False, split="general_train")
     return out
 
 
