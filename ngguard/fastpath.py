@@ -57,6 +57,23 @@ class _Split:
 
 
 @dataclass
+class _Shared:
+    """The edit's rows cut after the prefix they all share (one image: the image's positions come
+    before the first question token in every row). The edited weights change that prefix, so it is not
+    cached across steps: each forward runs it once (one row), then every row's remaining tokens,
+    PACKED into one sequence without padding (a block mask: each token sees the prefix and its own
+    row's earlier tokens; its own position ids), reading the prefix's keys/values. Exact (causal
+    attention); the rows' gradients flow back into the one prefix. Logits are taken only where a
+    target follows and put back as [B, W, V] (``unpack``)."""
+
+    inputs: dict[str, torch.Tensor]          # the prefix of one row
+    out: torch.Tensor                        # [1, P, d] replayed output of ``layer`` at the prefix
+    length: int                              # P
+    keep: torch.Tensor                       # [K] packed positions whose logits are needed
+    unpack: torch.Tensor                     # [B, W] -> index into those K logits (labels -100 where unused)
+
+
+@dataclass
 class PreparedBatch:
     """A batch ready for repeated forwards (see the module docstring). Built by ``prepare``."""
 
@@ -73,6 +90,7 @@ class PreparedBatch:
     split: _Split | None = None
     use_cache: bool | None = None            # passed to the forward when not None
     cache_arg: str | None = None             # the forward's KV-cache argument (compat.forward_features)
+    shared: _Shared | None = None            # the edit's shared prefix, run once per forward
 
     @property
     def replays(self) -> bool:
@@ -93,8 +111,18 @@ class PreparedBatch:
         """The forward's logits [B, T', V] (aligned with ``labels``); not for split batches."""
         if self.split is not None:
             raise ValueError("a split batch has no logits of its own; use nll()")
+        if self.shared is None:
+            self.bind(state)
+            return model(**self.inputs, **self._kwargs()).logits
+        sh = self.shared
+        state.out, state.subject_index, state.sample_of_row = sh.out, None, None  # no subject token in the prefix
+        cache = output_cache(model(**sh.inputs, use_cache=True, logits_to_keep=1))
+        kv = [cache_kv(cache, i) for i in range(self.layer + 1, cache_layers(cache))]
         self.bind(state)
-        return model(**self.inputs, **self._kwargs()).logits
+        one = torch.zeros(1, dtype=torch.long, device=sh.keep.device)
+        logits = model(**self.inputs, **{self.cache_arg: self._cache(sh.length, (kv, one))}, use_cache=True,
+                       logits_to_keep=sh.keep).logits
+        return logits[0][sh.unpack]
 
     def nll(self, model, state: HookState) -> torch.Tensor:
         """Per-row NLL of the targets [B] under whatever the hooks currently do."""
@@ -166,11 +194,67 @@ def _prepare_edit(adapter: Adapter, batch: Batch, layer: int) -> PreparedBatch:
     if layer >= 0:
         out = record_layer_output(adapter, layer, batch.inputs)
         inputs = {k: v for k, v in inputs.items() if k not in adapter.vision_only_inputs}
-    labels, keep = batch.labels, 0
-    if forward_features(adapter.model)[1]:
-        keep = target_window(labels)
-        labels = labels[:, -keep:]
-    return PreparedBatch(inputs, labels, batch.subject_index, layer=layer, out=out, keep=keep)
+    cache_arg, has_keep = forward_features(adapter.model)
+    pb = PreparedBatch(inputs, batch.labels, batch.subject_index, layer=layer, out=out, cache_arg=cache_arg)
+    if layer >= 0 and has_keep and _share_prefix(adapter, pb, batch):
+        return pb
+    if has_keep:  # logits from the position before the first target token on
+        pb.keep = target_window(pb.labels)
+        pb.labels = pb.labels[:, -pb.keep:]
+    return pb
+
+
+def _share_prefix(adapter: Adapter, pb: PreparedBatch, batch: Batch) -> bool:
+    """Cut ``pb`` (layers <= ``pb.layer`` replayed) after the prefix all its rows share, and pack the rest
+    (``_Shared``). The prefix ends at the first position where a row's token or replayed state differs
+    (the ids alone do not tell two images apart), at the earliest subject token and before the first
+    target. False (``pb`` unchanged) where that cannot be done exactly."""
+    ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
+    B, T = ids.shape
+    right_padded = mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
+    per_token = [k for k, v in pb.inputs.items() if k not in ("input_ids", "attention_mask")
+                 and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[-1] == T]
+    if not adapter.prefix_cache or pb.cache_arg is None or not right_padded or per_token or B < 2:
+        return False
+    device = ids.device
+    lengths = mask.sum(-1) if mask is not None else torch.full((B,), T, device=device)
+    ref = torch.where(mask != 0, ids[:1], -1) if mask is not None else ids[:1]
+    same = (ids == ref).all(0) & (pb.out == pb.out[:1]).all(-1).all(0).to(device)   # [T]
+    P = int(same.long().cumprod(0).sum())
+    if pb.subject_index is not None:
+        P = min(P, int(pb.subject_index.min()))
+    labelled = pb.labels != -100
+    if not bool(labelled.any(-1).all()):
+        return False
+    first = labelled.float().argmax(-1)                                  # [B] first target of each row
+    P = min(P, int(first.min()) - 1)  # the logit before the first target comes from the row's own part
+    if P < 1:
+        return False
+    n = lengths - P                                                      # [B] tokens per row after the prefix
+    offset = torch.cumsum(n, 0) - n                                      # [B] where each row starts, packed
+    row = torch.repeat_interleave(torch.arange(B, device=device), n)    # [N] the row of each packed token
+    pos = P + torch.arange(len(row), device=device) - offset[row]        # [N] its position in the row
+    i, j = torch.arange(len(row), device=device)[:, None], torch.arange(len(row), device=device)[None]
+    allowed = torch.cat([torch.ones(len(row), P, dtype=torch.bool, device=device),
+                         (row[:, None] == row[None]) & (j <= i)], 1)     # [N, P + N]
+    dtype = adapter.model.dtype
+    block = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    # logits from the position before each row's first target to its end, as a [B, W] window
+    start = first - 1
+    W = int((lengths - start).max())
+    at = start[:, None] + torch.arange(W, device=device)[None]           # [B, W] positions in the row
+    valid = at < lengths[:, None]
+    packed_at = offset[:, None] + at - P                                 # [B, W] positions in the packed row
+    unpack = torch.zeros(B, W, dtype=torch.long, device=device)
+    unpack[valid] = torch.arange(int(valid.sum()), device=device)
+    labels = torch.where(valid, pb.labels.gather(1, at.clamp_max(T - 1)), torch.full_like(at, -100))
+    head = {"input_ids": ids[:1, :P]} | ({"attention_mask": mask[:1, :P]} if mask is not None else {})
+    pb.shared = _Shared(head, pb.out[:1, :P], P, packed_at[valid], unpack)
+    pb.inputs = {"input_ids": ids[row, pos][None], "attention_mask": block[None, None], "position_ids": pos[None]}
+    pb.out, pb.labels = pb.out[row.to(pb.out.device), pos.to(pb.out.device)][None], labels
+    if pb.subject_index is not None:  # per row, its subject token's packed position
+        pb.subject_index = offset + pb.subject_index.to(device) - P
+    return True
 
 
 def _prepare_frozen(adapter: Adapter, batch: Batch, layer: int, row_sample: torch.Tensor,

@@ -34,7 +34,9 @@ def edit_subject_state(adapter: Adapter, layer: int, fn: Callable[[torch.Tensor,
                        subject_index: Callable[[], torch.Tensor | None]):
     """Forward hook on decoder layer ``layer``: its output at each row's subject position ``p_b`` is
     replaced by ``fn(h[b, p_b], rows)`` (out of place, so autograd sees the replacement);
-    ``subject_index()`` gives the positions [B] at each forward (None: leave the output alone)."""
+    ``subject_index()`` gives the positions [B] at each forward (None: leave the output alone). When the
+    output has one sequence and there are several positions, the rows are packed into it (``fastpath``:
+    the edit's rows after their shared prefix) and ``p_b`` are positions in that sequence."""
 
     def hook(_module, _inputs, output):
         idx = subject_index()
@@ -42,8 +44,9 @@ def edit_subject_state(adapter: Adapter, layer: int, fn: Callable[[torch.Tensor,
             return output
         h = output[0] if isinstance(output, tuple) else output
         idx = idx.to(h.device)
-        rows = torch.arange(h.shape[0], device=h.device)
-        h = h.index_put((rows, idx), fn(h[rows, idx], rows))
+        rows = torch.arange(len(idx), device=h.device)
+        at = (rows if h.shape[0] == len(idx) else torch.zeros_like(rows), idx)  # one sequence: the rows packed
+        h = h.index_put(at, fn(h[at], rows))
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = adapter.component(layer, "layer").register_forward_hook(hook)

@@ -226,3 +226,39 @@ def test_a_second_pass_is_the_same_edit_run_again_on_the_edited_model(adapter):
     with torch.no_grad():
         adapter.component(1, "down_proj").weight.copy_(w0)
     assert not torch.allclose(edit(1).weights[name], twice.weights[name], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["neural_gate", "no_gate", "dinm"])
+def test_the_fast_edit_equals_the_plain_loop(adapter, method):
+    """The edit's shortcuts (layers below the lowest edited one replayed, the image prefix run once per
+    step for all of an image's rows, logits only on targets) give the weights of the plain loop (the
+    whole model, every row whole, all logits), with the gate, the KL keep term and the retained answers."""
+    from ngguard.core import encode_sample
+    from ngguard.fastpath import prepare
+    from ngguard.methods import REGISTRY
+    from ngguard.recipe import EditSpec
+    s = _samples(2) + _samples(2, "receipt")
+    retain = [Sample(tiny_image(9), "shapes", [], [("what shape is drawn here?", "a square"),
+                                                   ("what colour is it?", "red")])]
+    d = adapter.hidden_size
+    gates = {l: {subj: torch.rand(d, generator=torch.Generator().manual_seed(k + l)) > 0.5
+                 for k, subj in enumerate(["passport", "receipt"])} for l in (1, 2)}
+    w0 = {l: adapter.component(l, "down_proj").weight.detach().clone() for l in (1, 2)}
+    hp = EditSpec(lr=1e-2, steps=3, stop_loss=0.0, passes=2)
+    weights = {}
+    for shortcuts in (True, False):
+        with torch.no_grad():
+            for l, w in w0.items():
+                adapter.component(l, "down_proj").weight.copy_(w)
+        res = REGISTRY[method].apply(adapter, s, [1, 2], module="down_proj", refusal=REFUSAL, hparams=hp, gates=gates,
+                                     retain=retain, shortcuts=shortcuts)
+        weights[shortcuts] = res.deltas
+    for name, delta in weights[True].items():
+        assert delta.abs().sum() > 0
+        assert torch.allclose(delta, weights[False][name], atol=1e-6), (name, (delta - weights[False][name]).abs().max())
+    # where the image comes first, every image token is in the shared prefix, run once per step
+    batch = encode_sample(adapter, s[0], REFUSAL)[0]
+    pb = prepare(adapter, batch, 0, frozen_above=False)
+    image_at = (batch.inputs["input_ids"][0] == adapter.image_token_id).nonzero().flatten()
+    if int(image_at[0]) < 8:
+        assert pb.shared is not None and pb.shared.length > int(image_at[-1])
