@@ -154,9 +154,10 @@ def _balanced(y: torch.Tensor) -> torch.Tensor:
 class ProbeGuard:
     """Refuse exactly where BOTH read "yes" on the unedited model's hidden states:
 
-    - *private subject*: the subject probe (private vs public subject, ``subject_layer``) read at the
-      token the locator probe (``locator_layer``) takes for the subject; when no token looks like a
-      subject (locator below ``fallback``), the image probe (mean over the image tokens, ``image_layer``);
+    - *private subject*: when the question names a subject (the named probe at the last prompt token,
+      ``request_layer``), the subject probe (private vs public subject, ``subject_layer``) read at the
+      token the locator probe (``locator_layer``) takes for the subject; else the image probe (mean
+      over the image tokens, ``image_layer``);
     - *asks to read a text field*: the request probe at the last prompt token (``request_layer``).
 
     Nothing here knows the subject of a question: the positions come from the locator."""
@@ -167,25 +168,30 @@ class ProbeGuard:
     locator: LinearProbe
     request: LinearProbe
     image: LinearProbe
-    fallback: float = 0.5
+    named: LinearProbe
     batch_size: int = 64
 
     @property
     def hidden(self) -> list[int]:
-        return sorted({p.layers[0] + 1 for p in (self.subject, self.locator, self.request, self.image)})
+        return sorted({p.layers[0] + 1 for p in (self.subject, self.locator, self.request, self.image, self.named)})
 
     def decisions(self, queries: Sequence) -> list[dict]:
         """Per query: the probes' readings and whether it is blocked."""
         hid = self.hidden
+        st = query_states(self.adapter, queries, hid, subjects=False, batch_size=self.batch_size, desc="probe guard")
+        return self.decide(st, hid)
+
+    def decide(self, st: QueryStates, hid: Sequence[int]) -> list[dict]:
+        """``decisions`` from states already read at the hidden indices ``hid`` (a superset of ``hidden``)."""
         col = {h: i for i, h in enumerate(hid)}
         at = lambda p: [col[p.layers[0] + 1]]  # noqa: E731
-        st = query_states(self.adapter, queries, hid, subjects=False, batch_size=self.batch_size, desc="probe guard")
         req = torch.sigmoid(self.request.logits(st.last[:, at(self.request)]))
+        named_p = torch.sigmoid(self.named.logits(st.last[:, at(self.named)]))
         img = torch.sigmoid(self.image.logits(st.image[:, at(self.image)]))
         out = []
         for j, t in enumerate(st.text):
             loc = torch.sigmoid(self.locator.logits(t[:, at(self.locator)]))
-            named = bool(loc.max() >= self.fallback)
+            named = bool(named_p[j] > self.named.threshold)
             priv = float(torch.sigmoid(self.subject.logits(t[int(loc.argmax())][at(self.subject)].unsqueeze(0)))) \
                 if named else float(img[j])
             out.append({"private": priv, "request": float(req[j]), "named": named,
@@ -204,21 +210,36 @@ def fit_guard(adapter, sets: dict, hp, refusal: str, *, train_split: str = "trai
     edit's sensitive + benign pairs) and ``hp.train_sets`` (retention and training extras). A subject is
     private when it has a sensitive training question; ``hp.neutral_sets`` hold queries about no card
     (e.g. the utility shapes), which teach the request probe what a non-request is."""
-    named_sets = [train_split, *hp.train_sets]
-    queries = [q for name in named_sets for q in sets.get(name, [])]
-    neutral = [q for name in hp.neutral_sets for q in sets.get(name, [])]
-    if not any(q.sensitive for q in queries):
-        raise ValueError("privacy_probe: no sensitive training questions to learn from")
-    private = {q.subject for q in queries if q.sensitive}
-    layers = {"subject": hp.subject_layer, "locator": hp.locator_layer, "request": hp.request_layer,
-              "image": hp.image_layer}
+    queries, neutral = training_queries(sets, hp, train_split)
+    layers = probe_layers(hp)
     bad = {k: l for k, l in layers.items() if l >= adapter.num_layers}
     if bad:
         k, l = next(iter(bad.items()))
         raise ValueError(f"privacy_probe.{k}_layer: {l} out of range for a model with {adapter.num_layers} layers")
     hid = sorted({l + 1 for l in layers.values()})
-    col = {h: i for i, h in enumerate(hid)}
     st = query_states(adapter, queries + neutral, hid, desc="probe states (training)")
+    return fit_from_states(adapter, st, hid, queries, neutral, hp, refusal)
+
+
+def probe_layers(hp) -> dict[str, int]:
+    return {"subject": hp.subject_layer, "locator": hp.locator_layer, "request": hp.request_layer, "image": hp.image_layer}
+
+
+def training_queries(sets: dict, hp, train_split: str = "train") -> tuple[list, list]:
+    """(queries about cards, neutral queries) the probes learn from; raises without sensitive ones."""
+    queries = [q for name in [train_split, *hp.train_sets] for q in sets.get(name, [])]
+    neutral = [q for name in hp.neutral_sets for q in sets.get(name, [])]
+    if not any(q.sensitive for q in queries):
+        raise ValueError("privacy_probe: no sensitive training questions to learn from")
+    return queries, neutral
+
+
+def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Sequence, neutral: Sequence, hp,
+                    refusal: str) -> tuple[ProbeGuard, dict]:
+    """``fit_guard`` from states already read (``query_states(queries + neutral, hid)``)."""
+    private = {q.subject for q in queries if q.sensitive}
+    layers = probe_layers(hp)
+    col = {h: i for i, h in enumerate(hid)}
     n = len(queries)
     fit = lambda X, y, name, bal=True: fit_probe(X, y, [layers[name]], l2=hp.l2, weights=_balanced(y) if bal else None)  # noqa: E731
     c = lambda name: [col[layers[name] + 1]]  # noqa: E731
@@ -244,11 +265,14 @@ def fit_guard(adapter, sets: dict, hp, refusal: str, *, train_split: str = "trai
     img_idx = sorted(first.values())
     image = fit(st.image[img_idx][:, c("image")], torch.tensor([float(queries[i].subject in private) for i in img_idx]),
                 "image")
-    guard = ProbeGuard(adapter, refusal, subject, locator, request, image, fallback=hp.fallback,
-                       batch_size=hp.batch_size)
+    # does the question name its subject (else the image decides): at the last prompt token
+    y = torch.tensor([float(s is not None) for s in st.subject])
+    named = fit(st.last[:, c("request")], y, "request")
+    guard = ProbeGuard(adapter, refusal, subject, locator, request, image, named, batch_size=hp.batch_size)
     info = {"probe_layers": layers, "private_subjects": sorted(private), "training_queries": n,
             "train_accuracy": {k: p.log["train_accuracy"] for k, p in
-                               (("subject", subject), ("locator", locator), ("request", request), ("image", image))}}
+                               (("subject", subject), ("locator", locator), ("request", request), ("image", image),
+                                ("named", named))}}
     return guard, info
 
 
