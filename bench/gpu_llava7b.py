@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     from ngguard.edit import apply_edit
     from ngguard.evaluate import evaluate
     from ngguard.localize import jaccard, localize_layer
+    from ngguard.methods.reference import localize_reference
     from ngguard.pipeline import make_samples
     from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL
     from ngguard.world.render import render_world
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         loc = stage(f"localize batched ({len(samples)} imgs)", lambda: localize_layer(adapter, samples, layer, **kw))
         sub = samples[: args.loop_samples]
         loc_b = stage(f"localize batched ({len(sub)} imgs)", lambda: localize_layer(adapter, sub, layer, **kw))
-        loc_l = stage(f"localize loop ({len(sub)} imgs)", lambda: localize_layer(adapter, sub, layer, batched=False, **kw))
+        loc_l = stage(f"localize loop ({len(sub)} imgs)", lambda: localize_reference(adapter, sub, layer, **{k: v for k, v in kw.items() if k != "batch_size"}))
         ratio = stats[f"localize loop ({len(sub)} imgs)"]["s"] / max(1e-9, stats[f"localize batched ({len(sub)} imgs)"]["s"])
         js = [jaccard(loc_b.strong(s), loc_l.strong(s)) for s in loc_b.gates]
         print(f"batched vs loop on {len(sub)} images: speed ratio {ratio:.2f}x, mean Jaccard {sum(js) / len(js):.3f} "

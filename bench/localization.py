@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ngguard.adapters import load_adapter
+from ngguard.methods.reference import localize_reference
 from ngguard.data import read_jsonl
 from ngguard.localize import jaccard, localize_layer
 from ngguard.pipeline import make_samples
@@ -68,7 +69,7 @@ def main() -> None:
         batched = localize_layer(adapter, samples, layer, **kw)
         t_batched = time.perf_counter() - t
         t = time.perf_counter()
-        loop = localize_layer(adapter, samples, layer, batched=False, **kw)
+        loop = localize_reference(adapter, samples, layer, **{k: v for k, v in kw.items() if k != "batch_size"})
         t_loop = time.perf_counter() - t
     print(f"shape {args.shape}: {adapter.num_layers} decoder layers; samples: {len(samples)} images ({len(set(s.subject for s in samples))} subjects), layer {layer}, "
           f"threads {torch.get_num_threads()}")

@@ -11,9 +11,12 @@ comparing the two):
    token never see the changed state (causal attention), so their keys/values at every layer are
    computed once per sample (``prefix_length``);
 3. stems and tails (the same case): a question asked with several answer-start contexts is run once
-   up to its answer (the stem, holding the subject token); each row then runs only its own ending
-   (``_Split``);
-4. logits only on targets: ``logits_to_keep`` from the position before the first target token.
+   up to its answer (the stem, holding the subject token); each row then runs only its own ending;
+   stems and tails packed into one sequence without padding (``_Packed``);
+4. the edit's shared prefix: an image's rows share the positions before the question, run once per
+   step (they change with the edited weights), the rest of the rows packed (``_Shared``);
+5. logits only on targets: ``logits_to_keep`` from the position before the first target token (a
+   window per row where the rows are packed).
 
 A loop then calls ``PreparedBatch.nll`` (per-row NLL of the targets) or ``.logits`` with a
 ``HookState`` the prepared batch fills in for the hooks. ``prepare_rows`` turns localization's rows
@@ -38,39 +41,56 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, head
 
 
 @dataclass
-class _Split:
-    """The rows of a batch cut in two, for questions asked with several answer-start contexts: the
-    STEMS (each distinct question once, from the end of the frozen prefix to just before its first
-    target) carry the subject token; the TAILS (every row from its stem's end on) attend to their
-    stem's keys and values. One stem instead of six copies of each sensitive question."""
+class _Lines:
+    """Rows cut after a frozen or shared prefix, their remaining tokens PACKED without padding into a
+    few lines of equal width (a block of tokens that attend to each other never straddles two lines).
+    A 4D block mask lets each token see the prefix keys it may see and the earlier tokens of its own
+    block that it may see; each token keeps its position id. Logits are computed only in the columns
+    where a needed one lies and handed back per row as a window [R, W] (``unpack``)."""
 
-    stem_inputs: dict[str, torch.Tensor]
-    stem_out: torch.Tensor                   # replayed output of the layer at the stem positions
-    stem_subject: torch.Tensor
-    stem_sample: torch.Tensor | None         # stem -> row of ``prefix`` (its sample); None without a prefix
-    stem_rows: torch.Tensor                  # stem -> one of its rows (for the scaling vector)
-    tail_inputs: dict[str, torch.Tensor]     # with explicit position_ids and a 4D mask that skips stem padding
-    tail_out: torch.Tensor
-    tail_labels: torch.Tensor
-    row_stem: torch.Tensor                   # row -> its stem
-    stem_len: int                            # padded stem length (after the prefix)
+    inputs: dict[str, torch.Tensor]          # ids [L, W], the mask [L, 1, W, K + W], position ids [L, W]
+    out: torch.Tensor                        # [L, W, d] replayed output of ``layer`` at the packed tokens
+    subject: tuple[torch.Tensor, torch.Tensor] | None  # (line, column) of each subject token
+    cols: torch.Tensor                       # [C] columns whose logits are computed
+    pick: tuple[torch.Tensor, torch.Tensor]  # [K] (line, index into ``cols``) of each needed logit
+    unpack: torch.Tensor                     # [R, W'] -> index into those K logits
+
+    def logits(self, model, state: HookState, layer: int, cache_arg: str | None, prefix: KV) -> torch.Tensor:
+        """[R, W', V] under the hooks (``state.out`` and ``state.subject_index`` set here)."""
+        state.out, state.subject_index = self.out, self.subject
+        kw: dict = {"use_cache": False}
+        if prefix:  # layers <= l are replayed stand-ins: they only give the cache its length
+            L = self.out.shape[0]
+            dummy = prefix[0][0].new_zeros(1, 1, prefix[0][0].shape[2], 1)
+            kv = [(k.expand(L, *k.shape[1:]), v.expand(L, *v.shape[1:])) for k, v in prefix]
+            kw = {cache_arg: cache_from_kv([(dummy, dummy)] * (layer + 1) + kv), "use_cache": True}
+        logits = model(**self.inputs, **kw, logits_to_keep=self.cols).logits
+        return logits[self.pick][self.unpack]
+
+
+@dataclass
+class _Packed:
+    """Localization's rows after the frozen prefix: first the STEMS (each distinct question once, up to
+    just before its first target, holding the subject token), then every row's TAIL (its own ending:
+    answer-start context and target), packed in lines (``_Lines``; a stem and its tails are one block).
+    One stem instead of six copies of each sensitive question, and no padding."""
+
+    lines: _Lines
+    stem_rows: torch.Tensor                  # [G] stem -> one of its rows
+    prefix: KV                               # per layer above: the batch's samples' prefixes one after another [1, h, n*P, d]
 
 
 @dataclass
 class _Shared:
     """The edit's rows cut after the prefix they all share (one image: the image's positions come
     before the first question token in every row). The edited weights change that prefix, so it is not
-    cached across steps: each forward runs it once (one row), then every row's remaining tokens,
-    PACKED into one sequence without padding (a block mask: each token sees the prefix and its own
-    row's earlier tokens; its own position ids), reading the prefix's keys/values. Exact (causal
-    attention); the rows' gradients flow back into the one prefix. Logits are taken only where a
-    target follows and put back as [B, W, V] (``unpack``)."""
+    cached across steps: each forward runs it once (one row), then the rows' remaining tokens packed
+    (``_Lines``), reading the prefix's keys/values (exact: causal attention; the rows' gradients flow
+    back into the one prefix)."""
 
     inputs: dict[str, torch.Tensor]          # the prefix of one row
     out: torch.Tensor                        # [1, P, d] replayed output of ``layer`` at the prefix
-    length: int                              # P
-    keep: torch.Tensor                       # [K] packed positions whose logits are needed
-    unpack: torch.Tensor                     # [B, W] -> index into those K logits (labels -100 where unused)
+    lines: _Lines
 
 
 @dataclass
@@ -87,7 +107,7 @@ class PreparedBatch:
     prefix: KV = field(default_factory=list)  # K/V of layers > layer, one row per sample
     rep: torch.Tensor | None = None          # row -> its sample's row in ``prefix``
     keep: int = 0                            # logits_to_keep (0 = all positions)
-    split: _Split | None = None
+    packed: _Packed | None = None            # localization's stems and tails, packed
     use_cache: bool | None = None            # passed to the forward when not None
     cache_arg: str | None = None             # the forward's KV-cache argument (compat.forward_features)
     shared: _Shared | None = None            # the edit's shared prefix, run once per forward
@@ -109,8 +129,8 @@ class PreparedBatch:
 
     def logits(self, model, state: HookState) -> torch.Tensor:
         """The forward's logits [B, T', V] (aligned with ``labels``); not for split batches."""
-        if self.split is not None:
-            raise ValueError("a split batch has no logits of its own; use nll()")
+        if self.packed is not None:
+            raise ValueError("a packed batch has no logits of its own; use nll()")
         if self.shared is None:
             self.bind(state)
             return model(**self.inputs, **self._kwargs()).logits
@@ -118,27 +138,16 @@ class PreparedBatch:
         state.out, state.subject_index, state.sample_of_row = sh.out, None, None  # no subject token in the prefix
         cache = output_cache(model(**sh.inputs, use_cache=True, logits_to_keep=1))
         kv = [cache_kv(cache, i) for i in range(self.layer + 1, cache_layers(cache))]
-        self.bind(state)
-        one = torch.zeros(1, dtype=torch.long, device=sh.keep.device)
-        logits = model(**self.inputs, **{self.cache_arg: self._cache(sh.length, (kv, one))}, use_cache=True,
-                       logits_to_keep=sh.keep).logits
-        return logits[0][sh.unpack]
+        state.sample_of_row = self.sample_of_row
+        return sh.lines.logits(model, state, self.layer, self.cache_arg, kv)
 
     def nll(self, model, state: HookState) -> torch.Tensor:
         """Per-row NLL of the targets [B] under whatever the hooks currently do."""
-        if self.split is None:
+        if self.packed is None:
             return row_nll(self.logits(model, state), self.labels)
-        sp = self.split
-        state.out, state.subject_index, state.sample_of_row = sp.stem_out, sp.stem_subject, self.sample_of_row[sp.stem_rows]
-        kw = {self.cache_arg: self._cache(self.start, (self.prefix, sp.stem_sample))} if self.start else {}
-        res = model(**sp.stem_inputs, use_cache=True, logits_to_keep=1, **kw)
-        cache = output_cache(res)
-        # the stems' own keys/values (the prefix part carries no gradient: taken from ``prefix`` again)
-        stems = [tuple(t[:, :, self.start:] for t in cache_kv(cache, i)) for i in range(self.layer + 1, cache_layers(cache))]
-        state.subject_index, state.out = None, sp.tail_out  # no subject token in the tails
-        parts = ([(self.prefix, self.rep)] if self.start else []) + [(stems, sp.row_stem)]
-        tails = self._cache(self.start + sp.stem_len, *parts)
-        return row_nll(model(**sp.tail_inputs, **{self.cache_arg: tails}, use_cache=True).logits, sp.tail_labels)
+        pk = self.packed
+        state.sample_of_row = self.sample_of_row[pk.stem_rows]
+        return row_nll(pk.lines.logits(model, state, self.layer, self.cache_arg, pk.prefix), self.labels)
 
     def _cache(self, length: int, *parts: tuple[KV, torch.Tensor]):
         """A fresh cache (it grows in place) holding, for the layers above ``self.layer``, the keys/values
@@ -226,34 +235,19 @@ def _share_prefix(adapter: Adapter, pb: PreparedBatch, batch: Batch) -> bool:
     labelled = pb.labels != -100
     if not bool(labelled.any(-1).all()):
         return False
-    first = labelled.float().argmax(-1)                                  # [B] first target of each row
-    P = min(P, int(first.min()) - 1)  # the logit before the first target comes from the row's own part
+    P = min(P, int(labelled.float().argmax(-1).min()) - 1)  # the logit before each first target: the row's own
     if P < 1:
         return False
     n = lengths - P                                                      # [B] tokens per row after the prefix
-    offset = torch.cumsum(n, 0) - n                                      # [B] where each row starts, packed
-    row = torch.repeat_interleave(torch.arange(B, device=device), n)    # [N] the row of each packed token
-    pos = P + torch.arange(len(row), device=device) - offset[row]        # [N] its position in the row
-    i, j = torch.arange(len(row), device=device)[:, None], torch.arange(len(row), device=device)[None]
-    allowed = torch.cat([torch.ones(len(row), P, dtype=torch.bool, device=device),
-                         (row[:, None] == row[None]) & (j <= i)], 1)     # [N, P + N]
-    dtype = adapter.model.dtype
-    block = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    # logits from the position before each row's first target to its end, as a [B, W] window
-    start = first - 1
-    W = int((lengths - start).max())
-    at = start[:, None] + torch.arange(W, device=device)[None]           # [B, W] positions in the row
-    valid = at < lengths[:, None]
-    packed_at = offset[:, None] + at - P                                 # [B, W] positions in the packed row
-    unpack = torch.zeros(B, W, dtype=torch.long, device=device)
-    unpack[valid] = torch.arange(int(valid.sum()), device=device)
-    labels = torch.where(valid, pb.labels.gather(1, at.clamp_max(T - 1)), torch.full_like(at, -100))
+    pos, row = _ranges(torch.full_like(n, P), n)                         # [N] each packed token's position and row
+    first = torch.cumsum(n, 0) - n                                       # [B] where each row starts, packed
+    keep, unpack, labels = _window(pb.labels, lengths, first, torch.full_like(n, P))
+    subject = None if pb.subject_index is None else first + pb.subject_index.to(device) - P
+    lines = _layout(ids, pb.out, row, pos, group=row, own=row, sample=None, prefix_sample=torch.zeros(P, device=device),
+                    keep=keep, unpack=unpack, subject=subject, dtype=adapter.model.dtype)
     head = {"input_ids": ids[:1, :P]} | ({"attention_mask": mask[:1, :P]} if mask is not None else {})
-    pb.shared = _Shared(head, pb.out[:1, :P], P, packed_at[valid], unpack)
-    pb.inputs = {"input_ids": ids[row, pos][None], "attention_mask": block[None, None], "position_ids": pos[None]}
-    pb.out, pb.labels = pb.out[row.to(pb.out.device), pos.to(pb.out.device)][None], labels
-    if pb.subject_index is not None:  # per row, its subject token's packed position
-        pb.subject_index = offset + pb.subject_index.to(device) - P
+    pb.shared = _Shared(head, pb.out[:1, :P], lines)
+    pb.inputs, pb.out, pb.labels, pb.subject_index = lines.inputs, lines.out, labels, None
     return True
 
 
@@ -301,9 +295,10 @@ def _prepare_frozen(adapter: Adapter, batch: Batch, layer: int, row_sample: torc
         pb.inputs = {**pb.inputs, "attention_mask": causal_mask(ids.shape[1], ids.shape[1], adapter.model.dtype, ids.device)}
     if fast and has_keep:
         lengths = (mask.sum(-1) if mask is not None else torch.full_like(row_sample, ids.shape[1])) - start
-        pb.split = _split(start, pb.inputs["input_ids"], pb.labels, pb.out, pb.subject_index, lengths, row_group,
-                          pb.rep, adapter.model.dtype)
-        if pb.split is not None:
+        packed = _pack(start, pb.inputs["input_ids"], pb.labels, pb.out, pb.subject_index, lengths, row_group,
+                       pb.rep, pb.prefix, adapter.model.dtype)
+        if packed is not None:
+            pb.packed, pb.labels = packed
             return pb
     if has_keep:  # logits from the position before the first target token on
         pb.keep = target_window(pb.labels)
@@ -379,44 +374,124 @@ def causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Te
     return torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill(j > i, torch.finfo(dtype).min)[None, None]
 
 
-def _split(start: int, ids: torch.Tensor, labels: torch.Tensor, out: torch.Tensor, subject_index: torch.Tensor,
-           lengths: torch.Tensor, row_group: torch.Tensor, rep: torch.Tensor | None, dtype) -> _Split | None:
-    """Stems and tails of a batch (see ``_Split``); None when no question has several rows or a stem
-    would not hold its subject token. All tensors are the rows AFTER the frozen prefix of length
-    ``start`` (positions counted from there); ``lengths``: real (unpadded) length of each row."""
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For segments (start, count): every segment's positions one after another [sum(counts)], and the
+    segment each belongs to."""
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return starts[seg] + torch.arange(len(seg), device=counts.device) - first[seg], seg
+
+
+def _window(labels: torch.Tensor, lengths: torch.Tensor, packed_start: torch.Tensor, row_start: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits each row needs, from the position before its first target to its end, as a window
+    [R, W]: (packed positions to keep [K], ``unpack`` [R, W] into them, the window's labels [R, W]).
+    ``packed_start``/``row_start`` [R]: where the row's packed part begins, in the packed sequence
+    and in the row."""
+    R, T = labels.shape
+    first = (labels != -100).float().argmax(-1)
+    begin = first - 1
+    W = int((lengths - begin).max())
+    at = begin[:, None] + torch.arange(W, device=labels.device)[None]         # [R, W] positions in the row
+    valid = at < lengths[:, None]
+    unpack = torch.zeros(R, W, dtype=torch.long, device=labels.device)
+    unpack[valid] = torch.arange(int(valid.sum()), device=labels.device)
+    keep = (packed_start[:, None] + at - row_start[:, None])[valid]
+    return keep, unpack, torch.where(valid, labels.gather(1, at.clamp_max(T - 1)), torch.full_like(at, -100))
+
+
+def _pack(start: int, ids: torch.Tensor, labels: torch.Tensor, out: torch.Tensor, subject_index: torch.Tensor,
+          lengths: torch.Tensor, row_group: torch.Tensor, rep: torch.Tensor | None, prefix: KV, dtype
+          ) -> tuple[_Packed, torch.Tensor] | None:
+    """Stems and tails of a batch, packed (``_Packed``), and the window labels [R, W]; None when a
+    stem would not hold its subject token or a row has no target. All tensors are the rows AFTER the
+    frozen prefix of length ``start`` (positions counted from there); ``lengths``: real length of each
+    row; ``rep``: row -> its sample's row of ``prefix`` (None without a prefix)."""
     device = ids.device
-    stem_rows_t, row_stem = _heads(row_group)
-    if len(stem_rows_t) == len(row_group):
+    labelled = labels != -100
+    if not bool(labelled.any(-1).all()):
         return None
-    first_label = (labels != -100).float().argmax(-1)
-    shared = _common_run(ids, ids[stem_rows_t[row_stem]])
-    stem_rows, stem_end = stem_rows_t.tolist(), []
-    for g_i in range(len(stem_rows)):
-        members = row_stem == g_i
-        end = min(int(shared[members].min()), int(first_label[members].min()) - 1)  # targets' logits: in the tails
-        if end <= int(subject_index[members].max()):  # the subject token must be in the stem
-            return None
-        stem_end.append(end)
-    S, n_stems = max(stem_end), len(stem_rows)
-    stem_ids = ids.new_zeros(n_stems, S)
-    stem_out = out.new_zeros(n_stems, S, out.shape[-1])
-    for g_i, (r, e) in enumerate(zip(stem_rows, stem_end)):
-        stem_ids[g_i, :e], stem_out[g_i, :e] = ids[r, :e], out[r, :e]
-    ends = torch.tensor(stem_end, device=device)[row_stem]              # per row: where its tail starts
-    C = int((lengths - ends).max())
-    pos = ends[:, None] + torch.arange(C, device=device)[None]          # [R, C], counted after the prefix
-    at = pos.clamp_max(ids.shape[1] - 1)
-    tail_labels = torch.where(pos < lengths[:, None], labels.gather(1, at), torch.full_like(at, -100))
-    # keys: [frozen prefix | stems, padded to S | tails]: a row sees the prefix and its own stem up to
-    # the stem's end, then its own tail causally
-    j = torch.arange(start + S + C, device=device)[None, None]
-    i = torch.arange(C, device=device)[None, :, None]
-    allowed = (j < start + ends[:, None, None]) | ((j >= start + S) & (j - start - S <= i))
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return _Split(
-        stem_inputs={"input_ids": stem_ids, "attention_mask": causal_mask(S, start + S, dtype, device)},
-        stem_out=stem_out, stem_subject=subject_index[stem_rows_t],
-        stem_sample=None if rep is None else rep[stem_rows_t], stem_rows=stem_rows_t,
-        tail_inputs={"input_ids": ids.gather(1, at), "attention_mask": mask[:, None], "position_ids": pos + start},
-        tail_out=out.gather(1, at.to(out.device)[..., None].expand(-1, -1, out.shape[-1])), tail_labels=tail_labels,
-        row_stem=row_stem, stem_len=S)
+    heads, row_stem = _heads(row_group)                                        # stem -> a row; row -> stem
+    first = labelled.float().argmax(-1)
+    shared = _common_run(ids, ids[heads[row_stem]])
+    end = torch.minimum(shared, first - 1)                                      # targets' logits: in the tails
+    stem_end = torch.full((len(heads),), ids.shape[1], device=device).scatter_reduce(0, row_stem, end, "amin")
+    if bool((subject_index.to(device) >= stem_end[row_stem]).any()):          # the subject token must be in the stem
+        return None
+    stem_pos, stem_of = _ranges(torch.zeros_like(stem_end), stem_end)
+    tail_pos, tail_row = _ranges(stem_end[row_stem], lengths - stem_end[row_stem])
+    n_stem = len(stem_pos)
+    src_row = torch.cat([heads[stem_of], tail_row])                             # [N]
+    pos = torch.cat([stem_pos, tail_pos])
+    group = torch.cat([stem_of, row_stem[tail_row]])                          # a stem and its tails: one block
+    own = torch.cat([torch.full_like(stem_of, -1), tail_row])                  # -1: a stem token (seen by its tails)
+    kv: KV = []
+    sample = prefix_sample = None
+    if start:  # the batch's samples' prefixes, one after another: a token sees its own sample's
+        n_s = len(prefix[0][0])
+        sample, prefix_sample = rep.to(device)[src_row], torch.arange(n_s, device=device).repeat_interleave(start)
+        flat = lambda t: t.transpose(0, 1).reshape(1, t.shape[1], n_s * t.shape[2], t.shape[3])  # noqa: E731
+        kv = [(flat(k), flat(v)) for k, v in prefix]
+    stem_first = torch.cumsum(stem_end, 0) - stem_end                          # [G] where each stem starts, packed
+    tail_n = lengths - stem_end[row_stem]
+    tail_first = len(stem_pos) + torch.cumsum(tail_n, 0) - tail_n             # [R]
+    keep, unpack, window_labels = _window(labels, lengths, tail_first, stem_end[row_stem])
+    lines = _layout(ids, out, src_row, pos, group=group, own=own, sample=sample, prefix_sample=prefix_sample, keep=keep,
+                    unpack=unpack, subject=stem_first + subject_index.to(device)[heads], dtype=dtype, offset=start)
+    return _Packed(lines, heads, kv), window_labels
+
+
+def _layout(ids: torch.Tensor, out: torch.Tensor, src_row: torch.Tensor, pos: torch.Tensor, *, group: torch.Tensor,
+            own: torch.Tensor, sample: torch.Tensor | None, prefix_sample: torch.Tensor | None, keep: torch.Tensor,
+            unpack: torch.Tensor, subject: torch.Tensor | None, dtype, offset: int = 0) -> _Lines:
+    """Packed tokens (flat [N]: token ``pos`` of row ``src_row``) laid out in lines (``_Lines``). A token
+    sees the earlier tokens of its ``group`` (a block, kept in one line) whose ``own`` is -1 or its own,
+    and the prefix keys of its ``sample`` (``prefix_sample`` [K]: the sample of each prefix key; with
+    ``sample`` None every token sees them all). ``keep``/``subject``: flat indices of the needed logits
+    and of the subject tokens; ``offset``: added to the position ids."""
+    device, N = ids.device, len(src_row)
+    sizes = torch.bincount(group)
+    keys = 0 if prefix_sample is None else len(prefix_sample)
+
+    def lay(width: int) -> tuple[list[int], list[int], int]:                  # greedy, blocks in order
+        line_of, start_of, line, col = [], [], 0, 0
+        for size in sizes.tolist():
+            if col + size > width:
+                line, col = line + 1, 0
+            line_of.append(line)
+            start_of.append(col)
+            col += size
+        return line_of, start_of, line + 1
+
+    # the width with the least work: token slots, each costing ~16 d^2 in the linear layers and ~4 d (keys)
+    # in attention (CPU attention with a mask counted twice)
+    d = out.shape[-1]
+    W = min(range(int(sizes.max()), N + 8, 8), key=lambda w: lay(w)[2] * w * (1 + (keys + w) / (4 * d)))
+    line_of, start_of, L = lay(W)
+    order = torch.argsort(group * N + torch.arange(N, device=device))         # by block, in packed order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(N, device=device) - (torch.cumsum(sizes, 0) - sizes)[group[order]]
+    t_line = torch.tensor(line_of, device=device)[group]
+    t_col = torch.tensor(start_of, device=device)[group] + rank
+
+    def grid(values: torch.Tensor, fill: torch.Tensor | int) -> torch.Tensor:
+        g = fill.clone() if isinstance(fill, torch.Tensor) else torch.full((L, W), fill, dtype=values.dtype, device=device)
+        g[t_line, t_col] = values
+        return g
+
+    pad = -2 - torch.arange(L * W, device=device).view(L, W)                    # padding: a block of its own
+    G, O, P = grid(group, pad), grid(own, pad), grid(pos, 0)
+    allowed = (G[:, :, None] == G[:, None]) & (P[:, None] <= P[:, :, None]) & ((O[:, None] == -1) | (O[:, None] == O[:, :, None]))
+    if prefix_sample is not None and len(prefix_sample):
+        if sample is None:
+            seen = torch.ones(L, W, len(prefix_sample), dtype=torch.bool, device=device)
+        else:
+            seen = grid(sample, -1)[:, :, None] == prefix_sample.to(device)[None, None]
+        allowed = torch.cat([seen, allowed], -1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    cols = torch.unique(t_col[keep])
+    out_grid = out.new_zeros(L, W, out.shape[-1])
+    out_grid[t_line.to(out.device), t_col.to(out.device)] = out[src_row.to(out.device), pos.to(out.device)]
+    return _Lines(inputs={"input_ids": grid(ids[src_row, pos], 0), "attention_mask": mask, "position_ids": P + offset},
+                  out=out_grid, subject=None if subject is None else (t_line[subject], t_col[subject]), cols=cols,
+                  pick=(t_line[keep], torch.searchsorted(cols, t_col[keep])), unpack=unpack)

@@ -25,7 +25,7 @@ class HookState:
     """What the hooks read at each forward."""
 
     out: torch.Tensor | None = None             # replayed output of the top replayed layer [B, T, d]
-    subject_index: torch.Tensor | None = None   # [B] subject position per row; None: no subject token
+    subject_index: torch.Tensor | tuple | None = None  # [B] subject position per row (packed: (sequence, position)); None: none
     sample_of_row: torch.Tensor | None = None   # [B] row -> its sample (which scaling vector applies)
 
 
@@ -34,18 +34,19 @@ def edit_subject_state(adapter: Adapter, layer: int, fn: Callable[[torch.Tensor,
                        subject_index: Callable[[], torch.Tensor | None]):
     """Forward hook on decoder layer ``layer``: its output at each row's subject position ``p_b`` is
     replaced by ``fn(h[b, p_b], rows)`` (out of place, so autograd sees the replacement);
-    ``subject_index()`` gives the positions [B] at each forward (None: leave the output alone). When the
-    output has one sequence and there are several positions, the rows are packed into it (``fastpath``:
-    the edit's rows after their shared prefix) and ``p_b`` are positions in that sequence."""
+    ``subject_index()`` gives the positions [B] at each forward (None: leave the output alone), or, for rows
+    packed into fewer sequences (``fastpath``), a pair (sequence [B], position [B])."""
 
     def hook(_module, _inputs, output):
         idx = subject_index()
         if idx is None:  # rows without a subject (e.g. general retention queries): nothing to do
             return output
         h = output[0] if isinstance(output, tuple) else output
-        idx = idx.to(h.device)
-        rows = torch.arange(len(idx), device=h.device)
-        at = (rows if h.shape[0] == len(idx) else torch.zeros_like(rows), idx)  # one sequence: the rows packed
+        if isinstance(idx, tuple):  # packed rows: (sequence, position) of each row's subject token
+            at = (idx[0].to(h.device), idx[1].to(h.device))
+        else:
+            at = (torch.arange(len(idx), device=h.device), idx.to(h.device))
+        rows = torch.arange(len(at[0]), device=h.device)
         h = h.index_put(at, fn(h[at], rows))
         return (h, *output[1:]) if isinstance(output, tuple) else h
 

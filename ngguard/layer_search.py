@@ -31,19 +31,33 @@ from .evaluate import evaluate
 from .methods import REGISTRY, run_edit
 from .methods.neural_gate import LayerLocalization, localize_layer
 from .recipe import LayerSearch, Recipe
+from .stage_cache import StageCache, samples_fingerprint
 
 
 def localize_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int],
-                    recipe: Recipe) -> dict[int, LayerLocalization]:
+                    recipe: Recipe, cache: StageCache | None = None) -> dict[int, LayerLocalization]:
     """Localization (steps 1-2, Eq. 1-5) at each of ``layers`` with the recipe's ``localization``
-    section (the refusal and alpha are the edit's: the same in steps 1 and 3)."""
+    section (the refusal and alpha are the edit's: the same in steps 1 and 3). ``cache``: reuse a
+    layer's localization of the same model, samples and settings (``stage_cache``)."""
     L, E = recipe.localization, recipe.edit
     out = {}
+    samples_fp = samples_fingerprint(samples) if cache is not None and cache.enabled else ""
     for layer in layers:
         t = time.time()
+        key = cache.key("localization", cache.model_fingerprint(adapter), samples_fp, layer, L, E.refusal, E.alpha) \
+            if cache is not None else None
+        stored = cache.load_tensors(key) if cache is not None else None
+        if stored is not None:
+            t_, meta = stored
+            out[layer] = LayerLocalization.of(layer, t_["scales"], meta["subjects"], t_["losses"], t_["steps"])
+            continue
         out[layer] = localize_layer(adapter, samples, layer, refusal=E.refusal, alpha=E.alpha, contexts=L.contexts,
                                     steps=L.steps, lr=L.lr, eps=L.eps, l1=L.l1, init=L.init, stop_loss=L.stop_loss,
                                     batch_size=L.batch_size, desc=f"localize layer {layer}")
+        if cache is not None:
+            loc = out[layer]
+            cache.save_tensors(key, {"scales": loc.scales, "losses": torch.as_tensor(loc.losses),
+                                     "steps": torch.as_tensor(loc.steps)}, {"subjects": loc.subjects})
         logger.info(f"layer {layer}: strongly active share {out[layer].strong_share(L.threshold):.3f} (M > "
                     f"{L.threshold:g}, the search's criterion; the gate keeps "
                     f"{out[layer].strong_share(L.threshold, L.top_k):.3f}) ({time.time() - t:.1f}s)")
@@ -57,7 +71,8 @@ def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, d
 
 
 def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str], recipe: Recipe, method: str,
-                  val_sets: dict[str, list[Query]], retain: Sequence[Sample] = ()) -> tuple[list[int], dict]:
+                  val_sets: dict[str, list[Query]], retain: Sequence[Sample] = (), cache: StageCache | None = None
+                  ) -> tuple[list[int], dict]:
     """The recipe's fixed layers, or the search above for ``method``. Returns (layers, info): the scan's
     shares, centre, candidates and validation EtA per candidate (for the report); ``info["_locs"]``
     holds the scan's localizations (layer -> ``LayerLocalization``) for reuse."""
@@ -74,7 +89,7 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
     if own is not None:
         layers, extra = own(adapter, samples, unsafe, recipe.edit.refusal, scan)
         return layers, {**info, **extra}
-    locs = localize_layers(adapter, samples, scan, recipe)
+    locs = localize_layers(adapter, samples, scan, recipe, cache)
     # with top_k every layer keeps the same share: the search then ranks layers by the threshold rule
     info["scan"] = {l: locs[l].strong_share(recipe.localization.threshold) for l in scan}
     centre = max(scan, key=lambda l: info["scan"][l])

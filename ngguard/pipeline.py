@@ -36,12 +36,13 @@ from .atomic import atomic_dir
 from .core import Sample, WeightBackup
 from .data import Query, load_queries, paper_split, read_jsonl
 from .devices import pick_device
-from .evaluate import evaluate, rescore_with_guard
+from .evaluate import evaluate, rescore_with_guard, score
 from .judge import make_judge
 from .layer_search import choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
 from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
+from .stage_cache import StageCache, queries_fingerprint
 from .stats import aggregate, paired_differences
 
 
@@ -127,28 +128,36 @@ def first_words(text: str, n: int) -> str:
     return " ".join(text.split()[:n])
 
 
-def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, batch_size: int,
-                 benign_only: bool = False) -> tuple[list[Sample], dict[str, str]]:
-    """Group training queries by image; record the ORIGINAL model's answers (before any edit).
-    ``benign_only``: keep samples without sensitive questions (general retention data)."""
-    answers: dict[tuple[str, str], str] = {}
-    qs = list(queries)
+def original_answers(adapter: Adapter, queries: Sequence[Query], *, max_words: int, batch_size: int) -> list[str]:
+    """The ORIGINAL model's answer to each query (before any edit), its first ``max_words`` words."""
+    qs, out = list(queries), []
     for i in range(0, len(qs), batch_size):
         chunk = qs[i:i + batch_size]
         outs = adapter.generate([_open(q.image) for q in chunk], [q.prompt for q in chunk], max_new_tokens=24)
-        for q, o in zip(chunk, outs):
-            answers[(q.image, q.prompt)] = first_words(o, max_words)
+        out += [first_words(o, max_words) for o in outs]
+    return out
+
+
+def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, batch_size: int,
+                 benign_only: bool = False, answers: Sequence[str] | None = None) -> tuple[list[Sample], dict[str, str]]:
+    """Group training queries by image; record the ORIGINAL model's answers (before any edit; or take
+    ``answers``, one per query, from ``original_answers``). ``benign_only``: keep samples without
+    sensitive questions (general retention data)."""
+    qs = list(queries)
+    if answers is None:
+        answers = original_answers(adapter, qs, max_words=max_words, batch_size=batch_size)
+    by_query = {(q.image, q.prompt): a for q, a in zip(qs, answers)}
     groups: dict[tuple[str, str], list[Query]] = defaultdict(list)
     for q in qs:
         groups[(q.subject, q.image)].append(q)
     samples = []
     for (subject, image), group in groups.items():
         sens = [q.prompt for q in group if q.sensitive]
-        ben = [(q.prompt, answers[(q.image, q.prompt)]) for q in group if not q.sensitive]
+        ben = [(q.prompt, by_query[(q.image, q.prompt)]) for q in group if not q.sensitive]
         ben = [(p, a) for p, a in ben if a]
         if sens or (benign_only and ben):
             samples.append(Sample(_open(image), subject, sens, ben, key=image))
-    unsafe = {q.prompt: answers[(q.image, q.prompt)] for q in qs if q.sensitive}
+    unsafe = {q.prompt: by_query[(q.image, q.prompt)] for q in qs if q.sensitive}
     return samples, unsafe
 
 
@@ -177,6 +186,36 @@ def round_to_checkpoint(adapter: Adapter, weights: dict[str, torch.Tensor], mode
     return out
 
 
+def evaluate_before(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe, tag: str, cache: StageCache
+                    ) -> tuple[dict[str, dict], list[Sample], dict[str, str], list[Sample]]:
+    """The base model before any edit: its evaluation on every split, the training samples with its
+    original answers (and the unsafe answers DINM reads), the retained samples (``edit.retain``).
+    Reused from ``cache`` when the model, the queries and the generation settings are the same (the
+    stored answers are judged again by the run's judge)."""
+    ev, E = recipe.evaluation, recipe.edit
+    names = [name for name in ev.sets if sets.get(name)]
+    retain_q = [q for name in E.retain for q in sets.get(RETAIN_SETS[name], [])]
+    if E.retain and not retain_q:
+        raise ValueError(f"edit.retain: no training queries for {list(E.retain)} in the data")
+    key = cache.key("before", cache.model_fingerprint(adapter), {n: queries_fingerprint(sets[n]) for n in names},
+                    queries_fingerprint(sets["train"]), queries_fingerprint(retain_q), ev.max_new_tokens, ev.batch_size,
+                    E.max_answer_words, recipe.model)
+    stored = cache.load_json(key)
+    if stored is None:
+        before = evaluate_sets(adapter, sets, recipe, tag)
+        answer = lambda qs: original_answers(adapter, qs, max_words=E.max_answer_words, batch_size=ev.batch_size)  # noqa: E731
+        stored = {"responses": {n: [r["response"] for r in res["responses"]] for n, res in before.items()},
+                  "train": answer(sets["train"]), "retain": answer(retain_q)}
+        cache.save_json(key, stored)
+    else:
+        judge = make_judge(recipe.judge)
+        before = {n: score(sets[n], stored["responses"][n], judge) for n in names}
+    kw = dict(max_words=E.max_answer_words, batch_size=ev.batch_size)
+    samples, unsafe = make_samples(adapter, sets["train"], answers=stored["train"], **kw)
+    retain = make_samples(adapter, retain_q, benign_only=True, answers=stored["retain"], **kw)[0] if retain_q else []
+    return before, samples, unsafe, retain
+
+
 def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe, tag: str) -> dict[str, dict]:
     ev = recipe.evaluation
     judge = make_judge(recipe.judge)
@@ -191,14 +230,16 @@ def evaluate_sets(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe
 
 
 # ---------------------------------------------------------------------------------------------- main
-def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
+def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: bool | StageCache = True) -> Path:
     """Run a recipe end to end into ``out`` (atomic), once per seed (``recipe.run_seeds``). The model,
     patch and gates come from the first seed; the report has every seed and their mean and 95%
-    interval. Returns ``out``."""
+    interval. ``cache``: reuse the evaluation before the edit and the localization of earlier runs
+    with the same inputs (``stage_cache``; False: compute everything). Returns ``out``."""
     from .patch import apply_patch, write_patch
     from .report import write_report
 
     out = Path(out)
+    stage_cache = cache if isinstance(cache, StageCache) else StageCache(enabled=cache)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         t0 = time.time()
         dump_recipe(recipe, tmp / "recipe.yaml")
@@ -216,7 +257,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
         for k, seed in enumerate(seeds):
             # the layer search runs once, on the first seed; the other seeds reuse its layers
             runs[seed] = run_seed(adapter, recipe, model_dir, tmp, seed, first=k == 0,
-                                  layers=None if k == 0 else runs[seeds[0]]["layers"])
+                                  layers=None if k == 0 else runs[seeds[0]]["layers"], cache=stage_cache)
         main = runs[seeds[0]]
         layers, locs, timings = main["layers"], main["locs"], {"load": load_s, **main["timings"]}
 
@@ -248,6 +289,8 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False) -> Path:
             "paired": {f"{recipe.method} - {m}": paired_differences(per_seed, recipe.method, m) for m in ["base", *others]},
             "per_seed": {s: _slim(r) for s, r in per_seed.items()} if len(seeds) > 1 else {},
             "timings_s": timings, "deviations": recipe_deviations(recipe),
+            "cache": {"enabled": stage_cache.enabled, "root": str(stage_cache.root) if stage_cache.enabled else None,
+                      "reused": stage_cache.hits},
         }
         write_report(tmp, report, plots=recipe.report.plots)
     logger.info(f"run written to {out} ({timings['total']:.0f}s)")
@@ -263,7 +306,7 @@ def _slim(run: dict) -> dict:
 
 
 def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed: int, *, first: bool,
-             layers: list[int] | None = None) -> dict:
+             layers: list[int] | None = None, cache: StageCache | None = None) -> dict:
     """One pass of the benchmark: world (seeded), evaluation before, (layer search,) localization, each
     method from the same start, evaluation after. The edited matrices are restored after each method."""
     timings: dict[str, float] = {}
@@ -276,26 +319,20 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     timings["data"] = time.time() - t
 
     t = time.time()
-    before = evaluate_sets(adapter, sets, recipe, f"seed {seed} before")
-    samples, unsafe = make_samples(adapter, sets["train"], max_words=recipe.edit.max_answer_words,
-                                   batch_size=recipe.evaluation.batch_size)
-    retain_q = [q for name in recipe.edit.retain for q in sets.get(RETAIN_SETS[name], [])]
-    if recipe.edit.retain and not retain_q:
-        raise ValueError(f"edit.retain: no training queries for {list(recipe.edit.retain)} in the data")
-    retain, _ = make_samples(adapter, retain_q, max_words=recipe.edit.max_answer_words,
-                             batch_size=recipe.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
+    cache = cache if cache is not None else StageCache(enabled=False)
+    before, samples, unsafe, retain = evaluate_before(adapter, sets, recipe, f"seed {seed} before", cache)
     timings["evaluate before"] = time.time() - t
 
     t = time.time()
     if layers is None:
-        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain)
+        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)
     else:
         search = {"layers_from_first_seed": list(layers)}
     locs = search.pop("_locs", {})
     timings["layer search"] = time.time() - t
     t = time.time()
     need = [l for l in layers if l not in locs]
-    locs.update(localize_layers(adapter, samples, need, recipe) if need else {})
+    locs.update(localize_layers(adapter, samples, need, recipe, cache) if need else {})
     locs = {l: locs[l] for l in sorted(set(layers) | set(locs))}
     timings["localize"] = time.time() - t
 

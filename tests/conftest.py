@@ -7,6 +7,13 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _own_stage_cache(tmp_path_factory, monkeypatch):
+    """Each test stores and reuses run stages (``ngguard.stage_cache``) in a folder of its own, never in
+    the user's ~/.cache: no test sees another's stored stages."""
+    monkeypatch.setenv("NGGUARD_CACHE", str(tmp_path_factory.mktemp("ngguard-cache")))
+
+
 @pytest.fixture
 def gated_layer_grad():
     """``fn(adapter, sample, layer, gate, refusal, use_gate=True) -> (grad [B, T, d], subject index [B])``:

@@ -138,12 +138,13 @@ def test_gates_from_scales_by_hand():
 
 
 def test_localization_batched_matches_per_sample_loop(adapter):
-    """batched=False is the plain reference (ngguard.methods.reference): one sample at a time, the whole model."""
+    """The plain reference (ngguard.methods.reference, imported here): one sample at a time, the whole model."""
+    from ngguard.methods.reference import localize_reference
     samples = _samples(3) + _samples(2, "receipt")
     # eps small: a random tiny model has tiny gradients, which the paper's eps=1e-3 would swallow
     kw = dict(refusal=REFUSAL, alpha=1.25, contexts=("I am an AI.",), steps=6, lr=0.5, eps=1e-8, batch_size=4)
     a = localize_layer(adapter, samples, 1, **kw)
-    b = localize_layer(adapter, samples, 1, batched=False, **kw)
+    b = localize_reference(adapter, samples, 1, **{k: v for k, v in kw.items() if k != "batch_size"})
     assert a.scales.shape == (5, adapter.hidden_size)
     assert torch.allclose(a.scales, b.scales, atol=1e-4)
     assert set(a.gates) == {"passport", "receipt"}
@@ -155,9 +156,10 @@ def test_localization_batched_matches_per_sample_loop(adapter):
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_localization_early_stop_freezes_finished_samples(adapter, batched):
+    from ngguard.methods.reference import localize_reference
     samples = _samples(2)
-    loc = localize_layer(adapter, samples, 1, refusal=REFUSAL, steps=3, stop_loss=1e9,  # everything "done" at once
-                         batched=batched)
+    loc = (localize_layer if batched else localize_reference)(adapter, samples, 1, refusal=REFUSAL, steps=3,
+                                                               stop_loss=1e9)  # everything "done" at once
     assert (loc.steps == 1).all()
     assert torch.allclose(loc.scales, torch.tanh(torch.tensor(2.0)).expand_as(loc.scales))
 
@@ -191,14 +193,17 @@ def test_each_question_runs_once_up_to_its_answer(template):
     batch = encode_rows(adapter, samples, rows)
     chunk = prepare(adapter, batch, 1, frozen_above=True, sample_of_row=torch.tensor([r.sample for r in rows]),
                     question_of_row=torch.tensor([groups[(r.sample, r.text)] for r in rows]))
-    sp = chunk.split
-    assert sp is not None and len(sp.stem_rows) == len(groups) == 4 and len(sp.row_stem) == len(rows) == 8
-    assert (sp.stem_subject < sp.stem_len).all()
-    # the stems and tails together are shorter than the rows they stand for
-    work = sp.stem_inputs["input_ids"].numel() + sp.tail_inputs["input_ids"].numel()
-    assert work < batch.inputs["input_ids"][:, chunk.start:].numel()
-    # every target token is still predicted (same labels, in the tails)
-    assert (sp.tail_labels != -100).sum() == (batch.labels != -100).sum()
+    pk = chunk.packed
+    assert pk is not None and len(pk.stem_rows) == len(groups) == 4 and pk.lines.unpack.shape[0] == len(rows) == 8
+    # the hook's packed subject positions point at each stem's subject token
+    ids = pk.lines.inputs["input_ids"]
+    assert (ids[pk.lines.subject] == batch.inputs["input_ids"][pk.stem_rows, batch.subject_index[pk.stem_rows]]).all()
+    # the packed stems and tails hold fewer tokens than the rows they stand for
+    mask = batch.inputs["attention_mask"]
+    real = int((pk.lines.inputs["attention_mask"][:, 0].amax(-1) == 0).sum())  # tokens that see something
+    assert real < mask[:, chunk.start:].sum()
+    # every target token is still predicted (same labels, in the window)
+    assert (chunk.labels != -100).sum() == (batch.labels != -100).sum()
 
 
 def test_a_second_pass_is_the_same_edit_run_again_on_the_edited_model(adapter):
@@ -261,4 +266,4 @@ def test_the_fast_edit_equals_the_plain_loop(adapter, method):
     pb = prepare(adapter, batch, 0, frozen_above=False)
     image_at = (batch.inputs["input_ids"][0] == adapter.image_token_id).nonzero().flatten()
     if int(image_at[0]) < 8:
-        assert pb.shared is not None and pb.shared.length > int(image_at[-1])
+        assert pb.shared is not None and pb.shared.out.shape[1] > int(image_at[-1])

@@ -72,8 +72,8 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
 
 
 def test_same_recipe_gives_the_same_patch(base, tmp_path):
-    a = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "a")
-    b = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "b")
+    a = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "a", cache=False)
+    b = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "b", cache=False)
     ha, hb = (hashlib.sha256((d / "patch" / "patch.safetensors").read_bytes()).hexdigest() for d in (a, b))
     assert ha == hb
 

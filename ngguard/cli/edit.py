@@ -15,6 +15,10 @@ def add(sub: Subparsers) -> None:
     out_folder(p, "run folder (default: runs/<recipe name>)", overwrite="replace an existing run folder", required=False)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set edit.lr=2e-5 (repeatable)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compute every stage again: do not reuse (nor store) the evaluation before the edit and the "
+                        "localization of earlier runs with the same inputs (stored under $NGGUARD_CACHE or "
+                        "~/.cache/ngguard, /runs)")
     p.set_defaults(func=run)
 
 
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("runs") / recipe.name
     from ngguard.pipeline import run_recipe
 
-    run_dir = run_recipe(recipe, out, overwrite=args.overwrite)
+    run_dir = run_recipe(recipe, out, overwrite=args.overwrite, cache=not args.no_cache)
     print((run_dir / "report.md").read_text().split("## Per subject")[0])
     print(f"wrote {run_dir}")
     return 0

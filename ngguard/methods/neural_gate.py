@@ -63,18 +63,14 @@ def objective(nll: torch.Tensor, keep: torch.Tensor, sensitive: torch.Tensor, al
 def localize_layer(adapter: Adapter, samples: Sequence[Sample], layer: int, *, refusal: str, alpha: float = 1.25,
                    contexts: Sequence[str] = DEFAULT_CONTEXTS, steps: int = 25, lr: float = 0.5, eps: float = 1e-3,
                    l1: float = 1e-3, init: float = 2.0, stop_loss: float = 0.05, batch_size: int = 64,
-                   batched: bool = True, shortcuts: bool = True, desc: str | None = None) -> LayerLocalization:
+                   shortcuts: bool = True, desc: str | None = None) -> LayerLocalization:
     """Train one scaling vector per sample at ``layer`` (Eq. 1) on Eq. 3; return scales and gates (Eq. 4).
     All samples' vectors train in one batched loop (independent: the model is frozen), each stopping
-    under ``stop_loss``. ``shortcuts``: the exact speed-ups of ``fastpath``. ``batched=False``: the plain
-    reference, one sample at a time, the whole model at every step (``reference``; the tests' oracle)."""
+    under ``stop_loss``. ``shortcuts``: the exact speed-ups of ``fastpath``. The plain reference, one sample
+    at a time, the whole model at every step, is ``reference.localize_reference`` (the tests' oracle)."""
     check_localizable(adapter, layer)
     model, n, d = adapter.model, len(samples), adapter.hidden_size
     freeze(model)
-    if not batched:
-        from .reference import localize_reference
-        return localize_reference(adapter, samples, layer, refusal=refusal, alpha=alpha, contexts=contexts, steps=steps,
-                                  lr=lr, eps=eps, l1=l1, init=init, stop_loss=stop_loss)
     batches = prepare_rows(adapter, samples, sample_rows(samples, refusal, alpha, contexts), layer,
                            batch_size=batch_size, shortcuts=shortcuts)             # [(rows, their Eq. 3 weights [B])]
     m = torch.full((n, d), init, device=adapter.layer_device(layer), requires_grad=True)  # [n, d] on the layer's device

@@ -1,7 +1,7 @@
 """The plain reference of localization (Eq. 1-3), the oracle the tests hold the batched fast path to.
 
 Nothing shared with ``fastpath`` or the batched loop: one sample at a time, its own optimiser, the
-whole model at every step, its own hook, the loss written out. ``localize_layer(batched=False)`` runs it.
+whole model at every step, its own hook, the loss written out. Its callers import it (the library never does).
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 from ..adapters.base import Adapter
 from ..core import Sample, row_nll
 from ..recipe import DEFAULT_CONTEXTS
+from .neural_gate import LayerLocalization
 
 
 def localize_reference(adapter: Adapter, samples: Sequence[Sample], layer: int, *, refusal: str, alpha: float = 1.25,
                        contexts: Sequence[str] = DEFAULT_CONTEXTS, steps: int = 25, lr: float = 0.5, eps: float = 1e-3,
                        l1: float = 1e-3, init: float = 2.0, stop_loss: float = 0.05):
     """Same arguments and result (``LayerLocalization``) as ``neural_gate.localize_layer``."""
-    from .neural_gate import LayerLocalization
     for p in adapter.model.parameters():
         p.requires_grad_(False)
     scales, losses, used = [], [], []
