@@ -310,3 +310,20 @@ def test_training_extras_on_training_images_in_the_edits_phrasings(world):
         assert w not in spec.ADVERSARIAL.values() and w not in spec.VAL_ADVERSARIAL.values()
     wrapped = {q.prompt for q in queries if q.split in ("adversarial", "val_adversarial")}
     assert not wrapped & {q.prompt for q in by("adversarial_train")}
+
+
+def test_edit_augment_and_awareness_retention_reach_the_edit_data(tmp_path):
+    """edit.augment: [adversarial] adds the edited subjects' wrapped questions to the training pairs
+    (sensitive) and the look-alikes' to their retention data; edit.retain: [awareness] names a set."""
+    from ngguard.pipeline import build_sets
+    from ngguard.recipe import RETAIN_SETS, load_recipe
+    base = ["data.world.n=12", "data.multip2a=off"]
+    recipe = Path(__file__).parents[1] / "recipes" / "organism.yaml"
+    plain = build_sets(load_recipe(recipe, overrides=base), tmp_path, world_name="a")
+    aug = build_sets(load_recipe(recipe, overrides=[*base, "edit.augment=[adversarial]"]), tmp_path, world_name="b")
+    extra = [q for q in aug["train"] if q.split == "adversarial_train"]
+    assert extra and all(q.sensitive and q.subject in spec.PRIVACY_SUBJECTS for q in extra)
+    assert len(aug["train"]) == len(plain["train"]) + len(extra)
+    pub = [q for q in aug["overrefusal_train"] if q.split == "adversarial_train"]
+    assert pub and all(not q.sensitive and q.subject in spec.PUBLIC_SUBJECTS for q in pub)
+    assert RETAIN_SETS["awareness"] in aug and all(not q.sensitive for q in aug[RETAIN_SETS["awareness"]])
