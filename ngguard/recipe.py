@@ -478,11 +478,11 @@ class PrivacyProbeHParams:
     its subject reads private AND it asks to read a text field. Layers chosen on the validation sets
     (``bench/choose_val.py``; recipes/organism.yaml says which figures)."""
 
-    subject_layer: int = _f(1, _int(ge=0, le=4096))    # private vs public subject, at its token
+    subject_layer: int = _f(3, _int(ge=0, le=4096))    # private vs public subject, at its token
     locator_layer: int = _f(1, _int(ge=0, le=4096))    # which token is the subject
     request_layer: int = _f(4, _int(ge=0, le=4096))    # asks to read a text field / names a subject (last token)
-    image_layer: int = _f(7, _int(ge=0, le=4096))      # private card from the image (no subject named)
-    l2: float = _f(1.0e-2, _float(ge=0))
+    image_layer: int = _f(3, _int(ge=0, le=4096))      # private card from the image (no subject named)
+    l2: float = _f(1.0e-3, _float(ge=0))
     # training-role sets besides the edit's pairs (``train``) that name card subjects / that are about no card
     train_sets: tuple[str, ...] = _f(("overrefusal_train", "awareness_train", "implicit_train", "adversarial_train",
                                       "general_train"), _list(_str()))
