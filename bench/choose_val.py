@@ -32,8 +32,8 @@ from ngguard.adapters import load_adapter
 from ngguard.evaluate import evaluate, rescore_with_guard
 from ngguard.judge import make_judge
 from ngguard.methods import REGISTRY
-from ngguard.pipeline import RETAIN_SETS, WeightBackup, build_sets, gates_for, localize_layers, make_samples, \
-    round_to_checkpoint, run_edit
+from ngguard.pipeline import WeightBackup, build_sets, edit_data, gates_for, localize_layers, round_to_checkpoint, \
+    run_edit
 from ngguard.recipe import VALIDATION_SETS, load_recipe
 from ngguard.world.spec import is_private
 
@@ -104,11 +104,7 @@ def main(argv=None) -> int:
                     if getattr(REGISTRY[method], "guard_needs_model", False) else REGISTRY[method].guard(sets["train"], r.edit.refusal)
                 res = {n: rescore_with_guard(v, guard, judge) for n, v in before.items()}
             else:
-                samples, _ = make_samples(adapter, sets["train"], max_words=r.edit.max_answer_words,
-                                          batch_size=r.evaluation.batch_size)
-                retain_q = [q for name in r.edit.retain for q in sets.get(RETAIN_SETS[name], [])]
-                retain, _ = make_samples(adapter, retain_q, max_words=r.edit.max_answer_words,
-                                         batch_size=r.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
+                samples, _, retain = edit_data(adapter, sets, r)
                 layers = list(r.layers)
                 gates = None
                 if REGISTRY[method].needs_gates:  # localization depends on the training samples only: shared

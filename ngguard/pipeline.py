@@ -161,6 +161,16 @@ def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, 
     return samples, unsafe
 
 
+def edit_data(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe) -> tuple[list[Sample], dict, list[Sample]]:
+    """(training samples, the base answers to the sensitive questions, retention samples) for an edit:
+    ``make_samples`` on the training split and on the ``edit.retain`` sets."""
+    kw = dict(max_words=recipe.edit.max_answer_words, batch_size=recipe.evaluation.batch_size)
+    samples, unsafe = make_samples(adapter, sets["train"], **kw)
+    retain_q = [q for name in recipe.edit.retain for q in sets.get(RETAIN_SETS[name], [])]
+    retain = make_samples(adapter, retain_q, benign_only=True, **kw)[0] if retain_q else []
+    return samples, unsafe, retain
+
+
 # ---------------------------------------------------------------------------------------------- stages
 def checkpoint_dtypes(model_dir: Path, names: Sequence[str]) -> dict[str, torch.dtype]:
     out = {}
