@@ -42,6 +42,7 @@ from .layer_search import choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
 from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
+from .progress import COST, RunProgress, StageClock
 from .stage_cache import StageCache, queries_fingerprint
 from .stats import aggregate, paired_differences
 
@@ -264,10 +265,13 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         load_s = time.time() - t0
         seeds = recipe.run_seeds
         runs: dict[int, dict] = {}
+        progress = RunProgress(f"{recipe.name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        progress.plan({"write": COST["other"]})
         for k, seed in enumerate(seeds):
             # the layer search runs once, on the first seed; the other seeds reuse its layers
             runs[seed] = run_seed(adapter, recipe, model_dir, tmp, seed, first=k == 0,
-                                  layers=None if k == 0 else runs[seeds[0]]["layers"], cache=stage_cache)
+                                  layers=None if k == 0 else runs[seeds[0]]["layers"], cache=stage_cache,
+                                  progress=progress)
         main = runs[seeds[0]]
         layers, locs, timings = main["layers"], main["locs"], {"load": load_s, **main["timings"]}
 
@@ -283,6 +287,9 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
                   str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
         timings["write"] = time.time() - t
         timings["total"] = time.time() - t0
+        progress.done("write", timings["write"])
+        progress.close()
+        stage_times = {"load": load_s, **{k: v for k, v in progress.times.items()}, "total": timings["total"]}
         per_seed = {s: {"before": r["before"], "methods": r["methods"], "timings_s": r["timings"]} for s, r in runs.items()}
         others = [m for m in main["methods"] if m != recipe.method]
         report = {
@@ -298,7 +305,7 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
             "aggregate": aggregate(per_seed),
             "paired": {f"{recipe.method} - {m}": paired_differences(per_seed, recipe.method, m) for m in ["base", *others]},
             "per_seed": {s: _slim(r) for s, r in per_seed.items()} if len(seeds) > 1 else {},
-            "timings_s": timings, "deviations": recipe_deviations(recipe),
+            "timings_s": timings, "stage_times_s": stage_times, "deviations": recipe_deviations(recipe),
             "cache": {"enabled": stage_cache.enabled, "root": str(stage_cache.root) if stage_cache.enabled else None,
                       "reused": stage_cache.hits},
         }
@@ -315,17 +322,46 @@ def _slim(run: dict) -> dict:
                         for m, r in run["methods"].items()}}
 
 
+def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] | None) -> dict[str, float]:
+    """Each stage of a seed and its estimated work (``progress.COST`` units), for the run's ETA."""
+    E, L = recipe.edit, recipe.localization
+    n_eval = sum(len(sets.get(name) or []) for name in recipe.evaluation.sets)
+    n_train = len(sets.get("train", [])) + sum(len(sets.get(RETAIN_SETS[name], [])) for name in E.retain)
+    images = len({(q.subject, q.image) for q in sets.get("train", [])})
+    localize = images * L.steps * COST["localize sample-step"]
+    edit = images * E.passes * E.steps * COST["edit image-step"]
+    stages = {"data": COST["other"], "evaluate before": (n_eval + n_train) * COST["query"],
+              "localize": localize * len(layers or (0,)) if REGISTRY[recipe.method].needs_gates else 0.0}
+    for method in [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]:
+        if REGISTRY[method].edits_weights:
+            stages[f"edit {method}"] = edit
+        # a guard rescoring the base answers costs little; one that reads the model (privacy_probe) one
+        # forward pass per query, no generation
+        guard_cost = 0.3 if REGISTRY[method].guard_needs_model else 0.02
+        stages[f"evaluate {method}"] = n_eval * COST["query"] * (1 if REGISTRY[method].edits_weights else guard_cost)
+    return stages
+
+
 def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed: int, *, first: bool,
-             layers: list[int] | None = None, cache: StageCache | None = None) -> dict:
+             layers: list[int] | None = None, cache: StageCache | None = None, progress: RunProgress | None = None) -> dict:
     """One pass of the benchmark: world (seeded), evaluation before, (layer search,) localization, each
-    method from the same start, evaluation after. The edited matrices are restored after each method."""
-    timings: dict[str, float] = {}
+    method from the same start, evaluation after. The edited matrices are restored after each method.
+    ``progress``: the run's bar, planned here on the first seed for all of them."""
+    timings = progress.clock() if progress is not None else StageClock()
     torch.manual_seed(seed)
     random.seed(seed)
     t = time.time()
     world_seed = recipe.data.world.seed + seed if recipe.data.world is not None else None
     sets = build_sets(recipe, tmp, world_seed=world_seed, world_name="world" if first else f"world-seed{seed}")
     edit_subjects = sets.pop("_edit_subjects")
+    if progress is not None and first:
+        fixed = None if isinstance(recipe.layers, LayerSearch) else list(recipe.layers)
+        stages = plan_stages(recipe, sets, fixed)
+        if fixed is None:  # the search: every scanned layer localized, each candidate edited once
+            scan = recipe.layers.scan[1] - recipe.layers.scan[0] + 1
+            progress.plan({"layer search": stages["localize"] * scan + stages.get(f"edit {recipe.method}", 0.0)
+                           * (2 * recipe.layers.window + 1) / max(1, recipe.edit.passes)})
+        progress.plan(stages, times=len(recipe.run_seeds))
     timings["data"] = time.time() - t
 
     t = time.time()

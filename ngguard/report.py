@@ -129,8 +129,14 @@ def markdown(report: dict) -> str:
         L.append("|---|---|---|---|")
         for a, r in report["alpha_sweep"].items():
             L.append(f"| {a} | {_f(r.get('eta'))} | {_f(r.get('rta_sensitive'))} | {_f(r.get('benign_answer_rate'))} |")
-    L.append("\n## Time per stage (s)\n")
-    L.append(", ".join(f"{k}: {v:.1f}" for k, v in report["timings_s"].items()))
+    times = report.get("stage_times_s") or report["timings_s"]
+    n = len(report.get("seeds") or [0])
+    L.append(f"\n## Time per stage (s{', summed over the ' + str(n) + ' seeds' if n > 1 else ''})\n")
+    L.append("| stage | s |\n|---|---|")
+    L += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    reused = (report.get("cache") or {}).get("reused")
+    if reused:
+        L.append(f"\nReused from earlier runs with the same inputs (ngguard.stage_cache): {', '.join(sorted(set(reused)))}.")
     if report.get("plots"):
         L.append("\n## Plots\n")
         L += [f"![{p}]({p})" for p in report["plots"]]

@@ -14,24 +14,12 @@ from ngguard import pipeline
 from ngguard.data import Query
 from ngguard.recipe import recipe_from_dict
 from ngguard.stage_cache import StageCache, model_fingerprint, queries_fingerprint
+from test_pipeline import _raw, base  # noqa: F401  (the tiny model on disk, its recipe)
 from tiny_models import tiny_llava
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    model, processor = tiny_llava(0, "image_first")
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
-    return d
-
-
 def _recipe(base, **over):
-    raw = {"name": "tiny", "seed": 0, "model": {"path": str(base)}, "method": "neural_gate",
-           "data": {"world": {"subjects": ["Passport", "Credit Card", "shapes"], "n": 3, "seed": 0},
-                    "heldout_subjects": ["Credit Card"], "multip2a": "off"},
-           "layers": [1], "localization": {"steps": 2, "eps": 1e-8}, "edit": {"lr": 1e-2, "steps": 2},
-           "evaluation": {"max_new_tokens": 4, "batch_size": 16}, "report": {"plots": False}}
+    raw = _raw(base, report={"plots": False})
     for key, value in over.items():  # "a.b": value
         *path, last = key.split(".")
         d = raw
@@ -86,7 +74,7 @@ def test_a_changed_input_recomputes_only_what_reads_it(base, tmp_path, change, r
 
 def test_other_weights_recompute_everything(base, tmp_path):
     other = tmp_path / "other"
-    model, processor = tiny_llava(0, "image_first")
+    model, processor = tiny_llava(0, "text_first")  # the base's model, one weight changed
     with torch.no_grad():
         model.model.language_model.layers[3].mlp.up_proj.weight[0, 0] += 1.0  # a layer above the localized one
     model.save_pretrained(other)

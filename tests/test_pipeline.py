@@ -69,6 +69,14 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
     assert changed == ["language_model.model.layers.1.mlp.down_proj.weight"]
     assert manifest["ok"] if "ok" in manifest else True
     assert not list(tmp_path.glob(".tmp-*"))
+    # the report lists each stage's time (the run's progress bar plans the same stages)
+    times = report["stage_times_s"]
+    assert {"load", "data", "evaluate before", "localize", "edit neural_gate", "evaluate neural_gate", "edit no_gate",
+            "evaluate no_gate", "write", "total"} <= set(times)
+    assert all(v >= 0 for v in times.values()) and times["total"] >= times["edit neural_gate"]
+    assert "| edit neural_gate |" in (out / "report.md").read_text()
+    plan = pipeline.plan_stages(recipe_from_dict(raw), {"train": [], "test": []}, [1])
+    assert {k for k in times if k not in ("load", "write", "total", "layer search")} == set(plan)
 
 
 def test_same_recipe_gives_the_same_patch(base, tmp_path):
