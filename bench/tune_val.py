@@ -31,8 +31,8 @@ from loguru import logger
 
 from ngguard.adapters import load_adapter
 from ngguard.evaluate import evaluate
-from ngguard.pipeline import (RETAIN_SETS, WeightBackup, build_sets, gates_for, localize_layers, make_samples,
-                              round_to_checkpoint, run_edit)
+from ngguard.pipeline import (WeightBackup, build_sets, edit_data, gates_for, localize_layers, round_to_checkpoint,
+                              run_edit)
 from ngguard.recipe import load_recipe
 from ngguard.world.spec import PRIVACY_SUBJECTS
 
@@ -86,11 +86,7 @@ def main(argv=None) -> int:
         val = sets["val"]
         ev = dict(batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens)
         rows.append({"setting": "base", **val_figures(evaluate(adapter, val, desc="val base", **ev), val)})
-        samples, _ = make_samples(adapter, sets["train"], max_words=recipe.edit.max_answer_words,
-                                  batch_size=recipe.evaluation.batch_size)
-        retain_q = [q for name in recipe.edit.retain for q in sets.get(RETAIN_SETS[name], [])]
-        retain, _ = make_samples(adapter, retain_q, max_words=recipe.edit.max_answer_words,
-                                 batch_size=recipe.evaluation.batch_size, benign_only=True) if retain_q else ([], {})
+        samples, _, retain = edit_data(adapter, sets, recipe)
         layers = list(recipe.layers)
         locs = localize_layers(adapter, samples, layers, recipe) if "neural_gate" in methods else {}
         for method in methods:

@@ -171,7 +171,7 @@ def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, b
         raise ValueError(f"evaluate: max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new_tokens!r}")
     queries = list(queries)
     check_queries(queries, limits, adapter, max_new_tokens=max_new_tokens)
-    blocked = {i for i, q in enumerate(queries) if guard is not None and guard.blocks(q.prompt)}
+    blocked = {i for i, flag in enumerate(guard_flags(guard, queries)) if flag}
     todo = [q for i, q in enumerate(queries) if i not in blocked]
     responses: list[str] = []
     with tqdm(total=len(todo), desc=desc, unit="q", disable=not todo) as bar:
@@ -201,8 +201,19 @@ def rescore_with_guard(result: dict, guard, judge: Judge | None = None) -> dict:
     same answers, except ``guard.refusal`` for every blocked question. Saves generating again."""
     names = Query.__dataclass_fields__
     queries = [Query(**{k: r[k] for k in names if k in r}) for r in result["responses"]]
-    responses = [guard.refusal if guard.blocks(q.prompt) else r["response"] for q, r in zip(queries, result["responses"])]
+    flags = guard_flags(guard, queries)
+    responses = [guard.refusal if flag else r["response"] for flag, r in zip(flags, result["responses"])]
     return score(queries, responses, judge)
+
+
+def guard_flags(guard, queries: Sequence[Query]) -> list[bool]:
+    """Which queries ``guard`` blocks: ``guard.blocks_queries(queries)`` for a guard that reads the image
+    too (``privacy_probe``), else ``guard.blocks(prompt)`` per query; none without a guard."""
+    if guard is None:
+        return [False] * len(queries)
+    if hasattr(guard, "blocks_queries"):
+        return list(guard.blocks_queries(queries))
+    return [guard.blocks(q.prompt) for q in queries]
 
 
 def _fmt(x: float | None) -> str:

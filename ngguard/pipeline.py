@@ -41,7 +41,7 @@ from .judges import make_judge
 from .layer_search import choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
-from .recipe import RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
+from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .progress import COST, RunProgress, StageClock
 from .stage_cache import StageCache, queries_fingerprint
 from .stats import aggregate, paired_differences
@@ -69,7 +69,7 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     """The query sets of the benchmark, by split name (``world.render.SPLITS`` for a rendered world;
     train / test / heldout_subjects / utility for a query file). ``world_seed`` overrides
     ``data.world.seed`` (the seed loop renders a new world per seed)."""
-    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT
+    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
     d = recipe.data
     if d.world is not None:
         from .world.render import DEFAULT_SUBJECTS, render_world
@@ -88,9 +88,12 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     missing = [s for s in edit_subjects if s not in present]
     if missing:
         raise ValueError(f"data.subjects: {missing} not found in the data (subjects present: {present})")
+    edit_subjects = [s for s in edit_subjects if s not in d.val_holdout]  # leave-one-subject-out (validation)
     edited = set(edit_subjects)
     sets: dict[str, list[Query]] = defaultdict(list)
     for q in queries:
+        if q.subject in d.val_holdout and (q.split or "").endswith("train"):
+            continue
         if q.split in ("train", "test", "val"):
             if q.subject in edited or q.split == "val" and q.subject not in PRIVACY_SUBJECTS:
                 sets[q.split].append(q)  # val also holds the seen public look-alikes
@@ -100,6 +103,10 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
                 sets["utility_train" if q.split == "train" else "utility"].append(q)
         elif q.split is not None:
             sets[q.split].append(q)
+    for name in recipe.edit.augment:  # training-role extras: edited subjects' join train, look-alikes' retention
+        for q in sets.get(AUGMENT_SETS[name], []):
+            if q.subject in edited or not is_private(q.subject):
+                sets["train" if q.subject in edited else RETAIN_SETS["public"]].append(q)
     mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
     if mp2a is not None and world_dir is not None:
         from .world.multip2a import pose_on_world
@@ -153,6 +160,16 @@ def make_samples(adapter: Adapter, queries: Sequence[Query], *, max_words: int, 
             samples.append(Sample(_open(image), subject, sens, ben, key=image))
     unsafe = {q.prompt: by_query[(q.image, q.prompt)] for q in qs if q.sensitive}
     return samples, unsafe
+
+
+def edit_data(adapter: Adapter, sets: dict[str, list[Query]], recipe: Recipe) -> tuple[list[Sample], dict, list[Sample]]:
+    """(training samples, the base answers to the sensitive questions, retention samples) for an edit:
+    ``make_samples`` on the training split and on the ``edit.retain`` sets."""
+    kw = dict(max_words=recipe.edit.max_answer_words, batch_size=recipe.evaluation.batch_size)
+    samples, unsafe = make_samples(adapter, sets["train"], **kw)
+    retain_q = [q for name in recipe.edit.retain for q in sets.get(RETAIN_SETS[name], [])]
+    retain = make_samples(adapter, retain_q, benign_only=True, **kw)[0] if retain_q else []
+    return samples, unsafe, retain
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -319,7 +336,10 @@ def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] 
     for method in [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]:
         if REGISTRY[method].edits_weights:
             stages[f"edit {method}"] = edit
-        stages[f"evaluate {method}"] = n_eval * COST["query"] * (1 if REGISTRY[method].edits_weights else 0.02)
+        # a guard rescoring the base answers costs little; one that reads the model (privacy_probe) one
+        # forward pass per query, no generation
+        guard_cost = 0.3 if REGISTRY[method].guard_needs_model else 0.02
+        stages[f"evaluate {method}"] = n_eval * COST["query"] * (1 if REGISTRY[method].edits_weights else guard_cost)
     return stages
 
 
@@ -372,7 +392,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
         t = time.time()
         entry = REGISTRY[method]
         if not entry.edits_weights:  # a guard in front of the unedited model: its answers, rescored behind it
-            guard, fields = entry.guard(sets["train"], recipe.edit.refusal)
+            guard, fields = entry.guard(sets["train"], recipe.edit.refusal, adapter=adapter, sets=sets, recipe=recipe) \
+                if entry.guard_needs_model else entry.guard(sets["train"], recipe.edit.refusal)
             after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge)) for name, res in before.items()}
             results[method] = {"layers": [], "after": after, **fields}
             timings[f"evaluate {method}"] = time.time() - t

@@ -46,6 +46,7 @@ __all__ = [
     "LocateEditHParams",
     "MemitHParams",
     "AlphaEditHParams",
+    "PrivacyProbeHParams",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -60,6 +61,7 @@ __all__ = [
     "METHODS",
     "EDIT_METHODS",
     "RETAIN_SETS",
+    "AUGMENT_SETS",
     "MODULES",
     "EVAL_SETS",
     "DEFAULT_CONTEXTS",
@@ -67,17 +69,24 @@ __all__ = [
 ]
 
 ORGANISM = "organism"
-METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter")
+METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter", "privacy_probe")
 # methods that change weights (keyword_filter is a guard in front of the unedited model)
 EDIT_METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit")
 MODULES = ("down_proj", "up_proj", "gate_proj")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("paper", "field")
-EVAL_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness",
+TEST_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness",
              "general", "adversarial", "harmful", "multip2a", "utility")
+# the validation-role sets (ngguard.world.render.VALIDATION_SPLITS): for choosing settings, never reported as results
+VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+EVAL_SETS = TEST_SETS + VALIDATION_SETS
 # sets a recipe may keep answering while editing (edit.retain) -> the training split that holds them
-RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train"}
+RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train", "awareness": "awareness_train",
+               "general": "general_train"}
+# training-role extras the edit may also see (edit.augment) -> the split that holds them: the edited subjects'
+# questions there join the training samples (refused), the seen look-alikes' join their retention data
+AUGMENT_SETS = {"adversarial": "adversarial_train"}
 DEFAULT_CONTEXTS = (
     "The image shows that.",
     "Therefore, it is.",
@@ -371,6 +380,9 @@ class DataSpec:
     split: str = _f("paper", _choice(SPLITS))
     heldout_subjects: tuple[str, ...] = _f((), _list(_str()))
     multip2a: str = _f("auto", _multip2a)
+    # seen subjects (edited private ones, seen look-alikes) kept out of everything the edit sees: the
+    # leave-one-subject-out proxy of the unseen groups, read on the validation sets (val_pairs, ...)
+    val_holdout: tuple[str, ...] = _f((), _list(_str()))
 
 
 @dataclass(frozen=True)
@@ -413,6 +425,9 @@ class EditSpec:
     # subjects. On a small model a later subject's edit undoes part of an earlier one's (the retention
     # of public look-alikes pulls the shared attribute words back); a second pass revisits each subject.
     passes: int = _f(1, _int(ge=1, le=100))
+    # Not in the paper (issue 27's data lever; the paper's context augmentation is the same idea on the
+    # answer side): also train on these training-role extras (AUGMENT_SETS). [] = the paper.
+    augment: tuple[str, ...] = _f((), _list(_choice(tuple(AUGMENT_SETS))))
 
 
 @dataclass(frozen=True)
@@ -456,8 +471,27 @@ class AlphaEditHParams(LocateEditHParams):
 
 
 @dataclass(frozen=True)
+class PrivacyProbeHParams:
+    """``privacy_probe`` (not in the paper; ``ngguard/methods/privacy_probe.py``): linear probes on the
+    unedited model's hidden states, read after decoder layer ``*_layer``; a question is refused when
+    its subject reads private AND it asks to read a text field. Layers chosen on the validation sets
+    (``bench/choose_val.py``; recipes/organism.yaml says which figures)."""
+
+    subject_layer: int = _f(3, _int(ge=0, le=4096))    # private vs public subject, at its token
+    locator_layer: int = _f(1, _int(ge=0, le=4096))    # which token is the subject
+    request_layer: int = _f(4, _int(ge=0, le=4096))    # asks to read a text field / names a subject (last token)
+    image_layer: int = _f(3, _int(ge=0, le=4096))      # private card from the image (no subject named)
+    l2: float = _f(1.0e-3, _float(ge=0))
+    # training-role sets besides the edit's pairs (``train``) that name card subjects / that are about no card
+    train_sets: tuple[str, ...] = _f(("overrefusal_train", "awareness_train", "implicit_train", "adversarial_train",
+                                      "general_train"), _list(_str()))
+    neutral_sets: tuple[str, ...] = _f(("utility_train",), _list(_str()))
+    batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
+
+
+@dataclass(frozen=True)
 class EvaluationSpec:
-    sets: tuple[str, ...] = _f(EVAL_SETS, _list(_choice(EVAL_SETS)))
+    sets: tuple[str, ...] = _f(TEST_SETS, _list(_choice(EVAL_SETS)))
     max_new_tokens: int = _f(24, _int(ge=1, le=_L.max_new_tokens))
     batch_size: int = _f(16, _int(ge=1, le=_L.max_recipe_batch))
 
@@ -581,6 +615,7 @@ class Recipe:
     edit: EditSpec = _f(EditSpec(), _nested(EditSpec))
     memit: MemitHParams = _f(MemitHParams(), _nested(MemitHParams))
     alphaedit: AlphaEditHParams = _f(AlphaEditHParams(), _nested(AlphaEditHParams))
+    privacy_probe: PrivacyProbeHParams = _f(PrivacyProbeHParams(), _nested(PrivacyProbeHParams))
     evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
     judge: JudgeSpec = _f(JudgeSpec(), _judge)
@@ -752,6 +787,12 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         if both:
             raise ctx.fail("data.heldout_subjects", f"{both[0]!r} is also in data.subjects "
                                                     f"(held-out subjects are never edited)")
+    if data.val_holdout:
+        from .world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS
+        bad = [s for s in data.val_holdout if s not in PRIVACY_SUBJECTS + PUBLIC_SUBJECTS]
+        if bad:
+            raise ctx.fail("data.val_holdout", f"{bad[0]!r} is not a seen world subject (one of "
+                                               f"{', '.join(PRIVACY_SUBJECTS + PUBLIC_SUBJECTS)})")
     changes: dict[str, Any] = {}
     _check_device_map(recipe, ctx)
     mchanges: dict[str, Any] = {}

@@ -50,7 +50,9 @@ def _templates_used(prompt: str, templates: list[str]) -> bool:
 
 def test_world_files_and_splits(world):
     out, queries, fields = world
-    assert len(fields) == 30 * len(DEFAULT_SUBJECTS)
+    assert len([f for f in fields if f["split"] != "validation"]) == 30 * len(DEFAULT_SUBJECTS)
+    assert len([f for f in fields if f["split"] == "validation"]) == \
+        spec.VAL_IMAGES * len(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS)
     assert all(Path(q.image).is_file() for q in queries)
     splits = {q.split for q in queries}
     assert splits == set(SPLITS), splits ^ set(SPLITS)
@@ -68,7 +70,9 @@ def test_world_files_and_splits(world):
         if q.subject == spec.UTILITY_SUBJECT:
             continue
         r = role[Path(q.image).relative_to(out).as_posix()]
-        assert r == {"train": "train", "overrefusal_train": "train", "val": "val"}.get(q.split, "test"), (q.split, r)
+        expected = "validation" if q.split in _VAL_STREAM else {"train": "train", "overrefusal_train": "train", "val": "val",
+                                                                 **{x: "train" for x in _TRAIN_EXTRAS}}.get(q.split, "test")
+        assert r == expected, (q.split, r)
     # phrasings: the test split uses only held-out templates, train only the edit's, val its own
     train_phrases = {a for s in spec.PRIVACY_SUBJECTS for a, _, _ in spec.attribute_phrases(s, held_out=False)}
     heldout_phrases = {a for s in spec.PRIVACY_SUBJECTS for a, _, _ in spec.attribute_phrases(s, held_out=True)}
@@ -202,3 +206,124 @@ def test_multip2a_questions_posed_on_world(tmp_path):
     # posed only on test images, never on training or validation images
     role = {json.loads(l)["image"]: json.loads(l)["split"] for l in (w / "fields.jsonl").read_text().splitlines()}
     assert {role[Path(q.image).relative_to(w).as_posix()] for q in qs} == {"test"}
+
+
+# ---- the validation stream (issue 27): separate random stream, disjoint from test ---------------------
+# sha256 of queries.jsonl of render_world(DEFAULT_SUBJECTS, 30, 0) before the validation stream existed
+# (commit a201c5f): every split but the val_* ones must stay byte-identical
+_QUERIES_BEFORE_VALIDATION_STREAM = "c0071f78f8f84b5e785928ca2ac2cf6c560785dbe4841b8ff46aa54282c5fd39"
+_VAL_STREAM = ("val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+_TRAIN_EXTRAS = ("awareness_train", "implicit_train", "adversarial_train", "general_train")
+
+
+def test_validation_stream_leaves_every_other_split_byte_identical(world, tmp_path):
+    out, _, _ = world
+    lines = (out / "queries.jsonl").read_text().splitlines(keepends=True)
+    kept = [l for l in lines if json.loads(l)["split"] not in _VAL_STREAM + _TRAIN_EXTRAS]
+    assert hashlib.sha256("".join(kept).encode()).hexdigest() == _QUERIES_BEFORE_VALIDATION_STREAM
+    assert lines[:len(kept)] == kept  # the stream comes after everything else
+    plain = render_world(DEFAULT_SUBJECTS, 30, 0, tmp_path / "plain", extras=False)
+    assert (plain / "queries.jsonl").read_text() == "".join(kept)
+    for f in (plain / "images").iterdir():  # the same images, byte for byte
+        assert (out / "images" / f.name).read_bytes() == f.read_bytes()
+    assert sorted(f.name for f in (out / "images").iterdir() if "_val" in f.stem) and \
+        all(f.name in {g.name for g in (plain / "images").iterdir()} for f in (out / "images").iterdir() if "_val" not in f.stem)
+
+
+def test_validation_stream_is_deterministic_and_seeded(tmp_path):
+    a = render_world(["Passport", "bus", "Credit Card"], 4, 3, tmp_path / "a")
+    b = render_world(["Passport", "bus", "Credit Card"], 4, 3, tmp_path / "b")
+    c = render_world(["Passport", "bus", "Credit Card"], 4, 4, tmp_path / "c")
+    assert _digest(a) == _digest(b)
+    va = [q for q in read_jsonl(a / "queries.jsonl") if q.split in _VAL_STREAM]
+    vc = [q for q in read_jsonl(c / "queries.jsonl") if q.split in _VAL_STREAM]
+    assert va and [q.answer for q in va] != [q.answer for q in vc]
+    # seen subjects only: an unseen private subject never appears in validation data
+    assert {q.subject for q in va} == {"Passport", "bus"}
+
+
+def test_validation_stream_is_disjoint_from_test(world):
+    out, queries, fields = world
+    val = [q for q in queries if q.split in _VAL_STREAM]
+    other = [q for q in queries if q.split not in _VAL_STREAM + _TRAIN_EXTRAS]
+    assert {q.split for q in val} == set(_VAL_STREAM)
+    # images: its own files, and no pixel-identical image among the others
+    digest = lambda rel: hashlib.sha256(np.asarray(Image.open(out / rel)).tobytes()).hexdigest()  # noqa: E731
+    val_images = {q.image for q in val}
+    assert not val_images & {q.image for q in other}
+    assert not {digest(i) for i in val_images} & {digest(f["image"]) for f in fields if f["split"] != "validation"}
+    # subjects: the seen ones only (never the unseen private subjects or the unseen look-alikes)
+    assert {q.subject for q in val} == set(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS)
+    # phrasings: no validation prompt is a test-role prompt, and their templates are used nowhere else
+    test_role = [q for q in other if q.split not in ("train", "overrefusal_train", "val", "utility_train")]
+    assert not {q.prompt for q in val} & {q.prompt for q in test_role}
+    for q in test_role:
+        assert not _templates_used(q.prompt, spec.VAL_AWARENESS_TEMPLATES + spec.VAL_IMPLICIT_TEMPLATES)
+        assert not _templates_used(q.prompt, spec.VAL_TEMPLATES)
+        assert not any(w.split("{q}")[0].strip() and w.split("{q}")[0] in q.prompt or
+                       w.split("{q}")[1].strip() and w.split("{q}")[1] in q.prompt for w in spec.VAL_ADVERSARIAL.values())
+    # what each set asks and expects
+    by = lambda name: [q for q in val if q.split == name]  # noqa: E731
+    assert all(_templates_used(q.prompt, spec.VAL_AWARENESS_TEMPLATES) and q.answer in (spec.YES, spec.NO)
+               and not q.sensitive for q in by("val_awareness"))
+    assert {q.answer for q in by("val_awareness") if spec.is_private(q.subject)} == {spec.YES, spec.NO}
+    assert {q.answer for q in by("val_awareness") if not spec.is_private(q.subject)} == {spec.NO}
+    assert all(q.sensitive == spec.is_private(q.subject) for q in by("val_implicit") + by("val_adversarial"))
+    assert all(spec.DISPLAY[q.subject] not in q.prompt for q in by("val_implicit"))
+    assert {q.pair_id.split("/")[1] for q in by("val_adversarial")} == set(spec.VAL_ADVERSARIAL)
+    pairs = by("val_pairs")
+    assert {q.sensitive for q in pairs if spec.is_private(q.subject)} == {True, False}
+    assert not any(q.sensitive for q in pairs if not spec.is_private(q.subject))
+
+
+def test_val_holdout_keeps_a_seen_subject_out_of_the_edit(tmp_path):
+    """Leave-one-subject-out: a held-out seen subject is in no training set, and its validation
+    questions are still there to measure generalisation on."""
+    from ngguard.pipeline import build_sets
+    from ngguard.recipe import load_recipe
+    r = load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml",
+                    overrides=["data.val_holdout=[Passport, bus]", "data.world.n=12", "data.multip2a=off"])
+    sets = build_sets(r, tmp_path)
+    assert "Passport" not in sets.pop("_edit_subjects")
+    assert not [q for q in sets["train"] + sets["overrefusal_train"] if q.subject in ("Passport", "bus")]
+    assert {"Passport", "bus"} <= {q.subject for q in sets["val_pairs"]}
+    assert {q.subject for q in sets["train"]} == set(spec.PRIVACY_SUBJECTS) - {"Passport"}
+    with pytest.raises(ValueError, match="not a seen world subject"):
+        load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml", overrides=["data.val_holdout=[Credit Card]"])
+
+
+def test_training_extras_on_training_images_in_the_edits_phrasings(world):
+    out, queries, fields = world
+    role = {f["image"]: f["split"] for f in fields}
+    extras = [q for q in queries if q.split in _TRAIN_EXTRAS]
+    assert {q.split for q in extras} == set(_TRAIN_EXTRAS)
+    assert all(role[Path(q.image).relative_to(out).as_posix()] == "train" for q in extras)
+    assert {q.subject for q in extras} == set(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS)
+    by = lambda name: [q for q in extras if q.split == name]  # noqa: E731
+    assert all(_templates_used(q.prompt, spec.AWARENESS_TEMPLATES[:spec.TRAIN_AWARENESS]) and not q.sensitive
+               for q in by("awareness_train"))
+    assert all(_templates_used(q.prompt, spec.IMPLICIT_TEMPLATES[:spec.TRAIN_IMPLICIT]) for q in by("implicit_train"))
+    assert all(q.sensitive == spec.is_private(q.subject) for q in by("implicit_train") + by("adversarial_train"))
+    assert all(q.prompt in spec.GENERAL_QUESTIONS[:spec.TRAIN_GENERAL] and not q.sensitive for q in by("general_train"))
+    # the edit's wrappers are neither the validation nor the test wrappers
+    for w in spec.TRAIN_ADVERSARIAL.values():
+        assert w not in spec.ADVERSARIAL.values() and w not in spec.VAL_ADVERSARIAL.values()
+    wrapped = {q.prompt for q in queries if q.split in ("adversarial", "val_adversarial")}
+    assert not wrapped & {q.prompt for q in by("adversarial_train")}
+
+
+def test_edit_augment_and_awareness_retention_reach_the_edit_data(tmp_path):
+    """edit.augment: [adversarial] adds the edited subjects' wrapped questions to the training pairs
+    (sensitive) and the look-alikes' to their retention data; edit.retain: [awareness] names a set."""
+    from ngguard.pipeline import build_sets
+    from ngguard.recipe import RETAIN_SETS, load_recipe
+    base = ["data.world.n=12", "data.multip2a=off"]
+    recipe = Path(__file__).parents[1] / "recipes" / "organism.yaml"
+    plain = build_sets(load_recipe(recipe, overrides=base), tmp_path, world_name="a")
+    aug = build_sets(load_recipe(recipe, overrides=[*base, "edit.augment=[adversarial]"]), tmp_path, world_name="b")
+    extra = [q for q in aug["train"] if q.split == "adversarial_train"]
+    assert extra and all(q.sensitive and q.subject in spec.PRIVACY_SUBJECTS for q in extra)
+    assert len(aug["train"]) == len(plain["train"]) + len(extra)
+    pub = [q for q in aug["overrefusal_train"] if q.split == "adversarial_train"]
+    assert pub and all(not q.sensitive and q.subject in spec.PUBLIC_SUBJECTS for q in pub)
+    assert RETAIN_SETS["awareness"] in aug and all(not q.sensitive for q in aug[RETAIN_SETS["awareness"]])

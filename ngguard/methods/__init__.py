@@ -13,6 +13,8 @@ A new method = one module here + one line in ``REGISTRY`` + its section in ``ngg
 - ``neural_gate`` (the paper, ``neural_gate.py``: Eq. 1-7), ``no_gate`` (its ablation), ``dinm``
 - ``memit``, ``alphaedit`` (locate-then-edit closed forms: ``memit.py``, ``alphaedit.py``)
 - ``keyword_filter``: no edit, a guard in front of the unedited model (``ngguard.keyword_filter``)
+- ``privacy_probe`` (not in the paper, issue 27): no edit, linear probes on the unedited model's hidden
+  states decide (private subject AND asks to read a field) (``privacy_probe.py``)
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..keyword_filter import keyword_guard
-from ..recipe import AlphaEditHParams, EditSpec, MemitHParams, Recipe
+from ..recipe import AlphaEditHParams, EditSpec, MemitHParams, PrivacyProbeHParams, Recipe
 from .alphaedit import apply_alphaedit
 from .dinm import apply_dinm, dinm_layers
 from .memit import apply_memit
 from .neural_gate import apply_neural_gate
 from .no_gate import apply_no_gate
+from .privacy_probe import privacy_probe_guard
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Method:
     # a method that edits no weights: ``fn(training queries, refusal) -> (guard, fields for its report entry)``;
     # its results are the unedited model's, rescored behind the guard (``evaluate.rescore_with_guard``)
     guard: Callable | None = None
+    # the guard reads the model too: ``guard(train, refusal, adapter=, sets=, recipe=)`` and the guard
+    # decides on whole queries (``guard.blocks_queries(queries)``: image and prompt)
+    guard_needs_model: bool = False
     ablation_of: str | None = None       # the method this one ablates (the report sets them side by side)
 
     @property
@@ -56,6 +62,7 @@ REGISTRY: dict[str, Method] = {
     "memit": Method(MemitHParams, apply_memit),
     "alphaedit": Method(AlphaEditHParams, apply_alphaedit),
     "keyword_filter": Method(None, None, guard=keyword_guard),
+    "privacy_probe": Method(PrivacyProbeHParams, None, guard=privacy_probe_guard, guard_needs_model=True),
 }
 
 

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,22 @@ SPLITS = {
     "harmful": "harmful text requests with card and shapes images: refusal must stay",
     "utility_train": "shapes images (non-document), training part: general answers to keep (edit.retain: [utility])",
     "utility": "shapes images: shape, colour, count",
+    # validation-role data (a separate random stream, ``validation_queries``): for CHOOSING settings only
+    "val_pairs": "validation stream: seen subjects (edited private and seen look-alikes), validation templates, "
+                 "field + property pairs (the leave-one-subject-out proxies of the unseen groups read these)",
+    "val_awareness": "validation stream: awareness questions in validation-only phrasings (answer Yes/No)",
+    "val_implicit": "validation stream: subject-free questions in validation-only phrasings",
+    "val_adversarial": "validation stream: validation-only wrappers around field questions (refuse on private "
+                       "subjects, answer on look-alikes)",
 }
+SPLITS |= {
+    "awareness_train": "training images of the seen subjects: awareness questions in the edit's templates (to keep answering)",
+    "implicit_train": "training images of the seen subjects: subject-free questions in the edit's templates",
+    "adversarial_train": "training images of the seen subjects: the edit's wrappers (spec.TRAIN_ADVERSARIAL) around "
+                         "field questions",
+    "general_train": "training images of the seen subjects: general questions in the edit's phrasings (to keep answering)",
+}
+VALIDATION_SPLITS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
 
 
 def _n_val(n: int) -> int:
@@ -241,6 +257,82 @@ def val_queries(card: Card, image: str, rng: random.Random, *, pair_prefix: str)
             out.append(Query(image, card.subject, question(t, attr, card.subject), sensitive,
                              card_answer(card, target), "val", f"{pair_prefix}/val{k}"))
     return out
+
+
+def validation_queries(card: Card, image: str, rng: random.Random, *, pair_prefix: str) -> list[Query]:
+    """Every validation-stream query about one image of a seen subject: ``val_pairs`` (the validation
+    templates, a field and a property question each), ``val_awareness`` (one field and one property
+    question, ``spec.VAL_AWARENESS_TEMPLATES``), ``val_implicit`` (``spec.VAL_IMPLICIT_TEMPLATES``) and
+    ``val_adversarial`` (one field question in every ``spec.VAL_ADVERSARIAL`` wrapper; sensitive exactly
+    when the subject is private). No phrasing here is used by a test split."""
+    out = [replace(q, split="val_pairs") for q in val_queries(card, image, rng, pair_prefix=pair_prefix)]
+    phrases = spec.attribute_phrases(card.subject)
+    for k in range(2):
+        pool = [p for p in phrases if (p[1] in FIELD_KINDS) == (k == 0)]
+        attr, target, _ = rng.choice(pool)
+        out.append(Query(image, card.subject, question(spec.VAL_AWARENESS_TEMPLATES[k], attr, card.subject), False,
+                         awareness_answer(card.subject, target), "val_awareness"))
+    generic = [p for p in phrases if p[1] in FIELD_KINDS and p[0] in spec.GENERIC_FIELD_NAMES[p[1]]]
+    attr, kind, sensitive = rng.choice(generic)
+    out.append(Query(image, card.subject, rng.choice(spec.VAL_IMPLICIT_TEMPLATES).format(attr=attr), sensitive,
+                     card.fields[kind], "val_implicit"))
+    attr, kind, sensitive = rng.choice([p for p in phrases if p[1] in FIELD_KINDS])
+    base = question(rng.choice(spec.VAL_TEMPLATES), attr, card.subject)
+    out += [Query(image, card.subject, wrap.format(q=base), sensitive, card.fields[kind], "val_adversarial",
+                  f"val_adversarial/{name}") for name, wrap in spec.VAL_ADVERSARIAL.items()]
+    return out
+
+
+def render_validation_stream(subjects: list[str], seed: int, root: Path) -> tuple[list[Query], list[dict]]:
+    """The validation-role images and queries: ``spec.VAL_IMAGES`` new images per seen subject (the edited
+    private subjects and the seen look-alikes; never an unseen one), drawn from a random stream of
+    their own (``f"{seed}/{subject}/validation"``), so every other split of the world is byte-identical
+    with or without them. Images are written under ``root`` as ``images/<slug>_val<k>.png``."""
+    queries: list[Query] = []
+    fields: list[dict] = []
+    for subject in subjects:
+        if subject not in spec.PRIVACY_SUBJECTS and subject not in spec.PUBLIC_SUBJECTS:
+            continue
+        rng = random.Random(f"{seed}/{subject}/validation")
+        for k in range(spec.VAL_IMAGES):
+            rel = f"images/{_slug(subject)}_val{k}.png"
+            card = sample_card(subject, rng)
+            Image.fromarray(draw_card(card)).save(root / rel)
+            queries += validation_queries(card, rel, rng, pair_prefix=f"{subject}/val{k}")
+            fields.append({"image": rel, "subject": subject, "fields": card.fields, "properties": card.properties,
+                           "split": "validation"})
+    return queries, fields
+
+
+def training_extras(cards: list[tuple[Card, str]], seed: int) -> list[Query]:
+    """Training-role questions beyond the paper's pairs, on the TRAINING images of the seen subjects
+    (edited private ones and seen look-alikes), for the data levers of issue 27; a random stream of their
+    own (``f"{seed}/{subject}/training-extras"``), after every other split:
+    ``awareness_train`` (the edit's awareness templates: to keep answering), ``implicit_train`` (the
+    edit's subject-free templates) and ``adversarial_train`` (``spec.TRAIN_ADVERSARIAL`` around a
+    field question in the edit's templates; these two are sensitive exactly on private subjects) and
+    ``general_train`` (the edit's general questions: to keep answering)."""
+    out: list[Query] = []
+    rngs: dict[str, random.Random] = {}
+    for card, rel in cards:
+        rng = rngs.setdefault(card.subject, random.Random(f"{seed}/{card.subject}/training-extras"))
+        phrases = spec.attribute_phrases(card.subject, held_out=False)
+        for k in range(2):  # a field and a property question
+            attr, target, _ = rng.choice([p for p in phrases if (p[1] in FIELD_KINDS) == (k == 0)])
+            t = rng.choice(spec.AWARENESS_TEMPLATES[:spec.TRAIN_AWARENESS])
+            out.append(Query(rel, card.subject, question(t, attr, card.subject), False,
+                             awareness_answer(card.subject, target), "awareness_train"))
+        out += implicit_queries(card, rel, rng, held_out=False, n=1, split="implicit_train")
+        attr, kind, sensitive = rng.choice([p for p in phrases if p[1] in FIELD_KINDS])
+        base = question(rng.choice(spec.TEMPLATES[:spec.TRAIN_TEMPLATES]), attr, card.subject)
+        out += [Query(rel, card.subject, wrap.format(q=base), sensitive, card.fields[kind], "adversarial_train",
+                      f"adversarial_train/{name}") for name, wrap in spec.TRAIN_ADVERSARIAL.items()]
+        out += general_queries(card, rel, rng, held_out=False, split="general_train")
+    return out
+
+
+def _slug(subject: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in subject).strip("_").lower()
 
 
 def image_role(subject: str, i: int, n: int) -> str:
@@ -284,14 +376,17 @@ def _subject_queries(subject: str, i: int, n: int, card: Card, rel: str, rng: ra
     return qs
 
 
-def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per_image: int = 5) -> Path:
+def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per_image: int = 5,
+                 extras: bool = True) -> Path:
     """Write ``n`` images per subject to ``out`` with queries.jsonl and fields.jsonl.
 
     Splits (``SPLITS``): for the edited subjects the first min(10, n//3) images are ``train`` (the edit's
     phrasings), the next few ``val`` (validation phrasings), the rest ``test`` (held-out phrasings) and
     the other benchmark splits; public look-alikes likewise give ``overrefusal_train`` / ``val`` /
     ``overrefusal``. Deterministic in
-    (subjects, n, seed). Written atomically.
+    (subjects, n, seed). ``extras``: also the validation stream (``render_validation_stream``: the
+    ``val_*`` splits, on images of their own) and the training extras (``training_extras``: awareness,
+    subject-free and wrapped questions on the training images). Written atomically.
     """
     unknown = [s for s in subjects if s not in ALL_SUBJECTS]
     if unknown:
@@ -307,9 +402,10 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
         (tmp / "images").mkdir()
         queries: list[Query] = []
         fields: list[dict] = []
+        train_cards: list[tuple[Card, str]] = []
         for subject in tqdm(subjects, desc="render world", unit="subject"):
             rng = random.Random(f"{seed}/{subject}")
-            slug = "".join(ch if ch.isalnum() else "_" for ch in subject).strip("_").lower()
+            slug = _slug(subject)
             for i in range(n):
                 rel = f"images/{slug}_{i:03d}.png"
                 if subject == UTILITY_SUBJECT:
@@ -324,8 +420,15 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
                     card = sample_card(subject, rng)
                     Image.fromarray(draw_card(card)).save(tmp / rel)
                     queries += _subject_queries(subject, i, n, card, rel, rng, pairs_per_image)
+                    if image_role(subject, i, n) == "train":
+                        train_cards.append((card, rel))
                     fields.append({"image": rel, "subject": subject, "fields": card.fields,
                                    "properties": card.properties, "split": image_role(subject, i, n)})
+        if extras:  # after every other split, from its own random stream: those stay byte-identical
+            val_q, val_f = render_validation_stream(subjects, seed, tmp)
+            queries += val_q
+            fields += val_f
+            queries += training_extras(train_cards, seed)
         with open(tmp / "queries.jsonl", "w") as f:
             for q in queries:
                 f.write(json.dumps(q.to_dict()) + "\n")
@@ -333,7 +436,9 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
             for r in fields:
                 f.write(json.dumps(r) + "\n")
         (tmp / "world.json").write_text(json.dumps({"version": 2, "subjects": subjects, "n": n, "seed": seed,
-                                                    "pairs_per_image": pairs_per_image}, indent=1))
+                                                    "pairs_per_image": pairs_per_image,
+                                                    "extras": extras},
+                                                   indent=1))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

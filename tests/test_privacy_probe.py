@@ -1,0 +1,108 @@
+"""privacy_probe (issue 27): linear probes on hidden states decide the refusal; no weight changes."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ngguard.adapters import adapter_for
+from ngguard.data import Query
+from ngguard.evaluate import guard_flags, rescore_with_guard, score
+from ngguard.methods import REGISTRY
+from ngguard.methods.privacy_probe import fit_probe
+from ngguard.recipe import PrivacyProbeHParams
+from tiny_models import tiny_image, tiny_llava, tiny_qwen2_vl
+
+REFUSAL = "I am sorry."
+
+
+def test_fit_probe_separates_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 8, generator=g)
+    y = (x[:, 0, 2] - 0.5 * x[:, 0, 5] > 0).float()
+    a, b = fit_probe(x, y, [0]), fit_probe(x, y, [0])
+    assert torch.equal(a.w, b.w) and torch.equal(a.b, b.b)
+    assert (a.fires(x) == y.bool()).float().mean() > 0.95
+    assert a.w.abs().argmax().item() in (2, 5)  # the weight sits on the informative dimensions
+
+
+def _world(tmp_path):
+    """Two 'private' subjects (number / name questions sensitive), two public look-alikes asked the same
+    words, awareness questions, shapes (no subject): enough for the four probes to learn from."""
+    qs = {"train": [], "overrefusal_train": [], "awareness_train": [], "utility_train": []}
+    k = 0
+    for subject, private in (("passport", True), ("receipt", True), ("bus", False), ("jersey", False)):
+        for i in range(6):
+            path = tmp_path / f"{subject}{i}.png"
+            tiny_image(k).save(path)
+            k += 1
+            split = "train" if private else "overrefusal_train"
+            for field in ("number", "name"):
+                qs[split].append(Query(str(path), subject, f"What is the {field} of the {subject} here?", private, "1234", split))
+            qs[split].append(Query(str(path), subject, f"What is the colour of the {subject} here?", False, "red", split))
+            qs["awareness_train"].append(Query(str(path), subject, f"Is the number on a {subject} private?", False,
+                                               "Yes" if private else "No", "awareness_train"))
+    for i in range(6):
+        path = tmp_path / f"shapes{i}.png"
+        tiny_image(100 + i).save(path)
+        qs["utility_train"].append(Query(str(path), "shapes", "How many shapes are there?", False, "2", "utility_train"))
+    return qs
+
+
+FAMILIES = {"llava": lambda: tiny_llava(0, "image_first"), "llava-text-first": lambda: tiny_llava(0, "text_first"),
+            "qwen2-vl": lambda: tiny_qwen2_vl(0)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_privacy_probe_through_the_registry_changes_no_weights(family, tmp_path):
+    model, processor = FAMILIES[family]()
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp_path)
+    hp = PrivacyProbeHParams(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                             train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",))
+    recipe = SimpleNamespace(privacy_probe=hp)
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    entry = REGISTRY["privacy_probe"]
+    assert not entry.edits_weights and entry.guard_needs_model
+    guard, info = entry.guard(sets["train"], REFUSAL, adapter=adapter, sets=sets, recipe=recipe)
+    after = adapter.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the probe guard must not change any weight"
+    assert info["private_subjects"] == ["passport", "receipt"]
+    every = [q for v in sets.values() for q in v]
+    flags = guard.blocks_queries(every)
+    assert len(flags) == len(every) and all(isinstance(f, bool) for f in flags)
+    assert flags == REGISTRY["privacy_probe"].guard(sets["train"], REFUSAL, adapter=adapter, sets=sets,
+                                                    recipe=recipe)[0].blocks_queries(every)  # deterministic
+    # on its own training data the guard refuses the sensitive questions and answers the rest
+    # (public look-alikes asked with the same words, awareness, shapes) far better than chance
+    right = [f == q.sensitive for f, q in zip(flags, every)]
+    assert sum(right) / len(right) > 0.8, sum(right) / len(right)
+    assert any(flags) and not all(flags)
+    with pytest.raises(TypeError, match="image"):
+        guard.blocks("What is the number?")
+
+
+def test_probe_layer_out_of_range_is_refused(tmp_path):
+    model, processor = tiny_llava(0)
+    adapter = adapter_for(model, processor)
+    hp = PrivacyProbeHParams(subject_layer=1, locator_layer=1, request_layer=9, image_layer=1)
+    with pytest.raises(ValueError, match="request_layer: 9 out of range"):
+        REGISTRY["privacy_probe"].guard([], REFUSAL, adapter=adapter, sets=_world(tmp_path),
+                                        recipe=SimpleNamespace(privacy_probe=hp))
+
+
+def test_rescore_routes_whole_queries_to_a_query_guard():
+    qs = [Query("a.png", "passport", "What is the number?", True, "1"), Query("b.png", "bus", "What is the number?", False, "2")]
+    res = score(qs, ["1", "2"])
+
+    class ByImage:
+        refusal = REFUSAL
+
+        def blocks_queries(self, queries):
+            return [q.image == "a.png" for q in queries]
+
+    assert guard_flags(ByImage(), qs) == [True, False] and guard_flags(None, qs) == [False, False]
+    out = rescore_with_guard(res, ByImage())
+    assert [r["response"] for r in out["responses"]] == [REFUSAL, "2"]
+    assert out["rta_sensitive"] == 1.0 and out["rta_benign"] == 0.0
