@@ -126,12 +126,12 @@ class Adapter(ABC):
         ``ngguard.serving.stop.StopAfter``: each answer ends at the end of that refusal (serving)."""
 
     # Inputs that only feed the vision encoder: they may be dropped when the decoder layers that
-    # would consume the image features are replayed from a cache (see localize.replayed_prefix).
+    # would consume the image features are replayed from a cache (see hooks.replayed_prefix).
     vision_only_inputs: ClassVar[tuple[str, ...]] = ()
 
     # True when the language model takes a pre-filled ``DynamicCache`` for a prefix of the prompt and
     # places the remaining tokens after it by the cache length alone (1-D RoPE positions): localization
-    # then computes the frozen prefix before the subject token once (see localize.prefix_length).
+    # then computes the frozen prefix before the subject token once (see fastpath.prefix_length).
     # M-RoPE (Qwen2-VL) and models that always re-run the vision tower (BLIP-2) keep it off.
     prefix_cache: ClassVar[bool] = False
 

@@ -22,7 +22,7 @@ text (curly quotes unified, whitespace collapsed, leading quotes/markdown stripp
 word boundaries ("I'm an" does not match "I'm Anna").
 
 Measured on ``tests/data/refusal_labels.jsonl`` (445 answers written for this in five model
-styles; README "Refusal judging" has the figures and how to reproduce them).
+styles; docs/judging.md has the figures and how to reproduce them).
 """
 from __future__ import annotations
 
