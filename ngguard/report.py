@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from loguru import logger
@@ -45,10 +46,27 @@ def ablation_pairs(methods) -> list[tuple[str, str]]:
             if entry.ablation_of is not None and name in methods and entry.ablation_of in methods]
 
 
+def _inside_relative(value, roots: tuple[str, ...]):
+    """``value`` with every string path under one of ``roots`` made relative to it (recursively)."""
+    if isinstance(value, str):
+        for root in roots:
+            if value.startswith(root):
+                return value[len(root):]
+        return value
+    if isinstance(value, dict):
+        return {k: _inside_relative(v, roots) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inside_relative(v, roots) for v in value]
+    return value
+
+
 def write_report(out: Path, report: dict, *, plots: bool = True) -> None:
+    """``out`` is the run folder being built (a temp folder renamed at the end): paths inside it
+    (the world's images in the responses) are written relative to it, so they stay valid."""
     out = Path(out)
     report["table"] = method_table(report)
-    slim = json.loads(json.dumps(report, default=str))
+    roots = tuple(dict.fromkeys(str(p) + os.sep for p in (out, out.absolute(), out.resolve())))
+    slim = _inside_relative(json.loads(json.dumps(report, default=str)), roots)
     (out / "report.json").write_text(json.dumps(slim, indent=1))
     if plots:
         try:

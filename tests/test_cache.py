@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,10 @@ def test_a_second_run_reuses_before_and_localization_with_the_same_results(base,
         assert _before(r) == _before(first)
         assert r["localization"] == first["localization"]
         assert r["_patch"] == first["_patch"]
-    # the reused answers are judged again: the responses point at this run's images (its world, rendered
-    # in the run's temp folder -b-), not the first run's
-    assert all("-b-" in row["image"] and "-a-" not in row["image"] for row in again["before"]["test"]["responses"])
+    # the reused answers are judged again: the responses point at this run's images (its world, written
+    # relative to the run folder b), not the first run's (an absolute path into a's temp folder)
+    assert all(not os.path.isabs(row["image"]) and (tmp_path / "b" / row["image"]).is_file()
+               for row in again["before"]["test"]["responses"])
 
 
 @pytest.mark.parametrize("change, recomputed", [

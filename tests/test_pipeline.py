@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
     changed = sorted(k for k in orig if orig[k] != edited[k])
     assert changed == ["language_model.model.layers.1.mlp.down_proj.weight"]
     assert manifest["ok"] if "ok" in manifest else True
+    # the responses' image paths are relative to the run folder (it was built under a temp name)
+    rows = report["methods"]["neural_gate"]["after"]["test"]["responses"]
+    assert rows and all(not os.path.isabs(r["image"]) and (out / r["image"]).is_file() for r in rows)
     # the patch names the refusal it was edited toward: serving stops answers there
     patch_manifest = json.loads((out / "patch" / "patch.json").read_text())
     assert patch_manifest["extra"]["refusal"] == recipe_from_dict(raw).edit.refusal
