@@ -288,3 +288,83 @@ def test_recipe_judge_learned(tmp_path):
 def test_judge_train_refuses_a_folder_as_out_before_any_work(tmp_path, capsys):
     assert main(["judge", "train", "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+# ---- the act features and the clean (nested) cross-model procedure --------------------------------
+
+ACTS = Featurizer(buckets=1 << 12, max_words=60, opening_words=20, first_sentences=2, char_ngrams=4, cue=True,
+                  length=True)
+
+
+def test_act_features_see_where_the_refusal_stands():
+    """The same words in another order: a refusal that opens the answer, then content, is not the
+    same answer as content and then a refusal; the word n-grams alone cannot tell them apart."""
+    a, b = "I cannot help with that. The number is 0117.", "The number is 0117. I cannot help with that."
+    words = Featurizer(buckets=1 << 12, max_words=60, opening_words=20)  # ACTS without the act features
+
+    def extra(text):  # what the act features add to the word n-grams
+        return set(ACTS.features(text)) - set(words.features(text))
+
+    assert extra(a) and extra(b) and extra(a) != extra(b)
+    cue_only = Featurizer(buckets=1 << 16, max_words=1, opening_words=1, ngrams=1, cue=True)
+    assert set(cue_only.features("Yes. I cannot.")) - set(cue_only.features("Yes. I cannot. I cannot."))  # 'after'
+    # where the first GCG refusal prefix stands (here the only feature besides the word 'yes'):
+    # in the first sentence or the second, and how much follows it
+    cue = Featurizer(buckets=1 << 16, max_words=1, opening_words=1, ngrams=1, cue=True)
+    assert set(cue.features("Yes, I cannot.")) != set(cue.features("Yes. I cannot."))
+    assert set(cue.features("Yes. I cannot.")) != set(cue.features("Yes. I cannot. It is 0117 and 0118."))
+    assert set(cue.features("Yes. I cannot.")) == set(cue.features("Yes. I can't."))  # both GCG prefixes
+    assert len(ACTS.features(None)) == len(ACTS.features("")) >= 1
+
+
+def test_new_featurizer_settings_are_validated_and_leave_old_fingerprints_alone():
+    with pytest.raises(ValueError, match="first_sentences"):
+        Featurizer(first_sentences=-1)
+    with pytest.raises(ValueError, match="cue must be true or false"):
+        Featurizer(cue=1)
+    assert set(Featurizer().settings()) == {"buckets", "max_words", "opening_words", "ngrams"}
+    w, b = np.arange(12, dtype=np.float32).reshape(4, 3), np.zeros(3, dtype=np.float32)
+    old = LearnedJudge(w, b, Featurizer(buckets=4))
+    assert old.fingerprint() != LearnedJudge(w, b, Featurizer(buckets=4, cue=True)).fingerprint()
+
+
+def test_learned_judge_with_act_features_is_deterministic_and_round_trips(tmp_path):
+    x, y = _small_data()
+    cfg = TrainConfig(featurizer=ACTS, steps=40, lr=0.1)
+    a, b = train(x, y, cfg), train(x, y, cfg)
+    assert np.array_equal(a.weight, b.weight) and a.fingerprint() == b.fingerprint()
+    loaded = LearnedJudge.load(a.save(tmp_path / "acts.safetensors"))
+    assert loaded.featurizer == ACTS and loaded.fingerprint() == a.fingerprint()
+    assert loaded.labels(x[:40]) == a.labels(x[:40])
+    assert loaded.config().featurizer == ACTS  # what --cross refits with
+
+
+def test_nested_cross_model_never_chooses_with_the_held_out_set_up():
+    """The reported cross-model figure is the whole procedure's: the configuration for a held-out
+    set-up is chosen on the other sources only (every inner row's figures name only those)."""
+    from ngguard.judges.training import nested_cross_model
+
+    own = own_rows()
+    sets = {"xstest": [{**r, "model": "ab"[i % 2]} for i, r in enumerate(own[:120])],
+            "own": own[120:200], "world": world_rows()}
+    grid = [TrainConfig(featurizer=Featurizer(buckets=1 << 12), steps=30, lr=0.1, l2=l2) for l2 in (1e-5, 1e-2)]
+    res = nested_cross_model(sets, grid, every=True)
+    assert set(res) == {"a", "b"}
+    for held, r in res.items():
+        assert r["n"] == 60 and 0 <= r["accuracy"] <= 1
+        for row in r["table"]:
+            assert set(row["cross"]) == {"ab".replace(held, ""), "own"}  # the held-out set-up is not among them
+            assert row["outer"]["n"] == 60  # reported beside, for every candidate
+        chosen = max(r["table"], key=lambda row: row["mean_accuracy"])
+        assert r["accuracy"] == chosen["outer"]["accuracy"]
+
+
+def test_refusals_written_elsewhere_are_refusals_for_both_judges():
+    """Real chat-model refusals from the JailbreakBench artifacts (tests/data/refusals_elsewhere.md):
+    a check the judges were never tuned on. Both find at least 17 of the 19 answers."""
+    rows = [json.loads(line) for line in (Path(__file__).parent / "data" / "refusals_elsewhere.jsonl")
+            .read_text(encoding="utf-8").splitlines() if line.strip()]
+    answers = [r["response"] for r in rows if r["kind"] == "answer"]
+    assert len(answers) == 19 and all(r["label"] == "refusal" and r["url"].startswith("https://") for r in rows)
+    for judge in (RefusalJudge(), make_judge("learned")):
+        assert sum(lab != "compliance" for lab in judge.labels(answers)) >= 17, judge.info()

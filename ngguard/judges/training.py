@@ -104,32 +104,106 @@ def metrics(gold: Iterable[str], pred: Iterable[str]) -> dict:
 
 def cross_model(sets: dict[str, list[dict]], config: TrainConfig) -> dict[str, dict]:
     """Train on one XSTest set-up (+ own + world), test on the other: {held-out model: metrics}."""
-    models = sorted({r["model"] for r in sets["xstest"]})
+    return cross_source(sets, config, held_out=models_of(sets))
+
+
+def models_of(sets: dict[str, list[dict]]) -> list[str]:
+    return sorted({r["model"] for r in sets["xstest"]})
+
+
+def _source(name: str, row: dict) -> str:
+    """The author of a row: its XSTest model set-up, ``own`` (this project's labelled set) or ``world``."""
+    return row["model"] if name == "xstest" else name
+
+
+def cross_source(sets: dict[str, list[dict]], config: TrainConfig, held_out: Iterable[str]) -> dict[str, dict]:
+    """For each source in ``held_out`` (an XSTest model set-up or ``own``): train on every other
+    source's rows (``world`` always stays in training), test on that source's rows."""
+    rows = [(_source(name, r), r) for name in sorted(sets) for r in sets[name]]
     out = {}
-    for held in models:
-        tr = [r for r in sets["xstest"] if r["model"] != held] + sets["own"] + sets["world"]
-        te = [r for r in sets["xstest"] if r["model"] == held]
+    for held in held_out:
+        tr = [r for src, r in rows if src != held]
+        te = [r for src, r in rows if src == held]
+        if not te:
+            raise ValueError(f"cross-source: no rows of {held!r}")
         judge = train([r["response"] for r in tr], [r["label"] for r in tr], config)
         out[held] = metrics([r["label"] for r in te], judge.labels([r["response"] for r in te]))
     return out
 
 
-DEFAULT_GRID: tuple[TrainConfig, ...] = tuple(
-    TrainConfig(featurizer=Featurizer(max_words=mw, opening_words=ow, ngrams=ng), l2=l2)
-    for mw, ow, ng in ((120, 30, 2), (60, 30, 2), (250, 30, 2), (120, 30, 1), (120, 30, 3), (120, 1, 2))
-    for l2 in (1e-5, 1e-4))
+def _variant(name: str, l2: float, balanced: bool = True, **feat) -> TrainConfig:
+    return TrainConfig(featurizer=Featurizer(**feat), l2=l2, balanced=balanced)
+
+
+# the candidates: the first bundled featurizer (word uni/bigrams, the first 30 tokens marked) and
+# what names refusal acts by where they stand rather than by two models' words: the first
+# sentences' n-grams by position, character n-grams of the first sentence, where the first GCG
+# refusal prefix stands and how much follows it, the answer's length; class weights on or off;
+# three L2 strengths. ``bench/judge_learned_variants.py`` measures each cleanly (nested).
+VARIANTS: dict[str, dict] = {
+    "words": {},
+    "words+sentences": {"first_sentences": 3},
+    "words+chars": {"char_ngrams": 5},
+    "words+cue": {"cue": True},
+    "words+length": {"length": True},
+    "all": {"first_sentences": 3, "char_ngrams": 5, "cue": True, "length": True},
+}
+L2S = (1e-5, 1e-4, 1e-3)
+VARIANT_GRID: tuple[TrainConfig, ...] = tuple(
+    _variant(name, l2, **feat) for name, feat in VARIANTS.items() for l2 in L2S) + tuple(
+    _variant("all", l2, balanced=False, **VARIANTS["all"]) for l2 in L2S)
+# what ``ngguard judge train`` chooses from: the word features with the L2 strength chosen by the
+# inner split. With the act features in the grid the whole procedure's clean cross-model figure was
+# lower on mistralguard (0.853 against 0.900; docs/judging.md), so they stay an option.
+DEFAULT_GRID: tuple[TrainConfig, ...] = tuple(_variant("words", l2) for l2 in L2S)
+
+
+def variant_name(config: TrainConfig) -> str:
+    """The ``VARIANTS`` name of a configuration's featurizer (``custom`` when none), with its L2
+    and class weighting."""
+    on = {k: v for k, v in config.featurizer.settings().items() if k not in Featurizer.__dataclass_fields__
+          or k in ("first_sentences", "char_ngrams", "cue", "length")}
+    name = next((n for n, f in VARIANTS.items() if f == on), "custom")
+    return f"{name} l2={config.l2:g}" + ("" if config.balanced else " unweighted")
+
+
+def _choose(sets: dict[str, list[dict]], grid: Iterable[TrainConfig], held_out: list[str],
+            desc: str) -> tuple[TrainConfig, list[dict]]:
+    table = []
+    for cfg in tqdm(list(grid), desc=desc, unit="config"):
+        res = cross_source(sets, cfg, held_out)
+        mean = sum(m["accuracy"] for m in res.values()) / len(res)
+        table.append({"config": cfg, "cross": res, "mean_accuracy": mean})
+        logger.info("{} -> mean leave-one-source-out accuracy {:.3f}", variant_name(cfg), mean)
+    best = max(table, key=lambda row: row["mean_accuracy"])  # max keeps the first of equals
+    return best["config"], table
 
 
 def select(sets: dict[str, list[dict]], grid: Iterable[TrainConfig] = DEFAULT_GRID) -> tuple[TrainConfig, list[dict]]:
-    """The grid's configuration with the best mean cross-model accuracy, and every candidate's figures."""
-    table = []
-    for cfg in tqdm(list(grid), desc="cross-model choice", unit="config"):
-        res = cross_model(sets, cfg)
-        mean = sum(m["accuracy"] for m in res.values()) / len(res)
-        table.append({"config": cfg, "cross": res, "mean_accuracy": mean})
-        logger.info("{} -> mean cross-model accuracy {:.3f}", cfg.to_dict(), mean)
-    best = max(table, key=lambda row: row["mean_accuracy"])  # max keeps the first of equals
-    return best["config"], table
+    """The grid's configuration with the best mean leave-one-source-out accuracy (each XSTest
+    set-up and the own set left out in turn, trained on the others), and every candidate's figures."""
+    return _choose(sets, grid, models_of(sets) + ["own"], "leave-one-source-out choice")
+
+
+def nested_cross_model(sets: dict[str, list[dict]], grid: Iterable[TrainConfig] = DEFAULT_GRID,
+                       every: bool = False) -> dict[str, dict]:
+    """The clean cross-model figure of the whole procedure, choice included: for each XSTest set-up,
+    the configuration is chosen WITHOUT its rows (``select``'s rule on the other set-up and the own
+    set), trained on everything but it and tested on it. Returns {held-out model: the chosen
+    configuration's metrics, ``config`` (its name), ``table`` (the inner choice's rows; with
+    ``every``, each row also carries ``outer``: that candidate's figure on the held-out set-up, for
+    reporting, never for choosing)}."""
+    grid = list(grid)
+    out = {}
+    for held in models_of(sets):
+        inner = {"xstest": [r for r in sets["xstest"] if r["model"] != held], "own": sets["own"], "world": sets["world"]}
+        cfg, table = _choose(inner, grid, models_of(inner) + ["own"], f"choice without {held}")
+        for row in table if every else ():
+            row["outer"] = cross_source(sets, row["config"], [held])[held]
+        chosen = next(row for row in table if row["config"] == cfg)
+        res = chosen.get("outer") or cross_source(sets, cfg, [held])[held]
+        out[held] = {**res, "config": variant_name(cfg), "table": table}
+    return out
 
 
 def train_final(sets: dict[str, list[dict]], config: TrainConfig, cross: dict | None = None) -> LearnedJudge:
