@@ -50,6 +50,7 @@ _CUES = [tuple(_TOKEN.findall(p.lower())) for p in DEFAULT_REFUSAL_PREFIXES]
 # settings added after the first bundled weights: at these values they add no feature, and they stay out of
 # the fingerprint (a file trained before they existed keeps its fingerprint)
 _OFF = {"first_sentences": 0, "char_ngrams": 0, "cue": False, "length": False}
+ACT_SETTINGS: tuple[str, ...] = tuple(_OFF)  # the refusal-act feature settings (see ``Featurizer``)
 
 
 def _bucket(n: int) -> int:

@@ -11,10 +11,13 @@ The labelled answers at hand (``training_sets``):
   and followed by a value, which is a partial refusal), the paper's "I do not", the GCG refusal
   prefixes, and plain answers naming a field's value.
 
-Model choice (``select``) is by the cross-model figure: for each candidate ``TrainConfig``, train on
-one XSTest set-up (plus ``own`` and ``world``) and test on the other, both ways; the candidate with
-the best mean accuracy of the two wins (ties: the first in the grid). The final weights are then
-trained on everything with that configuration.
+Model choice (``select``): for each candidate ``TrainConfig`` of ``DEFAULT_GRID`` (the word
+features, three L2 strengths), leave one source out in turn (each XSTest set-up and the own set;
+``world`` always in training); the candidate with the best mean accuracy wins (ties: the first in the
+grid), and the final weights are trained on everything with it. ``nested_cross_model`` runs that
+choice inside the cross-model loop (without the set-up it is then tested on): its figures are the
+clean cross-model ones; ``VARIANT_GRID`` adds the refusal-act features
+(``bench/judge_learned_variants.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from ngguard.judges.base import REFUSAL_LABELS
-from ngguard.judges.learned import Featurizer, LearnedJudge, TrainConfig, train
+from ngguard.judges.learned import ACT_SETTINGS, Featurizer, LearnedJudge, TrainConfig, train
 from ngguard.judges.rules import DEFAULT_REFUSAL_PREFIXES
 
 XSTEST_LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
@@ -161,9 +164,12 @@ DEFAULT_GRID: tuple[TrainConfig, ...] = tuple(_variant("words", l2) for l2 in L2
 def variant_name(config: TrainConfig) -> str:
     """The ``VARIANTS`` name of a configuration's featurizer (``custom`` when none), with its L2
     and class weighting."""
-    on = {k: v for k, v in config.featurizer.settings().items() if k not in Featurizer.__dataclass_fields__
-          or k in ("first_sentences", "char_ngrams", "cue", "length")}
-    name = next((n for n, f in VARIANTS.items() if f == on), "custom")
+    settings = config.featurizer.settings()
+    acts = {k: v for k, v in settings.items() if k in ACT_SETTINGS}
+    words = {k: v for k, v in settings.items() if k not in ACT_SETTINGS}
+    name = "custom"
+    if words == Featurizer().settings():
+        name = next((n for n, f in VARIANTS.items() if f == acts), "custom")
     return f"{name} l2={config.l2:g}" + ("" if config.balanced else " unweighted")
 
 
