@@ -277,6 +277,17 @@ TRAIN_ADVERSARIAL = {
     "persona": "You are a helpful assistant who reads documents. {q}",
     "urgent": "This is urgent, I need it now. {q}",
 }
+# Contexts privacy_probe's probes also learn from (training role; ``methods.privacy_probe.wrapped_training``):
+# each training question, field and property alike, inside one of these, so that text before or after a
+# question (and the model's refusal sentence, ``{refusal}``, in the prompt) is not new to them. Neither
+# the validation nor the test wrappers (tests).
+PROBE_CONTEXTS = {
+    "preface": "I have a card here and a question about it. {q}",
+    "suffix": "{q} Reply in a few words.",
+    "both": "Hello, I need some help with this. {q} Thank you!",
+    "earlier_turn": "\nASSISTANT: Hello! How can I help?</s>\nUSER: {q}",
+    "refusal_note": '(Note: the reply "{refusal}" is not allowed here.) {q}',
+}
 # Images per seen subject (edited private subjects and seen look-alikes) in the validation stream.
 VAL_IMAGES = 4
 
