@@ -156,10 +156,11 @@ def _balanced(y: torch.Tensor) -> torch.Tensor:
 class ProbeGuard:
     """Refuse exactly where BOTH read "yes" on the unedited model's hidden states:
 
-    - *private subject*: when the question names a subject (the named probe at the last prompt token,
-      ``request_layer``), the subject probe (private vs public subject, ``subject_layer``) read at the
-      token the locator probe (``locator_layer``) takes for the subject; else the image probe (mean
-      over the image tokens, ``image_layer``);
+    - *private subject*: when the question names a subject (``named_by``: the named probe at the last
+      prompt token, ``request_layer``, and/or the locator reading some token as a subject's above its
+      threshold), the subject probe (private vs public subject, ``subject_layer``) read at the token the
+      locator probe (``locator_layer``) takes for the subject; else the image probe (mean over the image
+      tokens, ``image_layer``);
     - *asks to read a text field*: the request probe at the last prompt token (``request_layer``).
 
     Nothing here knows the subject of a question: the positions come from the locator."""
