@@ -33,6 +33,11 @@ def _ci(c) -> str:
     return f"{c['mean']:.3f}" + ("" if c["ci95"] is None else f" ± {c['ci95']:.3f}")
 
 
+def _strip(res: dict) -> dict:
+    """A split's results without the per-response records."""
+    return {k: {kk: vv for kk, vv in v.items() if kk != "responses"} for k, v in res.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("recipe", type=Path)
@@ -67,6 +72,10 @@ def main(argv=None) -> int:
                 res[m] = {"after": {name: rescore_with_guard(v, guard, judge) for name, v in before.items()}}
                 seconds[f"seed {seed} {m}"] = time.time() - t
             per_seed[seed] = {"before": before, "methods": res}
+            if a.json:  # each seed as it ends, so that a cut run keeps what it measured
+                a.json.with_suffix(".partial.json").write_text(json.dumps(
+                    {s: {"before": _strip(v["before"]), "methods": {m: _strip(x["after"]) for m, x in v["methods"].items()}}
+                     for s, v in per_seed.items()}, indent=1, default=str))
     agg = aggregate(per_seed)
     names = ["base", *methods]
     lines = [f"| split: metric | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
@@ -97,10 +106,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.json:
-        strip = lambda res: {k: {kk: vv for kk, vv in v.items() if kk != "responses"} for k, v in res.items()}  # noqa: E731
         a.json.write_text(json.dumps({"aggregate": agg, "paired": pairs, "seconds": seconds, "table": text,
-                                      "per_seed": {s: {"before": strip(v["before"]),
-                                                       "methods": {m: strip(x["after"]) for m, x in v["methods"].items()}}
+                                      "per_seed": {s: {"before": _strip(v["before"]),
+                                                       "methods": {m: _strip(x["after"]) for m, x in v["methods"].items()}}
                                                    for s, v in per_seed.items()}}, indent=1, default=str))
     return 0
 

@@ -14,6 +14,7 @@ Decisions only: the unedited model itself refuses none of these questions but a 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import random
@@ -23,12 +24,64 @@ from pathlib import Path
 
 import torch
 from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ngguard.adapters import load_adapter
 from ngguard.methods.privacy_probe import QueryStates, fit_from_states, query_states, training_queries
 from ngguard.pipeline import build_sets
 from ngguard.recipe import VALIDATION_SETS, load_recipe
 from ngguard.world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS, is_private
+
+
+def save_states(path: Path, st: QueryStates, queries) -> None:
+    """``st`` as one safetensors file (the ragged per-query text states concatenated, with offsets)."""
+    lens = torch.tensor([t.shape[0] for t in st.text])
+    save_file({"text": torch.cat(st.text), "lens": lens, "subject": torch.tensor([-1 if s is None else s for s in st.subject]),
+               "last": st.last.contiguous(), "image": st.image.contiguous()}, str(path),
+              metadata={"queries": _fingerprint(queries)})
+
+
+def load_states(path: Path, queries) -> QueryStates | None:
+    """The states ``save_states`` wrote for exactly these ``queries`` (else None)."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if f.metadata().get("queries") != _fingerprint(queries):
+            logger.warning(f"{path}: states of other queries; recomputing")
+            return None
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    text = list(torch.split(t["text"], t["lens"].tolist()))
+    return QueryStates(text, [None if s < 0 else int(s) for s in t["subject"].tolist()], t["last"], t["image"])
+
+
+def _fingerprint(queries) -> str:
+    return hashlib.sha256("\n".join(f"{'/'.join(Path(q.image).parts[-2:])}|{q.prompt}|{q.subject}" for q in queries).encode()).hexdigest()
+
+
+def cached_states(adapter, queries, hid, cache: Path | None, name: str, **kw) -> QueryStates:
+    path = None if cache is None else cache / f"{name}.safetensors"
+    st = None if path is None else load_states(path, queries)
+    if st is None:
+        st = query_states(adapter, queries, hid, desc=f"states ({name})", **kw)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_states(path, st, queries)
+    return st
+
+
+def _value(default, text: str):
+    """A grid value of the type of ``default`` (tuples: names joined by "+", "none" = empty)."""
+    if isinstance(default, tuple):
+        return () if text == "none" else tuple(text.split("+"))
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(default)(text)
+
+
+def concat(*parts: QueryStates) -> QueryStates:
+    return QueryStates([t for p in parts for t in p.text], [s for p in parts for s in p.subject],
+                       torch.cat([p.last for p in parts]), torch.cat([p.image for p in parts]))
 
 
 def subset(st: QueryStates, idx) -> QueryStates:
@@ -52,6 +105,21 @@ def figures(decisions, queries, keep) -> dict:
     return f
 
 
+def family_figures(decisions, queries, keep) -> dict:
+    """Per wrapper family of ``val_adversarial`` and per kind of ``val_implicit`` question: share blocked, and
+    which reading failed (named / private / request: share of the questions each reads "yes")."""
+    groups: dict[str, list] = {}
+    for d, q in zip(decisions, queries):
+        if not keep(q) or q.split not in ("val_adversarial", "val_implicit"):
+            continue
+        fam = q.pair_id.split("/")[1] if q.split == "val_adversarial" else "implicit"
+        groups.setdefault(f"{fam} ({'private' if q.sensitive else 'public'})", []).append(d)
+    mean = lambda ds, k: sum(float(d[k]) for d in ds) / len(ds)  # noqa: E731
+    return {g: {"blocked": mean(ds, "blocked"), "named": mean(ds, "named"),
+                "private": sum(d["private"] > 0.5 for d in ds) / len(ds),
+                "request": sum(d["request"] > 0.5 for d in ds) / len(ds), "n": len(ds)} for g, ds in sorted(groups.items())}
+
+
 GOOD_HIGH = ("seen_rta", "implicit_rta", "adv_rta")
 
 
@@ -66,6 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="privacy_probe keys")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--families", action="store_true", help="also print the adversarial / subject-free figures per family")
+    p.add_argument("--states", type=Path, default=None,
+                   help="folder to keep the hidden states in (safetensors), reused while the queries are the same")
     a = p.parse_args(argv)
     r = load_recipe(a.recipe, overrides=["data.multip2a=off"])
     torch.manual_seed(a.seed)
@@ -73,20 +144,33 @@ def main(argv=None) -> int:
     adapter = load_adapter(r.model.path, dtype=r.model.dtype, device="cpu")
     hid = list(range(adapter.num_layers + 1))
     hp0 = r.privacy_probe
+    grid = [(k, [_value(getattr(hp0, k), v) for v in vals.split(",")]) for k, vals in (g.split("=", 1) for g in a.grid)]
+    settings = [replace(hp0, **{k: v for (k, _), v in zip(grid, values)}) for values in itertools.product(*[v for _, v in grid])]
+    names = [" ".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for (k, _), v in zip(grid, values)) or "default"
+             for values in itertools.product(*[v for _, v in grid])]
     with tempfile.TemporaryDirectory() as tmp:
         sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed)
-        queries, neutral = training_queries(sets, hp0)
-        st = query_states(adapter, queries + neutral, hid, desc="states (training)")
+        base, neutral = training_queries(sets, replace(hp0, contexts=()))
+        st0 = cached_states(adapter, base + neutral, hid, a.states, f"train-seed{a.seed}")
         val = [q for name in VALIDATION_SETS if name != "val" for q in sets.get(name, [])]
-        vst = query_states(adapter, val, hid, subjects=False, desc="states (validation)")
-    grid = [(k, [type(getattr(hp0, k))(v) for v in vals.split(",")]) for k, vals in (g.split("=", 1) for g in a.grid)]
+        vst = cached_states(adapter, val, hid, a.states, f"val-seed{a.seed}", subjects=False)
+        wrapped = {}  # contexts -> (wrapped training queries, their states)
+        for hp in settings:
+            if hp.contexts and hp.contexts not in wrapped:
+                qs = training_queries(sets, hp)[0][len(base):]
+                wrapped[hp.contexts] = qs, cached_states(adapter, qs, hid, a.states,
+                                                         f"train-{'+'.join(hp.contexts)}-seed{a.seed}")
     folds = [()] + [(PRIVACY_SUBJECTS[k], PUBLIC_SUBJECTS[k % len(PUBLIC_SUBJECTS)]) for k in range(len(PRIVACY_SUBJECTS))]
     rows = []
     logger.remove()
-    for values in itertools.product(*[v for _, v in grid]):
-        hp = replace(hp0, **{k: v for (k, _), v in zip(grid, values)})
-        row = {"setting": " ".join(f"{k}={v}" for (k, _), v in zip(grid, values)) or "default"}
-        held = []
+    for hp, name in zip(settings, names):
+        queries, st = base, st0
+        if hp.contexts:  # the wrapped training questions go between the card questions and the neutral ones
+            qs, wst = wrapped[hp.contexts]
+            n = len(base)
+            queries, st = base + qs, concat(subset(st0, list(range(n))), wst, subset(st0, list(range(n, len(st0.text)))))
+        row = {"setting": name}
+        held, fam_held = [], []
         for fold in folds:
             qi = [i for i, q in enumerate(queries) if q.subject not in fold]
             sub = subset(st, qi + list(range(len(queries), len(queries) + len(neutral))))
@@ -94,10 +178,15 @@ def main(argv=None) -> int:
             dec = guard.decide(vst, hid)
             if not fold:
                 row["seen"] = figures(dec, val, lambda q: True)
+                row["families_seen"] = family_figures(dec, val, lambda q: True)
             else:
                 held.append(figures(dec, val, lambda q, fold=fold: q.subject in fold))
+                fam_held += [(dec, fold)]
         row["heldout_mean"] = {k: sum(h[k] for h in held if h[k] == h[k]) / max(1, sum(h[k] == h[k] for h in held))
                                for k in held[0]}
+        # held-out families: every fold's decisions on its own held-out subjects, pooled
+        pooled = [(d, q) for dec, fold in fam_held for d, q in zip(dec, val) if q.subject in fold]
+        row["families_heldout"] = family_figures([d for d, _ in pooled], [q for _, q in pooled], lambda q: True)
         row["score"] = (goodness(row["seen"]) + goodness(row["heldout_mean"])) / 2
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -110,6 +199,15 @@ def main(argv=None) -> int:
         for part in ("seen", "heldout_mean"):
             print(f"| {row['setting']} | {part} | " + " | ".join(f"{row[part][c]:.3f}" for c in cols) +
                   f" | {row['score']:.3f} |")
+    if a.families:
+        for row in rows:
+            print(f"\nper family ({row['setting']}): share blocked; share read named / private / asks a field")
+            print("| family | seen: blocked | named | private | request | held-out: blocked | named | private | request |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for g, f in row["families_seen"].items():
+                h = row["families_heldout"].get(g, {})
+                print(f"| {g} | " + " | ".join(f"{f[k]:.2f}" for k in ("blocked", "named", "private", "request")) + " | "
+                      + " | ".join(f"{h[k]:.2f}" if h else "—" for k in ("blocked", "named", "private", "request")) + " |")
     best = max(rows, key=lambda x: x["score"])
     print(f"\nchosen (best mean validation figure): {best['setting']} ({best['score']:.3f})")
     if a.json:

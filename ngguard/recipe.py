@@ -30,7 +30,7 @@ from loguru import logger
 from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.limits import InputError, read_text_file, short_repr
-from ngguard.world.spec import REFUSAL
+from ngguard.world.spec import PROBE_CONTEXTS, REFUSAL
 
 __all__ = [
     "RecipeError",
@@ -487,6 +487,17 @@ class PrivacyProbeHParams:
                                       "general_train"), _list(_str()))
     neutral_sets: tuple[str, ...] = _f(("utility_train",), _list(_str()))
     batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
+    # the probes also learn from the training questions (sensitive and benign pairs, look-alikes) inside
+    # these training-role contexts (world.spec.PROBE_CONTEXTS), one context per question in turn; [] = none
+    contexts: tuple[str, ...] = _f((), _list(_choice(tuple(PROBE_CONTEXTS))))
+    # how the guard decides that a question names its subject (else the image decides): "probe" (the named
+    # probe at the last token), "locator" (the locator reads some token as a subject's, probability above
+    # locator_threshold) or "both"
+    named_by: str = _f("probe", _choice(("probe", "locator", "both")))
+    locator_threshold: float = _f(0.5, _float(ge=0, le=1))
+    # the subject probe also learns that the other tokens of a question are no private subject (so a token
+    # the locator takes wrongly reads "not private")
+    subject_negatives: bool = _f(False, _bool)
 
 
 @dataclass(frozen=True)

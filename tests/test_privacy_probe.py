@@ -106,3 +106,57 @@ def test_rescore_routes_whole_queries_to_a_query_guard():
     out = rescore_with_guard(res, ByImage())
     assert [r["response"] for r in out["responses"]] == [REFUSAL, "2"]
     assert out["rta_sensitive"] == 1.0 and out["rta_benign"] == 0.0
+
+
+def test_wrapped_training_keeps_labels_and_is_neither_validation_nor_test_phrasing():
+    from ngguard.methods.privacy_probe import wrapped_training
+    from ngguard.world import spec
+    qs = [Query("a.png", "Passport", f"What is the {a} of the Passport in the image?", s, "1", "train")
+          for a, s in (("number", True), ("colour", False), ("name", True))]
+    names = tuple(spec.PROBE_CONTEXTS)
+    out = wrapped_training(qs, names, REFUSAL)
+    assert wrapped_training(qs, names, REFUSAL) == out and wrapped_training(qs, (), REFUSAL) == []
+    assert [q.sensitive for q in out] == [q.sensitive for q in qs] and {q.split for q in out} == {"probe_context"}
+    assert [q.pair_id for q in out] == [f"probe_context/{n}" for n in names[:3]]
+    assert all(q.prompt in w.prompt and w.prompt != q.prompt for q, w in zip(qs, out))
+    assert REFUSAL in wrapped_training(qs, ("refusal_note",), REFUSAL)[0].prompt
+    # no part of a probe context is a part of a validation or test wrapper, and vice versa
+    others = [*spec.ADVERSARIAL.values(), *spec.VAL_ADVERSARIAL.values(), *spec.VAL_INJECTION.values()]
+    for c in spec.PROBE_CONTEXTS.values():
+        for part in c.replace("{refusal}", "{q}").split("{q}"):
+            part = part.strip()
+            assert not part or not any(part in o for o in others), part
+        assert c not in others
+
+
+def test_privacy_probe_with_contexts_and_locator_gate(tmp_path):
+    """The chosen design (training contexts, "named" read by the named probe AND the locator): still through
+    the registry, no weight changes, the locator's threshold kept as a plain setting of the guard."""
+    from dataclasses import fields as dc_fields
+    from ngguard.methods.privacy_probe import LinearProbe, ProbeGuard
+    model, processor = tiny_llava(0, "image_first")
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp_path)
+    hp = PrivacyProbeHParams(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                             train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",),
+                             contexts=("preface", "suffix", "refusal_note"), named_by="both", locator_threshold=0.9)
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    guard, info = REGISTRY["privacy_probe"].guard(sets["train"], REFUSAL, adapter=adapter, sets=sets,
+                                                  recipe=SimpleNamespace(privacy_probe=hp))
+    assert all(torch.equal(before[k], v) for k, v in adapter.model.state_dict().items())
+    # the wrapped copies were learnt from: more training questions than the plain sets hold
+    plain = sum(len(sets[k]) for k in ("train", "overrefusal_train", "awareness_train"))
+    assert info["training_queries"] == plain + len(sets["train"]) + len(sets["overrefusal_train"])
+    assert guard.named_by == "both" and guard.locator.threshold == 0.9
+    # every probe a LinearProbe field, every setting a plain scalar (what a patch writer can serialise)
+    assert all(isinstance(getattr(guard, f.name), LinearProbe) for f in dc_fields(ProbeGuard) if "LinearProbe" in str(f.type))
+    assert {f.name for f in dc_fields(ProbeGuard) if "LinearProbe" in str(f.type)} == {"subject", "locator", "request", "image", "named"}
+    every = [q for v in sets.values() for q in v]
+    dec = guard.decisions(every)
+    right = [d["blocked"] == q.sensitive for d, q in zip(dec, every)]
+    assert sum(right) / len(right) > 0.8, sum(right) / len(right)
+    from pathlib import Path
+    from ngguard.recipe import load_recipe
+    for bad in ("privacy_probe.named_by=maybe", "privacy_probe.contexts=[nowhere]"):
+        with pytest.raises(Exception, match=bad.split("=")[0].split(".")[1]):
+            load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml", overrides=[bad])

@@ -213,6 +213,9 @@ def test_multip2a_questions_posed_on_world(tmp_path):
 # (commit a201c5f): every split but the val_* ones must stay byte-identical
 _QUERIES_BEFORE_VALIDATION_STREAM = "c0071f78f8f84b5e785928ca2ac2cf6c560785dbe4841b8ff46aa54282c5fd39"
 _VAL_STREAM = ("val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+# sha256 of the validation-stream lines of the same world before the injected refusals were added (main at
+# a3b71cd): they come from a stream of their own, so the earlier validation items stay byte-identical
+_VAL_STREAM_BEFORE_INJECTION = "30a881b1ae96de1437f5083558151dfe9f0286eeba29aa7e5917e79c96a44d17"
 _TRAIN_EXTRAS = ("awareness_train", "implicit_train", "adversarial_train", "general_train")
 
 
@@ -270,10 +273,43 @@ def test_validation_stream_is_disjoint_from_test(world):
     assert {q.answer for q in by("val_awareness") if not spec.is_private(q.subject)} == {spec.NO}
     assert all(q.sensitive == spec.is_private(q.subject) for q in by("val_implicit") + by("val_adversarial"))
     assert all(spec.DISPLAY[q.subject] not in q.prompt for q in by("val_implicit"))
-    assert {q.pair_id.split("/")[1] for q in by("val_adversarial")} == set(spec.VAL_ADVERSARIAL)
+    assert {q.pair_id.split("/")[1] for q in by("val_adversarial")} == set(spec.VAL_ADVERSARIAL) | set(spec.VAL_INJECTION)
     pairs = by("val_pairs")
     assert {q.sensitive for q in pairs if spec.is_private(q.subject)} == {True, False}
     assert not any(q.sensitive for q in pairs if not spec.is_private(q.subject))
+
+
+def test_injected_refusals_validation_only_and_earlier_items_unchanged(world):
+    """The validation stream's injected refusals / answer starts (``spec.VAL_INJECTION``): on validation images
+    only, in phrasings no test prompt shares (beyond the model's own refusal sentence), one per wrapper and
+    image, sensitive exactly on private subjects; the validation items before them are byte-identical."""
+    out, queries, fields = world
+    lines = (out / "queries.jsonl").read_text().splitlines(keepends=True)
+    inj_name = lambda d: d["split"] == "val_adversarial" and d["pair_id"].split("/")[1] in spec.VAL_INJECTION  # noqa: E731
+    old = [l for l in lines if json.loads(l)["split"] in _VAL_STREAM and not inj_name(json.loads(l))]
+    assert hashlib.sha256("".join(old).encode()).hexdigest() == _VAL_STREAM_BEFORE_INJECTION
+    inj = [q for q in queries if q.split == "val_adversarial" and q.pair_id.split("/")[1] in spec.VAL_INJECTION]
+    n_images = spec.VAL_IMAGES * len(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS)
+    assert len(inj) == n_images * len(spec.VAL_INJECTION)
+    role = {f["image"]: f["split"] for f in fields}
+    assert {role[Path(q.image).relative_to(out).as_posix()] for q in inj} == {"validation"}
+    assert all(q.sensitive == spec.is_private(q.subject) for q in inj)
+    assert any(spec.REFUSAL in q.prompt for q in inj)
+    test_role = [q for q in queries if q.split not in _VAL_STREAM + _TRAIN_EXTRAS
+                 + ("train", "overrefusal_train", "val", "utility_train")]
+    assert not {q.prompt for q in inj} & {q.prompt for q in test_role}
+    test_images = {q.image for q in test_role}
+    assert not {q.image for q in inj} & test_images
+    for w in spec.VAL_INJECTION.values():  # each wrapper's own words, with the refusal sentence taken out
+        for part in w.replace(spec.REFUSAL, "{q}").split("{q}"):
+            if part.strip():
+                assert not any(part in q.prompt for q in test_role), part
+    # the wrapped question is a validation template's
+    for q in inj:
+        name = q.pair_id.split("/")[1]
+        pre, post = spec.VAL_INJECTION[name].split("{q}")
+        assert q.prompt.startswith(pre) and q.prompt.endswith(post)
+        assert _templates_used(q.prompt[len(pre):len(q.prompt) - len(post)], spec.VAL_TEMPLATES)
 
 
 def test_val_holdout_keeps_a_seen_subject_out_of_the_edit(tmp_path):

@@ -17,13 +17,15 @@ Used by:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
+
+from ..world.spec import PROBE_CONTEXTS, REFUSAL
 
 
 def _open(path: str) -> Image.Image:
@@ -154,10 +156,11 @@ def _balanced(y: torch.Tensor) -> torch.Tensor:
 class ProbeGuard:
     """Refuse exactly where BOTH read "yes" on the unedited model's hidden states:
 
-    - *private subject*: when the question names a subject (the named probe at the last prompt token,
-      ``request_layer``), the subject probe (private vs public subject, ``subject_layer``) read at the
-      token the locator probe (``locator_layer``) takes for the subject; else the image probe (mean
-      over the image tokens, ``image_layer``);
+    - *private subject*: when the question names a subject (``named_by``: the named probe at the last
+      prompt token, ``request_layer``, and/or the locator reading some token as a subject's above its
+      threshold), the subject probe (private vs public subject, ``subject_layer``) read at the token the
+      locator probe (``locator_layer``) takes for the subject; else the image probe (mean over the image
+      tokens, ``image_layer``);
     - *asks to read a text field*: the request probe at the last prompt token (``request_layer``).
 
     Nothing here knows the subject of a question: the positions come from the locator."""
@@ -170,6 +173,9 @@ class ProbeGuard:
     image: LinearProbe
     named: LinearProbe
     batch_size: int = 64
+    # when a question names its subject: "probe" (the named probe says so), "locator" (some token reads as a
+    # subject's above the locator's threshold) or "both"
+    named_by: str = "probe"
 
     @property
     def hidden(self) -> list[int]:
@@ -191,7 +197,8 @@ class ProbeGuard:
         out = []
         for j, t in enumerate(st.text):
             loc = torch.sigmoid(self.locator.logits(t[:, at(self.locator)]))
-            named = bool(named_p[j] > self.named.threshold)
+            named = (self.named_by == "locator" or bool(named_p[j] > self.named.threshold)) and \
+                (self.named_by == "probe" or bool(loc.max() > self.locator.threshold))
             priv = float(torch.sigmoid(self.subject.logits(t[int(loc.argmax())][at(self.subject)].unsqueeze(0)))) \
                 if named else float(img[j])
             out.append({"private": priv, "request": float(req[j]), "named": named,
@@ -210,7 +217,7 @@ def fit_guard(adapter, sets: dict, hp, refusal: str, *, train_split: str = "trai
     edit's sensitive + benign pairs) and ``hp.train_sets`` (retention and training extras). A subject is
     private when it has a sensitive training question; ``hp.neutral_sets`` hold queries about no card
     (e.g. the utility shapes), which teach the request probe what a non-request is."""
-    queries, neutral = training_queries(sets, hp, train_split)
+    queries, neutral = training_queries(sets, hp, train_split, refusal)
     layers = probe_layers(hp)
     bad = {k: l for k, l in layers.items() if l >= adapter.num_layers}
     if bad:
@@ -225,13 +232,30 @@ def probe_layers(hp) -> dict[str, int]:
     return {"subject": hp.subject_layer, "locator": hp.locator_layer, "request": hp.request_layer, "image": hp.image_layer}
 
 
-def training_queries(sets: dict, hp, train_split: str = "train") -> tuple[list, list]:
-    """(queries about cards, neutral queries) the probes learn from; raises without sensitive ones."""
+def training_queries(sets: dict, hp, train_split: str = "train", refusal: str = REFUSAL) -> tuple[list, list]:
+    """(queries about cards, neutral queries) the probes learn from; raises without sensitive ones. With
+    ``hp.contexts``, the training pairs and the look-alikes' questions again inside those contexts
+    (``wrapped_training``)."""
     queries = [q for name in [train_split, *hp.train_sets] for q in sets.get(name, [])]
     neutral = [q for name in hp.neutral_sets for q in sets.get(name, [])]
     if not any(q.sensitive for q in queries):
         raise ValueError("privacy_probe: no sensitive training questions to learn from")
-    return queries, neutral
+    pairs = [q for name in (train_split, "overrefusal_train") for q in sets.get(name, []) if q.split != "adversarial_train"]
+    return queries + wrapped_training(pairs, hp.contexts, refusal), neutral
+
+
+def wrapped_training(queries: Sequence, contexts: Sequence[str], refusal: str) -> list:
+    """Each of ``queries`` inside one of ``contexts`` (names of ``world.spec.PROBE_CONTEXTS``) in turn, the
+    same label (split ``probe_context``): deterministic, no random draw."""
+    if not contexts:
+        return []
+    wraps = [(name, PROBE_CONTEXTS[name]) for name in contexts]
+    out = []
+    for k, q in enumerate(queries):
+        name, w = wraps[k % len(wraps)]
+        out.append(replace(q, prompt=w.format(q=q.prompt, refusal=refusal), split="probe_context",
+                           pair_id=f"probe_context/{name}"))
+    return out
 
 
 def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Sequence, neutral: Sequence, hp,
@@ -246,12 +270,16 @@ def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Seque
     # private vs public subject, at the subject's last token (questions that name it)
     rows = [(t[s][c("subject")], float(q.subject in private)) for t, s, q in zip(st.text[:n], st.subject[:n], queries)
             if s is not None]
+    if hp.subject_negatives:  # every 4th other token of those questions too: "no private subject here"
+        rows += [(t[k][c("subject")], 0.0) for t, s in zip(st.text[:n], st.subject[:n]) if s is not None
+                 for k in range(0, t.shape[0], 4) if k != s]
     subject = fit(torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows]), "subject")
     # which token is the subject (any subject): the locator
     X = torch.cat([t[:, c("locator")] for t in st.text])
     y = torch.cat([torch.nn.functional.one_hot(torch.tensor(s), t.shape[0]).float() if s is not None else
                    torch.zeros(t.shape[0]) for t, s in zip(st.text, st.subject)])
     locator = fit(X, y, "locator")
+    locator.threshold = hp.locator_threshold
     # does the question ask to read a private field: learnt where that is the sensitivity label (private
     # subjects' questions) and on the neutral queries; the public look-alikes' field questions ask too,
     # so they are left out here (the subject probe tells them apart)
@@ -268,7 +296,8 @@ def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Seque
     # does the question name its subject (else the image decides): at the last prompt token
     y = torch.tensor([float(s is not None) for s in st.subject])
     named = fit(st.last[:, c("request")], y, "request")
-    guard = ProbeGuard(adapter, refusal, subject, locator, request, image, named, batch_size=hp.batch_size)
+    guard = ProbeGuard(adapter, refusal, subject, locator, request, image, named, batch_size=hp.batch_size,
+                       named_by=hp.named_by)
     info = {"probe_layers": layers, "private_subjects": sorted(private), "training_queries": n,
             "train_accuracy": {k: p.log["train_accuracy"] for k, p in
                                (("subject", subject), ("locator", locator), ("request", request), ("image", image),

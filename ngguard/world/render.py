@@ -227,8 +227,8 @@ SPLITS = {
                  "field + property pairs (the leave-one-subject-out proxies of the unseen groups read these)",
     "val_awareness": "validation stream: awareness questions in validation-only phrasings (answer Yes/No)",
     "val_implicit": "validation stream: subject-free questions in validation-only phrasings",
-    "val_adversarial": "validation stream: validation-only wrappers around field questions (refuse on private "
-                       "subjects, answer on look-alikes)",
+    "val_adversarial": "validation stream: validation-only wrappers around field questions, injected refusals and "
+                       "answer starts among them (refuse on private subjects, answer on look-alikes)",
 }
 SPLITS |= {
     "awareness_train": "training images of the seen subjects: awareness questions in the edit's templates (to keep answering)",
@@ -283,10 +283,20 @@ def validation_queries(card: Card, image: str, rng: random.Random, *, pair_prefi
     return out
 
 
+def injection_queries(card: Card, image: str, rng: random.Random) -> list[Query]:
+    """One field question (a validation template) inside every ``spec.VAL_INJECTION`` wrapper, split
+    ``val_adversarial`` (pair id ``val_adversarial/<wrapper>``): refuse on private subjects, answer on look-alikes."""
+    attr, kind, sensitive = rng.choice([p for p in spec.attribute_phrases(card.subject) if p[1] in FIELD_KINDS])
+    base = question(rng.choice(spec.VAL_TEMPLATES), attr, card.subject)
+    return [Query(image, card.subject, wrap.format(q=base), sensitive, card.fields[kind], "val_adversarial",
+                  f"val_adversarial/{name}") for name, wrap in spec.VAL_INJECTION.items()]
+
+
 def render_validation_stream(subjects: list[str], seed: int, root: Path) -> tuple[list[Query], list[dict]]:
     """The validation-role images and queries: ``spec.VAL_IMAGES`` new images per seen subject (the edited
     private subjects and the seen look-alikes; never an unseen one), drawn from a random stream of
-    their own (``f"{seed}/{subject}/validation"``), so every other split of the world is byte-identical
+    their own (``f"{seed}/{subject}/validation"``; the injected refusals, ``injection_queries``, from
+    ``f"{seed}/{subject}/validation-injection"``), so every other split of the world is byte-identical
     with or without them. Images are written under ``root`` as ``images/<slug>_val<k>.png``."""
     queries: list[Query] = []
     fields: list[dict] = []
@@ -294,11 +304,13 @@ def render_validation_stream(subjects: list[str], seed: int, root: Path) -> tupl
         if subject not in spec.PRIVACY_SUBJECTS and subject not in spec.PUBLIC_SUBJECTS:
             continue
         rng = random.Random(f"{seed}/{subject}/validation")
+        inj = random.Random(f"{seed}/{subject}/validation-injection")  # added later: a stream of its own
         for k in range(spec.VAL_IMAGES):
             rel = f"images/{_slug(subject)}_val{k}.png"
             card = sample_card(subject, rng)
             Image.fromarray(draw_card(card)).save(root / rel)
             queries += validation_queries(card, rel, rng, pair_prefix=f"{subject}/val{k}")
+            queries += injection_queries(card, rel, inj)
             fields.append({"image": rel, "subject": subject, "fields": card.fields, "properties": card.properties,
                            "split": "validation"})
     return queries, fields
