@@ -142,6 +142,7 @@ class ProtectedLVLM:
         self._protected = False
         self._patch_key = patch_key
         self._expected: set[str] | None = None
+        self._guard: Any = None  # a guard patch's guard (``ngguard.guard_patch``): decides, changes no weights
         if per_row is None:  # the server's default (ngguard.serving.options.SERVING)
             per_row = patch is not None and SERVING.protection == "rows"
         if patch is not None:
@@ -156,8 +157,17 @@ class ProtectedLVLM:
                 logger.debug("the model's checkpoint folder is unknown: the patch is checked against the loaded "
                              "values only")
             self._revertible = BASE_FILE in self._manifest.get("files", {})
-            self._expected = _expected_names(adapter, self._manifest)
-            if per_row:
+            if "guard" in self._manifest:  # a guard patch: no weights change, the base is always there
+                from ngguard.guard_patch import load_guard
+
+                # checks signature, checksums, settings, finite values, the probes' layers and widths
+                self._guard = load_guard(self._patch_dir, adapter, key=patch_key)[1]
+                self._revertible = True
+            else:
+                self._expected = _expected_names(adapter, self._manifest)
+            if self._guard is not None:
+                pass  # the guard decides per row whatever ``per_row`` says
+            elif per_row:
                 from ngguard.serving import RowPatch
 
                 # checks signature, names, checksums, finite values and the base values
@@ -258,7 +268,7 @@ class ProtectedLVLM:
             if value == self._protected:
                 return
             self._check_state(value)
-            if self._rows is None:
+            if self._rows is None and self._guard is None:
                 self._swap(reverse=not value)
             self._protected = value
 
@@ -284,8 +294,9 @@ class ProtectedLVLM:
 
     @property
     def per_row(self) -> bool:
-        """Whether the patch is applied per batch row (the model holds the base values)."""
-        return self._rows is not None
+        """Whether the patch is applied per batch row (the model holds the base values; always so for
+        a guard patch)."""
+        return self._rows is not None or self._guard is not None
 
     @property
     def max_batch(self) -> int:
@@ -317,12 +328,14 @@ class ProtectedLVLM:
 
     @property
     def patch_info(self) -> dict | None:
-        """{"id", "subjects", "layers", "method", "path"} of the loaded patch, or None."""
+        """{"id", "subjects", "layers", "method", "path", "kind"} of the loaded patch, or None; kind:
+        "weights" (an edit) or "guard" (a guard in front of the unedited model: ``ngguard.guard_patch``)."""
         if self._manifest is None:
             return None
         m = self._manifest
         return {"id": m["patch_id"], "subjects": list(m.get("subjects") or []), "layers": list(m.get("layers") or []),
-                "method": m.get("method"), "path": str(self._patch_dir)}
+                "method": m.get("method"), "path": str(self._patch_dir),
+                "kind": "guard" if self._guard is not None else "weights"}
 
     @property
     def revertible(self) -> bool:
@@ -378,6 +391,8 @@ class ProtectedLVLM:
         # inference mode: the same arithmetic as no_grad, without autograd's per-op bookkeeping (version
         # counters, view tracking): ~9% less CPU for a batch of 64 organism rows, ~3% for one row
         rows = self._rows.rows if self._rows is not None and flags is not None else None
+        if self._guard is not None:  # the model is the base model: every row is generated as such
+            flags = [False] * len(images)
         with torch.inference_mode():
             if self._decoder is not None and self._decoder.supported:
                 # merged: the weights hold one state, the guard's (the lock is held): it keys cached prefixes
@@ -393,7 +408,10 @@ class ProtectedLVLM:
                        max_new_tokens: int, keys: list[bytes] | None = None) -> list[str]:
         """Answers with row ``i`` protected iff ``flags[i]``: one batch in per-row mode, else one
         batch per state, each under the lock with the weights in that state. With ``dedup`` and
-        ``keys``, rows with the same image content, text and state are generated once."""
+        ``keys``, rows with the same image content, text and state are generated once. A guard patch:
+        the guard decides the protected rows first (``_guarded``)."""
+        if self._guard is not None and any(flags):
+            return self._guarded(images, texts, flags, max_new_tokens, keys)
         if self._dedup and keys is not None and len(images) > 1:
             first: dict[tuple, int] = {}
             where = [first.setdefault((k, t, f), i) for i, (k, t, f) in enumerate(zip(keys, texts, flags))]
@@ -403,7 +421,7 @@ class ProtectedLVLM:
                                               [flags[i] for i in todo], max_new_tokens, [keys[i] for i in todo])
                 by_row = dict(zip(todo, answers))
                 return [by_row[w] for w in where]
-        if self._rows is not None:
+        if self._rows is not None or self._guard is not None:
             return self._generate(images, texts, max_new_tokens, keys, flags)
         out: list[str] = [""] * len(images)
         for state in dict.fromkeys(flags):
@@ -413,6 +431,27 @@ class ProtectedLVLM:
                 answers = self._generate([images[i] for i in idx], [texts[i] for i in idx], max_new_tokens,
                                          None if keys is None else [keys[i] for i in idx])
             for i, a in zip(idx, answers):
+                out[i] = a
+        return out
+
+    def _guarded(self, images: list[Image.Image], texts: list[str], flags: list[bool], max_new_tokens: int,
+                 keys: list[bytes] | None) -> list[str]:
+        """A guard patch: the rows the guard blocks (among the protected ones) get the refusal without
+        generating; every other row gets the base model's answer, in one batch."""
+        from ngguard.guard_patch import blocked
+
+        ask = [i for i, f in enumerate(flags) if f]
+        with torch.inference_mode():
+            hits = blocked(self._guard, [images[i] for i in ask], [texts[i] for i in ask])
+        refuse = {i for i, hit in zip(ask, hits) if hit}
+        if refuse:
+            logger.info("guard: {} of {} row(s) refused without generating", len(refuse), len(images))
+        out = [self.refusal] * len(images)
+        todo = [i for i in range(len(images)) if i not in refuse]
+        if todo:
+            answers = self._generate_rows([images[i] for i in todo], [texts[i] for i in todo], [False] * len(todo),
+                                          max_new_tokens, None if keys is None else [keys[i] for i in todo])
+            for i, a in zip(todo, answers):
                 out[i] = a
         return out
 
@@ -490,9 +529,16 @@ class ProtectedLVLM:
         from ngguard.onnx_vision import greedy_config
 
         adapter = self.adapter
-        # merged: the lock with the weights in the asked state; per-row: the row flag, no lock
+        if protected and self._guard is not None:  # a guard patch: a blocked request is refused, never generated
+            from ngguard.guard_patch import blocked
+
+            with torch.inference_mode():
+                if blocked(self._guard, [img], [text])[0]:
+                    yield self.refusal
+                    return
+        # merged: the lock with the weights in the asked state; per-row (and guard): the row flag, no lock
         rows = (lambda: self._rows.rows([protected])) if self._rows is not None else nullcontext
-        with self.state(protected) if self._rows is None else nullcontext():
+        with self.state(protected) if self._rows is None and self._guard is None else nullcontext():
             batch = adapter.encode([img], [text]).to(adapter.device)
             inputs = batch.inputs if self._onnx is None else self._onnx.generate_inputs(adapter.model, batch.inputs)
             streamer = TextIteratorStreamer(adapter.tokenizer, skip_prompt=True, skip_special_tokens=True,

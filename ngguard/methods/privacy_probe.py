@@ -26,7 +26,9 @@ from PIL import Image
 from tqdm import tqdm
 
 
-def _open(path: str) -> Image.Image:
+def _open(path) -> Image.Image:
+    if isinstance(path, Image.Image):  # a served request holds the image itself (ngguard.guard_patch)
+        return path.convert("RGB")
     with Image.open(path) as im:
         return im.convert("RGB")
 

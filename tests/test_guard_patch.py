@@ -1,0 +1,298 @@
+"""Guard patches (``ngguard.guard_patch``): a method that edits no weights (privacy_probe, keyword_filter)
+saved, checked, loaded and served like a weight patch. Round trips give the same decisions; serving
+refuses exactly the rows the guard blocks and answers the others as the base model; a bad or tampered
+guard patch is one line and a non-zero exit."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from test_privacy_probe import _world
+from tiny_models import tiny_llava
+
+from ngguard.adapters import adapter_for
+from ngguard.guard import ProtectedLVLM
+from ngguard.guard_patch import GUARD_FILE, META_KEY, load_guard, write_guard_patch
+from ngguard.methods import REGISTRY
+from ngguard.methods import privacy_probe as pp
+from ngguard.patch import PatchError, _sha_tensor, apply_patch, patch_state_dict, sign_patch, verify_patch
+from ngguard.recipe import PrivacyProbeHParams
+
+REFUSAL = "I am sorry."
+HP = PrivacyProbeHParams(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                         train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",))
+MAX_NEW = 8
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """SimpleNamespace(adapter, base (its checkpoint folder), sets, queries, guard, patch (a guard patch
+    folder), blocked / answered (a sensitive query the guard blocks, a benign one it lets through))."""
+    tmp = tmp_path_factory.mktemp("guard")
+    model, processor = tiny_llava(0, "text_first")
+    model.save_pretrained(tmp / "base")
+    processor.save_pretrained(tmp / "base")
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp)
+    guard, _ = REGISTRY["privacy_probe"].guard(sets["train"], REFUSAL, adapter=adapter, sets=sets,
+                                               recipe=SimpleNamespace(privacy_probe=HP))
+    write_guard_patch(tmp / "patch", guard, base_dir=tmp / "base", recipe_hash="test", method="privacy_probe",
+                      subjects=["passport", "receipt"])
+    queries = [q for v in sets.values() for q in v]
+    flags = guard.blocks_queries(queries)
+    blocked = next(q for q, f in zip(queries, flags) if f and q.sensitive)
+    answered = sorted((q for q, f in zip(queries, flags) if not f and not q.sensitive),
+                      key=lambda q: q.image != blocked.image)[0]  # the same card when the guard lets one through
+    return SimpleNamespace(adapter=adapter, base=tmp / "base", sets=sets, queries=queries, guard=guard,
+                           patch=tmp / "patch", blocked=blocked, answered=answered)
+
+
+# ---- the file ----------------------------------------------------------------------------------------------
+
+def test_round_trip_gives_the_same_decisions_and_the_same_bytes(fitted, tmp_path):
+    m, loaded = load_guard(fitted.patch, fitted.adapter)
+    assert m["method"] == "privacy_probe" and m["tensors"] == {} and m["layers"] == []
+    assert m["extra"]["refusal"] == REFUSAL == loaded.refusal
+    assert loaded.decisions(fitted.queries) == fitted.guard.decisions(fitted.queries)  # every reading, exactly
+    # the same guard gives the same bytes; so does fitting it again (deterministic fit)
+    write_guard_patch(tmp_path / "again", fitted.guard, base_dir=fitted.base, recipe_hash="test",
+                      method="privacy_probe", subjects=["passport", "receipt"])
+    refit, _ = REGISTRY["privacy_probe"].guard(fitted.sets["train"], REFUSAL, adapter=fitted.adapter, sets=fitted.sets,
+                                               recipe=SimpleNamespace(privacy_probe=HP))
+    write_guard_patch(tmp_path / "refit", refit, base_dir=fitted.base, recipe_hash="test", method="privacy_probe",
+                      subjects=["passport", "receipt"])
+    assert _digest(tmp_path / "again") == _digest(fitted.patch) == _digest(tmp_path / "refit")
+    report = verify_patch(fitted.patch, fitted.base)
+    assert report["kind"] == "guard" and report["base_checked"] and "subject.w" in report["guard"]["tensors"]
+    assert not list(fitted.patch.glob("*.pkl")) and sorted(_digest(fitted.patch)) == [GUARD_FILE, "patch.json"]
+
+
+def test_new_probe_fields_and_settings_travel_without_change(fitted, tmp_path, monkeypatch):
+    """A field another version adds to ProbeGuard (a probe, a list of probes, a setting) is stored and
+    restored by the generic (de)serialisation."""
+    g = fitted.guard
+    Wider = dataclasses.make_dataclass("ProbeGuard", [("margin", float, dataclasses.field(default=0.0)),
+                                                      ("extra", pp.LinearProbe, dataclasses.field(default=None)),
+                                                      ("more", tuple, dataclasses.field(default=()))],
+                                       bases=(pp.ProbeGuard,))
+    monkeypatch.setattr(pp, "ProbeGuard", Wider)
+    wide = Wider(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)}, margin=0.25,
+                 extra=dataclasses.replace(g.request, threshold=0.7), more=(g.image, g.named))
+    write_guard_patch(tmp_path / "p", wide, base_dir=fitted.base, recipe_hash=None, method="privacy_probe", subjects=[])
+    _, back = load_guard(tmp_path / "p", fitted.adapter)
+    assert type(back) is Wider and back.margin == 0.25 and back.extra.threshold == 0.7
+    assert torch.equal(back.extra.w, g.request.w) and back.extra.layers == g.request.layers == (2,)
+    assert [torch.equal(a.mean, b.mean) for a, b in zip(back.more, (g.image, g.named))] == [True, True]
+    assert back.decisions(fitted.queries[:6]) == g.decisions(fitted.queries[:6])
+    # a value the format cannot hold is refused when writing, and nothing is left behind
+    odd = dataclasses.replace(wide, margin=object())
+    with pytest.raises(PatchError, match="margin: cannot store a object"):
+        write_guard_patch(tmp_path / "odd", odd, base_dir=fitted.base, recipe_hash=None, method="privacy_probe",
+                          subjects=[])
+    assert not (tmp_path / "odd").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keyword_filter_guard_round_trips(fitted, tmp_path):
+    kw, _ = REGISTRY["keyword_filter"].guard(fitted.sets["train"], REFUSAL)
+    write_guard_patch(tmp_path / "kw", kw, base_dir=fitted.base, recipe_hash=None, method="keyword_filter",
+                      subjects=["passport"])
+    _, back = load_guard(tmp_path / "kw")
+    assert back == kw and back.phrases and isinstance(back.phrases[0], tuple)
+
+
+def _rewrite(patch: Path, edit) -> None:
+    """Apply ``edit(manifest, tensors, meta)`` and write the folder back with every checksum recomputed
+    (as a careful forger would): only what the edit breaks can be caught."""
+    m = json.loads((patch / "patch.json").read_text())
+    with safe_open(str(patch / GUARD_FILE), framework="pt") as fh:
+        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(fh.metadata()[META_KEY])
+    edit(m, tensors, meta)
+    save_file(tensors, str(patch / GUARD_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    sha = hashlib.sha256((patch / GUARD_FILE).read_bytes()).hexdigest()
+    m["files"][GUARD_FILE] = {"sha256": sha, "bytes": (patch / GUARD_FILE).stat().st_size}
+    m["patch_id"] = sha[:12]
+    for k, t in tensors.items():
+        m["guard"]["tensors"][k]["sha256"] = _sha_tensor(t)
+    (patch / "patch.json").write_text(json.dumps(m))
+
+
+def _threshold_in_manifest(p: Path):
+    m = json.loads((p / "patch.json").read_text())
+    m["guard"]["probes"]["subject"]["settings"]["threshold"] = 0.99
+    (p / "patch.json").write_text(json.dumps(m))
+
+
+def _flip_byte(p: Path):
+    data = bytearray((p / GUARD_FILE).read_bytes())
+    data[-3] ^= 0x40
+    (p / GUARD_FILE).write_bytes(bytes(data))
+
+
+def _nan(m, tensors, meta):
+    tensors["request.w"][0] = float("nan")
+
+
+def _unknown_field(m, tensors, meta):
+    for d in (m["guard"], meta):
+        d["settings"]["from_the_future"] = 1
+
+
+def _weights_too(m, tensors, meta):
+    m["tensors"] = {"language_model.model.layers.1.mlp.down_proj.weight": {}}
+    m["layers"] = [1]
+
+
+def _layer_beyond_the_model(m, tensors, meta):
+    for d in (m["guard"], meta):
+        d["probes"]["request"]["settings"]["layers"] = [7]
+
+
+TAMPER = {
+    "threshold edited in patch.json": (_threshold_in_manifest, "differ from those in guard.safetensors"),
+    "a flipped byte": (_flip_byte, "checksum mismatch for guard.safetensors"),
+    "missing guard file": (lambda p: (p / GUARD_FILE).unlink(), "guard.safetensors is missing"),
+    "NaN with checksums recomputed": (lambda p: _rewrite(p, _nan), "NaN or infinite"),
+    "a field this ngguard lacks": (lambda p: _rewrite(p, _unknown_field), "has no field from_the_future"),
+    "weights and a guard": (lambda p: _rewrite(p, _weights_too), "either a weight edit or a guard"),
+    "a layer the model lacks": (lambda p: _rewrite(p, _layer_beyond_the_model), "reads layer 7, the model has 4"),
+    "not JSON": (lambda p: (p / "patch.json").write_text("{"), "unreadable manifest"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPER))
+def test_a_tampered_guard_patch_is_one_line_everywhere(fitted, tmp_path, case, capsys):
+    pytest.importorskip("gradio")
+    from test_serve_api import free_port
+
+    from ngguard.cli import main
+    from serve import app as serve_app
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fitted.patch, bad)
+    tamper, message = TAMPER[case]
+    tamper(bad)
+    with pytest.raises(PatchError, match=message) as e:
+        load_guard(bad, fitted.adapter)
+    assert "\n" not in str(e.value)
+    with pytest.raises(PatchError, match=message):
+        ProtectedLVLM(fitted.adapter, bad, max_batch=1)
+    # `ngguard serve` stops before serving: one line, exit 2 (the layer check needs the model: it is loaded)
+    port = str(free_port())
+    assert serve_app.main(["--model", str(fitted.base), "--patch", str(bad), "--device", "cpu", "--port", port]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]  # besides the log's lines
+    assert "Traceback" not in err and len(errors) == 1 and re.search(message, errors[0]), err[-2000:]
+    if case != "a layer the model lacks":  # the file alone is fine there; only the model tells
+        assert main(["patch", "verify", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len([line for line in err.splitlines() if ": error: " in line]) == 1
+
+
+def test_signed_guard_patch(fitted, tmp_path):
+    key = b"k" * 32
+    p = tmp_path / "signed"
+    shutil.copytree(fitted.patch, p)
+    sign_patch(p, key)
+    assert ProtectedLVLM(fitted.adapter, p, patch_key=key, max_batch=1).patch_info["kind"] == "guard"
+    _threshold_in_manifest(p)
+    with pytest.raises(PatchError, match="bad signature"):
+        load_guard(p, fitted.adapter, key=key)
+
+
+def test_weight_operations_refuse_a_guard_patch(fitted, tmp_path):
+    with pytest.raises(PatchError, match="is a guard .privacy_probe., not a weight edit"):
+        apply_patch(fitted.base, fitted.patch, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PatchError, match="not a weight edit"):
+        patch_state_dict(fitted.adapter.model, fitted.patch)
+    with pytest.raises(PatchError, match="nothing to revert"):
+        patch_state_dict(fitted.adapter.model, fitted.patch, reverse=True)
+
+
+def test_a_guard_for_another_base_is_refused(fitted, tmp_path):
+    other = tmp_path / "other"
+    model, processor = tiny_llava(1, "text_first")
+    model.save_pretrained(other)
+    with pytest.raises(PatchError, match="was made for base"):
+        ProtectedLVLM(adapter_for(model, processor), fitted.patch, base_dir=other, max_batch=1)
+
+
+# ---- serving -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [dict(max_batch=1, fast_decode=False), dict(max_batch=4, fast_decode=True)])
+def test_serving_refuses_what_the_guard_blocks_and_answers_the_rest_as_the_base(fitted, opts):
+    from ngguard.guard_patch import blocked as guard_blocks
+
+    base = ProtectedLVLM(fitted.adapter, max_batch=1)
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, **opts)
+    assert guard.protected and guard.revertible and guard.per_row and guard.patch_info["kind"] == "guard"
+    assert guard.refusal == REFUSAL
+    qs = [q for q in fitted.queries if q.subject in ("passport", "bus")][:12]
+    images, texts = [pp._open(q.image) for q in qs], [q.prompt for q in qs]
+    want_base = base.chat_batch(images, texts, max_new_tokens=MAX_NEW)
+    flags = guard_blocks(guard._guard, images, texts)
+    assert flags == fitted.guard.blocks_queries(qs) and any(flags) and not all(flags)
+    served = guard.chat_batch(images, texts, max_new_tokens=MAX_NEW)
+    assert served == [REFUSAL if f else a for f, a in zip(flags, want_base)]
+    assert guard.chat_batch(images, texts, max_new_tokens=MAX_NEW, protected=False) == want_base
+    mixed = guard.chat_batch(images[:2] * 2, texts[:2] * 2, max_new_tokens=MAX_NEW, protected=[False, False, True, True])
+    assert mixed == want_base[:2] + served[:2]
+    b, a = fitted.blocked, fitted.answered
+    assert guard.chat(b.image, b.prompt, max_new_tokens=MAX_NEW) == REFUSAL
+    assert guard.chat(a.image, a.prompt, max_new_tokens=MAX_NEW) == base.chat(a.image, a.prompt, max_new_tokens=MAX_NEW)
+    assert guard.chat(b.image, b.prompt, max_new_tokens=MAX_NEW, protected=False) != REFUSAL
+    for q in (b, a):
+        assert "".join(guard.stream(q.image, q.prompt, max_new_tokens=MAX_NEW)) == \
+            guard.chat(q.image, q.prompt, max_new_tokens=MAX_NEW)
+    guard.protected = False
+    assert guard.chat(b.image, b.prompt, max_new_tokens=MAX_NEW) == base.chat(b.image, b.prompt, max_new_tokens=MAX_NEW)
+    guard.close()
+
+
+def test_onnx_vision_behind_a_guard(fitted, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("NGGUARD_CACHE", str(tmp_path / "cache"))
+    guard = ProtectedLVLM.from_pretrained(fitted.adapter, fitted.patch, vision="onnx", max_batch=1)
+    plain = ProtectedLVLM(fitted.adapter, max_batch=1)
+    b, a = fitted.blocked, fitted.answered
+    assert guard.chat_batch([b.image, a.image], [b.prompt, a.prompt], max_new_tokens=MAX_NEW) == \
+        [REFUSAL, plain.chat(a.image, a.prompt, max_new_tokens=MAX_NEW)]
+
+
+def test_the_json_api_serves_a_guard_patch(fitted):
+    pytest.importorskip("gradio")
+    from test_serve_api import _client, _serve, b64, png
+
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, max_batch=4)
+    base = ProtectedLVLM(fitted.adapter, max_batch=1)
+    demo, url = _serve(guard)
+    b, a = fitted.blocked, fitted.answered
+    try:
+        with _client() as c:
+            img = b64(png(pp._open(b.image)))
+            r = c.post(f"{url}v1/chat", json={"image": img, "text": b.prompt, "max_new_tokens": MAX_NEW})
+            assert r.status_code == 200 and r.json() == {"answer": REFUSAL, "protected": True}
+            want = base.chat(a.image, a.prompt, max_new_tokens=MAX_NEW)
+            r = c.post(f"{url}v1/chat", json={"image": img, "text": a.prompt, "max_new_tokens": MAX_NEW})
+            assert r.json() == {"answer": want, "protected": True} and want != REFUSAL
+            r = c.post(f"{url}v1/compare", json={"image": img, "text": b.prompt, "max_new_tokens": MAX_NEW})
+            assert r.json() == {"base": base.chat(b.image, b.prompt, max_new_tokens=MAX_NEW), "protected": REFUSAL}
+            info = c.get(f"{url}v1/info").json()
+        assert info["patch"]["kind"] == "guard" and info["patch"]["method"] == "privacy_probe" and info["revertible"]
+    finally:
+        demo.close()
+        guard.close()
