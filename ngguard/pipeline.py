@@ -295,8 +295,9 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
                                          recipe_hash=recipe_hash(recipe), method=recipe.method,
                                          subjects=main["edit_subjects"],
                                          extra={"recipe": recipe.name, "refusal": recipe.edit.refusal})
-        save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
-                  str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
+        if locs:  # (a guard as the method localizes nothing)
+            save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
+                      str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
         timings["write"] = time.time() - t
         timings["total"] = time.time() - t0
         progress.done("write", timings["write"])
