@@ -11,6 +11,11 @@ A patch folder holds::
                         hash, layers, method, subjects, gate stats, ngguard version. No timestamps:
                         the same inputs give the same bytes.
 
+A GUARD patch (a method that edits no weights: ``ngguard.guard_patch``) holds guard.safetensors instead
+of patch.safetensors and a ``guard`` section in patch.json (``tensors: {}``, ``layers: []``); the
+same manifest reader, signature and base checks apply, and the weight operations (apply, revert,
+swap, LoRA export) refuse it in one line.
+
 Tensor names are CHECKPOINT names (as stored in the base's safetensors files), which can differ
 from a loaded model's parameter names in transformers 5 (``compat.checkpoint_renames``, with the
 family's ``Adapter.checkpoint_renames`` as the fallback); pass ``model=`` to ``write_patch`` to

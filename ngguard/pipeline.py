@@ -383,7 +383,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     timings["evaluate before"] = time.time() - t
 
     t = time.time()
-    if layers is None and not REGISTRY[recipe.method].edits_weights and recipe.searches_layers:
+    guard_only = not any(REGISTRY[m].edits_weights for m in (recipe.method, *recipe.report.compare_methods))
+    if layers is None and not REGISTRY[recipe.method].edits_weights and (recipe.searches_layers or guard_only):
         layers, search = [], {"skipped": f"{recipe.method} edits no weights"}  # a guard: no layer to search
     elif layers is None:
         layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)

@@ -221,6 +221,19 @@ def test_weight_operations_refuse_a_guard_patch(fitted, tmp_path):
         patch_state_dict(fitted.adapter.model, fitted.patch)
     with pytest.raises(PatchError, match="nothing to revert"):
         patch_state_dict(fitted.adapter.model, fitted.patch, reverse=True)
+    from ngguard.lora import export_lora
+
+    with pytest.raises(PatchError, match="not a weight edit"):
+        export_lora(fitted.patch, tmp_path / "lora", rank=2, base=str(fitted.base))
+    assert not (tmp_path / "lora").exists()
+
+
+def test_patch_verify_names_a_guard(fitted, capsys):
+    from ngguard.cli import main
+
+    assert main(["patch", "verify", str(fitted.patch), "--base", str(fitted.base)]) == 0
+    out = capsys.readouterr().out
+    assert "OK: guard (privacy_probe, 20 tensors, no weight changes), base fingerprint matches" in out
 
 
 def test_a_guard_for_another_base_is_refused(fitted, tmp_path):
