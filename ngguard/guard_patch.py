@@ -68,6 +68,9 @@ def _plain(value: Any, where: str) -> Any:
         return [_plain(v, where) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _plain(v, where) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.numel() == 1 or type(value).__module__ == "numpy" and \
+            getattr(value, "shape", None) == ():  # a number held as a tensor / numpy scalar
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         raise _error(f"{where}: {value} cannot be stored in a guard patch (not finite)")
     if value is None or isinstance(value, (str, bool, int, float)):

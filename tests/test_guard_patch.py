@@ -393,3 +393,41 @@ def test_the_bundled_organism_behind_a_privacy_probe_guard(tmp_path):
     assert RefusalJudge().is_refusal(served.chat(card, sensitive)) and not RefusalJudge().is_refusal(base.chat(card, sensitive))
     assert served.chat(card, benign) == base.chat(card, benign) and not RefusalJudge().is_refusal(base.chat(card, benign))
     assert served.chat(card, sensitive, protected=False) == base.chat(card, sensitive)
+
+
+def test_concurrent_requests_behind_a_guard_each_get_their_own_answer(fitted, run_threads):
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, max_batch=8, batch_wait_ms=20)
+    qs = [q for q in fitted.queries if q.subject in ("passport", "bus")][:6]
+    want = {(i, p): guard.chat(q.image, q.prompt, max_new_tokens=MAX_NEW, protected=p)
+            for i, q in enumerate(qs) for p in (False, True)}
+    assert REFUSAL in want.values() and any(a != REFUSAL for a in want.values())
+    got = {}
+
+    def ask(k):
+        i, p = k % len(qs), bool(k // len(qs) % 2)
+        got[k] = (i, p, guard.chat(qs[i].image, qs[i].prompt, max_new_tokens=MAX_NEW, protected=p))
+
+    run_threads(ask, 4 * len(qs))
+    assert len(got) == 4 * len(qs) and all(want[(i, p)] == a for i, p, a in got.values())
+    guard.close()
+
+
+def test_ngguard_serve_with_a_guard_patch(fitted):
+    pytest.importorskip("gradio")
+    import argparse
+
+    from test_serve_api import _client, b64, free_port, png
+
+    from serve import app as serve_app
+
+    args = argparse.Namespace(model=str(fitted.base), patch=str(fitted.patch), port=free_port(), device="cpu",
+                              max_new_tokens=MAX_NEW)
+    demo, (_, url, _) = serve_app.serve_cli(args, block=False)
+    b = fitted.blocked
+    try:
+        with _client() as c:
+            r = c.post(f"{url}v1/chat", json={"image": b64(png(pp._open(b.image))), "text": b.prompt})
+            assert r.status_code == 200 and r.json() == {"answer": REFUSAL, "protected": True}
+            assert c.get(f"{url}v1/info").json()["patch"]["kind"] == "guard"
+    finally:
+        demo.close()
