@@ -156,7 +156,7 @@ def write_guard_patch(out_dir: str | os.PathLike, guard: Any, *, base_dir: str |
             "guard": desc, "created_by": f"ngguard {__version__}",
         }
         _dump_json(tmp / MANIFEST, manifest)
-        check_guard_files(tmp, manifest)  # read back: what we wrote is what the manifest says
+        load_guard(tmp)  # read back: what we wrote is what the manifest says, and it builds the guard
     logger.info("guard patch {} ({}) written to {} ({} tensors)", manifest["patch_id"], method, out_dir, len(tensors))
     return manifest
 
@@ -270,6 +270,11 @@ def _build(cls: type, desc: dict, prefix: str, tensors: dict[str, torch.Tensor],
             raise _error(f"patch {pid}: {cls.__name__} has no field {prefix}{name} (a guard written by another "
                          f"ngguard version?)")
     for name, value in settings.items():
+        default = fields[name].default  # a setting with a number / string / flag default keeps its type
+        if isinstance(default, (bool, int, float, str)) and not (
+                type(value) is type(default) or isinstance(default, float) and type(value) is int):
+            raise _error(f"patch {pid}: {cls.__name__} setting {prefix}{name} must be a {type(default).__name__}, "
+                         f"got {type(value).__name__} {value!r:.40}")
         kw[name] = _value(fields[name], value)
     for name, value in probes.items():
         if isinstance(value, list):

@@ -451,8 +451,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
         sweep[alpha]["split"] = sweep_split
         backup.restore()
     return {"before": before, "methods": results, "layers": list(layers), "search": search, "locs": locs,
-            "gate_diag": gate_diag, "main_weights": main_weights, "main_guard": main_guard, "edit_subjects": edit_subjects, "sweep": sweep,
-            "timings": timings}
+            "gate_diag": gate_diag, "main_weights": main_weights, "main_guard": main_guard, "edit_subjects": edit_subjects,
+            "sweep": sweep, "timings": timings}
 
 
 def recipe_deviations(recipe: Recipe) -> list[str]:

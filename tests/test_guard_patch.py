@@ -156,6 +156,11 @@ def _weights_too(m, tensors, meta):
     m["layers"] = [1]
 
 
+def _batch_size_text(m, tensors, meta):
+    for d in (m["guard"], meta):
+        d["settings"]["batch_size"] = "64"
+
+
 def _layer_beyond_the_model(m, tensors, meta):
     for d in (m["guard"], meta):
         d["probes"]["request"]["settings"]["layers"] = [7]
@@ -167,6 +172,7 @@ TAMPER = {
     "missing guard file": (lambda p: (p / GUARD_FILE).unlink(), "guard.safetensors is missing"),
     "NaN with checksums recomputed": (lambda p: _rewrite(p, _nan), "NaN or infinite"),
     "a field this ngguard lacks": (lambda p: _rewrite(p, _unknown_field), "has no field from_the_future"),
+    "a setting of the wrong type": (lambda p: _rewrite(p, _batch_size_text), "setting batch_size must be a int"),
     "weights and a guard": (lambda p: _rewrite(p, _weights_too), "either a weight edit or a guard"),
     "a layer the model lacks": (lambda p: _rewrite(p, _layer_beyond_the_model), "reads layer 7, the model has 4"),
     "not JSON": (lambda p: (p / "patch.json").write_text("{"), "unreadable manifest"),
