@@ -11,6 +11,11 @@ A patch folder holds::
                         hash, layers, method, subjects, gate stats, ngguard version. No timestamps:
                         the same inputs give the same bytes.
 
+A GUARD patch (a method that edits no weights: ``ngguard.guard_patch``) holds guard.safetensors instead
+of patch.safetensors and a ``guard`` section in patch.json (``tensors: {}``, ``layers: []``); the
+same manifest reader, signature and base checks apply, and the weight operations (apply, revert,
+swap, LoRA export) refuse it in one line.
+
 Tensor names are CHECKPOINT names (as stored in the base's safetensors files), which can differ
 from a loaded model's parameter names in transformers 5 (``compat.checkpoint_renames``, with the
 family's ``Adapter.checkpoint_renames`` as the fallback); pass ``model=`` to ``write_patch`` to
@@ -410,6 +415,10 @@ def _check_schema(m: dict, path: Path) -> None:
 
 
 def _check_patch_manifest(m: dict, path: Path) -> None:
+    from .guard_patch import check_guard_manifest, is_guard
+
+    if is_guard(m):  # a guard patch (``ngguard.guard_patch``): no weight tensors, a guard section
+        return check_guard_manifest(m, path)
     _check_schema(m, path)
     if not m["tensors"]:
         raise PatchError(f"{path}: manifest lists no tensors")
@@ -483,6 +492,14 @@ def _check_patch(patch_dir: Path, *, need_base: bool = False,
     m = read_manifest(patch_dir)
     if key is not None:
         _check_signature(patch_dir, m, key)
+    if "guard" in m:  # a guard patch: its own file, no weight tensors
+        from .guard_patch import check_guard_files
+
+        check_guard_files(patch_dir, m)
+        if need_base:
+            raise PatchError(f"patch {m['patch_id']} is a guard ({m['method']}): it changes no weights, there is "
+                             f"nothing to revert")
+        return m, {}, None
     check_tensor_names(m)
     new = _check_file(patch_dir, m, PATCH_FILE, "sha256", "patch file")
     old = None
@@ -686,6 +703,13 @@ def write_patch(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     return manifest
 
 
+def _weights_only(m: dict, what: str) -> None:
+    """Refuse a guard patch where weights are to be written (one line)."""
+    if "guard" in m:
+        raise PatchError(f"patch {m['patch_id']} is a guard ({m['method']}), not a weight edit: {what}; serve it on "
+                         f"the unedited base (ngguard serve --model BASE --patch DIR, ProtectedLVLM)")
+
+
 def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None, *,
                  key: bytes | None = None) -> dict:
     """Check a patch folder: manifest (field types; every tensor is the manifest's module in one
@@ -711,7 +735,14 @@ def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | Non
         "base_checked": False,
         "signature": "valid" if key is not None else ("not checked (no key)" if (patch_dir / SIGNATURE).exists()
                                                        else "none"),
+        "kind": "guard" if "guard" in m else "weights",
     }
+    if "guard" in m:  # what the guard holds (``ngguard.guard_patch``): built once, so its fields are checked too
+        from .guard_patch import load_guard
+
+        load_guard(patch_dir, key=key)
+        report["guard"] = {"class": m["guard"]["class"], "tensors": sorted(m["guard"]["tensors"]),
+                           "probes": sorted(m["guard"].get("probes", {}))}
     if base_dir is not None:
         check_base(m, base_dir)
         report["base_checked"] = True
@@ -749,6 +780,7 @@ def apply_patch(base_dir: str | os.PathLike, patch_dir: str | os.PathLike, out_d
     base_dir, patch_dir, out_dir = Path(base_dir), Path(patch_dir), Path(out_dir)
     _check_out(out_dir, overwrite, base_dir, patch_dir)
     m, new_locs, _ = _check_patch(patch_dir, key=key)
+    _weights_only(m, "there is no checkpoint to write")
     check_base(m, base_dir)
     locs = _locate(base_dir)
     targets = {n: locs[n] for n in m["tensors"]}
@@ -799,6 +831,7 @@ def load_patch_tensors(patch_dir: str | os.PathLike, *, key: bytes | None = None
     names, in the patch's dtype on the CPU. Checksums are verified first (PatchError otherwise);
     ``key`` and ``expected``: as ``patch_state_dict`` (signature, allowed tensor names)."""
     m, new_locs, old_locs = _check_patch(Path(patch_dir), key=key)
+    _weights_only(m, "it holds no weight tensors")
     if expected is not None:
         check_tensor_names(m, expected)
 
@@ -822,6 +855,7 @@ def patch_state_dict(model: torch.nn.Module, patch_dir: str | os.PathLike, *, re
     may hold (``check_tensor_names``). Returns the model parameter names changed."""
     patch_dir = Path(patch_dir)
     m, new_locs, old_locs = _check_patch(patch_dir, need_base=reverse, key=key)
+    _weights_only(m, "it holds no weights to swap")
     if expected is not None:
         check_tensor_names(m, expected)
     src = old_locs if reverse else new_locs

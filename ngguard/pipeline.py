@@ -9,8 +9,10 @@ the evaluation and the report.
 ``run_recipe`` writes one run folder atomically (built in a temp folder next to it, renamed at the
 end: a killed run leaves no folder):
 
-    model/              the edited model, a standard HF checkpoint (unedited tensors byte-identical)
-    patch/              patch.safetensors + patch.json (+ base.safetensors for revert)
+    model/              the edited model, a standard HF checkpoint (unedited tensors byte-identical);
+                        not written for a method that edits no weights (the base is the model)
+    patch/              patch.safetensors + patch.json (+ base.safetensors for revert); for a method
+                        that edits no weights, a guard patch (``guard_patch``: guard.safetensors + patch.json)
     gates.safetensors   per layer and subject: the gate values M
     world/              the rendered synthetic world (when the recipe asks for one)
     report.json, report.md, *.png
@@ -279,13 +281,23 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         thr = recipe.localization.threshold
         top_k = recipe.localization.top_k
         gate_stats = {str(l): loc.stats(thr, top_k) for l, loc in locs.items() if l in layers}
-        manifest = write_patch(tmp / "patch", main["main_weights"], base_dir=model_dir, recipe_hash=recipe_hash(recipe),
-                               layers=layers, method=recipe.method, gate_stats=gate_stats,
-                               subjects=main["edit_subjects"], extra={"recipe": recipe.name, "module": recipe.module,
-                                      "refusal": recipe.edit.refusal})  # where serving stops an answer
-        apply_patch(model_dir, tmp / "patch", tmp / "model")
-        save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
-                  str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
+        if REGISTRY[recipe.method].edits_weights:
+            manifest = write_patch(tmp / "patch", main["main_weights"], base_dir=model_dir,
+                                   recipe_hash=recipe_hash(recipe), layers=layers, method=recipe.method,
+                                   gate_stats=gate_stats, subjects=main["edit_subjects"],
+                                   extra={"recipe": recipe.name, "module": recipe.module,
+                                          "refusal": recipe.edit.refusal})  # where serving stops an answer
+            apply_patch(model_dir, tmp / "patch", tmp / "model")
+        else:  # a guard in front of the unedited model: its patch holds the guard, no model copy
+            from .guard_patch import write_guard_patch
+
+            manifest = write_guard_patch(tmp / "patch", main["main_guard"], base_dir=model_dir,
+                                         recipe_hash=recipe_hash(recipe), method=recipe.method,
+                                         subjects=main["edit_subjects"],
+                                         extra={"recipe": recipe.name, "refusal": recipe.edit.refusal})
+        if locs:  # (a guard as the method localizes nothing)
+            save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
+                      str(tmp / "gates.safetensors"), metadata={"threshold": str(thr)})
         timings["write"] = time.time() - t
         timings["total"] = time.time() - t0
         progress.done("write", timings["write"])
@@ -371,23 +383,27 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     timings["evaluate before"] = time.time() - t
 
     t = time.time()
-    if layers is None:
+    guard_only = not any(REGISTRY[m].edits_weights for m in (recipe.method, *recipe.report.compare_methods))
+    if layers is None and not REGISTRY[recipe.method].edits_weights and (recipe.searches_layers or guard_only):
+        layers, search = [], {"skipped": f"{recipe.method} edits no weights"}  # a guard: no layer to search
+    elif layers is None:
         layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)
     else:
         search = {"layers_from_first_seed": list(layers)}
     locs = search.pop("_locs", {})
     timings["layer search"] = time.time() - t
     t = time.time()
-    need = [l for l in layers if l not in locs]
+    # a guard as the main method localizes nothing (a compared method that needs gates localizes its own layers)
+    need = [l for l in layers if l not in locs] if REGISTRY[recipe.method].edits_weights else []
     locs.update(localize_layers(adapter, samples, need, recipe, cache) if need else {})
-    locs = {l: locs[l] for l in sorted(set(layers) | set(locs))}
+    locs = {l: locs[l] for l in sorted(locs)}  # every layer of ``layers`` for an edit
     timings["localize"] = time.time() - t
 
     gate_diag = {str(l): subject_gradient_share(adapter, samples, l, module=recipe.module, refusal=recipe.edit.refusal,
-                                                alpha=recipe.edit.alpha) for l in layers}
+                                                alpha=recipe.edit.alpha) for l in layers if l in locs}
     results: dict[str, dict] = {}
     methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
-    main_weights = None
+    main_weights = main_guard = None
     for method in methods:  # each from the same start: the edited matrices are restored after each
         t = time.time()
         entry = REGISTRY[method]
@@ -396,6 +412,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
                 if entry.guard_needs_model else entry.guard(sets["train"], recipe.edit.refusal)
             after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge)) for name, res in before.items()}
             results[method] = {"layers": [], "after": after, **fields}
+            main_guard = guard if method == recipe.method else main_guard
             timings[f"evaluate {method}"] = time.time() - t
             continue
         m_layers = layers
@@ -434,8 +451,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
         sweep[alpha]["split"] = sweep_split
         backup.restore()
     return {"before": before, "methods": results, "layers": list(layers), "search": search, "locs": locs,
-            "gate_diag": gate_diag, "main_weights": main_weights, "edit_subjects": edit_subjects, "sweep": sweep,
-            "timings": timings}
+            "gate_diag": gate_diag, "main_weights": main_weights, "main_guard": main_guard, "edit_subjects": edit_subjects,
+            "sweep": sweep, "timings": timings}
 
 
 def recipe_deviations(recipe: Recipe) -> list[str]:

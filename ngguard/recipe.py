@@ -613,7 +613,9 @@ def _layers(v, ctx: _Ctx, key: str):
 @dataclass(frozen=True)
 class Recipe:
     model: ModelSpec = _f(MISSING, _nested(ModelSpec))
-    method: str = _f(MISSING, _choice(EDIT_METHODS, " (keyword_filter is a baseline: name it in report.compare_methods)"))
+    # an edit (EDIT_METHODS), or a guard that edits no weights (keyword_filter, privacy_probe): its patch is
+    # then a guard patch (ngguard.guard_patch), served in front of the unedited model
+    method: str = _f(MISSING, _choice(METHODS))
     data: DataSpec = _f(MISSING, _nested(DataSpec))
     name: str = _f("recipe", _name)
     seed: int = _f(0, _int(ge=0, le=_L.max_seed))
@@ -798,6 +800,10 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         if both:
             raise ctx.fail("data.heldout_subjects", f"{both[0]!r} is also in data.subjects "
                                                     f"(held-out subjects are never edited)")
+    edits = [m for m in recipe.report.compare_methods if m in EDIT_METHODS]
+    if recipe.method not in EDIT_METHODS and isinstance(recipe.layers, LayerSearch) and edits:
+        raise ctx.fail("layers", f"a layer search needs the main method to edit weights ({recipe.method} does not): "
+                                 f"give fixed layers for report.compare_methods' {edits[0]}")
     if data.val_holdout:
         from .world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS
         bad = [s for s in data.val_holdout if s not in PRIVACY_SUBJECTS + PUBLIC_SUBJECTS]
@@ -858,7 +864,9 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
 def edited_layers(recipe: Recipe, num_layers: int | None = None) -> list[int]:
     """The layers an edit may write: ``layers``, or every layer of the search's scan (its candidates
     are edited on trial), cut to ``num_layers`` when known."""
-    if isinstance(recipe.layers, LayerSearch):
+    if isinstance(recipe.layers, LayerSearch) and recipe.method not in EDIT_METHODS:
+        out = []  # a guard edits nothing (and searches no layers)
+    elif isinstance(recipe.layers, LayerSearch):
         lo, hi = recipe.layers.scan
         out = list(range(lo, hi + 1))
     else:
@@ -980,6 +988,8 @@ def check_layers(recipe: Recipe, num_layers: int) -> None:
     """Check the recipe's layers against a loaded model with ``num_layers`` decoder layers
     (call before any work). Raises RecipeError (one line)."""
     file = recipe.source or _NO_FILE
+    if isinstance(recipe.layers, LayerSearch) and recipe.method not in EDIT_METHODS:
+        return  # a guard searches no layers
     if isinstance(recipe.layers, LayerSearch):
         lo, hi = recipe.layers.scan
         if hi >= num_layers:

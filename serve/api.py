@@ -175,7 +175,7 @@ class Service:
         guard, patch = self.guard, self.guard.patch_info
         limits = guard.limits
         return {"model": type(guard.adapter.model).__name__, "vision": guard.vision,
-                "patch": None if patch is None else {k: patch[k] for k in ("id", "subjects", "layers", "method")},
+                "patch": None if patch is None else {k: patch[k] for k in ("id", "subjects", "layers", "method", "kind")},
                 "revertible": guard.revertible, "expose_base": self.base_ok, "max_new_tokens": self.max_new_tokens,
                 "max_batch": guard.max_batch, "per_row": guard.per_row,
                 "limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,

@@ -333,6 +333,10 @@ def patch_markdown(guard: "ProtectedLVLM") -> str:
         DISPLAY = {}
     subjects = ", ".join(DISPLAY.get(s, s) for s in info["subjects"]) or "(none listed)"
     layers = ", ".join(str(x) for x in info["layers"]) or "(none listed)"
+    if info.get("kind") == "guard":  # a guard in front of the unedited model (ngguard.guard_patch)
+        return (f"**Protection guard** `{info['id']}` · method **{info['method']}** · no weights edited: a blocked "
+                f"question gets the refusal, every other one the base model's answer · protects questions about: "
+                f"**{subjects}**")
     return (f"**Protection patch** `{info['id']}` · method **{info['method']}** · edited layer(s) **{layers}** "
             f"· protects questions about: **{subjects}**")
 

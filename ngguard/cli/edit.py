@@ -10,7 +10,9 @@ from .common import Subparsers, check_out_folder, common, out_folder
 def add(sub: Subparsers) -> None:
     p = sub.add_parser("edit", parents=[common()], help="run a recipe: layer search, localization, gated edit",
                        description="Runs a recipe end to end and writes DIR/model (HF checkpoint), DIR/patch "
-                                   "(only the changed matrices + manifest) and DIR/report.{json,md,png}.")
+                                   "(only the changed matrices + manifest) and DIR/report.{json,md,png}. With a "
+                                   "method that edits no weights (privacy_probe, keyword_filter) DIR/patch is a guard "
+                                   "patch (served with ngguard serve --patch DIR/patch) and there is no DIR/model.")
     p.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/organism.yaml")
     out_folder(p, "run folder (default: runs/<recipe name>)", overwrite="replace an existing run folder", required=False)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

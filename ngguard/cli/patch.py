@@ -72,8 +72,10 @@ def cli_patch(args: argparse.Namespace) -> int:
             print(json.dumps(r, indent=2))
         else:
             base = "base fingerprint matches" if r["base_checked"] else "base not checked (pass --base)"
-            print(f"patch {r['patch_id']} OK: {len(r['tensors'])} tensors, "
-                  f"{'revertible' if r['revertible'] else 'not revertible'}, {base}, signature {r['signature']}")
+            what = f"guard ({r['method']}, {len(r['guard']['tensors'])} tensors, no weight changes)" \
+                if r["kind"] == "guard" else \
+                f"{len(r['tensors'])} tensors, {'revertible' if r['revertible'] else 'not revertible'}"
+            print(f"patch {r['patch_id']} OK: {what}, {base}, signature {r['signature']}")
     else:
         raise PatchError(f"unknown patch command {cmd!r} (apply, revert, verify, sign)")
     return 0

@@ -28,7 +28,9 @@ from tqdm import tqdm
 from ..world.spec import PROBE_CONTEXTS, REFUSAL
 
 
-def _open(path: str) -> Image.Image:
+def _open(path) -> Image.Image:
+    if isinstance(path, Image.Image):  # a served request holds the image itself (ngguard.guard_patch)
+        return path.convert("RGB")
     with Image.open(path) as im:
         return im.convert("RGB")
 
