@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     hid = list(range(adapter.num_layers + 1))
     hp0 = r.privacy_probe
     with tempfile.TemporaryDirectory() as tmp:
-        sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed)
+        sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed).splits
         queries, neutral = training_queries(sets, hp0)
         st = query_states(adapter, queries + neutral, hid, desc="states (training)")
         val = [q for name in VALIDATION_SETS if name != "val" for q in sets.get(name, [])]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,9 +38,10 @@ from .data import Query, load_queries, paper_split, read_jsonl
 from .devices import pick_device
 from .evaluate import evaluate, rescore_with_guard, score
 from .judges import make_judge
-from .layer_search import choose_layers, gates_for, localize_layers
+from .layer_search import LayerChoice, choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
+from .methods.neural_gate import LayerLocalization
 from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
 from .progress import COST, RunProgress, StageClock
 from .stage_cache import StageCache, queries_fingerprint
@@ -64,10 +65,19 @@ MULTIP2A_PER_SUBJECT = 20
 
 
 # ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Sets:
+    """What ``build_sets`` hands on: the query sets by split name (``world.render.SPLITS`` for a
+    rendered world; train / test / heldout_subjects / utility for a query file) and the subjects the
+    edit trains on (``data.subjects`` less ``data.val_holdout``)."""
+
+    splits: dict[str, list[Query]]
+    edit_subjects: list[str]
+
+
 def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
-               world_name: str = "world") -> dict[str, list[Query]]:
-    """The query sets of the benchmark, by split name (``world.render.SPLITS`` for a rendered world;
-    train / test / heldout_subjects / utility for a query file). ``world_seed`` overrides
+               world_name: str = "world") -> Sets:
+    """The query sets of the benchmark and the edited subjects (``Sets``). ``world_seed`` overrides
     ``data.world.seed`` (the seed loop renders a new world per seed)."""
     from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
     d = recipe.data
@@ -117,7 +127,7 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     if not sets["train"]:
         raise ValueError("no training queries (split 'train') for the edited subjects")
     logger.info("data: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + f"; edit subjects {edit_subjects}")
-    return {"_edit_subjects": edit_subjects, **sets}
+    return Sets(splits=dict(sets), edit_subjects=edit_subjects)
 
 
 def _open(path: str) -> Image.Image:
@@ -264,24 +274,24 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         check_placement(recipe, adapter)
         load_s = time.time() - t0
         seeds = recipe.run_seeds
-        runs: dict[int, dict] = {}
+        runs: dict[int, SeedRun] = {}
         progress = RunProgress(f"{recipe.name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
         progress.plan({"write": COST["other"]})
         for k, seed in enumerate(seeds):
             # the layer search runs once, on the first seed; the other seeds reuse its layers
             runs[seed] = run_seed(adapter, recipe, model_dir, tmp, seed, first=k == 0,
-                                  layers=None if k == 0 else runs[seeds[0]]["layers"], cache=stage_cache,
+                                  layers=None if k == 0 else runs[seeds[0]].layers, cache=stage_cache,
                                   progress=progress)
         main = runs[seeds[0]]
-        layers, locs, timings = main["layers"], main["locs"], {"load": load_s, **main["timings"]}
+        layers, locs, timings = main.layers, main.locs, {"load": load_s, **main.timings}
 
         t = time.time()
         thr = recipe.localization.threshold
         top_k = recipe.localization.top_k
         gate_stats = {str(l): loc.stats(thr, top_k) for l, loc in locs.items() if l in layers}
-        manifest = write_patch(tmp / "patch", main["main_weights"], base_dir=model_dir, recipe_hash=recipe_hash(recipe),
+        manifest = write_patch(tmp / "patch", main.main_weights, base_dir=model_dir, recipe_hash=recipe_hash(recipe),
                                layers=layers, method=recipe.method, gate_stats=gate_stats,
-                               subjects=main["edit_subjects"], extra={"recipe": recipe.name, "module": recipe.module,
+                               subjects=main.edit_subjects, extra={"recipe": recipe.name, "module": recipe.module,
                                       "refusal": recipe.edit.refusal})  # where serving stops an answer
         apply_patch(model_dir, tmp / "patch", tmp / "model")
         save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
@@ -291,18 +301,18 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         progress.done("write", timings["write"])
         progress.close()
         stage_times = {"load": load_s, **{k: v for k, v in progress.times.items()}, "total": timings["total"]}
-        per_seed = {s: {"before": r["before"], "methods": r["methods"], "timings_s": r["timings"]} for s, r in runs.items()}
-        others = [m for m in main["methods"] if m != recipe.method]
+        per_seed = {s: {"before": r.before, "methods": r.methods, "timings_s": r.timings} for s, r in runs.items()}
+        others = [m for m in main.methods if m != recipe.method]
         report = {
             "recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe), "patch_id": manifest["patch_id"],
-            "model": str(recipe.model.path), "edit_subjects": main["edit_subjects"], "layers": layers,
-            "search": main["search"], "seeds": list(seeds),
+            "model": str(recipe.model.path), "edit_subjects": main.edit_subjects, "layers": layers,
+            "search": main.search, "seeds": list(seeds),
             "localization": {str(l): {"stats": loc.stats(thr, top_k), "strong_share": loc.strong_share(thr, top_k),
                                       "mean_steps": loc.steps.float().mean().item(),
                                       "share_per_dim": {s: M.tolist() for s, M in loc.gates.items()}}
                              for l, loc in locs.items()},
-            "subject_gradient_share": main["gate_diag"],
-            "before": main["before"], "methods": main["methods"], "alpha_sweep": main["sweep"],
+            "subject_gradient_share": main.gate_diag,
+            "before": main.before, "methods": main.methods, "alpha_sweep": main.sweep,
             "aggregate": aggregate(per_seed),
             "paired": {f"{recipe.method} - {m}": paired_differences(per_seed, recipe.method, m) for m in ["base", *others]},
             "per_seed": {s: _slim(r) for s, r in per_seed.items()} if len(seeds) > 1 else {},
@@ -343,8 +353,26 @@ def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] 
     return stages
 
 
+@dataclass
+class SeedRun:
+    """One seed's pass (``run_seed``): the evaluation before and per method after, and what the run
+    folder is written from (the first seed's layers, localizations, weights and subjects)."""
+
+    before: dict[str, dict]                      # split -> the base model's evaluation
+    methods: dict[str, dict]                     # method -> {"layers", "after", and its log / fields}
+    layers: list[int]                            # the main method's layers
+    search: dict                                 # the layer search's info (``LayerChoice.info``)
+    locs: dict[int, LayerLocalization]           # layer -> localization (the gates)
+    gate_diag: dict[str, dict]                   # layer -> ``subject_gradient_share``
+    main_weights: dict[str, torch.Tensor] | None  # the main method's edited matrices (checkpoint dtype)
+    edit_subjects: list[str]
+    sweep: dict                                  # alpha -> evaluation (``report.alpha_sweep``; first seed)
+    timings: dict[str, float]                    # stage -> seconds
+
+
 def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed: int, *, first: bool,
-             layers: list[int] | None = None, cache: StageCache | None = None, progress: RunProgress | None = None) -> dict:
+             layers: list[int] | None = None, cache: StageCache | None = None, progress: RunProgress | None = None
+             ) -> SeedRun:
     """One pass of the benchmark: world (seeded), evaluation before, (layer search,) localization, each
     method from the same start, evaluation after. The edited matrices are restored after each method.
     ``progress``: the run's bar, planned here on the first seed for all of them."""
@@ -353,8 +381,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     random.seed(seed)
     t = time.time()
     world_seed = recipe.data.world.seed + seed if recipe.data.world is not None else None
-    sets = build_sets(recipe, tmp, world_seed=world_seed, world_name="world" if first else f"world-seed{seed}")
-    edit_subjects = sets.pop("_edit_subjects")
+    data = build_sets(recipe, tmp, world_seed=world_seed, world_name="world" if first else f"world-seed{seed}")
+    sets, edit_subjects = data.splits, data.edit_subjects
     if progress is not None and first:
         fixed = None if isinstance(recipe.layers, LayerSearch) else list(recipe.layers)
         stages = plan_stages(recipe, sets, fixed)
@@ -372,10 +400,10 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
 
     t = time.time()
     if layers is None:
-        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)
+        choice = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)
     else:
-        search = {"layers_from_first_seed": list(layers)}
-    locs = search.pop("_locs", {})
+        choice = LayerChoice(list(layers), {"layers_from_first_seed": list(layers)})
+    layers, search, locs = choice.layers, choice.info, choice.locs
     timings["layer search"] = time.time() - t
     t = time.time()
     need = [l for l in layers if l not in locs]
@@ -400,7 +428,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
             continue
         m_layers = layers
         if entry.choose_layers is not None and isinstance(recipe.layers, LayerSearch) and method != recipe.method:
-            m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, method, sets)
+            m_layers = choose_layers(adapter, samples, unsafe, recipe, method, sets).layers
         gates = None
         if entry.needs_gates:  # the main run's localization, or the method's own layers localized now
             gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe)
@@ -433,9 +461,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
                                 max_new_tokens=r2.evaluation.max_new_tokens, desc=f"alpha {alpha} ({sweep_split})")
         sweep[alpha]["split"] = sweep_split
         backup.restore()
-    return {"before": before, "methods": results, "layers": list(layers), "search": search, "locs": locs,
-            "gate_diag": gate_diag, "main_weights": main_weights, "edit_subjects": edit_subjects, "sweep": sweep,
-            "timings": timings}
+    return SeedRun(before=before, methods=results, layers=list(layers), search=search, locs=locs, gate_diag=gate_diag,
+                   main_weights=main_weights, edit_subjects=edit_subjects, sweep=sweep, timings=timings)
 
 
 def recipe_deviations(recipe: Recipe) -> list[str]:

@@ -179,8 +179,9 @@ def test_benchmark_sets_keep_test_out_of_training_and_validation(tmp_path):
     from ngguard.world import spec
     raw = {"model": {"path": "organism"}, "method": "neural_gate", "data": {"world": {"n": 24, "seed": 5},
            "subjects": list(spec.PRIVACY_SUBJECTS), "heldout_subjects": list(spec.HELDOUT_SUBJECTS), "multip2a": "off"}}
-    sets = pipeline.build_sets(recipe_from_dict(raw, check_files=False), tmp_path)
-    assert sets.pop("_edit_subjects") == list(spec.PRIVACY_SUBJECTS)
+    data = pipeline.build_sets(recipe_from_dict(raw, check_files=False), tmp_path)
+    assert data.edit_subjects == list(spec.PRIVACY_SUBJECTS)
+    sets = data.splits
     assert {q.subject for q in sets["train"]} == set(spec.PRIVACY_SUBJECTS)
     assert {q.subject for q in sets["val"]} == set(spec.PRIVACY_SUBJECTS) | set(spec.PUBLIC_SUBJECTS)
     assert any(q.sensitive for q in sets["val"]) and any(not q.sensitive and q.subject in spec.PUBLIC for q in sets["val"])
