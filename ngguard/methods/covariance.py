@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
+from ..atomic import atomic_file
 from ..devices import real_tensor
 from ..fastpath import record_layer_output
 from .corpus import corpus_hash, load_corpus
@@ -91,14 +92,9 @@ def _load(path: Path, key: str) -> torch.Tensor | None:
 
 
 def _save(path: Path, value: torch.Tensor, meta: dict) -> None:
-    """Atomic: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    """Atomic (``atomic.atomic_file``: a temp file in the same folder, then rename)."""
+    with atomic_file(path) as tmp:
         save_file({"value": value.contiguous()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
