@@ -73,6 +73,8 @@ __all__ = [
     "ORGANISM",
     "METHODS",
     "EDIT_METHODS",
+    "METHOD_SECTIONS",
+    "MethodSection",
     "RETAIN_SETS",
     "AUGMENT_SETS",
     "MODULES",
@@ -82,9 +84,6 @@ __all__ = [
 ]
 
 ORGANISM = "organism"
-METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter", "privacy_probe")
-# methods that change weights (keyword_filter is a guard in front of the unedited model)
-EDIT_METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit")
 MODULES = ("down_proj", "up_proj", "gate_proj")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -351,6 +350,37 @@ class PrivacyProbeHParams:
     batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
 
 
+# ---- the methods, as recipes see them ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    """A method as recipes see it: its hyperparameter class and the recipe section (a ``Recipe``
+    field) holding them (``edit`` for the gradient edits that share its settings; None: no settings),
+    and whether it edits weights (``method:`` takes only those; the guards are named in
+    ``report.compare_methods``). ``ngguard.methods.REGISTRY`` holds the implementation under the same name."""
+
+    hparams: type | None
+    section: str | None
+    edits_weights: bool
+
+
+# THE list of methods. A new one: its hyperparameter class above, one line here, its section a Recipe field
+# below (if it has its own), its implementation in ngguard.methods.REGISTRY (checked against this at import).
+METHOD_SECTIONS: dict[str, MethodSection] = {
+    "neural_gate": MethodSection(EditSpec, "edit", edits_weights=True),
+    "no_gate": MethodSection(EditSpec, "edit", edits_weights=True),
+    "dinm": MethodSection(EditSpec, "edit", edits_weights=True),
+    "memit": MethodSection(MemitHParams, "memit", edits_weights=True),
+    "alphaedit": MethodSection(AlphaEditHParams, "alphaedit", edits_weights=True),
+    "keyword_filter": MethodSection(None, None, edits_weights=False),  # a guard in front of the unedited model
+    "privacy_probe": MethodSection(PrivacyProbeHParams, "privacy_probe", edits_weights=False),
+}
+METHODS = tuple(METHOD_SECTIONS)
+# methods that change weights
+EDIT_METHODS = tuple(name for name, m in METHOD_SECTIONS.items() if m.edits_weights)
+
+
 @dataclass(frozen=True)
 class EvaluationSpec:
     sets: tuple[str, ...] = _f(TEST_SETS, _list(_choice(EVAL_SETS)))
@@ -497,6 +527,11 @@ class Recipe:
         return _plain(self)
 
 
+_unknown = [m.section for m in METHOD_SECTIONS.values() if m.section and m.section not in {f.name for f in fields(Recipe)}]
+if _unknown:  # a programming error, caught on import: a method's section must be a Recipe field
+    raise TypeError(f"recipe.METHOD_SECTIONS: section {_unknown[0]!r} is not a field of Recipe")
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, FrozenMap):
         return {k: _plain(v) for k, v in obj.items}
@@ -603,7 +638,8 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         dchanges["multip2a"] = str(p)
     if dchanges:
         changes["data"] = dataclasses.replace(data, **dchanges)
-    for name in ("memit", "alphaedit"):
+    locate_edit = [m.section for m in METHOD_SECTIONS.values() if m.hparams and issubclass(m.hparams, LocateEditHParams)]
+    for name in locate_edit:  # their corpus and cache folder: paths relative to the recipe
         hp = getattr(recipe, name)
         paths = {}
         for key in ("corpus", "cache_dir"):
