@@ -17,6 +17,7 @@ end: a killed run leaves no folder):
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import defaultdict
@@ -42,15 +43,20 @@ from .layer_search import LayerChoice, choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
 from .methods.neural_gate import LayerLocalization
-from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
+from .patch import apply_patch, write_patch
 from .progress import COST, RunProgress, StageClock
+from .recipe import (AUGMENT_SETS, RETAIN_SETS, EditSpec, LayerSearch, LocalizationSpec, Recipe, check_layers,
+                     check_placement, dump_recipe, recipe_hash)
+from .report import write_report
 from .stage_cache import StageCache, queries_fingerprint
 from .stats import aggregate, paired_differences
+from .world.multip2a import pose_on_world
+from .world.render import DEFAULT_SUBJECTS, render_world
+from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
 
 
 def find_shared_multip2a() -> Path | None:
     """The Multi-P2A folder of the project's shared data, if this checkout has one."""
-    import os
     env = os.environ.get("NGGUARD_SHARED")
     for root in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared", Path.cwd().parent / "shared"]:
         p = root / "data" / "multi-p2a"
@@ -79,10 +85,8 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
                world_name: str = "world") -> Sets:
     """The query sets of the benchmark and the edited subjects (``Sets``). ``world_seed`` overrides
     ``data.world.seed`` (the seed loop renders a new world per seed)."""
-    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
     d = recipe.data
     if d.world is not None:
-        from .world.render import DEFAULT_SUBJECTS, render_world
         subjects = list(d.world.subjects or DEFAULT_SUBJECTS)
         world_dir = render_world(subjects, d.world.n, d.world.seed if world_seed is None else world_seed,
                                  run_dir / world_name)
@@ -119,7 +123,6 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
                 sets["train" if q.subject in edited else RETAIN_SETS["public"]].append(q)
     mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
     if mp2a is not None and world_dir is not None:
-        from .world.multip2a import pose_on_world
         sets["multip2a"] = pose_on_world(mp2a, world_dir, edit_subjects + list(d.heldout_subjects),
                                          max_per_subject=MULTIP2A_PER_SUBJECT)
     elif d.multip2a not in ("off", "auto"):
@@ -256,9 +259,6 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
     patch and gates come from the first seed; the report has every seed and their mean and 95%
     interval. ``cache``: reuse the evaluation before the edit and the localization of earlier runs
     with the same inputs (``stage_cache``; False: compute everything). Returns ``out``."""
-    from .patch import apply_patch, write_patch
-    from .report import write_report
-
     out = Path(out)
     stage_cache = cache if isinstance(cache, StageCache) else StageCache(enabled=cache)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -467,7 +467,6 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
 
 def recipe_deviations(recipe: Recipe) -> list[str]:
     """Where the recipe departs from the paper's defaults (stated in the report)."""
-    from .recipe import EditSpec, LocalizationSpec
     out = []
     for name, spec, default in (("edit", recipe.edit, EditSpec()), ("localization", recipe.localization, LocalizationSpec())):
         for k, v in spec.__dict__.items():

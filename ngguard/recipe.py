@@ -26,6 +26,8 @@ import yaml
 from loguru import logger
 
 from ngguard.atomic import atomic_write_text
+from ngguard.data import MULTIP2A_FILES
+from ngguard.device_maps import AUTO_MAPS, device_value, parse_component
 from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.limits import InputError, read_text_file
@@ -43,7 +45,7 @@ from ngguard.schema import optional as _optional
 from ngguard.schema import show as _show
 from ngguard.schema import suggest as _suggest
 from ngguard.schema import text as _str
-from ngguard.world.spec import REFUSAL
+from ngguard.world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS, REFUSAL
 
 __all__ = [
     "RecipeError",
@@ -138,8 +140,6 @@ _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 
 def _device_map(v, ctx: _Ctx, key: str):
     """auto | balanced | balanced_low_0 | sequential, or {component: device} (see ngguard.devices)."""
-    from ngguard.devices import AUTO_MAPS, device_value, parse_component
-
     if isinstance(v, str):
         return _choice(AUTO_MAPS, " or a map by component {layers.0-15: 0, default: cpu}")(v, ctx, key)
     if not isinstance(v, Mapping) or not v:
@@ -600,7 +600,6 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
             raise ctx.fail("data.heldout_subjects", f"{both[0]!r} is also in data.subjects "
                                                     f"(held-out subjects are never edited)")
     if data.val_holdout:
-        from .world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS
         bad = [s for s in data.val_holdout if s not in PRIVACY_SUBJECTS + PUBLIC_SUBJECTS]
         if bad:
             raise ctx.fail("data.val_holdout", f"{bad[0]!r} is not a seen world subject (one of "
@@ -629,8 +628,6 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         if ctx.check_files and not p.exists():
             raise ctx.fail("data.multip2a", f"expected auto, off or an existing path, not found: {p}")
         if ctx.check_files:  # checked now, not when the run reaches it: a folder holding both files
-            from ngguard.data import MULTIP2A_FILES
-
             missing = [f for f in MULTIP2A_FILES.values() if not (p / f).is_file()]  # regular files (links followed)
             if not p.is_dir() or missing:
                 raise ctx.fail("data.multip2a", f"expected a Multi-P2A folder holding {' and '.join(MULTIP2A_FILES.values())}"
@@ -671,8 +668,6 @@ def edited_layers(recipe: Recipe, num_layers: int | None = None) -> list[int]:
 def _check_device_map(recipe: Recipe, ctx: _Ctx) -> None:
     """Static checks of an explicit map: device stays auto, disk needs an offload folder, and no
     edited layer is offloaded (to disk, or to the CPU next to GPUs)."""
-    from ngguard.devices import parse_component
-
     model = recipe.model
     if model.device_map is None:
         for k in ("max_memory", "offload_folder"):
@@ -703,7 +698,7 @@ def _check_device_map(recipe: Recipe, ctx: _Ctx) -> None:
 def check_placement(recipe: Recipe, adapter) -> None:
     """After loading: no edited layer's ``recipe.module`` may be offloaded (e.g. by an auto map
     under ``max_memory``). Raises RecipeError (one line)."""
-    from ngguard.devices import edited_offload
+    from ngguard.devices import edited_offload  # here, not on top: devices imports torch (recipes load without it)
 
     found = edited_offload(adapter, edited_layers(recipe, adapter.num_layers), recipe.module)
     if found is not None:

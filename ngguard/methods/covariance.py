@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from loguru import logger
 from PIL import Image
@@ -186,7 +187,6 @@ def target_values_key(adapter: Adapter, samples, requests, layer: int, *, refusa
     """Cache key of compute_vs's target values: the whole model's fingerprint (the values depend on
     every layer), the layer, the requests (image content, question, the benign KL question), the
     refusal and compute_vs's settings. MEMIT and AlphaEdit with the same settings share it."""
-    import numpy as np
     fp = model_fingerprints(adapter, [adapter.num_layers - 1])[adapter.num_layers - 1]
     images = {}
     for r in requests:
