@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..keyword_filter import keyword_guard
-from ..recipe import METHOD_SECTIONS, Recipe
+from ..recipe import METHOD_SECTIONS, MethodSection, Recipe
 from .alphaedit import apply_alphaedit
 from .dinm import apply_dinm, dinm_layers
 from .memit import apply_memit
@@ -70,11 +70,18 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("keyword_filter", None, guard=keyword_guard),
     Method("privacy_probe", None, guard=privacy_probe_guard, guard_needs_model=True),
 )}
-_mismatch = [n for n in dict.fromkeys([*METHOD_SECTIONS, *REGISTRY])
-             if n not in REGISTRY or n not in METHOD_SECTIONS or REGISTRY[n].edits_weights != METHOD_SECTIONS[n].edits_weights]
-if _mismatch:  # a programming error, caught on import
-    raise TypeError(f"methods.REGISTRY and recipe.METHOD_SECTIONS disagree on {_mismatch[0]!r} (missing from one, "
-                    f"or one says it edits weights and the other not)")
+
+
+def check_registry(registry: Mapping[str, Method], sections: Mapping[str, MethodSection]) -> None:
+    """TypeError unless ``registry`` implements exactly the methods ``sections`` (``recipe.METHOD_SECTIONS``)
+    declares, and agrees on which edit weights. Run on import: a mismatch is a programming error."""
+    for name in dict.fromkeys([*sections, *registry]):
+        if name not in registry or name not in sections or registry[name].edits_weights != sections[name].edits_weights:
+            raise TypeError(f"methods.REGISTRY and recipe.METHOD_SECTIONS disagree on {name!r} (missing from one, "
+                            f"or one says it edits weights and the other not)")
+
+
+check_registry(REGISTRY, METHOD_SECTIONS)
 
 
 def hparams_for(recipe: Recipe, method: str):
