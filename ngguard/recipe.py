@@ -9,6 +9,9 @@ ids. Every field has the paper's default (see shared/NEURAL_GATE.md) except ``mo
 Paths: ``model.path``, ``data.queries`` and ``data.multip2a`` are resolved relative to the folder of
 the recipe file and stored as absolute paths (so ``to_dict()`` can be dumped into a run folder and
 loaded from anywhere). ``model.path: organism`` is special: the bundled model.
+
+Built on ``ngguard.schema`` (fields that carry their checker, ``build``) and ``ngguard.safe_yaml``
+(the hardened parser). The methods a recipe may name, with their sections: ``METHOD_SECTIONS``.
 """
 from __future__ import annotations
 
