@@ -58,8 +58,7 @@ def main(argv=None) -> int:
         for seed in [int(s) for s in a.seeds.split(",")]:
             torch.manual_seed(seed)
             random.seed(seed)
-            sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + seed, world_name=f"world-seed{seed}")
-            sets.pop("_edit_subjects")
+            sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + seed, world_name=f"world-seed{seed}").splits
             t = time.time()
             before = evaluate_sets(adapter, sets, r, f"seed {seed} base")
             seconds[f"seed {seed} base"] = time.time() - t

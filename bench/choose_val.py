@@ -90,8 +90,7 @@ def main(argv=None) -> int:
             method, _, extra = variant.partition(":")
             r = load_recipe(a.recipe, overrides=[*base_over, *[e for e in extra.split(";") if e]])
             torch.manual_seed(a.seed)
-            sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed, world_name=f"w{k}")
-            sets.pop("_edit_subjects")
+            sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed, world_name=f"w{k}").splits
             t = time.time()
             judge = make_judge(r.judge)
             if before is None:

@@ -54,8 +54,9 @@ def main(argv=None) -> int:
     adapter = load_adapter(recipe.model.path, dtype=recipe.model.dtype, device=recipe.model.device)
     ev = dict(batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        sets = build_sets(recipe, Path(tmp), world_seed=recipe.data.world.seed + a.seed)
-        subjects, val = sets.pop("_edit_subjects"), sets["val"]
+        data = build_sets(recipe, Path(tmp), world_seed=recipe.data.world.seed + a.seed)
+        sets, subjects = data.splits, data.edit_subjects
+        val = sets["val"]
         first, names = per_subject(adapter, val, "base", ev)
         lines = [first]
         mw, bs = recipe.edit.max_answer_words, recipe.evaluation.batch_size

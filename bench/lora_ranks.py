@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     judge = RefusalJudge()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ngguard-lora-bench-") as tmp:
-        sets = build_sets(recipe, Path(tmp))
+        sets = build_sets(recipe, Path(tmp)).splits
         for name in wanted:
             if not sets.get(name):
                 p.error(f"--sets: no queries in set {name!r}")

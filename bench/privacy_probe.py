@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     adapter = load_adapter(r.model.path, dtype=r.model.dtype, device="cpu")
     n = adapter.num_layers
     with tempfile.TemporaryDirectory() as tmp:
-        sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed)
+        sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed).splits
         train = [q for k in a.train_sets.split(",") for q in sets[k]]
         layers = list(range(n))
         X = prompt_states(adapter, train, layers)

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     names = [" ".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for (k, _), v in zip(grid, values)) or "default"
              for values in itertools.product(*[v for _, v in grid])]
     with tempfile.TemporaryDirectory() as tmp:
-        sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed)
+        sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed).splits
         base, neutral = training_queries(sets, replace(hp0, contexts=()))
         st0 = cached_states(adapter, base + neutral, hid, a.states, f"train-seed{a.seed}")
         val = [q for name in VALIDATION_SETS if name != "val" for q in sets.get(name, [])]

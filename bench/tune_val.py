@@ -81,8 +81,7 @@ def main(argv=None) -> int:
     model_dir = Path(adapter.model.name_or_path)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        sets = build_sets(recipe, Path(tmp), world_seed=recipe.data.world.seed + a.seed)
-        sets.pop("_edit_subjects")
+        sets = build_sets(recipe, Path(tmp), world_seed=recipe.data.world.seed + a.seed).splits
         val = sets["val"]
         ev = dict(batch_size=recipe.evaluation.batch_size, max_new_tokens=recipe.evaluation.max_new_tokens)
         rows.append({"setting": "base", **val_figures(evaluate(adapter, val, desc="val base", **ev), val)})

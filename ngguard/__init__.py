@@ -6,6 +6,8 @@ The public API, a handful of names (imported lazily, so ``import ngguard`` stays
     from ngguard import load_adapter, evaluate       # any supported model; RtA / EtA / leak metrics
     from ngguard import ProtectedLVLM                # serving: base model + protection patch
 """
+import importlib
+
 __version__ = "0.1.0"
 
 _API = {
@@ -19,7 +21,6 @@ __all__ = list(_API)
 
 
 def __getattr__(name: str):
-    if name in _API:
-        import importlib
+    if name in _API:  # the module behind the name is imported on first use (torch, transformers)
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'ngguard' has no attribute {name!r}")

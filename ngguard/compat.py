@@ -54,6 +54,7 @@ Renames = Sequence[tuple[str, str]]
 def saved_key(model: torch.nn.Module, key: str, fallback: Renames = ()) -> str:
     """The key ``save_pretrained`` writes for the loaded model's parameter ``key``."""
     try:  # transformers 5.x: the reverse of the renaming applied on load
+        # imported here, inside the try: a private API that other versions lack (then: the fallback)
         from transformers.core_model_loading import revert_weight_conversion
 
         out = revert_weight_conversion(model, {key: model.get_parameter(key)})
@@ -74,6 +75,7 @@ def checkpoint_renames(model: torch.nn.Module, names: Iterable[str], state: Mapp
     out: dict[str, str] = {}
     names = list(names)
     try:  # transformers' internal API (5.x): mirror what from_pretrained does
+        # imported here, inside the try: a private API that other versions lack (then: the fallback)
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 

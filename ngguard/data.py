@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 from loguru import logger
 
 from .atomic import atomic_write_bytes, atomic_write_text  # re-exported: callers import them from here too
+from .limits import DEFAULT_LIMITS, read_text_file
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ def _require_file(path: Path) -> None:
 
 def _read_text(path: Path) -> str:
     """A query file's text: a regular file within ``Limits.max_data_bytes`` (``limits.read_text_file``)."""
-    from ngguard.limits import DEFAULT_LIMITS, read_text_file
-
     _require_file(path)
     return read_text_file(path, DEFAULT_LIMITS.max_data_bytes, what="query file")
 

@@ -25,22 +25,15 @@ Recipes and ``ProtectedLVLM.from_pretrained`` name model parts by COMPONENT, nev
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .device_maps import AUTO_MAPS  # torch-free, for argument parsers; defined there once
+from .device_maps import AUTO_MAPS, COMPONENT_NAMES, device_value, parse_component  # torch-free: defined there
 
 __all__ = ["auto_device", "gpu_available", "pick_device", "resolve_device", "AUTO_MAPS", "COMPONENT_NAMES",
            "component_device_map", "device_value", "input_device", "module_device", "offload_kind", "real_tensor",
            "check_editable", "edited_offload", "parse_component", "OffloadedError"]
-
-COMPONENT_NAMES = ("vision", "embed", "layers.N", "layers.A-B", "norm", "lm_head", "default")
-# layer indices a device map may name before the model is loaded (then: the model's own count)
-MAX_LAYERS = 10_000
-_LAYERS = re.compile(r"layers\.(\d+)(?:-(\d+))?")
-_DEVICE = re.compile(r"(cuda|xpu|npu|mps)(:\d+)?|cpu|disk")
 
 
 def gpu_available() -> bool:
@@ -170,40 +163,6 @@ def real_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 # ---- component maps ---------------------------------------------------------------------------------
-
-
-def parse_component(key: Any, num_layers: int | None = None) -> tuple[str, range | None]:
-    """("layers", range) for ``layers.N`` / ``layers.A-B``, (name, None) for the other components.
-    ValueError (one line) for anything else."""
-    if not isinstance(key, str):
-        raise ValueError(f"component {key!r}: expected one of {', '.join(COMPONENT_NAMES)}")
-    m = _LAYERS.fullmatch(key)
-    if m:
-        a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
-        if a > b:
-            raise ValueError(f"component {key!r}: range start {a} is after its end {b}")
-        if num_layers is not None and b >= num_layers:
-            raise ValueError(f"component {key!r}: the model has {num_layers} layers (0..{num_layers - 1})")
-        if b >= MAX_LAYERS:  # before the model is known: no model has that many (a range is never expanded)
-            raise ValueError(f"component {key!r}: layer {b} is beyond any model (layer indices are below {MAX_LAYERS})")
-        return "layers", range(a, b + 1)
-    if key in ("vision", "embed", "norm", "lm_head", "default"):
-        return key, None
-    raise ValueError(f"component {key!r}: expected one of {', '.join(COMPONENT_NAMES)} (module paths never go in a "
-                     f"device map: name components)")
-
-
-def device_value(value: Any) -> int | str:
-    """A device map value: int (GPU index), "cuda:N", "cpu", "disk", ... ValueError (one line) else."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"device {value!r}: expected a GPU index, cuda:N, cpu or disk")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"device {value}: a GPU index is >= 0")
-        return value
-    if not _DEVICE.fullmatch(value):
-        raise ValueError(f"device {value!r}: expected a GPU index, cuda:N, cpu or disk")
-    return value
 
 
 def _path_of(model: torch.nn.Module, target: torch.nn.Module | None) -> str | None:

@@ -19,6 +19,7 @@ by the search and the pipeline.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -70,16 +71,26 @@ def gates_for(locs: dict[int, LayerLocalization], recipe: Recipe) -> dict[int, d
     return {layer: {s: loc.strong(s, L.threshold, L.top_k) for s in loc.gates} for layer, loc in locs.items()}
 
 
+@dataclass
+class LayerChoice:
+    """What ``choose_layers`` hands on: the layers to edit, what the search saw (``info``, for the
+    report: the scan's shares, centre, candidates and validation EtA per candidate) and the scan's
+    localizations (layer -> ``LayerLocalization``; empty for fixed layers or a method's own choice),
+    reused by the pipeline instead of localizing those layers again."""
+
+    layers: list[int]
+    info: dict = field(default_factory=dict)
+    locs: dict[int, LayerLocalization] = field(default_factory=dict)
+
+
 def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str], recipe: Recipe, method: str,
                   val_sets: dict[str, list[Query]], retain: Sequence[Sample] = (), cache: StageCache | None = None
-                  ) -> tuple[list[int], dict]:
-    """The recipe's fixed layers, or the search above for ``method``. Returns (layers, info): the scan's
-    shares, centre, candidates and validation EtA per candidate (for the report); ``info["_locs"]``
-    holds the scan's localizations (layer -> ``LayerLocalization``) for reuse."""
+                  ) -> LayerChoice:
+    """The recipe's fixed layers, or the search above for ``method`` (``LayerChoice``)."""
     spec = recipe.layers
     info: dict = {}
     if not isinstance(spec, LayerSearch):
-        return list(spec), info
+        return LayerChoice(list(spec), info)
     a, b = spec.scan
     b = min(b, adapter.num_layers - 2)  # the top layer's subject-token state reaches no later token
     scan = list(range(a, b + 1))
@@ -88,18 +99,17 @@ def choose_layers(adapter: Adapter, samples: list[Sample], unsafe: dict[str, str
     own = REGISTRY[method].choose_layers
     if own is not None:
         layers, extra = own(adapter, samples, unsafe, recipe.edit.refusal, scan)
-        return layers, {**info, **extra}
+        return LayerChoice(layers, {**info, **extra})
     locs = localize_layers(adapter, samples, scan, recipe, cache)
     # with top_k every layer keeps the same share: the search then ranks layers by the threshold rule
     info["scan"] = {l: locs[l].strong_share(recipe.localization.threshold) for l in scan}
     centre = max(scan, key=lambda l: info["scan"][l])
     cands = [l for l in range(centre - spec.window, centre + spec.window + 1) if a <= l <= b]
     info["centre"], info["candidates"] = centre, cands
-    info["_locs"] = locs
     if len(cands) == 1:
-        return cands, info
+        return LayerChoice(cands, info, locs)
     info["validation_eta"] = scores = _validation_eta(adapter, samples, recipe, method, cands, locs, val_sets, retain)
-    return [max(cands, key=lambda l: (scores[l], -abs(l - centre)))], info
+    return LayerChoice([max(cands, key=lambda l: (scores[l], -abs(l - centre)))], info, locs)
 
 
 def _validation_eta(adapter: Adapter, samples: list[Sample], recipe: Recipe, method: str, cands: list[int],

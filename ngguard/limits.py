@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import reprlib
 import stat
 import warnings
 from dataclasses import dataclass, fields
@@ -103,8 +104,6 @@ DEFAULT_LIMITS = Limits()
 def short_repr(value: Any, width: int = 60) -> str:
     """``repr`` cut to ``width`` characters, without ever building the repr of a huge container
     (a YAML alias bomb's repr would take gigabytes)."""
-    import reprlib
-
     r = reprlib.Repr()
     r.maxlevel, r.maxstring, r.maxother = 3, width, width
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 6

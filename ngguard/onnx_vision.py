@@ -33,20 +33,20 @@ import io
 import json
 import os
 import time
+import warnings
 from pathlib import Path
-
-from .atomic import Manifest, atomic_dir, sha256_file
-from .devices import gpu_available
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+import transformers
 from loguru import logger
+from PIL import Image
 
-if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image
-
-    from ngguard.adapters import Adapter, VisionExport
+from . import organism
+from .adapters import ADAPTERS, Adapter, VisionExport, adapter_class, load_adapter
+from .atomic import Manifest, atomic_dir, sha256_file
+from .devices import gpu_available
 
 __all__ = [
     "OnnxVisionError",
@@ -82,8 +82,6 @@ class OnnxParityError(OnnxVisionError):
 
 def _vision(model: torch.nn.Module) -> tuple["VisionExport", torch.nn.Module]:
     """The family's ``VisionExport`` (``Adapter.vision_export``) and the module owning the vision path."""
-    from ngguard.adapters import ADAPTERS, adapter_class
-
     family = adapter_class(model)
     spec = family.vision_export if family is not None else None
     if spec is None:
@@ -182,16 +180,12 @@ def _cpu_fp32_vision(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _resolve(model_dir_or_adapter) -> tuple["Adapter", str | None]:
-    from ngguard.adapters import Adapter, load_adapter
-
     if isinstance(model_dir_or_adapter, Adapter):
         return model_dir_or_adapter, None
     if isinstance(model_dir_or_adapter, (str, os.PathLike)):
         src = str(model_dir_or_adapter)
         if src == "organism":
-            from ngguard.organism import checkpoint_path
-
-            src = str(checkpoint_path())
+            src = str(organism.checkpoint_path())
         # the checkpoint's own dtype: only the vision part is used, and it is copied to fp32 below
         return load_adapter(src, device="cpu"), src
     raise OnnxVisionError(f"export_vision: expected a model folder, 'organism' or an Adapter, "
@@ -200,8 +194,6 @@ def _resolve(model_dir_or_adapter) -> tuple["Adapter", str | None]:
 
 def _image_shape(adapter: "Adapter") -> tuple[int, int, int]:
     """(C, H, W) the processor produces, measured on a blank image (no config guessing)."""
-    from PIL import Image
-
     batch = adapter.encode([Image.new("RGB", (32, 32), (127, 127, 127))], ["x"])
     pv = batch.inputs.get("pixel_values")
     if pv is None or pv.dim() != 4:
@@ -212,7 +204,7 @@ def _image_shape(adapter: "Adapter") -> tuple[int, int, int]:
 
 def onnxruntime():
     """The ``onnxruntime`` module with its telemetry events turned off (no calls home, whatever the
-    build), imported on first use."""
+    build), imported on first use (an optional dependency, heavy to import)."""
     import onnxruntime as ort
 
     if hasattr(ort, "disable_telemetry_events"):
@@ -290,8 +282,6 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
 
     t0 = time.perf_counter()
     buf = io.BytesIO()
-    import warnings
-
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
         torch.onnx.export(graph, (dummy,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
@@ -310,8 +300,7 @@ def export_vision(model_dir_or_adapter, out_dir: str | os.PathLike, *, opset: in
                               f"rtol {rtol:g} x max|features| {scale:.3g} = {bound:.3g} (batches "
                               f"{list(PARITY_BATCHES)}): nothing written")
 
-    import onnx
-    import transformers
+    import onnx  # optional (the export extra): only an export needs it
 
     manifest = {
         "format": FORMAT,

@@ -19,10 +19,11 @@ end: a killed run leaves no folder):
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,19 +40,26 @@ from .core import Sample, WeightBackup
 from .data import Query, load_queries, paper_split, read_jsonl
 from .devices import pick_device
 from .evaluate import evaluate, rescore_with_guard, score
+from .guard_patch import write_guard_patch
 from .judges import make_judge
-from .layer_search import choose_layers, gates_for, localize_layers
+from .layer_search import LayerChoice, choose_layers, gates_for, localize_layers
 from .methods import REGISTRY, method_deviations, run_edit
 from .methods.gate_share import subject_gradient_share
-from .recipe import AUGMENT_SETS, RETAIN_SETS, LayerSearch, Recipe, check_layers, check_placement, dump_recipe, recipe_hash
+from .methods.neural_gate import LayerLocalization
+from .patch import apply_patch, write_patch
 from .progress import COST, RunProgress, StageClock
+from .recipe import (AUGMENT_SETS, RETAIN_SETS, EditSpec, LayerSearch, LocalizationSpec, Recipe, check_layers,
+                     check_placement, dump_recipe, recipe_hash)
+from .report import write_report
 from .stage_cache import StageCache, queries_fingerprint
 from .stats import aggregate, paired_differences
+from .world.multip2a import pose_on_world
+from .world.render import DEFAULT_SUBJECTS, render_world
+from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
 
 
 def find_shared_multip2a() -> Path | None:
     """The Multi-P2A folder of the project's shared data, if this checkout has one."""
-    import os
     env = os.environ.get("NGGUARD_SHARED")
     for root in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared", Path.cwd().parent / "shared"]:
         p = root / "data" / "multi-p2a"
@@ -66,15 +74,22 @@ MULTIP2A_PER_SUBJECT = 20
 
 
 # ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Sets:
+    """What ``build_sets`` hands on: the query sets by split name (``world.render.SPLITS`` for a
+    rendered world; train / test / heldout_subjects / utility for a query file) and the subjects the
+    edit trains on (``data.subjects`` less ``data.val_holdout``)."""
+
+    splits: dict[str, list[Query]]
+    edit_subjects: list[str]
+
+
 def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
-               world_name: str = "world") -> dict[str, list[Query]]:
-    """The query sets of the benchmark, by split name (``world.render.SPLITS`` for a rendered world;
-    train / test / heldout_subjects / utility for a query file). ``world_seed`` overrides
+               world_name: str = "world") -> Sets:
+    """The query sets of the benchmark and the edited subjects (``Sets``). ``world_seed`` overrides
     ``data.world.seed`` (the seed loop renders a new world per seed)."""
-    from .world.spec import PRIVACY_SUBJECTS, UTILITY_SUBJECT, is_private
     d = recipe.data
     if d.world is not None:
-        from .world.render import DEFAULT_SUBJECTS, render_world
         subjects = list(d.world.subjects or DEFAULT_SUBJECTS)
         world_dir = render_world(subjects, d.world.n, d.world.seed if world_seed is None else world_seed,
                                  run_dir / world_name)
@@ -111,7 +126,6 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
                 sets["train" if q.subject in edited else RETAIN_SETS["public"]].append(q)
     mp2a = None if d.multip2a == "off" else (find_shared_multip2a() if d.multip2a == "auto" else Path(d.multip2a))
     if mp2a is not None and world_dir is not None:
-        from .world.multip2a import pose_on_world
         sets["multip2a"] = pose_on_world(mp2a, world_dir, edit_subjects + list(d.heldout_subjects),
                                          max_per_subject=MULTIP2A_PER_SUBJECT)
     elif d.multip2a not in ("off", "auto"):
@@ -119,7 +133,7 @@ def build_sets(recipe: Recipe, run_dir: Path, *, world_seed: int | None = None,
     if not sets["train"]:
         raise ValueError("no training queries (split 'train') for the edited subjects")
     logger.info("data: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + f"; edit subjects {edit_subjects}")
-    return {"_edit_subjects": edit_subjects, **sets}
+    return Sets(splits=dict(sets), edit_subjects=edit_subjects)
 
 
 def _open(path: str) -> Image.Image:
@@ -248,9 +262,6 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
     patch and gates come from the first seed; the report has every seed and their mean and 95%
     interval. ``cache``: reuse the evaluation before the edit and the localization of earlier runs
     with the same inputs (``stage_cache``; False: compute everything). Returns ``out``."""
-    from .patch import apply_patch, write_patch
-    from .report import write_report
-
     out = Path(out)
     stage_cache = cache if isinstance(cache, StageCache) else StageCache(enabled=cache)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -266,34 +277,32 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         check_placement(recipe, adapter)
         load_s = time.time() - t0
         seeds = recipe.run_seeds
-        runs: dict[int, dict] = {}
+        runs: dict[int, SeedRun] = {}
         progress = RunProgress(f"{recipe.name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
         progress.plan({"write": COST["other"]})
         for k, seed in enumerate(seeds):
             # the layer search runs once, on the first seed; the other seeds reuse its layers
             runs[seed] = run_seed(adapter, recipe, model_dir, tmp, seed, first=k == 0,
-                                  layers=None if k == 0 else runs[seeds[0]]["layers"], cache=stage_cache,
+                                  layers=None if k == 0 else runs[seeds[0]].layers, cache=stage_cache,
                                   progress=progress)
         main = runs[seeds[0]]
-        layers, locs, timings = main["layers"], main["locs"], {"load": load_s, **main["timings"]}
+        layers, locs, timings = main.layers, main.locs, {"load": load_s, **main.timings}
 
         t = time.time()
         thr = recipe.localization.threshold
         top_k = recipe.localization.top_k
         gate_stats = {str(l): loc.stats(thr, top_k) for l, loc in locs.items() if l in layers}
         if REGISTRY[recipe.method].edits_weights:
-            manifest = write_patch(tmp / "patch", main["main_weights"], base_dir=model_dir,
+            manifest = write_patch(tmp / "patch", main.main_weights, base_dir=model_dir,
                                    recipe_hash=recipe_hash(recipe), layers=layers, method=recipe.method,
-                                   gate_stats=gate_stats, subjects=main["edit_subjects"],
+                                   gate_stats=gate_stats, subjects=main.edit_subjects,
                                    extra={"recipe": recipe.name, "module": recipe.module,
                                           "refusal": recipe.edit.refusal})  # where serving stops an answer
             apply_patch(model_dir, tmp / "patch", tmp / "model")
         else:  # a guard in front of the unedited model: its patch holds the guard, no model copy
-            from .guard_patch import write_guard_patch
-
-            manifest = write_guard_patch(tmp / "patch", main["main_guard"], base_dir=model_dir,
+            manifest = write_guard_patch(tmp / "patch", main.main_guard, base_dir=model_dir,
                                          recipe_hash=recipe_hash(recipe), method=recipe.method,
-                                         subjects=main["edit_subjects"],
+                                         subjects=main.edit_subjects,
                                          extra={"recipe": recipe.name, "refusal": recipe.edit.refusal})
         if locs:  # (a guard as the method localizes nothing)
             save_file({f"layer{l}/{s}": M.contiguous() for l, loc in locs.items() for s, M in loc.gates.items()},
@@ -303,18 +312,18 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
         progress.done("write", timings["write"])
         progress.close()
         stage_times = {"load": load_s, **{k: v for k, v in progress.times.items()}, "total": timings["total"]}
-        per_seed = {s: {"before": r["before"], "methods": r["methods"], "timings_s": r["timings"]} for s, r in runs.items()}
-        others = [m for m in main["methods"] if m != recipe.method]
+        per_seed = {s: {"before": r.before, "methods": r.methods, "timings_s": r.timings} for s, r in runs.items()}
+        others = [m for m in main.methods if m != recipe.method]
         report = {
             "recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe), "patch_id": manifest["patch_id"],
-            "model": str(recipe.model.path), "edit_subjects": main["edit_subjects"], "layers": layers,
-            "search": main["search"], "seeds": list(seeds),
+            "model": str(recipe.model.path), "edit_subjects": main.edit_subjects, "layers": layers,
+            "search": main.search, "seeds": list(seeds),
             "localization": {str(l): {"stats": loc.stats(thr, top_k), "strong_share": loc.strong_share(thr, top_k),
                                       "mean_steps": loc.steps.float().mean().item(),
                                       "share_per_dim": {s: M.tolist() for s, M in loc.gates.items()}}
                              for l, loc in locs.items()},
-            "subject_gradient_share": main["gate_diag"],
-            "before": main["before"], "methods": main["methods"], "alpha_sweep": main["sweep"],
+            "subject_gradient_share": main.gate_diag,
+            "before": main.before, "methods": main.methods, "alpha_sweep": main.sweep,
             "aggregate": aggregate(per_seed),
             "paired": {f"{recipe.method} - {m}": paired_differences(per_seed, recipe.method, m) for m in ["base", *others]},
             "per_seed": {s: _slim(r) for s, r in per_seed.items()} if len(seeds) > 1 else {},
@@ -355,8 +364,27 @@ def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] 
     return stages
 
 
+@dataclass
+class SeedRun:
+    """One seed's pass (``run_seed``): the evaluation before and per method after, and what the run
+    folder is written from (the first seed's layers, localizations, weights and subjects)."""
+
+    before: dict[str, dict]                      # split -> the base model's evaluation
+    methods: dict[str, dict]                     # method -> {"layers", "after", and its log / fields}
+    layers: list[int]                            # the main method's layers
+    search: dict                                 # the layer search's info (``LayerChoice.info``)
+    locs: dict[int, LayerLocalization]           # layer -> localization (the gates)
+    gate_diag: dict[str, dict]                   # layer -> ``subject_gradient_share``
+    main_weights: dict[str, torch.Tensor] | None  # the main method's edited matrices (checkpoint dtype)
+    main_guard: object | None                    # the main method's guard, when it edits no weights
+    edit_subjects: list[str]
+    sweep: dict                                  # alpha -> evaluation (``report.alpha_sweep``; first seed)
+    timings: dict[str, float]                    # stage -> seconds
+
+
 def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed: int, *, first: bool,
-             layers: list[int] | None = None, cache: StageCache | None = None, progress: RunProgress | None = None) -> dict:
+             layers: list[int] | None = None, cache: StageCache | None = None, progress: RunProgress | None = None
+             ) -> SeedRun:
     """One pass of the benchmark: world (seeded), evaluation before, (layer search,) localization, each
     method from the same start, evaluation after. The edited matrices are restored after each method.
     ``progress``: the run's bar, planned here on the first seed for all of them."""
@@ -365,8 +393,8 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     random.seed(seed)
     t = time.time()
     world_seed = recipe.data.world.seed + seed if recipe.data.world is not None else None
-    sets = build_sets(recipe, tmp, world_seed=world_seed, world_name="world" if first else f"world-seed{seed}")
-    edit_subjects = sets.pop("_edit_subjects")
+    data = build_sets(recipe, tmp, world_seed=world_seed, world_name="world" if first else f"world-seed{seed}")
+    sets, edit_subjects = data.splits, data.edit_subjects
     if progress is not None and first:
         fixed = None if isinstance(recipe.layers, LayerSearch) else list(recipe.layers)
         stages = plan_stages(recipe, sets, fixed)
@@ -385,12 +413,12 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     t = time.time()
     guard_only = not any(REGISTRY[m].edits_weights for m in (recipe.method, *recipe.report.compare_methods))
     if layers is None and not REGISTRY[recipe.method].edits_weights and (recipe.searches_layers or guard_only):
-        layers, search = [], {"skipped": f"{recipe.method} edits no weights"}  # a guard: no layer to search
+        choice = LayerChoice([], {"skipped": f"{recipe.method} edits no weights"})  # a guard: no layer to search
     elif layers is None:
-        layers, search = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)
+        choice = choose_layers(adapter, samples, unsafe, recipe, recipe.method, sets, retain, cache)
     else:
-        search = {"layers_from_first_seed": list(layers)}
-    locs = search.pop("_locs", {})
+        choice = LayerChoice(list(layers), {"layers_from_first_seed": list(layers)})
+    layers, search, locs = choice.layers, choice.info, choice.locs
     timings["layer search"] = time.time() - t
     t = time.time()
     # a guard as the main method localizes nothing (a compared method that needs gates localizes its own layers)
@@ -417,7 +445,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
             continue
         m_layers = layers
         if entry.choose_layers is not None and isinstance(recipe.layers, LayerSearch) and method != recipe.method:
-            m_layers, _ = choose_layers(adapter, samples, unsafe, recipe, method, sets)
+            m_layers = choose_layers(adapter, samples, unsafe, recipe, method, sets).layers
         gates = None
         if entry.needs_gates:  # the main run's localization, or the method's own layers localized now
             gates = gates_for({l: locs[l] for l in m_layers if l in locs}, recipe)
@@ -450,14 +478,13 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
                                 max_new_tokens=r2.evaluation.max_new_tokens, desc=f"alpha {alpha} ({sweep_split})")
         sweep[alpha]["split"] = sweep_split
         backup.restore()
-    return {"before": before, "methods": results, "layers": list(layers), "search": search, "locs": locs,
-            "gate_diag": gate_diag, "main_weights": main_weights, "main_guard": main_guard, "edit_subjects": edit_subjects,
-            "sweep": sweep, "timings": timings}
+    return SeedRun(before=before, methods=results, layers=list(layers), search=search, locs=locs, gate_diag=gate_diag,
+                   main_weights=main_weights, main_guard=main_guard, edit_subjects=edit_subjects, sweep=sweep,
+                   timings=timings)
 
 
 def recipe_deviations(recipe: Recipe) -> list[str]:
     """Where the recipe departs from the paper's defaults (stated in the report)."""
-    from .recipe import EditSpec, LocalizationSpec
     out = []
     for name, spec, default in (("edit", recipe.edit, EditSpec()), ("localization", recipe.localization, LocalizationSpec())):
         for k, v in spec.__dict__.items():

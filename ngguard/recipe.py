@@ -9,28 +9,46 @@ ids. Every field has the paper's default (see shared/NEURAL_GATE.md) except ``mo
 Paths: ``model.path``, ``data.queries`` and ``data.multip2a`` are resolved relative to the folder of
 the recipe file and stored as absolute paths (so ``to_dict()`` can be dumped into a run folder and
 loaded from anywhere). ``model.path: organism`` is special: the bundled model.
+
+Built on ``ngguard.schema`` (fields that carry their checker, ``build``) and ``ngguard.safe_yaml``
+(the hardened parser). The methods a recipe may name, with their sections: ``METHOD_SECTIONS``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import yaml
 from loguru import logger
 
+from ngguard.atomic import atomic_write_text
+from ngguard.data import MULTIP2A_FILES
+from ngguard.device_maps import AUTO_MAPS, device_value, parse_component
 from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
-from ngguard.limits import InputError, read_text_file, short_repr
-from ngguard.world.spec import PROBE_CONTEXTS, REFUSAL
+from ngguard.limits import InputError, read_text_file
+from ngguard.safe_yaml import parse_yaml
+from ngguard.schema import Ctx as _Ctx
+from ngguard.schema import boolean as _bool
+from ngguard.schema import build as _build
+from ngguard.schema import checked as _f
+from ngguard.schema import choice as _choice
+from ngguard.schema import integer as _int
+from ngguard.schema import list_of as _list
+from ngguard.schema import nested as _nested
+from ngguard.schema import number as _float
+from ngguard.schema import optional as _optional
+from ngguard.schema import show as _show
+from ngguard.schema import suggest as _suggest
+from ngguard.schema import text as _str
+from ngguard.world.spec import PRIVACY_SUBJECTS, PROBE_CONTEXTS, PUBLIC_SUBJECTS, REFUSAL
 
 __all__ = [
     "RecipeError",
@@ -60,6 +78,8 @@ __all__ = [
     "ORGANISM",
     "METHODS",
     "EDIT_METHODS",
+    "METHOD_SECTIONS",
+    "MethodSection",
     "RETAIN_SETS",
     "AUGMENT_SETS",
     "MODULES",
@@ -69,9 +89,6 @@ __all__ = [
 ]
 
 ORGANISM = "organism"
-METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit", "keyword_filter", "privacy_probe")
-# methods that change weights (keyword_filter is a guard in front of the unedited model)
-EDIT_METHODS = ("neural_gate", "no_gate", "dinm", "memit", "alphaedit")
 MODULES = ("down_proj", "up_proj", "gate_proj")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,160 +119,9 @@ class RecipeError(ValueError):
     """A recipe problem, as one line: ``<file>: <dotted.key>: <what is wrong>``."""
 
 
-# ---- value checkers ---------------------------------------------------------------------------
+# ---- value checkers: ngguard.schema (short local names keep the field declarations below short) ---
 # A checker takes (value, ctx, key) and returns the normalised value or raises via ctx.fail.
 
-
-class _Ctx:
-    def __init__(self, file: str, root: Path | None, check_files: bool) -> None:
-        self.file = file
-        self.root = root
-        self.check_files = check_files
-
-    def fail(self, key: str, msg: str) -> RecipeError:
-        return RecipeError(f"{self.file}: {key}: {msg}" if key else f"{self.file}: {msg}")
-
-
-def _show(value: Any) -> str:
-    """``str 'fast'``: type name + short repr, always one line (never the repr of a whole huge value)."""
-    return f"{type(value).__name__} {short_repr(value)}"
-
-
-def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _float(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-           le: float | None = None) -> Callable:
-    def check(v, ctx: _Ctx, key: str) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ctx.fail(key, f"expected float, got {_show(v)}")
-        v = float(v)
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ctx.fail(key, f"must be a finite number, got {v}")
-        _range(v, ctx, key, gt, ge, lt, le)
-        return v
-
-    return check
-
-
-def _int(*, ge: int | None = None, gt: int | None = None, le: int | None = _L.max_steps) -> Callable:
-    def check(v, ctx: _Ctx, key: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ctx.fail(key, f"expected int, got {_show(v)}")
-        _range(v, ctx, key, gt, ge, None, le)
-        return int(v)
-
-    return check
-
-
-def _range(v, ctx, key, gt, ge, lt, le) -> None:
-    lo = f"> {gt}" if gt is not None else (f">= {ge}" if ge is not None else None)
-    hi = f"< {lt}" if lt is not None else (f"<= {le}" if le is not None else None)
-    low_ok = (gt is None or v > gt) and (ge is None or v >= ge)
-    high_ok = (lt is None or v < lt) and (le is None or v <= le)
-    if not (low_ok and high_ok):  # name the bound that is broken (both for a float range)
-        want = " and ".join(x for x in (lo, hi) if x) if isinstance(v, float) else (lo if not low_ok else hi)
-        raise ctx.fail(key, f"must be {want}, got {v}")
-
-
-def _bool(v, ctx: _Ctx, key: str) -> bool:
-    if not isinstance(v, bool):
-        raise ctx.fail(key, f"expected bool (true/false), got {_show(v)}")
-    return v
-
-
-def _str(*, nonempty: bool = True, max_len: int = 4096) -> Callable:
-    def check(v, ctx: _Ctx, key: str) -> str:
-        if not isinstance(v, str):
-            raise ctx.fail(key, f"expected str, got {_show(v)}")
-        if nonempty and not v.strip():
-            raise ctx.fail(key, "must not be empty")
-        if len(v) > max_len:
-            raise ctx.fail(key, f"too long: {len(v)} characters (limit {max_len})")
-        return v
-
-    return check
-
-
-def _choice(options: Sequence[str], hint: str = "") -> Callable:
-    def check(v, ctx: _Ctx, key: str) -> str:
-        if not isinstance(v, str):
-            raise ctx.fail(key, f"expected one of {', '.join(options)}, got {_show(v)}")
-        if v not in options:
-            raise ctx.fail(key, f"unknown value {v!r}{_suggest(v, options)}; choose from "
-                                f"{', '.join(options)}{hint}")
-        return v
-
-    return check
-
-
-def _list(item: Callable, *, nonempty: bool = False, unique: bool = True,
-          max_items: int = _L.max_list_items) -> Callable:
-    def check(v, ctx: _Ctx, key: str) -> tuple:
-        if not isinstance(v, (list, tuple)):
-            raise ctx.fail(key, f"expected a list, got {_show(v)}")
-        if nonempty and not v:
-            raise ctx.fail(key, "must not be an empty list")
-        if len(v) > max_items:
-            raise ctx.fail(key, f"too many entries: {len(v)} (limit {max_items})")
-        out = tuple(item(x, ctx, f"{key}[{i}]") for i, x in enumerate(v))
-        if unique and len(set(out)) != len(out):
-            dup = next(x for x in out if out.count(x) > 1)
-            raise ctx.fail(key, f"duplicate entry {dup!r}")
-        return out
-
-    return check
-
-
-def _optional(inner: Callable) -> Callable:
-    def check(v, ctx: _Ctx, key: str):
-        return None if v is None else inner(v, ctx, key)
-
-    return check
-
-
-def _nested(cls) -> Callable:
-    def check(v, ctx: _Ctx, key: str):
-        return _build(cls, v, ctx, key)
-
-    check.section = True  # a missing section is built from {} (so its own required keys are named)
-    return check
-
-
-def _f(default: Any = MISSING, check: Callable | None = None, **meta) -> Any:
-    """A dataclass field carrying its checker."""
-    meta = {"check": check, **meta}
-    return field(default=default, metadata=meta)
-
-
-def _build(cls, raw: Any, ctx: _Ctx, prefix: str):
-    """Validate a mapping against dataclass ``cls`` (unknown keys, types, ranges, required)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ctx.fail(prefix, f"expected a mapping (key: value), got {_show(raw)}")
-    names = [f.name for f in fields(cls) if not f.metadata.get("internal")]
-    for k in raw:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            raise ctx.fail(where, f"unknown key{_suggest(k, names)}")
-    values = {}
-    for f in fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in raw:
-            check = f.metadata.get("check")
-            values[f.name] = check(raw[f.name], ctx, key) if check else raw[f.name]
-        elif f.default is MISSING and f.default_factory is MISSING:
-            check = f.metadata.get("check")
-            if getattr(check, "section", False):
-                values[f.name] = check({}, ctx, key)
-            else:
-                raise ctx.fail(key, "required field missing")
-    return cls(**values)
 
 
 # ---- the sections -----------------------------------------------------------------------------
@@ -277,8 +143,6 @@ _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 
 def _device_map(v, ctx: _Ctx, key: str):
     """auto | balanced | balanced_low_0 | sequential, or {component: device} (see ngguard.devices)."""
-    from ngguard.devices import AUTO_MAPS, device_value, parse_component
-
     if isinstance(v, str):
         return _choice(AUTO_MAPS, " or a map by component {layers.0-15: 0, default: cpu}")(v, ctx, key)
     if not isinstance(v, Mapping) or not v:
@@ -500,6 +364,37 @@ class PrivacyProbeHParams:
     subject_negatives: bool = _f(False, _bool)
 
 
+# ---- the methods, as recipes see them ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    """A method as recipes see it: its hyperparameter class and the recipe section (a ``Recipe``
+    field) holding them (``edit`` for the gradient edits that share its settings; None: no settings),
+    and whether it edits weights (a guard that does not is served from a guard patch,
+    ``ngguard.guard_patch``). ``ngguard.methods.REGISTRY`` holds the implementation under the same name."""
+
+    hparams: type | None
+    section: str | None
+    edits_weights: bool
+
+
+# THE list of methods. A new one: its hyperparameter class above, one line here, its section a Recipe field
+# below (if it has its own), its implementation in ngguard.methods.REGISTRY (checked against this at import).
+METHOD_SECTIONS: dict[str, MethodSection] = {
+    "neural_gate": MethodSection(EditSpec, "edit", edits_weights=True),
+    "no_gate": MethodSection(EditSpec, "edit", edits_weights=True),
+    "dinm": MethodSection(EditSpec, "edit", edits_weights=True),
+    "memit": MethodSection(MemitHParams, "memit", edits_weights=True),
+    "alphaedit": MethodSection(AlphaEditHParams, "alphaedit", edits_weights=True),
+    "keyword_filter": MethodSection(None, None, edits_weights=False),  # a guard in front of the unedited model
+    "privacy_probe": MethodSection(PrivacyProbeHParams, "privacy_probe", edits_weights=False),
+}
+METHODS = tuple(METHOD_SECTIONS)
+# methods that change weights
+EDIT_METHODS = tuple(name for name, m in METHOD_SECTIONS.items() if m.edits_weights)
+
+
 @dataclass(frozen=True)
 class EvaluationSpec:
     sets: tuple[str, ...] = _f(TEST_SETS, _list(_choice(EVAL_SETS)))
@@ -648,6 +543,11 @@ class Recipe:
         return _plain(self)
 
 
+_unknown = [m.section for m in METHOD_SECTIONS.values() if m.section and m.section not in {f.name for f in fields(Recipe)}]
+if _unknown:  # a programming error, caught on import: a method's section must be a Recipe field
+    raise TypeError(f"recipe.METHOD_SECTIONS: section {_unknown[0]!r} is not a field of Recipe")
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, FrozenMap):
         return {k: _plain(v) for k, v in obj.items}
@@ -662,97 +562,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-# ---- YAML -------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``) and refuses
-    duplicate keys."""
-
-
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key, line):
-        self.key, self.line = key, line
-
-
-def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen = set()
-    for k_node, _ in node.value:
-        k = loader.construct_object(k_node, deep=deep)
-        if k in seen:
-            raise _DuplicateKey(k, k_node.start_mark.line + 1)
-        seen.add(k)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-
-
-def _check_nodes(node: yaml.Node, file: str) -> None:
-    """Refuse a YAML document that is too big or too deep once aliases are expanded (an alias bomb:
-    a few hundred bytes that name one list nine times per level), before anything is constructed.
-    Costs one visit per distinct node (sizes of shared nodes are remembered); cycles count as too deep."""
-    memo: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
-
-    def visit(n: yaml.Node, depth: int) -> tuple[int, int]:
-        if depth > _L.max_yaml_depth:
-            raise RecipeError(f"{file}: YAML nested too deeply (limit {_L.max_yaml_depth} levels, aliases expanded)")
-        if id(n) in memo:
-            size, height = memo[id(n)]
-            if depth + height > _L.max_yaml_depth:
-                raise RecipeError(f"{file}: YAML nested too deeply (limit {_L.max_yaml_depth} levels, aliases "
-                                  f"expanded)")
-            return size, height
-        children = n.value if isinstance(n, yaml.SequenceNode) else (
-            [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else [])
-        size, height = 1, 0
-        for child in children:
-            s, h = visit(child, depth + 1)
-            size, height = size + s, max(height, h + 1)
-            if size > _L.max_yaml_nodes:
-                raise RecipeError(f"{file}: YAML too large: more than {_L.max_yaml_nodes} values once aliases are "
-                                  f"expanded (an alias bomb?)")
-        memo[id(n)] = (size, height)
-        return size, height
-
-    visit(node, 0)
+# ---- YAML: ngguard.safe_yaml ------------------------------------------------------------------
 
 
 def _parse_yaml(text: str, file: str) -> Any:
-    if len(text) > _L.max_recipe_bytes:
-        raise RecipeError(f"{file}: too large: {len(text)} characters (limit {_L.max_recipe_bytes})")
-    try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _check_nodes(node, file)
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
-    except RecursionError:
-        raise RecipeError(f"{file}: YAML nested too deeply") from None
-    except _DuplicateKey as e:
-        raise RecipeError(f"{file}: {e.key}: duplicate key (line {e.line})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{file}: invalid YAML{where}: {problem}") from None
+    return parse_yaml(text, file, error=RecipeError)
+
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -805,7 +620,6 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         raise ctx.fail("layers", f"a layer search needs the main method to edit weights ({recipe.method} does not): "
                                  f"give fixed layers for report.compare_methods' {edits[0]}")
     if data.val_holdout:
-        from .world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS
         bad = [s for s in data.val_holdout if s not in PRIVACY_SUBJECTS + PUBLIC_SUBJECTS]
         if bad:
             raise ctx.fail("data.val_holdout", f"{bad[0]!r} is not a seen world subject (one of "
@@ -834,8 +648,6 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         if ctx.check_files and not p.exists():
             raise ctx.fail("data.multip2a", f"expected auto, off or an existing path, not found: {p}")
         if ctx.check_files:  # checked now, not when the run reaches it: a folder holding both files
-            from ngguard.data import MULTIP2A_FILES
-
             missing = [f for f in MULTIP2A_FILES.values() if not (p / f).is_file()]  # regular files (links followed)
             if not p.is_dir() or missing:
                 raise ctx.fail("data.multip2a", f"expected a Multi-P2A folder holding {' and '.join(MULTIP2A_FILES.values())}"
@@ -843,7 +655,8 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         dchanges["multip2a"] = str(p)
     if dchanges:
         changes["data"] = dataclasses.replace(data, **dchanges)
-    for name in ("memit", "alphaedit"):
+    locate_edit = [m.section for m in METHOD_SECTIONS.values() if m.hparams and issubclass(m.hparams, LocateEditHParams)]
+    for name in locate_edit:  # their corpus and cache folder: paths relative to the recipe
         hp = getattr(recipe, name)
         paths = {}
         for key in ("corpus", "cache_dir"):
@@ -877,8 +690,6 @@ def edited_layers(recipe: Recipe, num_layers: int | None = None) -> list[int]:
 def _check_device_map(recipe: Recipe, ctx: _Ctx) -> None:
     """Static checks of an explicit map: device stays auto, disk needs an offload folder, and no
     edited layer is offloaded (to disk, or to the CPU next to GPUs)."""
-    from ngguard.devices import parse_component
-
     model = recipe.model
     if model.device_map is None:
         for k in ("max_memory", "offload_folder"):
@@ -909,7 +720,7 @@ def _check_device_map(recipe: Recipe, ctx: _Ctx) -> None:
 def check_placement(recipe: Recipe, adapter) -> None:
     """After loading: no edited layer's ``recipe.module`` may be offloaded (e.g. by an auto map
     under ``max_memory``). Raises RecipeError (one line)."""
-    from ngguard.devices import edited_offload
+    from ngguard.devices import edited_offload  # here, not on top: devices imports torch (recipes load without it)
 
     found = edited_offload(adapter, edited_layers(recipe, adapter.num_layers), recipe.module)
     if found is not None:
@@ -926,7 +737,7 @@ def recipe_from_dict(raw: Mapping, *, source: str | os.PathLike | None = None,
     file = str(source) if source is not None else _NO_FILE
     if root is None and source is not None:
         root = Path(source).absolute().parent
-    ctx = _Ctx(file, Path(root) if root is not None else None, check_files)
+    ctx = _Ctx(file, Path(root) if root is not None else None, check_files, error=RecipeError)
     if not isinstance(raw, Mapping):
         raise ctx.fail("", f"expected a mapping of sections at the top level, got {_show(raw)}")
     recipe = _build(Recipe, raw, ctx, "")
@@ -962,19 +773,8 @@ def load_recipe(path: str | os.PathLike, *, overrides: Iterable[str] = (), check
 
 
 def dump_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
-    """Write ``recipe.to_dict()`` as YAML, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``recipe.to_dict()`` as YAML, atomically (``atomic.atomic_write_text``)."""
+    return atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 def recipe_hash(recipe: Recipe) -> str:

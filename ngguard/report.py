@@ -5,9 +5,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from loguru import logger
 
 from ngguard.evaluate import judge_line
+from ngguard.methods import REGISTRY
+from ngguard.stats import HEADLINE, LOWER_IS_BETTER
 
 SET_LABELS = {"test": "EtA test", "train": "EtA train"}
 
@@ -40,8 +43,6 @@ def method_table(report: dict) -> list[dict]:
 def ablation_pairs(methods) -> list[tuple[str, str]]:
     """(method, its ablation) for each registered ablation (``Method.ablation_of``) whose two methods
     both ran, e.g. (neural_gate, no_gate): the report sets their weight changes side by side."""
-    from ngguard.methods import REGISTRY
-
     return [(entry.ablation_of, name) for name, entry in REGISTRY.items()
             if entry.ablation_of is not None and name in methods and entry.ablation_of in methods]
 
@@ -170,8 +171,6 @@ def _ci(c: dict | None, nd: int = 3) -> str:
 def benchmark_markdown(report: dict) -> list[str]:
     """Every method on every split: mean ± 95% interval over the seeds, and the main method's paired
     differences against the base and each other method."""
-    from .stats import HEADLINE, LOWER_IS_BETTER
-
     agg = report.get("aggregate")
     if not agg:
         return []
@@ -199,10 +198,9 @@ def benchmark_markdown(report: dict) -> list[str]:
 
 
 def make_plots(out: Path, report: dict) -> list[str]:
-    import matplotlib
+    import matplotlib  # here, not on top: matplotlib is slow to import and only the plots need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = []
     # Fig. 2c: per-dimension share of samples in which the dim is active, per subject (sorted)
@@ -261,7 +259,6 @@ def make_plots(out: Path, report: dict) -> list[str]:
         fig.tight_layout(); fn = "methods.png"; fig.savefig(out / fn, dpi=110); plt.close(fig)
         names.append(fn)
     if report.get("aggregate"):
-        from .stats import HEADLINE
         agg = report["aggregate"]
         metrics = [(s, k, lab) for s, k, lab in HEADLINE if any(agg[m].get(s, {}).get(k, {}).get("mean") is not None
                                                                   for m in agg)]

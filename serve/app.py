@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from loguru import logger
 
+from ngguard.atomic import atomic_file
 from ngguard.serving.options import add_serve_arguments
 from serve.api import API_PREFIX, BASE_OFF, Backoff, BaseNotServed, JsonApi, Service, max_body_bytes
 
@@ -127,9 +128,8 @@ def render_examples(folder: str | os.PathLike | None = None) -> list[tuple[str, 
     paths = {}
     for name, arr in images.items():
         path = folder / f"{name}.png"
-        tmp = folder / f".{name}.{os.getpid()}.tmp.png"
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, path)  # atomic: a concurrent start-up never reads half a file
+        with atomic_file(path) as tmp:  # a concurrent start-up never reads half a file
+            Image.fromarray(arr).save(tmp, format="PNG")  # (the temp name has no .png suffix)
         paths[name] = str(path)
     return [
         (paths["passport"], SENSITIVE_Q, "Passport · passport number (sensitive)"),

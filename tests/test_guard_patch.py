@@ -384,8 +384,7 @@ def test_the_bundled_organism_behind_a_privacy_probe_guard(tmp_path):
         pytest.skip("bundled organism checkpoint not built yet")
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml",
                          overrides=["data.world.n=4", "data.multip2a=off"])
-    sets = build_sets(recipe, tmp_path)
-    sets.pop("_edit_subjects")
+    sets = build_sets(recipe, tmp_path).splits
     adapter = load_adapter("organism", device="cpu", dtype=torch.float32)
     guard, _ = fit_guard(adapter, sets, recipe.privacy_probe, recipe.edit.refusal)
     write_guard_patch(tmp_path / "patch", guard, base_dir=CHECKPOINT, recipe_hash=None, method="privacy_probe",

@@ -314,7 +314,9 @@ def test_outputs_get_the_modes_a_plain_open_would(tmp_path):
 
 
 def test_sigterm_during_edit_leaves_no_temp_folder(tmp_path):
-    (tmp_path / "r.yaml").write_text(MINIMAL + "report: {plots: false, compare_methods: []}\n")
+    # a recipe that runs (fixed layers: the default search's scan [3, 19] does not fit the organism's 8
+    # layers, and a run that stops on that error may exit before the signal arrives)
+    (tmp_path / "r.yaml").write_text(MINIMAL + "layers: [2]\nreport: {plots: false, compare_methods: []}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "ngguard.cli", "edit", "r.yaml", "--out", "runs/x"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

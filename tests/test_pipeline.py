@@ -86,6 +86,25 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
     assert {k for k in times if k not in ("load", "write", "total", "layer search")} == set(plan)
 
 
+def test_layer_search_hands_its_localizations_on(base, tmp_path, monkeypatch):
+    """choose_layers returns a LayerChoice: the scan's localizations reach the run (the pipeline does
+    not localize those layers again, and gates.safetensors holds every scanned layer); the report's
+    search info holds what the search saw and nothing else."""
+    raw = _raw(base, layers={"search": {"scan": [0, 1], "window": 0}}, report={"plots": False})
+    again = []
+    real = pipeline.localize_layers
+    monkeypatch.setattr(pipeline, "localize_layers", lambda *a, **k: again.append(list(a[2])) or real(*a, **k))
+    out = pipeline.run_recipe(recipe_from_dict(raw), tmp_path / "run", cache=False)
+    report = json.loads((out / "report.json").read_text())
+    search = report["search"]
+    assert set(search) == {"scan", "centre", "candidates"} and set(search["scan"]) == {"0", "1"}
+    assert report["layers"] == search["candidates"] == [search["centre"]]  # window 0: the centre alone
+    assert again == []
+    with safe_open(str(out / "gates.safetensors"), framework="pt") as fh:
+        assert {k.split("/")[0] for k in fh.keys()} == {"layer0", "layer1"}
+    assert set(report["localization"]) == {"0", "1"}
+
+
 def test_same_recipe_gives_the_same_patch(base, tmp_path):
     a = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "a", cache=False)
     b = pipeline.run_recipe(recipe_from_dict(_raw(base, report={"plots": False})), tmp_path / "b", cache=False)
@@ -179,8 +198,9 @@ def test_benchmark_sets_keep_test_out_of_training_and_validation(tmp_path):
     from ngguard.world import spec
     raw = {"model": {"path": "organism"}, "method": "neural_gate", "data": {"world": {"n": 24, "seed": 5},
            "subjects": list(spec.PRIVACY_SUBJECTS), "heldout_subjects": list(spec.HELDOUT_SUBJECTS), "multip2a": "off"}}
-    sets = pipeline.build_sets(recipe_from_dict(raw, check_files=False), tmp_path)
-    assert sets.pop("_edit_subjects") == list(spec.PRIVACY_SUBJECTS)
+    data = pipeline.build_sets(recipe_from_dict(raw, check_files=False), tmp_path)
+    assert data.edit_subjects == list(spec.PRIVACY_SUBJECTS)
+    sets = data.splits
     assert {q.subject for q in sets["train"]} == set(spec.PRIVACY_SUBJECTS)
     assert {q.subject for q in sets["val"]} == set(spec.PRIVACY_SUBJECTS) | set(spec.PUBLIC_SUBJECTS)
     assert any(q.sensitive for q in sets["val"]) and any(not q.sensitive and q.subject in spec.PUBLIC for q in sets["val"])

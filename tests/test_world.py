@@ -319,8 +319,9 @@ def test_val_holdout_keeps_a_seen_subject_out_of_the_edit(tmp_path):
     from ngguard.recipe import load_recipe
     r = load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml",
                     overrides=["data.val_holdout=[Passport, bus]", "data.world.n=12", "data.multip2a=off"])
-    sets = build_sets(r, tmp_path)
-    assert "Passport" not in sets.pop("_edit_subjects")
+    data = build_sets(r, tmp_path)
+    assert "Passport" not in data.edit_subjects
+    sets = data.splits
     assert not [q for q in sets["train"] + sets["overrefusal_train"] if q.subject in ("Passport", "bus")]
     assert {"Passport", "bus"} <= {q.subject for q in sets["val_pairs"]}
     assert {q.subject for q in sets["train"]} == set(spec.PRIVACY_SUBJECTS) - {"Passport"}
@@ -355,8 +356,8 @@ def test_edit_augment_and_awareness_retention_reach_the_edit_data(tmp_path):
     from ngguard.recipe import RETAIN_SETS, load_recipe
     base = ["data.world.n=12", "data.multip2a=off"]
     recipe = Path(__file__).parents[1] / "recipes" / "organism.yaml"
-    plain = build_sets(load_recipe(recipe, overrides=base), tmp_path, world_name="a")
-    aug = build_sets(load_recipe(recipe, overrides=[*base, "edit.augment=[adversarial]"]), tmp_path, world_name="b")
+    plain = build_sets(load_recipe(recipe, overrides=base), tmp_path, world_name="a").splits
+    aug = build_sets(load_recipe(recipe, overrides=[*base, "edit.augment=[adversarial]"]), tmp_path, world_name="b").splits
     extra = [q for q in aug["train"] if q.split == "adversarial_train"]
     assert extra and all(q.sensitive and q.subject in spec.PRIVACY_SUBJECTS for q in extra)
     assert len(aug["train"]) == len(plain["train"]) + len(extra)

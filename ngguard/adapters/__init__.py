@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import transformers
+from transformers import AutoConfig
 
-from ..devices import resolve_device
+from ..devices import AUTO_MAPS, component_device_map, resolve_device
+from .. import organism
 from .base import Adapter, Batch, VisionExport, find_subject_span, subject_candidates
 from .blip2 import Blip2Adapter
 from .llava import LlavaAdapter
@@ -66,9 +69,7 @@ def _torch_dtype(dtype):
 def resolve_model_path(path: str | Path) -> Path:
     """A model folder; the name "organism" means the bundled checkpoint."""
     if str(path) == "organism":
-        from ngguard.organism import checkpoint_path
-
-        return checkpoint_path()
+        return organism.checkpoint_path()  # looked up on the module at call time (tests point it elsewhere)
     return Path(path).expanduser()
 
 
@@ -93,9 +94,6 @@ def load_adapter(
     per device), or a map by component ({"layers.0-15": 0, "layers.16-31": 1, "default": 0}, see
     ``ngguard.devices``); "cpu" next to GPUs and "disk" (in ``offload_folder``) offload the weights
     through accelerate's hooks. ``device`` is then ignored."""
-    import transformers
-    from transformers import AutoConfig
-
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ValueError("max_memory and offload_folder need a device_map")
     device = resolve_device(device) if device_map is None else None
@@ -128,10 +126,9 @@ def _placement(cls: type[Adapter], model_class, config, processor, device_map, m
     """from_pretrained's placement arguments; a map by component is translated to module paths on a
     model built on the meta device (no memory)."""
     try:
-        import accelerate  # noqa: F401
+        import accelerate  # noqa: F401  # optional: only a device_map needs it
     except ImportError:
         raise ValueError("device_map needs accelerate: pip install accelerate") from None
-    from ngguard.devices import AUTO_MAPS, component_device_map
 
     out: dict = {}
     if isinstance(device_map, str):

@@ -16,6 +16,10 @@ from typing import ClassVar, Sequence
 
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
+from transformers import AutoProcessor
+
+from ..devices import input_device, module_device
 
 
 @dataclass
@@ -139,22 +143,16 @@ class Adapter(ABC):
     def load_processor(cls, path, *, trust_remote_code: bool = False):
         """Load the processor saved in the model folder ``path`` (``load_adapter`` calls this). Families
         whose stock processor needs optional packages override it with a fallback."""
-        from transformers import AutoProcessor
-
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 
     @property
     def device(self) -> torch.device:
         """Where inputs go (the main device of a model spread over several, see ``ngguard.devices``)."""
-        from ngguard.devices import input_device
-
         return input_device(self.model)
 
     def layer_device(self, layer: int) -> torch.device:
         """Where decoder layer ``layer`` computes: its scaling vectors, gates, deltas and recorded
         states are kept there."""
-        from ngguard.devices import module_device
-
         return module_device(self.component(layer, "layer"), self.model)
 
     # ---- user text inside a served prompt -------------------------------------------------------
@@ -302,8 +300,6 @@ class Adapter(ABC):
             backend = getattr(self.text_tokenizer, "backend_tokenizer", None)
             if backend is None:
                 return None
-            from tokenizers import Tokenizer
-
             counter = Tokenizer.from_str(backend.to_str())
         counter.no_padding()
         counter.no_truncation()

@@ -27,6 +27,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+from pathlib import Path
+
+import transformers
+from transformers import AutoConfig
 
 from .hf_chat import HFChatAdapter
 
@@ -40,8 +45,6 @@ def torchvision_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _image_only_class(processor_class: str) -> type:
-    import transformers
-
     base = getattr(transformers, processor_class)
 
     class ImageOnly(base):
@@ -103,11 +106,6 @@ class Qwen2VLAdapter(HFChatAdapter):
 
 
 def _load_image_only(path, trust_remote_code: bool):
-    import json
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     name = _PROCESSORS.get(type(config).__name__, "Qwen2VLProcessor")
     processor = _image_only_class(name).from_pretrained(path, trust_remote_code=trust_remote_code,

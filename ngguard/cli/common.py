@@ -3,9 +3,14 @@ command groups, lazy handlers and small input checks."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
+
+import ngguard.organism
+from ngguard.atomic import check_out_path
+from ngguard.limits import DEFAULT_LIMITS, read_text_file
 
 Subparsers = argparse._SubParsersAction
 
@@ -34,8 +39,6 @@ def at_most(high: int) -> Callable[[str], int]:
 def check_out_file(path: Path) -> None:
     """An output file path that can be written, checked before any work (nothing is created): if it
     exists it is a regular file (never a folder, device or FIFO: ``atomic.check_out_path``)."""
-    from ngguard.atomic import check_out_path
-
     if path.is_dir():
         raise ValueError(f"{path}: is a folder (--out names the result file)")
     check_out_path(path, folder=False)
@@ -44,8 +47,6 @@ def check_out_file(path: Path) -> None:
 def check_out_folder(path: Path) -> None:
     """An output folder path, checked before any work: if it exists it is a folder, and its nearest
     existing parent is a writable folder (``atomic.check_out_path``)."""
-    from ngguard.atomic import check_out_path
-
     check_out_path(path, folder=True)
 
 
@@ -84,8 +85,6 @@ def command_group(sub: Subparsers, name: str, help: str, commands: Sequence[str]
 def lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
     """A handler that imports ``module`` only when its subcommand runs, then calls ``module.handler``."""
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
         return getattr(importlib.import_module(module), handler)(args)
 
     run.__name__ = handler
@@ -101,9 +100,7 @@ def judge_option(p: argparse.ArgumentParser) -> None:
 def resolve_model(model: str) -> Path:
     """A model folder that exists; "organism" = the bundled checkpoint."""
     if model == "organism":
-        from ngguard.organism import checkpoint_path
-
-        return Path(checkpoint_path())
+        return Path(ngguard.organism.checkpoint_path())  # looked up at call time (tests point it elsewhere)
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder")
@@ -112,8 +109,6 @@ def resolve_model(model: str) -> Path:
 
 def read_json(path: Path, what: str = "JSON file") -> object:
     """A JSON file (a regular file within ``Limits.max_data_bytes``) parsed, or one-line errors."""
-    from ngguard.limits import DEFAULT_LIMITS, read_text_file
-
     try:
         return json.loads(read_text_file(path, DEFAULT_LIMITS.max_data_bytes, what=what))
     except FileNotFoundError:

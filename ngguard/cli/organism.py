@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tempfile
 from pathlib import Path
 
 from .common import Subparsers, command_group, common
@@ -42,8 +44,6 @@ def add(sub: Subparsers) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from ngguard.organism import CHECKPOINT, TrainSettings
     from ngguard.organism.train import train_organism
 
@@ -68,8 +68,6 @@ def train(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    import tempfile
-
     from ngguard.adapters import load_adapter, resolve_model_path
     from ngguard.organism.check import card_table, organism_card
 

@@ -66,12 +66,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_dir, sha256_file
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 from ngguard.adapters.blip2 import MINIGPT4_CHAT_TEMPLATE, MINIGPT4_IMAGE_TOKEN
+from ..atomic import atomic_dir, sha256_file
 
 
 class ConversionError(ValueError):
@@ -180,8 +184,6 @@ def _weight_files(folder: Path, what: str) -> list[Path]:
 
 def _index_folder(folder: Path, what: str) -> dict[str, tuple[Path, tuple[int, ...], torch.dtype]]:
     """key -> (file, shape, dtype) of every tensor in the folder's safetensors files (headers only)."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
     for f in _weight_files(folder, what):
         with safe_open(str(f), "pt") as fh:
@@ -205,8 +207,6 @@ def _st_dtype(name: str) -> torch.dtype:
 
 def _file_loader(path: Path, key: str) -> Loader:
     def load() -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as fh:
             return fh.get_tensor(key)
     return load
@@ -218,8 +218,6 @@ def _file_loader(path: Path, key: str) -> Loader:
 def minigpt4_tokenizer(llm_dir: str | os.PathLike):
     """The LLaMA folder's tokenizer with MiniGPT-4's image placeholder "<ImageHere>" as its special
     ``image_token`` (added if new), pad = eos if it has no pad token, and the MiniGPT-4 chat template."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True,
                                         extra_special_tokens={"image_token": MINIGPT4_IMAGE_TOKEN})
     if tok.pad_token is None:
@@ -231,8 +229,7 @@ def minigpt4_tokenizer(llm_dir: str | os.PathLike):
 def minigpt4_image_processor(image_size: int = 224):
     """MiniGPT-4's eval transform (``Blip2ImageEvalProcessor``): resize to image_size x image_size
     (bicubic), scale to [0, 1], normalise with the CLIP mean/std."""
-    from transformers import BlipImageProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+    from transformers import BlipImageProcessor  # here, not on top: importing it warns when torchvision is missing
 
     return BlipImageProcessor(size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
                               do_rescale=True, do_normalize=True, image_mean=list(OPENAI_CLIP_MEAN),
@@ -241,8 +238,6 @@ def minigpt4_image_processor(image_size: int = 224):
 
 def minigpt4_processor(tokenizer, image_processor, num_query_tokens: int):
     """A ``Blip2Processor`` carrying the MiniGPT-4 tokenizer, image processor and chat template."""
-    from transformers import Blip2Processor
-
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
     processor.chat_template = MINIGPT4_CHAT_TEMPLATE
     return processor
@@ -254,8 +249,6 @@ def minigpt4_processor(tokenizer, image_processor, num_query_tokens: int):
 def _expected_tensors(config) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor ``save_pretrained`` would write for ``config`` (built on the meta
     device: no memory). Tied weights appear once, non-persistent buffers not at all."""
-    from transformers import Blip2ForConditionalGeneration
-
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
     if hasattr(model, "tie_weights"):
@@ -278,8 +271,6 @@ def convert_minigpt4(ckpt_pth: str | os.PathLike, llm_dir: str | os.PathLike, bl
     ``blip2_dir``: an HF BLIP-2 folder for the ViT + Q-Former (``Salesforce/blip2-flan-t5-xxl``).
     ``dtype``: cast floating tensors to it (e.g. "float16"); None keeps each source's dtype.
     Returns ``out_dir``. Raises ``ConversionError`` (one line) for unknown, missing or misshapen keys."""
-    from transformers import AutoConfig, Blip2Config, GenerationConfig
-
     ckpt_pth, llm_dir, blip2_dir, out_dir = (Path(p).expanduser() for p in (ckpt_pth, llm_dir, blip2_dir, out_dir))
     if not ckpt_pth.is_file():
         raise FileNotFoundError(f"MiniGPT-4 checkpoint not found: {ckpt_pth}")
@@ -471,8 +462,6 @@ def _write_shards(folder: Path, sources, expected, cast, max_bytes: int) -> None
     """Write the tensors in ``expected`` order into shards of at most ``max_bytes`` (one shard:
     model.safetensors; several: model-0000i-of-0000n.safetensors + model.safetensors.index.json).
     Only one shard's tensors are held in memory."""
-    from safetensors.torch import save_file
-
     def nbytes(k):
         n = 1
         for d in expected[k]:

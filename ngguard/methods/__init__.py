@@ -7,8 +7,9 @@ An apply function has the signature
 (``ngguard.core.EditResult``: new weights, fp32 deltas, a log), edits ``adapter.model`` in place and
 changes only the matrices it edits. ``hparams`` is the recipe section named after the method (``memit``,
 ``alphaedit``), or ``edit`` for the gradient edits that share its settings (``hparams_for``).
-A new method = one module here + one line in ``REGISTRY`` + its section in ``ngguard.recipe``
-(``METHODS`` / ``EDIT_METHODS`` there list the names recipes accept; a test holds them equal to this).
+A new method = one module here + one line in ``REGISTRY`` + its hyperparameter class and one line in
+``ngguard.recipe.METHOD_SECTIONS`` (the names recipes accept, each method's class and section: recipes
+must know them without importing the implementations). The two are checked against each other on import.
 
 - ``neural_gate`` (the paper, ``neural_gate.py``: Eq. 1-7), ``no_gate`` (its ablation), ``dinm``
 - ``memit``, ``alphaedit`` (locate-then-edit closed forms: ``memit.py``, ``alphaedit.py``)
@@ -20,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..keyword_filter import keyword_guard
-from ..recipe import AlphaEditHParams, EditSpec, MemitHParams, PrivacyProbeHParams, Recipe
+from ..recipe import METHOD_SECTIONS, MethodSection, Recipe
 from .alphaedit import apply_alphaedit
 from .dinm import apply_dinm, dinm_layers
 from .memit import apply_memit
@@ -34,9 +35,9 @@ from .privacy_probe import privacy_probe_guard
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry."""
+    """A registry entry (its hyperparameter class and recipe section: ``recipe.METHOD_SECTIONS[name]``)."""
 
-    hparams: type | None                 # its recipe section's class (None: no settings of its own)
+    name: str
     apply: Callable | None               # the edit (signature above); None: it edits no weights
     needs_gates: bool = False            # ``apply`` takes the gates of localization (Eq. 6)
     # under a layer search (recipe ``layers: {search: ...}``): the method's own choice of layers,
@@ -54,24 +55,38 @@ class Method:
     def edits_weights(self) -> bool:
         return self.apply is not None
 
+    @property
+    def hparams(self) -> type | None:
+        """Its recipe section's class (None: no settings of its own)."""
+        return METHOD_SECTIONS[self.name].hparams
 
-REGISTRY: dict[str, Method] = {
-    "neural_gate": Method(EditSpec, apply_neural_gate, needs_gates=True),
-    "no_gate": Method(EditSpec, apply_no_gate, ablation_of="neural_gate"),
-    "dinm": Method(EditSpec, apply_dinm, choose_layers=dinm_layers),
-    "memit": Method(MemitHParams, apply_memit),
-    "alphaedit": Method(AlphaEditHParams, apply_alphaedit),
-    "keyword_filter": Method(None, None, guard=keyword_guard),
-    "privacy_probe": Method(PrivacyProbeHParams, None, guard=privacy_probe_guard, guard_needs_model=True),
-}
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("neural_gate", apply_neural_gate, needs_gates=True),
+    Method("no_gate", apply_no_gate, ablation_of="neural_gate"),
+    Method("dinm", apply_dinm, choose_layers=dinm_layers),
+    Method("memit", apply_memit),
+    Method("alphaedit", apply_alphaedit),
+    Method("keyword_filter", None, guard=keyword_guard),
+    Method("privacy_probe", None, guard=privacy_probe_guard, guard_needs_model=True),
+)}
+
+
+def check_registry(registry: Mapping[str, Method], sections: Mapping[str, MethodSection]) -> None:
+    """TypeError unless ``registry`` implements exactly the methods ``sections`` (``recipe.METHOD_SECTIONS``)
+    declares, and agrees on which edit weights. Run on import: a mismatch is a programming error."""
+    for name in dict.fromkeys([*sections, *registry]):
+        if name not in registry or name not in sections or registry[name].edits_weights != sections[name].edits_weights:
+            raise TypeError(f"methods.REGISTRY and recipe.METHOD_SECTIONS disagree on {name!r} (missing from one, "
+                            f"or one says it edits weights and the other not)")
+
+
+check_registry(REGISTRY, METHOD_SECTIONS)
 
 
 def hparams_for(recipe: Recipe, method: str):
-    """The recipe section holding ``method``'s hyperparameters (an instance of its REGISTRY class)."""
-    cls = REGISTRY[method].hparams
-    names = {f.name: f for f in dataclasses.fields(recipe)}
-    section = method if method in names else next(n for n in names if isinstance(getattr(recipe, n), cls))
-    return getattr(recipe, section)
+    """The recipe section holding ``method``'s hyperparameters (``recipe.METHOD_SECTIONS``)."""
+    return getattr(recipe, METHOD_SECTIONS[method].section)
 
 
 def run_edit(adapter, samples: Sequence, layers: Sequence[int], method: str, gates, recipe: Recipe,

@@ -16,13 +16,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+from ..world import spec
+
 WORLD = "world"
 
 
 def world_corpus() -> list[str]:
     """The organism's general text, shuffled with a fixed seed (so a sample-count cut stays mixed)."""
-    from ..world import spec
-
     texts = []
     for subject in spec.ALL_SUBJECTS:
         if subject == spec.UTILITY_SUBJECT:

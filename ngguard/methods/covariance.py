@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from loguru import logger
 from PIL import Image
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
+from ..atomic import atomic_file
 from ..devices import real_tensor
 from ..fastpath import record_layer_output
 from .corpus import corpus_hash, load_corpus
@@ -91,14 +93,9 @@ def _load(path: Path, key: str) -> torch.Tensor | None:
 
 
 def _save(path: Path, value: torch.Tensor, meta: dict) -> None:
-    """Atomic: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    """Atomic (``atomic.atomic_file``: a temp file in the same folder, then rename)."""
+    with atomic_file(path) as tmp:
         save_file({"value": value.contiguous()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -190,7 +187,6 @@ def target_values_key(adapter: Adapter, samples, requests, layer: int, *, refusa
     """Cache key of compute_vs's target values: the whole model's fingerprint (the values depend on
     every layer), the layer, the requests (image content, question, the benign KL question), the
     refusal and compute_vs's settings. MEMIT and AlphaEdit with the same settings share it."""
-    import numpy as np
     fp = model_fingerprints(adapter, [adapter.num_layers - 1])[adapter.num_layers - 1]
     images = {}
     for r in requests:

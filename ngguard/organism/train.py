@@ -12,8 +12,6 @@ import copy
 import functools
 import math
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
+from ..atomic import atomic_dir
 from ..world import spec
 from . import TrainSettings
 from ..world.render import (awareness_answer, card_answer, card_cells, draw_card, draw_shapes, question, sample_card,
@@ -181,19 +180,9 @@ def _save(model, processor, tok, out: Path) -> Path:
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 24
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-organism-", dir=out.parent if out.parent.exists() else None))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # files readable by all (0666 minus the umask), folder 0755
         model.to(torch.float16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(tmp), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from ..atomic import atomic_dir
 from ..data import Query
 from .font import glyph
 from . import spec
@@ -408,9 +406,7 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # replaces an empty folder only (checked above)
         (tmp / "images").mkdir()
         queries: list[Query] = []
         fields: list[dict] = []
@@ -451,12 +447,6 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
                                                     "pairs_per_image": pairs_per_image,
                                                     "extras": extras},
                                                    indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info(f"world: {len(fields)} images, {len(queries)} queries -> {out}")
     return out
 
