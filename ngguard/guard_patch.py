@@ -34,12 +34,14 @@ from typing import Any, Mapping
 
 import torch
 from loguru import logger
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-GUARD_FILE = "guard.safetensors"
-META_KEY = "ngguard_guard"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+from . import __version__
+from .atomic import atomic_dir, sha256_file
+from .patch import (_ST_DTYPE, FORMAT, FORMAT_VERSION, GUARD_FILE, MANIFEST, META_KEY, PatchError, _base_info,
+                    _check_signature, _dump_json, _jsonable, _sha_tensor, base_fingerprint, check_guard_files, is_guard,
+                    read_manifest)
+
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -51,14 +53,7 @@ def _classes() -> dict[str, type]:
     return {"ProbeGuard": ProbeGuard, "KeywordFilter": KeywordFilter, "LinearProbe": LinearProbe}
 
 
-def is_guard(manifest: Mapping) -> bool:
-    """Whether a patch manifest describes a guard (no weight changes) rather than a weight edit."""
-    return isinstance(manifest, Mapping) and "guard" in manifest
-
-
 def _error(msg: str) -> Exception:
-    from .patch import PatchError
-
     return PatchError(msg)
 
 
@@ -113,12 +108,6 @@ def guard_state(guard: Any) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"class": cls, **_split(guard, "", tensors)}, tensors
 
 
-def _sha(t: torch.Tensor) -> str:
-    from .patch import _sha_tensor
-
-    return _sha_tensor(t)
-
-
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
@@ -127,10 +116,6 @@ def write_guard_patch(out_dir: str | os.PathLike, guard: Any, *, base_dir: str |
                       method: str, subjects, extra: Mapping | None = None, overwrite: bool = False) -> dict:
     """Write a guard patch folder for ``guard`` fitted on the checkpoint in ``base_dir`` (atomic; the
     same guard gives the same bytes). Returns the manifest."""
-    from . import __version__
-    from .atomic import atomic_dir, sha256_file
-    from .patch import _ST_DTYPE, FORMAT, FORMAT_VERSION, MANIFEST, PatchError, _base_info, _dump_json, _jsonable, \
-        base_fingerprint
 
     desc, tensors = guard_state(guard)
     desc["method"] = method
@@ -145,7 +130,7 @@ def write_guard_patch(out_dir: str | os.PathLike, guard: Any, *, base_dir: str |
         # sorted tensors and ONE metadata key: the same guard gives the same bytes
         save_file({n: tensors[n] for n in sorted(tensors)}, str(tmp / GUARD_FILE), metadata={META_KEY: _canonical(desc)})
         files = {GUARD_FILE: {"sha256": sha256_file(tmp / GUARD_FILE), "bytes": (tmp / GUARD_FILE).stat().st_size}}
-        desc["tensors"] = {n: {"shape": list(t.shape), "dtype": _ST_DTYPE[t.dtype], "sha256": _sha(t)}
+        desc["tensors"] = {n: {"shape": list(t.shape), "dtype": _ST_DTYPE[t.dtype], "sha256": _sha_tensor(t)}
                            for n, t in sorted(tensors.items())}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "patch_id": files[GUARD_FILE]["sha256"][:12],
@@ -162,90 +147,6 @@ def write_guard_patch(out_dir: str | os.PathLike, guard: Any, *, base_dir: str |
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-
-
-def check_guard_manifest(m: dict, path: Path) -> None:
-    """Field types of a guard manifest (``patch.read_manifest`` calls this for manifests with ``guard``)."""
-    from .patch import _DTYPE_SIZE, _short
-
-    def bad(key: str, want: str, value: Any) -> Exception:
-        return _error(f"{path}: manifest field {key}: expected {want}, got {type(value).__name__} {_short(value)}")
-
-    if not isinstance(m["patch_id"], str) or not re.fullmatch(r"[0-9a-f]{12}", m["patch_id"]):
-        raise bad("patch_id", "12 hex digits", m["patch_id"])
-    if not isinstance(m["base"], dict) or not isinstance(m["base"].get("fingerprint"), str):
-        raise bad("base", "a mapping with a 'fingerprint' string", m["base"])
-    if m["tensors"] != {} or m.get("layers") != []:
-        raise _error(f"{path}: patch {m['patch_id']} holds weight changes and a guard: a patch is either a weight "
-                     f"edit or a guard (serve the guard on the unedited base)")
-    if m["patched_fingerprint"] != m["base"]["fingerprint"]:
-        raise bad("patched_fingerprint", "the base's fingerprint (a guard changes no weights)", m["patched_fingerprint"])
-    files = m["files"]
-    if not isinstance(files, dict) or set(files) != {GUARD_FILE} or not isinstance(files[GUARD_FILE], dict) or \
-            not isinstance(files[GUARD_FILE].get("sha256"), str) or not isinstance(files[GUARD_FILE].get("bytes"), int):
-        raise bad("files", f"{{{GUARD_FILE}: {{sha256, bytes}}}}", files)
-    g = m["guard"]
-    if not isinstance(g, dict) or g.get("class") not in ("ProbeGuard", "KeywordFilter"):
-        raise bad("guard.class", "ProbeGuard or KeywordFilter", g.get("class") if isinstance(g, dict) else g)
-    if not isinstance(g.get("settings"), dict) or not isinstance(g.get("probes", {}), dict):
-        raise bad("guard", "a mapping with settings (and probes)", g)
-    if not isinstance(g.get("tensors"), dict):
-        raise bad("guard.tensors", "a mapping name -> {shape, dtype, sha256}", g.get("tensors"))
-    for name, info in g["tensors"].items():
-        where = f"guard.tensors[{_short(name)}]"
-        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or len(info["shape"]) > 4 or \
-                not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in info["shape"]):
-            raise bad(f"{where}.shape", "a list of sizes", info.get("shape") if isinstance(info, dict) else info)
-        if info.get("dtype") not in _DTYPE_SIZE:
-            raise bad(f"{where}.dtype", f"one of {', '.join(_DTYPE_SIZE)}", info.get("dtype"))
-        if not isinstance(info.get("sha256"), str) or not _HEX64.fullmatch(info["sha256"]):
-            raise bad(f"{where}.sha256", "64 hex digits", info.get("sha256"))
-    if m.get("method") != g.get("method"):
-        raise bad("method", f"the guard's method {g.get('method')!r}", m.get("method"))
-    refusal = g["settings"].get("refusal")
-    if not isinstance(refusal, str) or not refusal.strip() or (m.get("extra") or {}).get("refusal") != refusal:
-        raise bad("extra.refusal", f"the guard's refusal {_short(refusal)}", (m.get("extra") or {}).get("refusal"))
-
-
-def check_guard_files(patch_dir: Path, m: dict) -> dict[str, torch.Tensor]:
-    """Check ``guard.safetensors`` against the manifest (file checksum = patch id, the settings it
-    carries, each tensor's dtype, shape, checksum, finite values); return its tensors (CPU)."""
-    from .atomic import sha256_file
-    from .patch import _header
-
-    pid, label = m["patch_id"], f"{GUARD_FILE} corrupted"
-    path = Path(patch_dir) / GUARD_FILE
-    if not path.is_file():
-        raise _error(f"patch {pid}: {GUARD_FILE} is missing from {patch_dir}")
-    sha = sha256_file(path)
-    if sha != m["files"][GUARD_FILE]["sha256"] or sha[:12] != pid:
-        raise _error(f"patch {pid}: checksum mismatch for {GUARD_FILE}: {label}")
-    locs, meta = _header(path)  # checks the header's offsets
-    want = m["guard"]["tensors"]
-    if set(locs) != set(want):
-        raise _error(f"patch {pid}: {GUARD_FILE} and patch.json disagree on tensor {sorted(set(locs) ^ set(want))[0]}: "
-                     f"{label}")
-    try:
-        stored = json.loads((meta or {}).get(META_KEY, ""))
-    except ValueError:
-        stored = None
-    if stored != {k: v for k, v in m["guard"].items() if k != "tensors"}:
-        raise _error(f"patch {pid}: the guard settings in patch.json differ from those in {GUARD_FILE}: patch.json "
-                     f"edited or corrupted")
-    out = {}
-    with safe_open(str(path), framework="pt") as fh:
-        for name in sorted(locs):
-            t = fh.get_tensor(name)
-            info = want[name]
-            if locs[name].dtype != info["dtype"] or list(t.shape) != info["shape"]:
-                raise _error(f"patch {pid}: tensor {name} is {locs[name].dtype}{list(t.shape)}, patch.json says "
-                             f"{info['dtype']}{info['shape']}: {label}")
-            if _sha(t) != info["sha256"]:
-                raise _error(f"checksum mismatch for guard tensor {name}: {label}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise _error(f"patch {pid}: guard tensor {name} holds NaN or infinite values: refused")
-            out[name] = t.clone()  # own, aligned memory: the same float sums as the fitted guard
-    return out
 
 
 def _value(f: dataclasses.Field, value: Any) -> Any:
@@ -327,8 +228,6 @@ def load_guard(patch_dir: str | os.PathLike, adapter: Any = None, *, key: bytes 
     """(manifest, guard) of a checked guard patch folder; the guard reads ``adapter``'s model (a
     ``ProbeGuard``) or only the prompt (a ``KeywordFilter``). ``key``: the patch must carry a valid
     signature (``ngguard.patch.patch_key``). PatchError (one line) for anything wrong."""
-    from .patch import _check_signature, read_manifest
-
     patch_dir = Path(patch_dir)
     m = read_manifest(patch_dir)
     if not is_guard(m):

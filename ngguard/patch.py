@@ -414,9 +414,97 @@ def _check_schema(m: dict, path: Path) -> None:
         raise bad("extra.module", "a module name like down_proj", module)
 
 
-def _check_patch_manifest(m: dict, path: Path) -> None:
-    from .guard_patch import check_guard_manifest, is_guard
+# ---- guard patches (a method that edits no weights; written and loaded by ngguard.guard_patch) -----------
+GUARD_FILE = "guard.safetensors"
+META_KEY = "ngguard_guard"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
+
+def is_guard(manifest: Mapping) -> bool:
+    """Whether a patch manifest describes a guard (no weight changes) rather than a weight edit."""
+    return isinstance(manifest, Mapping) and "guard" in manifest
+
+
+def check_guard_manifest(m: dict, path: Path) -> None:
+    """Field types of a guard manifest (``patch.read_manifest`` calls this for manifests with ``guard``)."""
+    def bad(key: str, want: str, value: Any) -> Exception:
+        return PatchError(f"{path}: manifest field {key}: expected {want}, got {type(value).__name__} {_short(value)}")
+
+    if not isinstance(m["patch_id"], str) or not re.fullmatch(r"[0-9a-f]{12}", m["patch_id"]):
+        raise bad("patch_id", "12 hex digits", m["patch_id"])
+    if not isinstance(m["base"], dict) or not isinstance(m["base"].get("fingerprint"), str):
+        raise bad("base", "a mapping with a 'fingerprint' string", m["base"])
+    if m["tensors"] != {} or m.get("layers") != []:
+        raise PatchError(f"{path}: patch {m['patch_id']} holds weight changes and a guard: a patch is either a weight "
+                     f"edit or a guard (serve the guard on the unedited base)")
+    if m["patched_fingerprint"] != m["base"]["fingerprint"]:
+        raise bad("patched_fingerprint", "the base's fingerprint (a guard changes no weights)", m["patched_fingerprint"])
+    files = m["files"]
+    if not isinstance(files, dict) or set(files) != {GUARD_FILE} or not isinstance(files[GUARD_FILE], dict) or \
+            not isinstance(files[GUARD_FILE].get("sha256"), str) or not isinstance(files[GUARD_FILE].get("bytes"), int):
+        raise bad("files", f"{{{GUARD_FILE}: {{sha256, bytes}}}}", files)
+    g = m["guard"]
+    if not isinstance(g, dict) or g.get("class") not in ("ProbeGuard", "KeywordFilter"):
+        raise bad("guard.class", "ProbeGuard or KeywordFilter", g.get("class") if isinstance(g, dict) else g)
+    if not isinstance(g.get("settings"), dict) or not isinstance(g.get("probes", {}), dict):
+        raise bad("guard", "a mapping with settings (and probes)", g)
+    if not isinstance(g.get("tensors"), dict):
+        raise bad("guard.tensors", "a mapping name -> {shape, dtype, sha256}", g.get("tensors"))
+    for name, info in g["tensors"].items():
+        where = f"guard.tensors[{_short(name)}]"
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or len(info["shape"]) > 4 or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in info["shape"]):
+            raise bad(f"{where}.shape", "a list of sizes", info.get("shape") if isinstance(info, dict) else info)
+        if info.get("dtype") not in _DTYPE_SIZE:
+            raise bad(f"{where}.dtype", f"one of {', '.join(_DTYPE_SIZE)}", info.get("dtype"))
+        if not isinstance(info.get("sha256"), str) or not _HEX64.fullmatch(info["sha256"]):
+            raise bad(f"{where}.sha256", "64 hex digits", info.get("sha256"))
+    if m.get("method") != g.get("method"):
+        raise bad("method", f"the guard's method {g.get('method')!r}", m.get("method"))
+    refusal = g["settings"].get("refusal")
+    if not isinstance(refusal, str) or not refusal.strip() or (m.get("extra") or {}).get("refusal") != refusal:
+        raise bad("extra.refusal", f"the guard's refusal {_short(refusal)}", (m.get("extra") or {}).get("refusal"))
+
+
+def check_guard_files(patch_dir: Path, m: dict) -> dict[str, torch.Tensor]:
+    """Check ``guard.safetensors`` against the manifest (file checksum = patch id, the settings it
+    carries, each tensor's dtype, shape, checksum, finite values); return its tensors (CPU)."""
+    pid, label = m["patch_id"], f"{GUARD_FILE} corrupted"
+    path = Path(patch_dir) / GUARD_FILE
+    if not path.is_file():
+        raise PatchError(f"patch {pid}: {GUARD_FILE} is missing from {patch_dir}")
+    sha = sha256_file(path)
+    if sha != m["files"][GUARD_FILE]["sha256"] or sha[:12] != pid:
+        raise PatchError(f"patch {pid}: checksum mismatch for {GUARD_FILE}: {label}")
+    locs, meta = _header(path)  # checks the header's offsets
+    want = m["guard"]["tensors"]
+    if set(locs) != set(want):
+        raise PatchError(f"patch {pid}: {GUARD_FILE} and patch.json disagree on tensor {sorted(set(locs) ^ set(want))[0]}: "
+                     f"{label}")
+    try:
+        stored = json.loads((meta or {}).get(META_KEY, ""))
+    except ValueError:
+        stored = None
+    if stored != {k: v for k, v in m["guard"].items() if k != "tensors"}:
+        raise PatchError(f"patch {pid}: the guard settings in patch.json differ from those in {GUARD_FILE}: patch.json "
+                     f"edited or corrupted")
+    out = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for name in sorted(locs):
+            t = fh.get_tensor(name)
+            info = want[name]
+            if locs[name].dtype != info["dtype"] or list(t.shape) != info["shape"]:
+                raise PatchError(f"patch {pid}: tensor {name} is {locs[name].dtype}{list(t.shape)}, patch.json says "
+                             f"{info['dtype']}{info['shape']}: {label}")
+            if _sha_tensor(t) != info["sha256"]:
+                raise PatchError(f"checksum mismatch for guard tensor {name}: {label}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PatchError(f"patch {pid}: guard tensor {name} holds NaN or infinite values: refused")
+            out[name] = t.clone()  # own, aligned memory: the same float sums as the fitted guard
+    return out
+
+
+def _check_patch_manifest(m: dict, path: Path) -> None:
     if is_guard(m):  # a guard patch (``ngguard.guard_patch``): no weight tensors, a guard section
         return check_guard_manifest(m, path)
     _check_schema(m, path)
@@ -493,8 +581,6 @@ def _check_patch(patch_dir: Path, *, need_base: bool = False,
     if key is not None:
         _check_signature(patch_dir, m, key)
     if "guard" in m:  # a guard patch: its own file, no weight tensors
-        from .guard_patch import check_guard_files
-
         check_guard_files(patch_dir, m)
         if need_base:
             raise PatchError(f"patch {m['patch_id']} is a guard ({m['method']}): it changes no weights, there is "
@@ -737,10 +823,7 @@ def verify_patch(patch_dir: str | os.PathLike, base_dir: str | os.PathLike | Non
                                                        else "none"),
         "kind": "guard" if "guard" in m else "weights",
     }
-    if "guard" in m:  # what the guard holds (``ngguard.guard_patch``): built once, so its fields are checked too
-        from .guard_patch import load_guard
-
-        load_guard(patch_dir, key=key)
+    if "guard" in m:  # what the guard holds (``ngguard.guard_patch.load_guard`` builds it: ``patch verify`` does)
         report["guard"] = {"class": m["guard"]["class"], "tensors": sorted(m["guard"]["tensors"]),
                            "probes": sorted(m["guard"].get("probes", {}))}
     if base_dir is not None:

@@ -47,6 +47,7 @@ def cli_patch(args: argparse.Namespace) -> int:
     """``ngguard patch apply|revert|verify|sign`` (``patch_command``, ``base``, ``patch``, ``patched``,
     ``out``, ``overwrite``, ``json``, ``key_file``). Prints one result line (``verify --json``: the
     report); returns 0. Problems raise PatchError (a ValueError: printed as one line)."""
+    from ngguard.guard_patch import load_guard
     from ngguard.patch import (KEY_ENV, SIGNATURE, PatchError, apply_patch, patch_key, revert_patch, sign_patch,
                                verify_patch)
 
@@ -68,6 +69,8 @@ def cli_patch(args: argparse.Namespace) -> int:
         print(f"reverted patch {r['patch_id']} -> {r['out_dir']}")
     elif cmd == "verify":
         r = verify_patch(args.patch, base_dir=args.base, key=key)
+        if r["kind"] == "guard":  # build it too: its fields and settings are checked where it is made
+            load_guard(args.patch, key=key)
         if getattr(args, "json", False):
             print(json.dumps(r, indent=2))
         else:
