@@ -1,8 +1,9 @@
-"""The benchmark for the methods that edit no weights (base, keyword_filter, privacy_probe), every test
+"""The benchmark for the methods that edit no weights (base, keyword_filter, privacy_probe, refusal_steering), every test
 split, several seeds, side by side in one run: mean ± 95% interval, paired differences, and a
 per-subject table of the unseen subjects (issue 27). The same worlds, splits and judge as
 ``ngguard edit`` (``pipeline.build_sets``, ``evaluate_sets``, ``stats``), without the edit: the
-guards are fitted on training-role data and rescore the unedited model's answers.
+guards are fitted on training-role data and rescore the unedited model's answers (a steering guard,
+``refusal_steering``, generates the questions it gates again under its hook).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/benchmark_guards.py recipes/organism.yaml \\
         --methods keyword_filter,privacy_probe --seeds 0,1,2 --json runs/guards.json
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
                 e = REGISTRY[m]
                 guard, fields = e.guard(sets["train"], r.edit.refusal, adapter=adapter, sets=sets, recipe=r) \
                     if e.guard_needs_model else e.guard(sets["train"], r.edit.refusal)
-                res[m] = {"after": {name: rescore_with_guard(v, guard, judge) for name, v in before.items()}}
+                res[m] = {"after": {name: rescore_with_guard(v, guard, judge, adapter=adapter, batch_size=r.evaluation.batch_size,
+                                                             max_new_tokens=r.evaluation.max_new_tokens)
+                                    for name, v in before.items()}}
                 seconds[f"seed {seed} {m}"] = time.time() - t
             per_seed[seed] = {"before": before, "methods": res}
             if a.json:  # each seed as it ends, so that a cut run keeps what it measured

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             elif not REGISTRY[method].edits_weights:
                 guard, _ = REGISTRY[method].guard(sets["train"], r.edit.refusal, adapter=adapter, sets=sets, recipe=r) \
                     if getattr(REGISTRY[method], "guard_needs_model", False) else REGISTRY[method].guard(sets["train"], r.edit.refusal)
-                res = {n: rescore_with_guard(v, guard, judge) for n, v in before.items()}
+                res = {n: rescore_with_guard(v, guard, judge, adapter=adapter, **ev) for n, v in before.items()}
             else:
                 samples, _, retain = edit_data(adapter, sets, r)
                 layers = list(r.layers)

@@ -173,10 +173,24 @@ def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, b
     check_queries(queries, limits, adapter, max_new_tokens=max_new_tokens)
     blocked = {i for i, flag in enumerate(guard_flags(guard, queries)) if flag}
     todo = [q for i, q in enumerate(queries) if i not in blocked]
+    responses = generate_answers(adapter, todo, batch_size=batch_size, max_new_tokens=max_new_tokens, limits=limits,
+                                 desc=desc)
+    answers = iter(responses)
+    responses = [guard.refusal if i in blocked else next(answers) for i in range(len(queries))]
+    result = score(queries, responses, judge)
+    logger.info("{}: n={} RtA(sensitive)={} RtA(benign)={} EtA={}", desc, result["n"],
+                _fmt(result["rta_sensitive"]), _fmt(result["rta_benign"]), _fmt(result["eta"]))
+    return result
+
+
+def generate_answers(adapter, queries: Sequence[Query], *, batch_size: int, max_new_tokens: int,
+                     limits: Limits | None = None, desc: str = "eval") -> list[str]:
+    """Greedy answers from ``adapter.generate`` for ``queries``, in batches of ``batch_size``."""
+    limits = limits or DEFAULT_LIMITS
     responses: list[str] = []
-    with tqdm(total=len(todo), desc=desc, unit="q", disable=not todo) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+    with tqdm(total=len(queries), desc=desc, unit="q", disable=not queries) as bar:
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start : start + batch_size]
             images = []
             for q in chunk:
                 try:
@@ -188,21 +202,28 @@ def evaluate(adapter, queries: Sequence[Query], *, judge: Judge | None = None, b
                 raise RuntimeError(f"adapter.generate returned {len(out)} answers for {len(chunk)} inputs")
             responses.extend(out)
             bar.update(len(chunk))
-    answers = iter(responses)
-    responses = [guard.refusal if i in blocked else next(answers) for i in range(len(queries))]
-    result = score(queries, responses, judge)
-    logger.info("{}: n={} RtA(sensitive)={} RtA(benign)={} EtA={}", desc, result["n"],
-                _fmt(result["rta_sensitive"]), _fmt(result["rta_benign"]), _fmt(result["eta"]))
-    return result
+    return responses
 
 
-def rescore_with_guard(result: dict, guard, judge: Judge | None = None) -> dict:
+def rescore_with_guard(result: dict, guard, judge: Judge | None = None, *, adapter=None, batch_size: int = 16,
+                       max_new_tokens: int = 24) -> dict:
     """``result`` (from ``evaluate`` on the unguarded model) as if ``guard`` stood in front of it: the
-    same answers, except ``guard.refusal`` for every blocked question. Saves generating again."""
+    same answers, except ``guard.refusal`` for every blocked question. Saves generating again. A guard
+    that steers generation (``guard.steering()``: a context manager of hooks, ``refusal_steering``)
+    has its blocked questions generated again by ``adapter`` inside it instead; the rest keep their answers."""
     names = Query.__dataclass_fields__
     queries = [Query(**{k: r[k] for k in names if k in r}) for r in result["responses"]]
     flags = guard_flags(guard, queries)
-    responses = [guard.refusal if flag else r["response"] for flag, r in zip(flags, result["responses"])]
+    if hasattr(guard, "steering"):
+        if adapter is None:
+            raise ValueError("rescore_with_guard: a steering guard generates its blocked questions again: pass adapter=")
+        todo = [q for q, flag in zip(queries, flags) if flag]
+        with guard.steering():
+            steered = iter(generate_answers(adapter, todo, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                            desc="steered"))
+        responses = [next(steered) if flag else r["response"] for flag, r in zip(flags, result["responses"])]
+    else:
+        responses = [guard.refusal if flag else r["response"] for flag, r in zip(flags, result["responses"])]
     return score(queries, responses, judge)
 
 

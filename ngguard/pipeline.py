@@ -48,8 +48,8 @@ from .methods.gate_share import subject_gradient_share
 from .methods.neural_gate import LayerLocalization
 from .patch import apply_patch, write_patch
 from .progress import COST, RunProgress, StageClock
-from .recipe import (AUGMENT_SETS, RETAIN_SETS, EditSpec, LayerSearch, LocalizationSpec, Recipe, check_layers,
-                     check_placement, dump_recipe, recipe_hash)
+from .recipe import (AUGMENT_SETS, RETAIN_SETS, EditSpec, LayerSearch, LocalizationSpec, Recipe, RecipeError,
+                     check_layers, check_placement, dump_recipe, recipe_hash)
 from .report import write_report
 from .stage_cache import StageCache, queries_fingerprint
 from .stats import aggregate, paired_differences
@@ -263,6 +263,9 @@ def run_recipe(recipe: Recipe, out: Path, *, overwrite: bool = False, cache: boo
     interval. ``cache``: reuse the evaluation before the edit and the localization of earlier runs
     with the same inputs (``stage_cache``; False: compute everything). Returns ``out``."""
     out = Path(out)
+    if REGISTRY[recipe.method].steers:  # checked before any work: its hooks have no patch format (nor serving)
+        raise RecipeError(f"{recipe.source or '<recipe>'}: method: {recipe.method} steers generation and has no patch to "
+                          f"write; run it beside another method (report.compare_methods)")
     stage_cache = cache if isinstance(cache, StageCache) else StageCache(enabled=cache)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         t0 = time.time()
@@ -438,7 +441,9 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
         if not entry.edits_weights:  # a guard in front of the unedited model: its answers, rescored behind it
             guard, fields = entry.guard(sets["train"], recipe.edit.refusal, adapter=adapter, sets=sets, recipe=recipe) \
                 if entry.guard_needs_model else entry.guard(sets["train"], recipe.edit.refusal)
-            after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge)) for name, res in before.items()}
+            ev = recipe.evaluation  # (a steering guard generates its blocked questions again)
+            after = {name: rescore_with_guard(res, guard, make_judge(recipe.judge), adapter=adapter, batch_size=ev.batch_size,
+                                              max_new_tokens=ev.max_new_tokens) for name, res in before.items()}
             results[method] = {"layers": [], "after": after, **fields}
             main_guard = guard if method == recipe.method else main_guard
             timings[f"evaluate {method}"] = time.time() - t

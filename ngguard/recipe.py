@@ -65,6 +65,7 @@ __all__ = [
     "MemitHParams",
     "AlphaEditHParams",
     "PrivacyProbeHParams",
+    "RefusalSteeringHParams",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -364,6 +365,21 @@ class PrivacyProbeHParams:
     subject_negatives: bool = _f(False, _bool)
 
 
+@dataclass(frozen=True)
+class RefusalSteeringHParams:
+    """``refusal_steering`` (not in the paper; ``ngguard/methods/refusal_steering.py``): where privacy_probe's
+    guard (its ``privacy_probe`` section) fires, add ``alpha`` x (the mean state norm) x the unit refusal
+    direction (difference of means at the last prompt token, from ``direction``'s training prompts) to the
+    output of decoder layer ``layer`` at every position while the answer is generated. No weight changes."""
+
+    layer: int = _f(2, _int(ge=0, le=4096))
+    alpha: float = _f(1.0, _float(ge=0, le=100))
+    # harmful: the world's training harmful requests (refused) vs the benign training questions;
+    # pairs: the sensitive vs the benign training questions
+    direction: str = _f("harmful", _choice(("harmful", "pairs")))
+    batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
+
+
 # ---- the methods, as recipes see them ------------------------------------------------------------
 
 
@@ -389,6 +405,7 @@ METHOD_SECTIONS: dict[str, MethodSection] = {
     "alphaedit": MethodSection(AlphaEditHParams, "alphaedit", edits_weights=True),
     "keyword_filter": MethodSection(None, None, edits_weights=False),  # a guard in front of the unedited model
     "privacy_probe": MethodSection(PrivacyProbeHParams, "privacy_probe", edits_weights=False),
+    "refusal_steering": MethodSection(RefusalSteeringHParams, "refusal_steering", edits_weights=False),
 }
 METHODS = tuple(METHOD_SECTIONS)
 # methods that change weights
@@ -524,6 +541,7 @@ class Recipe:
     memit: MemitHParams = _f(MemitHParams(), _nested(MemitHParams))
     alphaedit: AlphaEditHParams = _f(AlphaEditHParams(), _nested(AlphaEditHParams))
     privacy_probe: PrivacyProbeHParams = _f(PrivacyProbeHParams(), _nested(PrivacyProbeHParams))
+    refusal_steering: RefusalSteeringHParams = _f(RefusalSteeringHParams(), _nested(RefusalSteeringHParams))
     evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
     judge: JudgeSpec = _f(JudgeSpec(), _judge)

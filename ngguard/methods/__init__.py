@@ -16,6 +16,8 @@ must know them without importing the implementations). The two are checked again
 - ``keyword_filter``: no edit, a guard in front of the unedited model (``ngguard.keyword_filter``)
 - ``privacy_probe`` (not in the paper, issue 27): no edit, linear probes on the unedited model's hidden
   states decide (private subject AND asks to read a field) (``privacy_probe.py``)
+- ``refusal_steering`` (not in the paper, issue 27): no edit, where privacy_probe's guard fires the model
+  generates with a refusal direction added to one layer's output (``refusal_steering.py``)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .memit import apply_memit
 from .neural_gate import apply_neural_gate
 from .no_gate import apply_no_gate
 from .privacy_probe import privacy_probe_guard
+from .refusal_steering import refusal_steering_guard
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Method:
     # the guard reads the model too: ``guard(train, refusal, adapter=, sets=, recipe=)`` and the guard
     # decides on whole queries (``guard.blocks_queries(queries)``: image and prompt)
     guard_needs_model: bool = False
+    # the guard steers generation instead of answering with the refusal: a query it blocks is generated
+    # again inside ``guard.steering()`` (a context manager of hooks; ``evaluate.rescore_with_guard``)
+    steers: bool = False
     ablation_of: str | None = None       # the method this one ablates (the report sets them side by side)
 
     @property
@@ -69,6 +75,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("alphaedit", apply_alphaedit),
     Method("keyword_filter", None, guard=keyword_guard),
     Method("privacy_probe", None, guard=privacy_probe_guard, guard_needs_model=True),
+    Method("refusal_steering", None, guard=refusal_steering_guard, guard_needs_model=True, steers=True),
 )}
 
 
