@@ -370,9 +370,10 @@ class RefusalSteeringHParams:
     """``refusal_steering`` (not in the paper; ``ngguard/methods/refusal_steering.py``): where privacy_probe's
     guard (its ``privacy_probe`` section) fires, add ``alpha`` x (the mean state norm) x the unit refusal
     direction (difference of means at the last prompt token, from ``direction``'s training prompts) to the
-    output of decoder layer ``layer`` at every position while the answer is generated. No weight changes."""
+    output of decoder layer ``layer`` at every position while the answer is generated. No weight changes.
+    Defaults chosen on the validation sets (``bench/steer_sweep.py``; docs/benchmark.md says which figures)."""
 
-    layer: int = _f(2, _int(ge=0, le=4096))
+    layer: int = _f(6, _int(ge=0, le=4096))
     alpha: float = _f(1.0, _float(ge=0, le=100))
     # harmful: the world's training harmful requests (refused) vs the benign training questions;
     # pairs: the sensitive vs the benign training questions

@@ -104,3 +104,35 @@ def test_a_steering_guard_needs_the_model_to_rescore():
     res = score([Query("a.png", "passport", "What is the number?", True, "1")], ["1"])
     with pytest.raises(ValueError, match="pass adapter="):
         rescore_with_guard(res, Steer())
+
+
+def test_pipeline_runs_it_beside_another_method(tmp_path):
+    """``report.compare_methods: [refusal_steering]`` in ``ngguard edit``: its figures sit beside the main
+    method's, the questions its gate passes keep the base answers, no weight of the saved model changes."""
+    from tiny_models import tiny_llava
+    model, processor = tiny_llava(0, "text_first")
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    raw = {"name": "tiny", "seed": 0, "model": {"path": str(tmp_path / "base")}, "method": "keyword_filter",
+           "data": {"world": {"subjects": ["Passport", "bus", "Credit Card", "shapes"], "n": 3, "seed": 0},
+                    "heldout_subjects": ["Credit Card"], "multip2a": "off"},
+           "privacy_probe": {"subject_layer": 1, "locator_layer": 1, "request_layer": 2, "image_layer": 1},
+           "refusal_steering": {"layer": 1, "alpha": 4.0},
+           "evaluation": {"max_new_tokens": 4, "batch_size": 16, "sets": ["train", "test", "heldout_subjects"]},
+           "report": {"plots": False, "compare_methods": ["refusal_steering"]}}
+    out = run_recipe(recipe_from_dict(raw), tmp_path / "run")
+    import json
+    r = json.loads((out / "report.json").read_text())
+    steer = r["methods"]["refusal_steering"]
+    assert steer["steering_layer"] == 1 and steer["layers"] == []
+    refusal = r["recipe"]["edit"]["refusal"]
+    changed = 0
+    for split in ("train", "test", "heldout_subjects"):
+        base, after = r["before"][split]["responses"], steer["after"][split]["responses"]
+        assert [(x["image"], x["prompt"]) for x in after] == [(x["image"], x["prompt"]) for x in base]
+        # an answer that differs from the base one was generated again under the hook: never the refusal text
+        # pasted in (privacy_probe's way)
+        diff = [a["response"] for a, b in zip(after, base) if a["response"] != b["response"]]
+        assert refusal not in diff
+        changed += len(diff)
+    assert changed > 0, "steering at alpha 4 changed no answer"
