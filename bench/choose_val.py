@@ -61,6 +61,13 @@ def figures(res: dict, holdout: tuple[str, ...] = ()) -> dict:
     }
 
 
+def validation_overrides(overrides, holdout: tuple[str, ...] = ()) -> list[str]:
+    """Recipe overrides evaluating the validation sets only (no Multi-P2A), ``holdout`` kept out of the
+    training data (``data.val_holdout``), then ``overrides``."""
+    out = ["data.multip2a=off", f"evaluation.sets=[{', '.join(VALIDATION_SETS)}]", *overrides]
+    return out + ([f"data.val_holdout=[{', '.join(holdout)}]"] if holdout else [])
+
+
 COLS = ["seen_rta", "seen_benign_answer", "lookalike_overrefusal", "awareness_acc", "implicit_rta",
         "implicit_overrefusal", "adv_rta", "adv_overrefusal"]
 
@@ -75,9 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     holdout = tuple(s for s in a.holdout.split(",") if s)
-    base_over = ["data.multip2a=off", f"evaluation.sets=[{', '.join(VALIDATION_SETS)}]", *a.overrides]
-    if holdout:
-        base_over.append(f"data.val_holdout=[{', '.join(holdout)}]")
+    base_over = validation_overrides(a.overrides, holdout)
     recipe0 = load_recipe(a.recipe, overrides=base_over)
     torch.manual_seed(a.seed)
     random.seed(a.seed)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bench.choose_val import COLS, figures
+from bench.choose_val import COLS, figures, validation_overrides
 from ngguard.adapters import load_adapter
 from ngguard.evaluate import evaluate, rescore_with_guard
 from ngguard.judge import make_judge
@@ -74,10 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     holdout = tuple(s for s in a.holdout.split(",") if s)
-    over = ["data.multip2a=off", f"evaluation.sets=[{', '.join(VALIDATION_SETS)}]", *a.overrides]
-    if holdout:
-        over.append(f"data.val_holdout=[{', '.join(holdout)}]")
-    r = load_recipe(a.recipe, overrides=over)
+    r = load_recipe(a.recipe, overrides=validation_overrides(a.overrides, holdout))
     layers = [int(x) for x in a.layers.split(",")]
     alphas = [float(x) for x in a.alphas.split(",")]
     torch.manual_seed(a.seed)
