@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     gates = {l: {subject: g[subject]} for l, g in gates.items()}
     backup = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
 
-    def edit(steps: int):
+    def edit(steps: int, retain=retain):
         hp = replace(E, steps=steps, passes=1, stop_loss=0.0)
         gated_edit(adapter, one, layers, gates=gates, module=recipe.module, refusal=E.refusal, hparams=hp, retain=retain)
         with torch.no_grad():
@@ -186,10 +186,12 @@ def main(argv=None) -> int:
     if a.no_profile:
         return 0
     from torch.profiler import ProfilerActivity, profile
-    for name, fn in (("edit", lambda: edit(n)), ("localization", lambda: localize(k))):
+    steps_prof = 5 * n  # the edit's preparation records every retention batch: profile as many as the steps use
+    for name, fn in (("edit", lambda: edit(steps_prof, retain[:steps_prof])), ("localization", lambda: localize(k))):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
-        print(f"\n== {name}: aten ops by self CPU time ({n if name == 'edit' else k} steps + preparation)")
+        print(f"\n== {name}: aten ops by self time ({steps_prof if name == 'edit' else k} steps + preparation; wall-clock "
+              f"based, so on a shared machine read the shares)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=40))
     return 0
 
