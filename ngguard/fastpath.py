@@ -6,7 +6,9 @@ the same, exactly (no approximation; every shortcut has a plain path, ``shortcut
 comparing the two):
 
 1. lower-layer replay: layers <= l are frozen, so their output is recorded once and a stand-in
-   returns it (``hooks.replayed_prefix``); the vision tower is not run again;
+   returns it (``hooks.replayed_prefix``); the vision tower is not run again. In the edit the lowest
+   edited layer is replayed too (``live``): its output without the edit and the edited module's input
+   are recorded, and each forward adds only the delta's term (exact up to summation order);
 2. prefix KV cache (only when the WHOLE model is frozen: localization): positions before the subject
    token never see the changed state (causal attention), so their keys/values at every layer are
    computed once per sample (``prefix_length``);
@@ -32,7 +34,7 @@ import torch
 from .adapters.base import Adapter, Batch
 from .compat import cache_from_kv, cache_kv, cache_layers, forward_features, output_cache
 from .core import Row, Sample, chunk_by_sample, encode_rows, row_nll
-from .hooks import HookState, skipped_layers, swapped_layers
+from .hooks import Delta, HookState, skipped_layers, swapped_layers
 
 __all__ = ["PreparedBatch", "prepare", "prepare_rows", "record_layer_output", "prefix_length", "target_window", "causal_mask",
            "forward_features"]
@@ -167,18 +169,21 @@ class PreparedBatch:
 
 # ---------------------------------------------------------------------------------------------- prepare
 def prepare(adapter: Adapter, batch: Batch, layer: int, *, frozen_above: bool, shortcuts: bool = True,
-            sample_of_row: torch.Tensor | None = None, question_of_row: torch.Tensor | None = None) -> PreparedBatch:
+            sample_of_row: torch.Tensor | None = None, question_of_row: torch.Tensor | None = None,
+            live: tuple[str, Delta] | None = None) -> PreparedBatch:
     """``batch`` ready for a loop in which only what happens at and above decoder layer ``layer``
     changes (layers <= ``layer`` are replayed; -1: none). ``frozen_above``: the layers above are frozen
     too (only the hooked state at the subject token changes: localization); then the prefix before the
     subject comes from a KV cache (one per sample: ``sample_of_row``), each question with several rows
     (``question_of_row``) runs once up to its answer, and the forwards pass ``use_cache=False``.
+    ``live`` (the edit): (module, its ``Delta``) of layer ``layer`` itself, replayed by ``hooks.LiveReplay``:
+    ``out`` then holds the layer's output with the delta off and the module's input, side by side.
     Without ``shortcuts``: the batch as is (the whole model, all logits)."""
     if not shortcuts:
         return PreparedBatch(dict(batch.inputs), batch.labels, batch.subject_index, sample_of_row,
                              use_cache=False if frozen_above else None)
     if not frozen_above:
-        return _prepare_edit(adapter, batch, layer)
+        return _prepare_edit(adapter, batch, layer, live)
     return _prepare_frozen(adapter, batch, layer, sample_of_row, question_of_row)
 
 
@@ -198,10 +203,10 @@ def prepare_rows(adapter: Adapter, samples: Sequence[Sample], rows: Sequence[Row
             for c in chunk_by_sample(rows, batch_size)]
 
 
-def _prepare_edit(adapter: Adapter, batch: Batch, layer: int) -> PreparedBatch:
+def _prepare_edit(adapter: Adapter, batch: Batch, layer: int, live: tuple[str, Delta] | None = None) -> PreparedBatch:
     inputs, out = dict(batch.inputs), None
     if layer >= 0:
-        out = record_layer_output(adapter, layer, batch.inputs)
+        out = record_layer_output(adapter, layer, batch.inputs) if live is None else record_live(adapter, layer, *live, batch.inputs)
         inputs = {k: v for k, v in inputs.items() if k not in adapter.vision_only_inputs}
     cache_arg, has_keep = forward_features(adapter.model)
     pb = PreparedBatch(inputs, batch.labels, batch.subject_index, layer=layer, out=out, cache_arg=cache_arg)
@@ -330,6 +335,41 @@ def _run(adapter: Adapter, layer: int, inputs: dict, *, above: bool, cache=None)
 def record_layer_output(adapter: Adapter, layer: int, inputs: dict) -> torch.Tensor:
     """The output of decoder layer ``layer`` for ``inputs`` [B, T, d]; the layers above it are skipped."""
     return _run(adapter, layer, inputs, above=False)[0]
+
+
+def record_live(adapter: Adapter, layer: int, module: str, delta: Delta, inputs: dict) -> torch.Tensor:
+    """For ``hooks.LiveReplay``: the output of decoder layer ``layer`` with ``delta`` switched off and the
+    input of its ``module``, concatenated along the features [B, T, d + d_in]; the layers above skipped."""
+    seen = {}
+    h = adapter.component(layer, module).register_forward_pre_hook(lambda _m, args: seen.update(x=args[0].detach()))
+    enabled, delta.enabled = delta.enabled, False
+    try:
+        out = record_layer_output(adapter, layer, inputs)
+    finally:
+        delta.enabled = enabled
+        h.remove()
+    return torch.cat([out, seen["x"].to(out.dtype)], -1)
+
+
+def live_replay_holds(adapter: Adapter, layer: int, module: str, delta: Delta, inputs: dict) -> bool:
+    """Whether the output of ``layer`` is its output without ``delta`` plus the delta's term on the input of
+    ``module`` (the module's output adds into the layer's output, as an MLP's down-projection does), on
+    ``inputs`` with a random delta: the condition under which ``hooks.LiveReplay`` stands in exactly."""
+    d = adapter.hidden_size
+    if delta.delta.shape[0] != d:  # the module's output is not in the layer's space
+        return False
+    rec = record_live(adapter, layer, module, delta, inputs)
+    saved = delta.delta.detach().clone()
+    with torch.no_grad():
+        delta.delta.copy_(torch.randn(saved.shape, generator=torch.Generator().manual_seed(0)).to(saved) * 1e-2)
+        try:
+            enabled, delta.enabled = delta.enabled, True
+            real = record_layer_output(adapter, layer, inputs)
+            replayed = delta(rec[..., d:], rec[..., :d])
+        finally:
+            delta.enabled = enabled
+            delta.delta.copy_(saved)
+    return real.shape == replayed.shape and torch.allclose(real.float(), replayed.float(), rtol=1e-4, atol=1e-5)
 
 
 def _heads(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 also on errors) and reads what changes from one forward to the next from an explicit ``HookState``
 the caller fills in before the forward (``PreparedBatch.bind`` does it for prepared batches).
 
-- ``replayed_prefix``: decoder layers 0..l are stand-ins; layer l returns ``state.out`` (recorded once).
+- ``replayed_prefix``: decoder layers 0..l are stand-ins; layer l returns ``state.out`` (recorded once), or,
+  when l is itself edited (``live``), that output recorded without the edit plus the edit's own term.
 - ``edit_subject_state``: the output of a decoder layer at each row's subject token goes through ``fn``
   (the scaling vector of localization, the gate of the edit, MEMIT's delta).
 - ``deltas``: an fp32 additive change of a Linear layer, the trainable part of a gradient edit.
@@ -31,11 +32,12 @@ class HookState:
 
 @contextmanager
 def edit_subject_state(adapter: Adapter, layer: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       subject_index: Callable[[], torch.Tensor | None]):
+                       subject_index: Callable[[], torch.Tensor | None], module: torch.nn.Module | None = None):
     """Forward hook on decoder layer ``layer``: its output at each row's subject position ``p_b`` is
     replaced by ``fn(h[b, p_b], rows)`` (out of place, so autograd sees the replacement);
     ``subject_index()`` gives the positions [B] at each forward (None: leave the output alone), or, for rows
-    packed into fewer sequences (``fastpath``), a pair (sequence [B], position [B])."""
+    packed into fewer sequences (``fastpath``), a pair (sequence [B], position [B]). ``module``: hook this
+    stand-in of the layer instead (``replay_stand_ins``)."""
 
     def hook(_module, _inputs, output):
         idx = subject_index()
@@ -50,7 +52,7 @@ def edit_subject_state(adapter: Adapter, layer: int, fn: Callable[[torch.Tensor,
         h = h.index_put(at, fn(h[at], rows))
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    handle = adapter.component(layer, "layer").register_forward_hook(hook)
+    handle = (module or adapter.component(layer, "layer")).register_forward_hook(hook)
     try:
         yield
     finally:
@@ -69,6 +71,21 @@ class Replay(torch.nn.Module):
         return self.state.out if self.last else hidden_states
 
 
+class LiveReplay(torch.nn.Module):
+    """Stands in for the lowest edited decoder layer: ``state.out`` holds, per position, the layer's output
+    recorded with the edit off and the edited module's input, side by side (``fastpath.record_live``); the
+    output is the first plus the delta's own term on the second. Exact up to summation order where the
+    module's output adds into the layer's output (checked by ``fastpath.live_replay_holds``)."""
+
+    def __init__(self, state: HookState, delta: "Delta", hidden: int):
+        super().__init__()
+        self.state, self.delta, self.hidden = state, delta, hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        rec = self.state.out
+        return self.delta(rec[..., self.hidden:], rec[..., :self.hidden])
+
+
 @contextmanager
 def swapped_layers(adapter: Adapter, stand_ins: dict[int, torch.nn.Module]):
     """Decoder layers replaced by ``stand_ins`` (index -> module) while active."""
@@ -82,11 +99,19 @@ def swapped_layers(adapter: Adapter, stand_ins: dict[int, torch.nn.Module]):
             adapter.layers[i] = m
 
 
+def replay_stand_ins(adapter: Adapter, layer: int, state: HookState, live: "Delta | None" = None
+                     ) -> dict[int, torch.nn.Module]:
+    """The stand-ins of decoder layers 0..``layer`` (``replayed_prefix``); ``live``: the delta of layer
+    ``layer``'s edited module, whose stand-in is then a ``LiveReplay``."""
+    top = LiveReplay(state, live, adapter.hidden_size) if live is not None else Replay(state, True)
+    return {i: Replay(state, False) for i in range(layer)} | {layer: top}
+
+
 def replayed_prefix(adapter: Adapter, layer: int, state: HookState):
     """While active, decoder layers 0..``layer`` are not computed: the output of ``layer`` is taken
     from ``state.out`` (recorded once, the layers being frozen). Hooks registered on
     ``adapter.component(layer, "layer")`` inside this context attach to the stand-in."""
-    return swapped_layers(adapter, {i: Replay(state, i == layer) for i in range(layer + 1)})
+    return swapped_layers(adapter, replay_stand_ins(adapter, layer, state))
 
 
 def skipped_layers(adapter: Adapter, above: int):
@@ -104,9 +129,13 @@ class Delta:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, _m, inputs, output):
+        return self(inputs[0], output)
+
+    def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output`` (the module's, or anything its output adds into) plus the delta's term on its input ``x``."""
         if not self.enabled:
             return output
-        x = inputs[0].to(self.delta.device, torch.float32)  # the layer's own device (a dispatched model)
+        x = x.to(self.delta.device, torch.float32)  # the layer's own device (a dispatched model)
         return output + F.linear(x, self.delta).to(output.device, output.dtype)
 
     def merged(self) -> torch.Tensor:

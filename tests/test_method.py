@@ -234,6 +234,28 @@ def test_a_second_pass_is_the_same_edit_run_again_on_the_edited_model(adapter):
     assert not torch.allclose(edit(1).weights[name], twice.weights[name], atol=1e-5)
 
 
+def test_the_lowest_edited_layer_is_replayed_only_where_its_module_adds_into_its_output(adapter):
+    """The edit replays the lowest edited layer from its recorded output plus the delta's own term
+    (``hooks.LiveReplay``) only where that is the layer's output: for the MLP's down-projection (its output
+    adds into the residual stream), not for the up-projection (its output goes through the activation);
+    and the replayed layer's output equals the real one's under a trained delta."""
+    from ngguard.core import encode_sample
+    from ngguard.fastpath import live_replay_holds, record_live, record_layer_output
+    from ngguard.hooks import deltas
+    batch = encode_sample(adapter, _samples(1)[0], REFUSAL)[0]
+    with deltas(adapter, [1], "down_proj") as ds:
+        (delta,) = ds.values()
+        assert live_replay_holds(adapter, 1, "down_proj", delta, batch.inputs)
+        rec = record_live(adapter, 1, "down_proj", delta, batch.inputs)
+        with torch.no_grad():
+            delta.delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        d = adapter.hidden_size
+        assert torch.allclose(delta(rec[..., d:], rec[..., :d]), record_layer_output(adapter, 1, batch.inputs), atol=1e-5)
+        assert not torch.allclose(rec[..., :d], record_layer_output(adapter, 1, batch.inputs), atol=1e-3)  # the delta matters
+    with deltas(adapter, [1], "up_proj") as ds:
+        assert not live_replay_holds(adapter, 1, "up_proj", next(iter(ds.values())), batch.inputs)
+
+
 @pytest.mark.parametrize("method", ["neural_gate", "no_gate", "dinm"])
 def test_the_fast_edit_equals_the_plain_loop(adapter, method):
     """The edit's shortcuts (layers below the lowest edited one replayed, the image prefix run once per
