@@ -41,8 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ngguard.adapters import load_adapter
 from ngguard.layer_search import gates_for, localize_layers
-from ngguard.core import encode_sample
-from ngguard.fastpath import prepare, prepare_rows
+from ngguard.methods.core import encode_sample
+from ngguard.methods.fastpath import prepare, prepare_rows
 from ngguard.methods.neural_gate import gated_edit, localize_layer, sample_rows
 from ngguard.pipeline import build_sets, edit_data
 from ngguard.recipe import load_recipe

@@ -47,7 +47,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def _classes() -> dict[str, type]:
     """The guard classes a patch may name (a fixed list: a file never chooses what code to import)."""
-    from .keyword_filter import KeywordFilter
+    from .methods.keyword_filter import KeywordFilter
     from .methods.privacy_probe import LinearProbe, ProbeGuard
 
     return {"ProbeGuard": ProbeGuard, "KeywordFilter": KeywordFilter, "LinearProbe": LinearProbe}

@@ -163,3 +163,20 @@ if __name__ == "__main__":
     print(f"{len(g)} modules, {sum(map(len, g.values()))} edges, {len(cs)} circle(s)")
     for c in cs:
         print(f"  {' <-> '.join(c)}: {describe(g, c)}")
+
+
+@pytest.mark.parametrize("old,new", [("ngguard.hooks", "ngguard.methods.hooks"),
+                                     ("ngguard.fastpath", "ngguard.methods.fastpath"),
+                                     ("ngguard.core", "ngguard.methods.core"),
+                                     ("ngguard.keyword_filter", "ngguard.methods.keyword_filter"),
+                                     ("ngguard.methods.corpus", "ngguard.world.corpus")])
+def test_moved_modules_keep_their_old_import_path(old, new):
+    """The edit engine moved into ``ngguard/methods/`` (issue 26): an old import gives the new module
+    itself (so monkeypatching either name patches both) and says where it went."""
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        mod = importlib.import_module(old)
+    assert mod is importlib.import_module(new) and sys.modules[old] is mod

@@ -9,7 +9,7 @@ import torch
 from ngguard.adapters import adapter_for
 from ngguard.data import Query
 from ngguard.edit import apply_edit, dinm_layer
-from ngguard.core import Sample, jaccard, row_nll
+from ngguard.methods.core import Sample, jaccard, row_nll
 from ngguard.methods.neural_gate import gates_from_scales, localize_layer, sample_rows
 from tiny_models import tiny_image, tiny_llava
 
@@ -184,8 +184,8 @@ def test_subject_gradient_share_is_a_fraction_and_nonzero(adapter):
 def test_each_question_runs_once_up_to_its_answer(template):
     """With answer-start contexts, a sensitive question has several rows: the batched loop runs the
     question once (a stem holding the subject token) and only the different endings per row."""
-    from ngguard.fastpath import prepare
-    from ngguard.core import encode_rows
+    from ngguard.methods.fastpath import prepare
+    from ngguard.methods.core import encode_rows
 
     adapter = adapter_for(*tiny_llava(0, template))
     samples = _samples(2)
@@ -239,9 +239,9 @@ def test_the_lowest_edited_layer_is_replayed_only_where_its_module_adds_into_its
     (``hooks.LiveReplay``) only where that is the layer's output: for the MLP's down-projection (its output
     adds into the residual stream), not for the up-projection (its output goes through the activation);
     and the replayed layer's output equals the real one's under a trained delta."""
-    from ngguard.core import encode_sample
-    from ngguard.fastpath import live_replay_holds, record_live, record_layer_output
-    from ngguard.hooks import deltas
+    from ngguard.methods.core import encode_sample
+    from ngguard.methods.fastpath import live_replay_holds, record_live, record_layer_output
+    from ngguard.methods.hooks import deltas
     batch = encode_sample(adapter, _samples(1)[0], REFUSAL)[0]
     with deltas(adapter, [1], "down_proj") as ds:
         (delta,) = ds.values()
@@ -261,8 +261,8 @@ def test_the_fast_edit_equals_the_plain_loop(adapter, method):
     """The edit's shortcuts (layers below the lowest edited one replayed, the image prefix run once per
     step for all of an image's rows, logits only on targets) give the weights of the plain loop (the
     whole model, every row whole, all logits), with the gate, the KL keep term and the retained answers."""
-    from ngguard.core import encode_sample
-    from ngguard.fastpath import prepare
+    from ngguard.methods.core import encode_sample
+    from ngguard.methods.fastpath import prepare
     from ngguard.methods import REGISTRY
     from ngguard.recipe import EditSpec
     s = _samples(2) + _samples(2, "receipt")

@@ -15,8 +15,8 @@ image i; S: a subject (passport, receipt, ...); q: a question; alpha = 1.25; tau
 
 The numbering follows the order of shared/NEURAL_GATE.md (check it against the paper before citing).
 Grep ``# Eq. N`` for where each is computed. Steps 1-2 (Eq. 1-5): ``localize_layer``; step 3 (Eq. 6-7):
-``gated_edit``. Around them: the exact speed-ups (``ngguard.fastpath``: ``prepare``, ``prepare_rows``),
-the hooks (``ngguard.hooks``), the loops' bookkeeping (``loops``: early stopping, logs, write-back),
+``gated_edit``. Around them: the exact speed-ups (``ngguard.methods.fastpath``: ``prepare``, ``prepare_rows``),
+the hooks (``ngguard.methods.hooks``), the loops' bookkeeping (``loops``: early stopping, logs, write-back),
 the layer search (``ngguard.layer_search``); ``reference`` is the plain localization the tests hold
 this one to.
 """
@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
-from ..core import EditResult, Row, Sample, encode_sample, kl_on_targets, row_nll
-from ..fastpath import live_replay_holds, prepare, prepare_rows
-from ..hooks import Delta, HookState, deltas, edit_subject_state, replay_stand_ins, replayed_prefix, swapped_layers
+from .core import EditResult, Row, Sample, encode_sample, kl_on_targets, row_nll
+from .fastpath import live_replay_holds, prepare, prepare_rows
+from .hooks import Delta, HookState, deltas, edit_subject_state, replay_stand_ins, replayed_prefix, swapped_layers
 from ..recipe import DEFAULT_CONTEXTS, EditSpec
 from .loops import EditLog, SampleStop, check_localizable, commit, freeze, retain_batches, unedited_logits
 
