@@ -15,14 +15,15 @@ Prompts and generation go through the model's adapter (``adapter.generate``: gre
 are the ones ``ngguard eval`` measures. With ``vision="onnx"`` the image features come from an
 onnxruntime session (``ngguard.onnx_vision``) and the language model stays torch.
 
-Two ways to hold the patch:
+Two ways to hold the patch (``ServingOptions.protection``):
 
-- merged (default, zero overhead): the patched values are in the model. Every generation and
-  every protection toggle holds ``guard.lock`` (a re-entrant lock), so a request never sees the
-  weights change under it; a request in the other state waits for the lock.
-- ``protection="rows"`` (``ServingOptions``): the model keeps the base values and ``ngguard.serving.RowPatch`` applies the
-  patch to the protected rows of each batch, so one batch mixes protected and base rows and no
-  weights are ever swapped (no lock around generation). ``protected`` then only sets the default.
+- "rows" (the default, as ``ngguard serve``): the model keeps the base values and
+  ``ngguard.serving.RowPatch`` applies the patch to the protected rows of each batch, so one batch
+  mixes protected and base rows and no weights are ever swapped (no lock around generation).
+  ``protected`` then only sets the default.
+- "merged" (zero overhead): the patched values are in the model. Every generation and every
+  protection toggle holds ``guard.lock`` (a re-entrant lock), so a request never sees the weights
+  change under it; a request in the other state waits for the lock.
 
 A guard patch (``ngguard.guard_patch``: ``privacy_probe``, ``keyword_filter``; no weights change): the
 guard reads each protected row first; a row it blocks gets the refusal without generating, every other
@@ -55,25 +56,18 @@ import os
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from loguru import logger
 from PIL import Image
+from transformers import TextIteratorStreamer
 
+from ngguard.adapters import Adapter, load_adapter
 from ngguard.devices import auto_device, pick_device
-from ngguard.serving.options import SERVING, ServingOptions, serving_with_legacy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ngguard.adapters import Adapter
-    from ngguard.onnx_vision import OnnxVision
-    from ngguard.serving import Batcher, RowPatch
-    from ngguard.serving.greedy import GreedyDecoder
-
-__all__ = ["InputError", "TooLarge", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
-
-from ngguard.limits import (  # noqa: E402 (re-exported: the guard's input checks live in ngguard.limits)
+from ngguard.guard_patch import blocked, load_guard
+from ngguard.limits import (  # re-exported: the guard's input checks live in ngguard.limits
     DEFAULT_LIMITS,
     InputError,
     Limits,
@@ -84,6 +78,18 @@ from ngguard.limits import (  # noqa: E402 (re-exported: the guard's input check
     check_text,
     load_image,
 )
+from ngguard.onnx_vision import OnnxVision, OnnxVisionError, export_vision, greedy_config, vision_fingerprint
+from ngguard.patch import (BASE_FILE, PatchError, check_base, check_tensor_names, patch_state_dict,
+                           read_manifest)
+from ngguard.recipe import MODULES
+from ngguard.serving.batcher import Batcher, BatcherClosed
+from ngguard.serving.greedy import GreedyDecoder, image_key
+from ngguard.serving.options import SERVING, ServingOptions, serving_with_legacy
+from ngguard.serving.rowpatch import RowPatch
+from ngguard.serving.stop import StopAfter
+from ngguard.world.spec import REFUSAL
+
+__all__ = ["InputError", "TooLarge", "Limits", "ProtectedLVLM", "load_image", "check_text", "check_history"]
 
 
 # ---- the guard -----------------------------------------------------------------------------------
@@ -129,8 +135,8 @@ class ProtectedLVLM:
     leak: "I'm sorry, ...request.0117777" after an injected prompt); default: the patch manifest's
     ``extra.refusal``, else ``ngguard.world.spec.REFUSAL`` (``ngguard.serving.stop``)."""
 
-    def __init__(self, adapter: "Adapter", patch: str | os.PathLike | None = None, *,
-                 serving: ServingOptions = SERVING, vision: "OnnxVision | None" = None, limits: Limits | None = None,
+    def __init__(self, adapter: Adapter, patch: str | os.PathLike | None = None, *,
+                 serving: ServingOptions = SERVING, vision: OnnxVision | None = None, limits: Limits | None = None,
                  patch_key: bytes | None = None, refusal: str | None = None,
                  base_dir: str | os.PathLike | None = None, **legacy: Any):
         explicit_rows = legacy.get("per_row") is True
@@ -140,8 +146,8 @@ class ProtectedLVLM:
         self.limits = limits or DEFAULT_LIMITS
         self.budget = TokenBudget.of(adapter, self.limits)  # what the model's context leaves for text and answer
         self.lock = threading.RLock()
-        self._rows: "RowPatch | None" = None
-        self._batcher: "Batcher | None" = None
+        self._rows: RowPatch | None = None
+        self._batcher: Batcher | None = None
         self._stopping = False  # set by shutdown()
         self._onnx = vision
         if vision is not None:
@@ -155,8 +161,6 @@ class ProtectedLVLM:
         self._guard: Any = None  # a guard patch's guard (``ngguard.guard_patch``): decides, changes no weights
         per_row = serving.per_row(patch is not None)
         if patch is not None:
-            from ngguard.patch import BASE_FILE, check_base, read_manifest
-
             self._patch_dir = Path(patch)
             self._manifest = read_manifest(self._patch_dir)
             folder = Path(base_dir) if base_dir is not None else _model_folder(adapter)
@@ -167,8 +171,6 @@ class ProtectedLVLM:
                              "values only")
             self._revertible = BASE_FILE in self._manifest.get("files", {})
             if "guard" in self._manifest:  # a guard patch: no weights change, the base is always there
-                from ngguard.guard_patch import load_guard
-
                 # checks signature, checksums, settings, finite values, the probes' layers and widths
                 self._guard = load_guard(self._patch_dir, adapter, key=patch_key)[1]
                 self._revertible = True
@@ -177,8 +179,6 @@ class ProtectedLVLM:
             if self._guard is not None:
                 pass  # the guard decides per row whatever ``per_row`` says
             elif per_row:
-                from ngguard.serving import RowPatch
-
                 # checks signature, names, checksums, finite values and the base values
                 self._rows = RowPatch(adapter.model, self._patch_dir, key=patch_key, expected=self._expected)
                 self._revertible = True  # the model itself holds the base values
@@ -193,14 +193,10 @@ class ProtectedLVLM:
         max_batch = serving.max_batch
         if max_batch > self.limits.max_batch:
             raise ValueError(f"max_batch must be an integer in 1..{self.limits.max_batch}, got {max_batch!r}")
-        from ngguard.serving.stop import StopAfter
-
         self.refusal = _refusal(refusal, self._manifest)
         self._stop = StopAfter(adapter.tokenizer, self.refusal)
-        self._decoder: "GreedyDecoder | None" = None
+        self._decoder: GreedyDecoder | None = None
         if serving.decode == "fast" and vision is None:
-            from ngguard.serving.greedy import GreedyDecoder
-
             decoder = GreedyDecoder(adapter, vision_cache=serving.vision_cache, prefix_cache_mb=serving.prefix_cache_mb,
                                     stop=self._stop)
             if decoder.supported:
@@ -209,12 +205,10 @@ class ProtectedLVLM:
                 logger.info("fast decoding not used: {}", decoder.reason)
         self._dedup = serving.dedup
         if max_batch > 1:
-            from ngguard.serving import Batcher
-
             self._batcher = Batcher(self._run_batch, max_batch=max_batch, wait_ms=serving.batch_wait_ms)
 
     @classmethod
-    def from_pretrained(cls, base: "str | os.PathLike | Adapter" = "organism", patch: str | os.PathLike | None = None,
+    def from_pretrained(cls, base: str | os.PathLike | Adapter = "organism", patch: str | os.PathLike | None = None,
                         *, serving: ServingOptions = SERVING, device: str | torch.device = "auto",
                         vision: str = "torch", onnx_dir: str | os.PathLike | None = None,
                         dtype: str | torch.dtype | None = None, limits: Limits | None = None,
@@ -231,8 +225,6 @@ class ProtectedLVLM:
         ``max_memory``, ``offload_folder``: spread a model larger than one device through accelerate
         (``ngguard.adapters.load_adapter``; ``device`` is then ignored). The patched layers must not be
         offloaded (one-line error otherwise)."""
-        from ngguard.adapters import Adapter, load_adapter
-
         if vision not in ("torch", "onnx"):
             raise ValueError(f"vision must be 'torch' or 'onnx', got {vision!r}")
         if onnx_dir is not None and vision != "onnx":
@@ -282,8 +274,6 @@ class ProtectedLVLM:
             self._protected = value
 
     def _swap(self, *, reverse: bool) -> None:
-        from ngguard.patch import patch_state_dict
-
         patch_state_dict(self.adapter.model, self._patch_dir, reverse=reverse, key=self._patch_key,
                          expected=self._expected)
 
@@ -331,8 +321,6 @@ class ProtectedLVLM:
 
     def _check_running(self) -> None:
         if self._stopping:
-            from ngguard.serving.batcher import BatcherClosed
-
             raise BatcherClosed("the server is shutting down")
 
     @property
@@ -447,8 +435,6 @@ class ProtectedLVLM:
                  keys: list[bytes] | None) -> list[str]:
         """A guard patch: the rows the guard blocks (among the protected ones) get the refusal without
         generating; every other row gets the base model's answer, in one batch."""
-        from ngguard.guard_patch import blocked
-
         ask = [i for i, f in enumerate(flags) if f]
         with torch.inference_mode():
             hits = blocked(self._guard, [images[i] for i in ask], [texts[i] for i in ask])
@@ -475,8 +461,6 @@ class ProtectedLVLM:
         decoder = self._decoder
         if not self._dedup and (decoder is None or not (decoder.cache.max_items or decoder.prefixes.max_items)):
             return None
-        from ngguard.serving.greedy import image_key
-
         return [image_key(im) for im in images]
 
     def _answer(self, images: list[Image.Image], texts: list[str], flags: list[bool], n: int) -> list[str]:
@@ -533,14 +517,8 @@ class ProtectedLVLM:
         return self._stream(img, text, n, self._want(protected), timeout)
 
     def _stream(self, img: Image.Image, text: str, n: int, protected: bool, timeout: float) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        from ngguard.onnx_vision import greedy_config
-
         adapter = self.adapter
         if protected and self._guard is not None:  # a guard patch: a blocked request is refused, never generated
-            from ngguard.guard_patch import blocked
-
             with torch.inference_mode():
                 if blocked(self._guard, [img], [text])[0]:
                     yield self.refusal
@@ -596,7 +574,7 @@ class ProtectedLVLM:
         return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r}{mode})"
 
 
-def _model_folder(adapter: "Adapter") -> Path | None:
+def _model_folder(adapter: Adapter) -> Path | None:
     """The checkpoint folder the adapter's model was loaded from (transformers records it as
     ``name_or_path``), or None (a model built in memory)."""
     name = getattr(adapter.model, "name_or_path", None) or getattr(adapter.model.config, "_name_or_path", None)
@@ -613,21 +591,16 @@ def _refusal(refusal: str | None, manifest: dict | None) -> str:
     if refusal is None:
         refusal = ((manifest or {}).get("extra") or {}).get("refusal")
     if refusal is None:
-        from ngguard.world.spec import REFUSAL
-
         refusal = REFUSAL
     if not isinstance(refusal, str) or not refusal.strip():
         raise ValueError(f"refusal must be a non-empty string, got {refusal!r}")
     return refusal.strip()
 
 
-def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:
+def _expected_names(adapter: Adapter, manifest: dict) -> set[str]:
     """The checkpoint names a patch for this model may hold: the weight of the manifest's module
     (``extra.module``, or any recipe module for manifests without it) in each of its layers, as the
     adapter names them. A layer the model does not have is refused (PatchError)."""
-    from ngguard.patch import PatchError, check_tensor_names
-    from ngguard.recipe import MODULES
-
     check_tensor_names(manifest)  # the manifest's own claims first (names, layers, module)
     module = (manifest.get("extra") or {}).get("module")
     names = set()
@@ -640,9 +613,7 @@ def _expected_names(adapter: "Adapter", manifest: dict) -> set[str]:
     return names
 
 
-def _onnx_for(adapter: "Adapter", onnx_dir: str | os.PathLike | None) -> "OnnxVision":
-    from ngguard.onnx_vision import OnnxVision, OnnxVisionError, export_vision, vision_fingerprint
-
+def _onnx_for(adapter: Adapter, onnx_dir: str | os.PathLike | None) -> OnnxVision:
     if onnx_dir is not None:
         return OnnxVision(onnx_dir)
     fp = vision_fingerprint(adapter.model)
