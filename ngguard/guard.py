@@ -190,9 +190,7 @@ class ProtectedLVLM:
                                self._manifest["patch_id"])
         elif explicit_rows:  # the old keyword asked for rows explicitly (protection="rows" without a patch: merged)
             raise ValueError("per_row=True needs a protection patch")
-        max_batch = serving.max_batch
-        if max_batch > self.limits.max_batch:
-            raise ValueError(f"max_batch must be an integer in 1..{self.limits.max_batch}, got {max_batch!r}")
+        max_batch = _checked_batch(serving, self.limits)
         self.refusal = _refusal(refusal, self._manifest)
         self._stop = StopAfter(adapter.tokenizer, self.refusal)
         self._decoder: GreedyDecoder | None = None
@@ -225,6 +223,12 @@ class ProtectedLVLM:
         ``max_memory``, ``offload_folder``: spread a model larger than one device through accelerate
         (``ngguard.adapters.load_adapter``; ``device`` is then ignored). The patched layers must not be
         offloaded (one-line error otherwise)."""
+        # the options are checked before the model loads (the constructor would refuse them after)
+        explicit_rows = legacy.get("per_row") is True
+        serving = serving_with_legacy(serving, legacy, "ProtectedLVLM.from_pretrained")
+        if explicit_rows and patch is None:
+            raise ValueError("per_row=True needs a protection patch")
+        _checked_batch(serving, limits or DEFAULT_LIMITS)
         if vision not in ("torch", "onnx"):
             raise ValueError(f"vision must be 'torch' or 'onnx', got {vision!r}")
         if onnx_dir is not None and vision != "onnx":
@@ -246,9 +250,6 @@ class ProtectedLVLM:
         onnx = None
         if vision == "onnx":
             onnx = _onnx_for(adapter, onnx_dir)
-        if legacy.get("per_row") is True and patch is None:  # before loading, as the constructor would after
-            raise ValueError("per_row=True needs a protection patch")
-        serving = serving_with_legacy(serving, legacy, "ProtectedLVLM.from_pretrained")
         guard = cls(adapter, patch, serving=serving, vision=onnx, limits=limits, patch_key=patch_key, refusal=refusal)
         logger.info("ProtectedLVLM: {} on {} ({} vision), {}", type(adapter.model).__name__, adapter.device, vision,
                     f"patch {guard.patch_info['id']}" if guard.patch_info else "no patch")
@@ -572,6 +573,13 @@ class ProtectedLVLM:
         mode = (", per_row=True" if self._rows is not None else "") + \
             (f", max_batch={self.max_batch}" if self._batcher is not None else "")
         return f"ProtectedLVLM({type(self.adapter.model).__name__}, {patch}, vision={self.vision!r}{mode})"
+
+
+def _checked_batch(serving: ServingOptions, limits: Limits) -> int:
+    """``serving.max_batch``, which must also fit ``limits.max_batch`` (ValueError)."""
+    if serving.max_batch > limits.max_batch:
+        raise ValueError(f"max_batch must be an integer in 1..{limits.max_batch}, got {serving.max_batch!r}")
+    return serving.max_batch
 
 
 def _model_folder(adapter: Adapter) -> Path | None:

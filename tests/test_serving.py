@@ -415,3 +415,10 @@ def test_serving_options_are_checked_and_the_old_keywords_map_onto_them():
         serving_with_legacy(None, dict(max_batchs=2), "ProtectedLVLM")
     with pytest.raises(TypeError, match="serving must be a ServingOptions"):
         serving_with_legacy({"max_batch": 2}, {}, "ProtectedLVLM")
+    # from_pretrained checks the options before it loads anything (this folder does not exist)
+    with pytest.raises(ValueError, match=r"max_batch must be an integer in 1\.\.64, got 65"):
+        ProtectedLVLM.from_pretrained("/nonexistent/model", serving=SERVING.replace(max_batch=65))
+    with pytest.raises(ValueError, match="per_row=True needs a protection patch"), pytest.warns(DeprecationWarning):
+        ProtectedLVLM.from_pretrained("/nonexistent/model", per_row=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch'"):
+        ProtectedLVLM.from_pretrained("/nonexistent/model", batch=4)
