@@ -157,6 +157,26 @@ def test_no_import_circles():
     assert not found, "import circles:\n" + "\n".join(f"  {' <-> '.join(c)}: {describe(graph, c)}" for c in found)
 
 
+def test_the_light_modules_load_without_torch():
+    """The function-local imports of torch / transformers kept in ``ngguard.judges.models`` (and the
+    lazy ``ngguard.serving`` package) exist for this: the CLI, the recipe, the judges, the world and
+    the serving options load without torch, transformers or Gradio (``ngguard --help`` or a recipe
+    check starts in a fraction of a second). A fresh interpreter, nothing else imported."""
+    import os
+    import subprocess
+    import sys
+
+    light = ["ngguard.cli", "ngguard.recipe", "ngguard.judges", "ngguard.world.render", "ngguard.serving.options",
+             "ngguard.serving"]
+    heavy = ["torch", "transformers", "gradio", "onnxruntime", "peft", "accelerate", "matplotlib"]
+    code = (f"import sys\nfor m in {light!r}: __import__(m)\n"
+            f"print(','.join(h for h in {heavy!r} if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"loaded by {light}: {out.stdout.strip()}"
+
+
 if __name__ == "__main__":
     g = import_graph()
     cs = cycles(g)
