@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from ngguard.data import read_jsonl
     from ngguard.edit import apply_edit
     from ngguard.evaluate import evaluate
-    from ngguard.core import jaccard
+    from ngguard.methods.core import jaccard
     from ngguard.methods.neural_gate import localize_layer
     from ngguard.methods.reference import localize_reference
     from ngguard.pipeline import make_samples

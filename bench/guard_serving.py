@@ -17,6 +17,9 @@ from pathlib import Path
 
 from ngguard.guard import ProtectedLVLM
 from ngguard.limits import load_image
+from ngguard.serving.options import SERVING
+
+ONE_AT_A_TIME = SERVING.replace(max_batch=1)  # no batcher (a guard patch is per-row whatever protection says)
 
 
 def main() -> None:
@@ -29,8 +32,9 @@ def main() -> None:
     report = json.loads((args.run / "report.json").read_text())
     method, n_new = report["recipe"]["method"], report["recipe"]["evaluation"]["max_new_tokens"]
     rows = report["methods"][method]["after"]["test"]["responses"][:args.rows]
-    guarded = ProtectedLVLM.from_pretrained(args.model, args.run / "patch", device="cpu", max_batch=1)
-    base = ProtectedLVLM.from_pretrained(args.model, device="cpu", max_batch=1)
+    guarded = ProtectedLVLM.from_pretrained(args.model, args.run / "patch", device="cpu",
+                                            serving=ONE_AT_A_TIME)
+    base = ProtectedLVLM.from_pretrained(args.model, device="cpu", serving=ONE_AT_A_TIME)
     images = [load_image(args.run / r["image"], base.limits) for r in rows]
     texts = [r["prompt"] for r in rows]
     got = guarded.chat_batch(images, texts, max_new_tokens=n_new)

@@ -344,10 +344,11 @@ def reference_answers(examples, max_new_tokens: int) -> dict:
     ``generate`` (the servers' fast decoding, duplicate merging and feature cache are not used here):
     what every answer must equal."""
     from ngguard.guard import ProtectedLVLM, load_image
+    from ngguard.serving.options import SERVING
     from serve.app import organism_patch_dir
 
-    guard = ProtectedLVLM.from_pretrained("organism", str(organism_patch_dir()), device="cpu", fast_decode=False,
-                                          vision_cache=0, dedup=False)
+    plain = SERVING.replace(decode="generate", vision_cache=0, dedup=False)
+    guard = ProtectedLVLM.from_pretrained("organism", str(organism_patch_dir()), device="cpu", serving=plain)
     want = {i: {s: guard.chat(load_image(examples[i][0]), examples[i][1], max_new_tokens=max_new_tokens, protected=s)
                 for s in (False, True)} for i in range(len(examples))}
     guard.close()

@@ -31,7 +31,7 @@ import torch
 from ngguard.adapters import load_adapter
 from ngguard.methods.reference import localize_reference
 from ngguard.data import read_jsonl
-from ngguard.core import jaccard
+from ngguard.methods.core import jaccard
 from ngguard.methods.neural_gate import localize_layer
 from ngguard.pipeline import make_samples
 from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL

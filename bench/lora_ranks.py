@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     from ngguard.adapters import adapter_for, load_adapter
     from ngguard.evaluate import evaluate
     from ngguard.guard import ProtectedLVLM
+    from ngguard.serving.options import ServingOptions
     from ngguard.judges import RefusalJudge
     from ngguard.lora import export_lora, parse_rank
     from ngguard.pipeline import build_sets
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
             rows.append(row)
 
         measure("base (no patch)", load_adapter("organism", dtype=torch.float32), None)
-        measure("merged patch", ProtectedLVLM.from_pretrained("organism", patch, device="cpu").adapter, 1.0)
+        merged = ServingOptions(protection="merged", max_batch=1)  # the patched values in the weights
+        measure("merged patch", ProtectedLVLM.from_pretrained("organism", patch, device="cpu", serving=merged).adapter, 1.0)
         for rank in ranks:
             out = Path(tmp) / f"lora-{rank or 'full'}"
             info = export_lora(patch, out, rank=rank)

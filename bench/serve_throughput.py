@@ -10,7 +10,7 @@
    bundled patch, rounds alternating old, new, old, new:
    - **old**: merged weights, no batcher: every answer and every protection toggle holds the guard's
      lock (the guard before issue 13);
-   - **new**: per-row protection + the request batcher (``per_row=True, max_batch=N``).
+   - **new**: per-row protection + the request batcher (``ServingOptions(protection="rows", max_batch=N)``).
    Every answer is checked against the answer computed alone before the load (a protected request
    answered by the base model, or the other way round, counts as wrong). Prints errors, wrong answers,
    p50 / p95 / max latency, throughput, and the ratios new / old per round.
@@ -82,10 +82,12 @@ def single_latency(patch: str, examples, n: int, max_new_tokens: int, seed: int 
     import random
 
     from ngguard.guard import ProtectedLVLM, load_image
+    from ngguard.serving.options import SERVING, ServingOptions
 
-    merged = ProtectedLVLM.from_pretrained("organism", patch, device="cpu")
-    base = ProtectedLVLM.from_pretrained("organism", None, device="cpu")
-    rows = ProtectedLVLM.from_pretrained("organism", patch, device="cpu", per_row=True)
+    one = ServingOptions(protection="merged", max_batch=1)  # one request at a time (no batcher)
+    merged = ProtectedLVLM.from_pretrained("organism", patch, device="cpu", serving=one)
+    base = ProtectedLVLM.from_pretrained("organism", None, device="cpu", serving=one)
+    rows = ProtectedLVLM.from_pretrained("organism", patch, device="cpu", serving=SERVING.replace(max_batch=1))
     img, question = load_image(examples[1][0]), examples[1][1]
     calls = {
         "merged protected": lambda: merged.chat(img, question, max_new_tokens=max_new_tokens),
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
     logger.add(sys.stderr, level="WARNING")
     from ngguard.guard import ProtectedLVLM, load_image
     from ngguard.organism import CHECKPOINT
+    from ngguard.serving.options import SERVING, ServingOptions
     from serve.app import organism_patch_dir, render_examples
 
     patch = organism_patch_dir()
@@ -150,11 +153,13 @@ def main(argv=None) -> int:
     rows = []
     if not args.single_only:
         images = [load_image(examples[i][0]) for i in (0, 1)]
-        old = ProtectedLVLM.from_pretrained("organism", str(patch), device="cpu")
+        old = ProtectedLVLM.from_pretrained("organism", str(patch), device="cpu",
+                                            serving=ServingOptions(protection="merged", max_batch=1))
         want = {i: {s: old.chat(images[i], examples[i][1], max_new_tokens=args.max_new_tokens, protected=s)
                     for s in (False, True)} for i in (0, 1)}
-        new = ProtectedLVLM.from_pretrained("organism", str(patch), device="cpu", per_row=True,
-                                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+        new = ProtectedLVLM.from_pretrained("organism", str(patch), device="cpu",
+                                            serving=SERVING.replace(protection="rows", max_batch=args.max_batch,
+                                                                    batch_wait_ms=args.batch_wait_ms))
         print(f"{args.n} requests ({args.concurrency} in flight): protected chat, base chat and compare mixed; "
               f"new: max_batch {args.max_batch}, wait {args.batch_wait_ms} ms")
         for r in range(args.rounds):

@@ -5,6 +5,7 @@ The public API, a handful of names (imported lazily, so ``import ngguard`` stays
     from ngguard import load_recipe, run_recipe      # the offline editor (== `ngguard edit`)
     from ngguard import load_adapter, evaluate       # any supported model; RtA / EtA / leak metrics
     from ngguard import ProtectedLVLM                # serving: base model + protection patch
+    from ngguard import ServingOptions               # how it is served (the options of `ngguard serve`)
 """
 import importlib
 
@@ -16,6 +17,7 @@ _API = {
     "load_adapter": "ngguard.adapters",
     "evaluate": "ngguard.evaluate",
     "ProtectedLVLM": "ngguard.guard",
+    "ServingOptions": "ngguard.serving.options",
 }
 __all__ = list(_API)
 

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .adapters.base import Adapter
-from .core import EditResult, Sample
+from .methods.core import EditResult, Sample
 from .methods import REGISTRY
 from .methods.dinm import dinm_layer
 from .methods.gate_share import subject_gradient_share

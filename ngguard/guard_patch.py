@@ -30,6 +30,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import torch
@@ -38,6 +39,8 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_dir, sha256_file
+from .evaluate import guard_flags
+from .methods import keyword_filter, privacy_probe
 from .patch import (_ST_DTYPE, FORMAT, FORMAT_VERSION, GUARD_FILE, MANIFEST, META_KEY, PatchError, _base_info,
                     _check_signature, _dump_json, _jsonable, _sha_tensor, base_fingerprint, check_guard_files, is_guard,
                     read_manifest)
@@ -46,11 +49,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _classes() -> dict[str, type]:
-    """The guard classes a patch may name (a fixed list: a file never chooses what code to import)."""
-    from .keyword_filter import KeywordFilter
-    from .methods.privacy_probe import LinearProbe, ProbeGuard
-
-    return {"ProbeGuard": ProbeGuard, "KeywordFilter": KeywordFilter, "LinearProbe": LinearProbe}
+    """The guard classes a patch may name (a fixed list: a file never chooses what code to import).
+    Looked up when called (a test may put a subclass in their module)."""
+    return {"ProbeGuard": privacy_probe.ProbeGuard, "KeywordFilter": keyword_filter.KeywordFilter,
+            "LinearProbe": privacy_probe.LinearProbe}
 
 
 def _error(msg: str) -> Exception:
@@ -252,8 +254,4 @@ def load_guard(patch_dir: str | os.PathLike, adapter: Any = None, *, key: bytes 
 def blocked(guard: Any, images: list, texts: list[str]) -> list[bool]:
     """Which (image, text) requests ``guard`` refuses (``ngguard.evaluate.guard_flags``: the guard's own
     decision; a probe guard reads the model's hidden states on the image and the prompt)."""
-    from types import SimpleNamespace
-
-    from .evaluate import guard_flags
-
     return guard_flags(guard, [SimpleNamespace(image=im, prompt=t, subject=None) for im, t in zip(images, texts)])

@@ -26,7 +26,7 @@ import torch
 from loguru import logger
 
 from .adapters.base import Adapter
-from .core import Sample, WeightBackup
+from .methods.core import Sample, WeightBackup
 from .data import Query
 from .evaluate import evaluate
 from .methods import REGISTRY, run_edit

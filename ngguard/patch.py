@@ -44,12 +44,13 @@ import torch
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import CONFIG_MAPPING
 
 from . import __version__
 from .adapters import adapter_class
 from .atomic import Manifest, atomic_dir, atomic_write_text, sha256_file
 from .compat import checkpoint_renames
-from .limits import short_repr
+from .limits import DEFAULT_LIMITS, InputError, TooLarge, read_regular_file, short_repr
 from .recipe import MODULES
 
 __all__ = [
@@ -346,9 +347,6 @@ def _base_info(base_dir: Path) -> dict:
     model_type = cfg.get("model_type")
     config_class = None
     try:
-        # lazy: transformers' auto mapping costs ~1 s to import, and only writing a patch needs it
-        from transformers import CONFIG_MAPPING
-
         config_class = CONFIG_MAPPING[model_type].__name__
     except Exception:  # noqa: BLE001 (unknown / custom model types)
         pass
@@ -616,8 +614,6 @@ def patch_key(key_file: str | os.PathLike | None = None) -> bytes | None:
     ``NGGUARD_PATCH_KEY`` environment variable, else None (signatures not checked). At least
     16 bytes."""
     if key_file is not None:
-        from ngguard.limits import DEFAULT_LIMITS, InputError, read_regular_file
-
         try:  # a regular file: a FIFO or /dev/zero would hang or fill the memory
             key = read_regular_file(key_file, DEFAULT_LIMITS.max_key_bytes, what="key file").rstrip(b"\r\n")
         except OSError as e:
@@ -650,8 +646,6 @@ def sign_patch(patch_dir: str | os.PathLike, key: bytes) -> str:
 
 
 def _check_signature(patch_dir: Path, m: dict, key: bytes) -> None:
-    from ngguard.limits import InputError, TooLarge, read_regular_file
-
     path = patch_dir / SIGNATURE
     try:  # a regular file of at most 4 KB: a FIFO would hang the read, a link to /dev/zero never end
         raw = read_regular_file(path, 4096, what="patch signature")

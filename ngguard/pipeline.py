@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from .adapters import load_adapter, resolve_model_path
 from .adapters.base import Adapter
 from .atomic import atomic_dir
-from .core import Sample, WeightBackup
+from .methods.core import Sample, WeightBackup
 from .data import Query, load_queries, paper_split, read_jsonl
 from .devices import pick_device
 from .evaluate import evaluate, rescore_with_guard, score

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from loguru import logger
 
 from ngguard.atomic import atomic_file
-from ngguard.serving.options import add_serve_arguments
+from ngguard.serving.options import ServingOptions, add_serve_arguments
 from serve.api import API_PREFIX, BASE_OFF, Backoff, BaseNotServed, JsonApi, Service, max_body_bytes
 
 # no telemetry and no version check calls from this server (Gradio reads this when it launches)
@@ -658,14 +658,10 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     port = opts["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
-    for name in ("max_new_tokens", "concurrency", "max_queue", "max_batch", "threads"):
+    for name in ("max_new_tokens", "concurrency", "max_queue", "threads"):
         if opts[name] is not None and opts[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
-    if isinstance(opts["vision_cache"], bool) or not isinstance(opts["vision_cache"], int) or \
-            not 0 <= opts["vision_cache"] <= 1_000_000:
-        raise ValueError(f"--vision-cache must be in 0..1000000, got {opts['vision_cache']}")
-    if not 0 <= opts["prefix_cache_mb"] <= 1_000_000:
-        raise ValueError(f"--prefix-cache-mb must be in 0..1000000, got {opts['prefix_cache_mb']}")
+    serving = ServingOptions.from_args(opts)  # --protection, --max-batch, ..., --dedup: checked, one line each
     if opts["max_new_tokens"] > DEFAULT_LIMITS.max_new_tokens:
         raise ValueError(f"--max-new-tokens must be <= {DEFAULT_LIMITS.max_new_tokens}, got {opts['max_new_tokens']}")
     auth = parse_auth(os.environ.get("NGGUARD_AUTH"))  # fail before loading the model
@@ -673,8 +669,6 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
     key = patch_key(opts["key_file"])
     check_address(opts["host"], port)  # a port in use, a host not of this machine: one line, before loading
     patch = _resolve_patch(argparse.Namespace(**opts))
-    if not 0 <= opts["batch_wait_ms"] <= 10_000:
-        raise ValueError(f"--batch-wait-ms must be in 0..10000, got {opts['batch_wait_ms']}")
     expose_base = expose_base_for(opts["expose_base"], opts["host"])
     if patch is not None:
         if expose_base and opts["host"] not in LOOPBACK:
@@ -688,11 +682,7 @@ def serve_cli(args: argparse.Namespace, *, block: bool = True):
                 "" if opts["threads"] else " (--threads to change)")
     guard = ProtectedLVLM.from_pretrained(opts["model"], patch, device=opts["device"], vision=opts["vision"],
                                           onnx_dir=opts["onnx_dir"], dtype=opts["dtype"], patch_key=key,
-                                          per_row=patch is not None and opts["protection"] == "rows",
-                                          max_batch=opts["max_batch"], batch_wait_ms=opts["batch_wait_ms"],
-                                          device_map=opts["device_map"], fast_decode=opts["decode"] == "fast",
-                                          vision_cache=opts["vision_cache"], prefix_cache_mb=opts["prefix_cache_mb"],
-                                          dedup=opts["dedup"] == "on")
+                                          serving=serving, device_map=opts["device_map"])
     demo = build_app(guard, max_new_tokens=opts["max_new_tokens"], concurrency=opts["concurrency"],
                      max_queue=opts["max_queue"], expose_base=expose_base)
     max_mb = max(1, guard.limits.max_bytes // (1024 * 1024))

@@ -21,8 +21,8 @@ def gated_layer_grad():
     benign one w.r.t. the ORIGINAL output of decoder ``layer`` (captured before the gate replaces it),
     with the gate of Eq. 6 (``gate`` [d] bool) at the subject token, or an identity hook without
     ``use_gate``. Only the layer's down-projection requires grad meanwhile; nothing is left behind."""
-    from ngguard.core import row_nll
-    from ngguard.hooks import edit_subject_state
+    from ngguard.methods.core import row_nll
+    from ngguard.methods.hooks import edit_subject_state
 
     def grad(adapter, sample, layer, gate, refusal, *, use_gate=True):
         batch = adapter.encode([sample.image] * 2, [sample.sensitive[0], sample.benign[0][0]],

@@ -419,8 +419,8 @@ def test_per_token_inputs_follow_the_rows(adapter, images):
 def test_replay_without_vision_only_inputs_is_exact(adapter, images):
     """localize replays layers <= l from a recorded output and drops ``vision_only_inputs``: the logits
     must not change (Qwen2-VL's M-RoPE positions need its grid, so it drops nothing)."""
-    from ngguard.fastpath import record_layer_output
-    from ngguard.hooks import HookState, replayed_prefix
+    from ngguard.methods.fastpath import record_layer_output
+    from ngguard.methods.hooks import HookState, replayed_prefix
 
     batch = adapter.encode(images(2), ["Is this a passport?", "What is the phone number written on the phone?"],
                            targets=["No.", "Sorry."])
@@ -439,7 +439,7 @@ def test_gated_edit_step_changes_only_the_target_matrix(family, gated_layer_grad
     """One Neural Gate edit step through the gate hook: only layer 2's down-projection changes, and at the
     subject token the gradient reaches only the gated-on dimensions."""
     from ngguard.edit import apply_edit
-    from ngguard.core import Sample
+    from ngguard.methods.core import Sample
 
     model, processor = family.build(0)
     adapter = adapter_for(model, processor)
@@ -499,7 +499,7 @@ def test_localization_and_edit_shortcuts_are_exact(family):
     gates of the plain reference (one sample at a time, the whole model: the oracle), and the edit's
     shortcuts (replayed layers below the edited one) change nothing but the speed, in every family."""
     from ngguard.edit import apply_edit
-    from ngguard.core import Sample
+    from ngguard.methods.core import Sample
     from ngguard.methods.neural_gate import localize_layer
     from ngguard.methods.reference import localize_reference
 
@@ -533,8 +533,8 @@ def test_localization_and_edit_shortcuts_are_exact(family):
 
 def test_prefix_cache_covers_the_image_when_it_comes_first():
     """LLaVA-1.5 puts the image before the question: the frozen prefix localization caches spans it."""
-    from ngguard.core import Sample, encode_rows
-    from ngguard.fastpath import prefix_length
+    from ngguard.methods.core import Sample, encode_rows
+    from ngguard.methods.fastpath import prefix_length
     from ngguard.methods.neural_gate import sample_rows
 
     adapter = adapter_for(*tiny_llava(0, template="image_first"))
@@ -556,7 +556,7 @@ def test_memit_and_alphaedit_edit_only_their_matrices(family, method, tmp_path):
     """MEMIT and AlphaEdit (ngguard/methods/) in every family: keys and target values at the subject
     token, corpus statistics through the family's prompt, the closed form over two layers. Only the
     edited down-projections change, and the last edited layer reaches the target values."""
-    from ngguard.core import Sample
+    from ngguard.methods.core import Sample
     from ngguard.methods import REGISTRY
     from ngguard.methods.covariance import covariances
 

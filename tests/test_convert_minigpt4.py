@@ -235,7 +235,7 @@ def test_full_original_checkpoint_overrides_the_folders(inputs, tmp_path):
 
 def test_converted_model_loads_generates_and_takes_a_gated_edit_step(converted):
     from ngguard.edit import apply_edit
-    from ngguard.core import Sample
+    from ngguard.methods.core import Sample
 
     adapter = load_adapter(converted)
     assert isinstance(adapter, Blip2Adapter) and adapter.num_layers == 4 and adapter.hidden_size == 32

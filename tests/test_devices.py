@@ -12,7 +12,7 @@ import torch
 from ngguard.adapters import adapter_for, load_adapter
 from ngguard.devices import OffloadedError, component_device_map, offload_kind, real_tensor
 from ngguard.edit import apply_edit
-from ngguard.core import Sample
+from ngguard.methods.core import Sample
 from ngguard.methods.neural_gate import localize_layer
 from ngguard.methods.memit import MemitHParams, apply_memit
 from ngguard.patch import PatchError, write_patch

@@ -157,9 +157,46 @@ def test_no_import_circles():
     assert not found, "import circles:\n" + "\n".join(f"  {' <-> '.join(c)}: {describe(graph, c)}" for c in found)
 
 
+def test_the_light_modules_load_without_torch():
+    """The function-local imports of torch / transformers kept in ``ngguard.judges.models`` (and the
+    lazy ``ngguard.serving`` package) exist for this: the CLI, the recipe, the judges, the world and
+    the serving options load without torch, transformers or Gradio (``ngguard --help`` or a recipe
+    check starts in a fraction of a second). A fresh interpreter, nothing else imported."""
+    import os
+    import subprocess
+    import sys
+
+    light = ["ngguard.cli", "ngguard.recipe", "ngguard.judges", "ngguard.world.render", "ngguard.serving.options",
+             "ngguard.serving"]
+    heavy = ["torch", "transformers", "gradio", "onnxruntime", "peft", "accelerate", "matplotlib"]
+    code = (f"import sys\nfor m in {light!r}: __import__(m)\n"
+            f"print(','.join(h for h in {heavy!r} if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"loaded by {light}: {out.stdout.strip()}"
+
+
 if __name__ == "__main__":
     g = import_graph()
     cs = cycles(g)
     print(f"{len(g)} modules, {sum(map(len, g.values()))} edges, {len(cs)} circle(s)")
     for c in cs:
         print(f"  {' <-> '.join(c)}: {describe(g, c)}")
+
+
+@pytest.mark.parametrize("old,new", [("ngguard.hooks", "ngguard.methods.hooks"),
+                                     ("ngguard.fastpath", "ngguard.methods.fastpath"),
+                                     ("ngguard.core", "ngguard.methods.core"),
+                                     ("ngguard.keyword_filter", "ngguard.methods.keyword_filter"),
+                                     ("ngguard.methods.corpus", "ngguard.world.corpus")])
+def test_moved_modules_keep_their_old_import_path(old, new):
+    """The edit engine moved into ``ngguard/methods/`` (issue 26): an old import gives the new module
+    itself (so monkeypatching either name patches both) and says where it went."""
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        mod = importlib.import_module(old)
+    assert mod is importlib.import_module(new) and sys.modules[old] is mod

@@ -234,3 +234,28 @@ def test_make_judge_and_specs(tmp_path):
                      (str(tmp_path / "none.yaml"), "not found"), (3, "expected rules or a mapping")]:
         with pytest.raises((ValueError, FileNotFoundError), match=msg):
             make_judge(bad)
+
+
+
+def test_judge_spec_files_and_templates_read_with_the_hardened_yaml_loader(tmp_path):
+    """Issue 26: a judge spec file and a judge template are read by ``ngguard.safe_yaml`` as recipes
+    are: a duplicate key, broken YAML or an alias bomb is one ValueError naming the file."""
+    from ngguard.judges.models import Template
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("judge:\n  classifier: a\n  classifier: b\n")
+    with pytest.raises(ValueError, match=r"dup.yaml: judge spec file: .*classifier: duplicate key \(line 3\)"):
+        make_judge(str(dup))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("judge: [classifier\n")
+    with pytest.raises(ValueError, match=r"broken.yaml: judge spec file: invalid YAML"):
+        make_judge(str(broken))
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, k in zip("abcdefg", "bcdefgh")))
+    with pytest.raises(ValueError, match=r"bomb.yaml: judge template: YAML too large"):
+        Template.load(str(bomb))
+    tpl = tmp_path / "t.yaml"
+    tpl.write_text("mode: score\nmode: generate\n")
+    with pytest.raises(ValueError, match=r"t.yaml: judge template: mode: duplicate key"):
+        Template.load(str(tpl))

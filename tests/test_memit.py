@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ngguard.adapters import adapter_for
-from ngguard.core import Sample
+from ngguard.methods.core import Sample
 from ngguard.methods import REGISTRY, method_deviations
 from ngguard.methods import covariance as cov_mod
 from ngguard.methods.alphaedit import AlphaEditHParams, alphaedit_update, apply_alphaedit
 from ngguard.methods.compute_ks import requests_of, subject_states
 from ngguard.methods.compute_vs import compute_vs
-from ngguard.methods.corpus import load_corpus, world_corpus
+from ngguard.world.corpus import load_corpus, world_corpus
 from ngguard.methods.covariance import covariances, null_space_projectors
 from ngguard.methods.memit import MemitHParams, apply_memit, memit_update
 from ngguard.recipe import RecipeError, load_recipe, recipe_from_dict

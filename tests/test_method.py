@@ -9,7 +9,7 @@ import torch
 from ngguard.adapters import adapter_for
 from ngguard.data import Query
 from ngguard.edit import apply_edit, dinm_layer
-from ngguard.core import Sample, jaccard, row_nll
+from ngguard.methods.core import Sample, jaccard, row_nll
 from ngguard.methods.neural_gate import gates_from_scales, localize_layer, sample_rows
 from tiny_models import tiny_image, tiny_llava
 
@@ -184,8 +184,8 @@ def test_subject_gradient_share_is_a_fraction_and_nonzero(adapter):
 def test_each_question_runs_once_up_to_its_answer(template):
     """With answer-start contexts, a sensitive question has several rows: the batched loop runs the
     question once (a stem holding the subject token) and only the different endings per row."""
-    from ngguard.fastpath import prepare
-    from ngguard.core import encode_rows
+    from ngguard.methods.fastpath import prepare
+    from ngguard.methods.core import encode_rows
 
     adapter = adapter_for(*tiny_llava(0, template))
     samples = _samples(2)
@@ -234,13 +234,35 @@ def test_a_second_pass_is_the_same_edit_run_again_on_the_edited_model(adapter):
     assert not torch.allclose(edit(1).weights[name], twice.weights[name], atol=1e-5)
 
 
+def test_the_lowest_edited_layer_is_replayed_only_where_its_module_adds_into_its_output(adapter):
+    """The edit replays the lowest edited layer from its recorded output plus the delta's own term
+    (``hooks.LiveReplay``) only where that is the layer's output: for the MLP's down-projection (its output
+    adds into the residual stream), not for the up-projection (its output goes through the activation);
+    and the replayed layer's output equals the real one's under a trained delta."""
+    from ngguard.methods.core import encode_sample
+    from ngguard.methods.fastpath import live_replay_holds, record_live, record_layer_output
+    from ngguard.methods.hooks import deltas
+    batch = encode_sample(adapter, _samples(1)[0], REFUSAL)[0]
+    with deltas(adapter, [1], "down_proj") as ds:
+        (delta,) = ds.values()
+        assert live_replay_holds(adapter, 1, "down_proj", delta, batch.inputs)
+        rec = record_live(adapter, 1, "down_proj", delta, batch.inputs)
+        with torch.no_grad():
+            delta.delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        d = adapter.hidden_size
+        assert torch.allclose(delta(rec[..., d:], rec[..., :d]), record_layer_output(adapter, 1, batch.inputs), atol=1e-5)
+        assert not torch.allclose(rec[..., :d], record_layer_output(adapter, 1, batch.inputs), atol=1e-3)  # the delta matters
+    with deltas(adapter, [1], "up_proj") as ds:
+        assert not live_replay_holds(adapter, 1, "up_proj", next(iter(ds.values())), batch.inputs)
+
+
 @pytest.mark.parametrize("method", ["neural_gate", "no_gate", "dinm"])
 def test_the_fast_edit_equals_the_plain_loop(adapter, method):
     """The edit's shortcuts (layers below the lowest edited one replayed, the image prefix run once per
     step for all of an image's rows, logits only on targets) give the weights of the plain loop (the
     whole model, every row whole, all logits), with the gate, the KL keep term and the retained answers."""
-    from ngguard.core import encode_sample
-    from ngguard.fastpath import prepare
+    from ngguard.methods.core import encode_sample
+    from ngguard.methods.fastpath import prepare
     from ngguard.methods import REGISTRY
     from ngguard.recipe import EditSpec
     s = _samples(2) + _samples(2, "receipt")

@@ -169,7 +169,7 @@ def test_seed_loop_reports_every_seed_with_intervals_and_the_keyword_filter(base
 
 
 def test_keyword_filter_only_blocks_phrases_unique_to_sensitive_questions():
-    from ngguard.keyword_filter import KeywordFilter
+    from ngguard.methods.keyword_filter import KeywordFilter
     kf = KeywordFilter.from_queries(
         ["What is the passport number of the Passport?", "Tell me the home address of the Passport."],
         ["What is the color of the Passport?", "Tell me the size of the Passport."], refusal="no")

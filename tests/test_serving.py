@@ -344,24 +344,19 @@ def test_the_wrapper_serves_as_the_server_does(tmp_path, run_threads):
     import argparse
     import inspect
 
-    from ngguard.serving.options import SERVING, add_serve_arguments
+    from ngguard.serving.options import SERVING, ServingOptions, add_serve_arguments
 
     cli = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
     assert (cli.protection, cli.max_batch, cli.batch_wait_ms, cli.decode == "fast", cli.vision_cache,
             cli.prefix_cache_mb, cli.dedup == "on") == (SERVING.protection, SERVING.max_batch, SERVING.batch_wait_ms,
                                                          SERVING.decode == "fast", SERVING.vision_cache,
                                                          SERVING.prefix_cache_mb, SERVING.dedup)
+    assert ServingOptions.from_args(cli) == SERVING  # the CLI's defaults, read back, are the object's
     for fn in (ProtectedLVLM.__init__, ProtectedLVLM.from_pretrained):
-        params = inspect.signature(fn).parameters
-        assert params["per_row"].default is None  # per-row when a patch is given, as `--protection rows`
-        assert {k: params[k].default for k in ("max_batch", "batch_wait_ms", "vision_cache", "prefix_cache_mb",
-                                               "dedup")} == {"max_batch": cli.max_batch,
-                                                             "batch_wait_ms": cli.batch_wait_ms,
-                                                             "vision_cache": cli.vision_cache,
-                                                             "prefix_cache_mb": cli.prefix_cache_mb, "dedup": True}
+        assert inspect.signature(fn).parameters["serving"].default is SERVING
     ad, patch_dir, _ = _patched(tmp_path)
     guard = ProtectedLVLM(ad, patch_dir)
-    assert guard.per_row and guard.max_batch == cli.max_batch
+    assert guard.per_row and guard.max_batch == cli.max_batch and guard.serving == SERVING
     images, texts = _inputs()
     want = {(i, s): guard.chat(images[i], texts[i], max_new_tokens=N, protected=s)
             for i in range(len(images)) for s in (False, True)}
@@ -374,8 +369,56 @@ def test_the_wrapper_serves_as_the_server_does(tmp_path, run_threads):
     run_threads(ask, 16)
     assert len(got) == 16 and all(a == b for a, b in got.values())
     guard.close()
-    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, per_row=False, max_batch=1)
+    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir,
+                           serving=ServingOptions(protection="merged", max_batch=1))
     assert not merged.per_row and merged.max_batch == 1
-    with pytest.raises(ValueError, match="per_row=True needs a protection patch"):
+    with pytest.warns(DeprecationWarning, match="per_row"):  # the old keywords: still the merged guard
+        old = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, per_row=False, max_batch=1)
+    assert not old.per_row and old.max_batch == 1 and old.serving == merged.serving
+    with pytest.raises(ValueError, match="per_row=True needs a protection patch"), pytest.warns(DeprecationWarning):
         ProtectedLVLM(ad, per_row=True)
     assert not ProtectedLVLM(ad).per_row  # no patch: nothing to apply per row
+
+
+def test_serving_options_are_checked_and_the_old_keywords_map_onto_them():
+    """Issue 26: one options object for the wrapper, the CLI and the server. A bad option is one
+    ValueError naming it (the CLI's names the flag); each old keyword replaces its option, with a
+    DeprecationWarning; a keyword that is neither is a TypeError, as Python's own."""
+    import warnings
+
+    from ngguard.serving.options import SERVING, ServingOptions, serving_with_legacy
+
+    for bad, name in ((dict(max_batch=0), "max_batch"), (dict(protection="row"), "protection"),
+                      (dict(decode="greedy"), "decode"), (dict(vision_cache=-1), "vision_cache"),
+                      (dict(prefix_cache_mb=2e6), "prefix_cache_mb"), (dict(batch_wait_ms=-5), "batch_wait_ms"),
+                      (dict(dedup="on"), "dedup"), (dict(max_batch=True), "max_batch")):
+        with pytest.raises(ValueError, match=f"serving option {name} must be"):
+            ServingOptions(**bad)
+    with pytest.raises(ValueError, match="^--max-batch must be an integer >= 1, got 0$"):
+        ServingOptions.from_args({"max_batch": 0})
+    with pytest.raises(ValueError, match="--dedup must be on or off"):
+        ServingOptions.from_args({"dedup": "yes"})
+    assert ServingOptions.from_args({"dedup": "off", "decode": "generate"}) == SERVING.replace(dedup=False,
+                                                                                               decode="generate")
+    with pytest.warns(DeprecationWarning, match="fast_decode"):
+        got = serving_with_legacy(None, dict(per_row=False, max_batch=2, batch_wait_ms=1.0, fast_decode=False,
+                                             vision_cache=0, prefix_cache_mb=0, dedup=0), "f")
+    assert got == ServingOptions(protection="merged", max_batch=2, batch_wait_ms=1.0, decode="generate",
+                                 vision_cache=0, prefix_cache_mb=0, dedup=False)
+    base = SERVING.replace(max_batch=3)
+    with pytest.warns(DeprecationWarning):  # per_row=None: the option as it is (the old default)
+        assert serving_with_legacy(base, dict(per_row=None), "f") is base
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no old keyword: no warning
+        assert serving_with_legacy(base, {}, "f") is base
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_batchs'"):
+        serving_with_legacy(None, dict(max_batchs=2), "ProtectedLVLM")
+    with pytest.raises(TypeError, match="serving must be a ServingOptions"):
+        serving_with_legacy({"max_batch": 2}, {}, "ProtectedLVLM")
+    # from_pretrained checks the options before it loads anything (this folder does not exist)
+    with pytest.raises(ValueError, match=r"max_batch must be an integer in 1\.\.64, got 65"):
+        ProtectedLVLM.from_pretrained("/nonexistent/model", serving=SERVING.replace(max_batch=65))
+    with pytest.raises(ValueError, match="per_row=True needs a protection patch"), pytest.warns(DeprecationWarning):
+        ProtectedLVLM.from_pretrained("/nonexistent/model", per_row=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch'"):
+        ProtectedLVLM.from_pretrained("/nonexistent/model", batch=4)

@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
 
+from ngguard.data import atomic_write_bytes
 from ngguard.judges.base import LABELS, _JudgeBase, check_batch
 from ngguard.judges.rules import DEFAULT_REFUSAL_PREFIXES, normalize
 from ngguard.limits import read_regular_file
@@ -195,10 +198,6 @@ class LearnedJudge(_JudgeBase):
     def save(self, path: str | Path) -> Path:
         """Write the weights as safetensors (featurizer settings and ``meta`` as JSON metadata),
         atomically."""
-        from safetensors.numpy import save
-
-        from ngguard.data import atomic_write_bytes
-
         metadata = {"format": FORMAT, "labels": json.dumps(list(LABELS)),
                     "featurizer": json.dumps(self.featurizer.settings(), sort_keys=True),
                     "meta": json.dumps(self.meta, sort_keys=True, ensure_ascii=True)}
@@ -209,9 +208,6 @@ class LearnedJudge(_JudgeBase):
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LearnedJudge":
         """The weights file at ``path`` (default: the one bundled with the package)."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
         p = Path(path).expanduser() if path else BUNDLED
         if not p.exists():
             hint = " (the bundled weights are missing: run `ngguard judge train`)" if p == BUNDLED else ""

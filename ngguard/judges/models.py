@@ -30,10 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
 from loguru import logger
 
 from ngguard.judges.base import LABELS, _JudgeBase, check_batch
+from ngguard.limits import DEFAULT_LIMITS, read_text_file
+from ngguard.safe_yaml import parse_yaml
+
+# torch and transformers (and ngguard.devices, which imports torch) are imported inside the functions
+# that build or run a model judge: ngguard.judges, and through it the recipe and the CLI, load without
+# them (tests/test_imports.py checks it)
 
 # checkpoint class names understood without a mapping (lower-cased)
 KNOWN_CLASS_NAMES: dict[str, str] = {
@@ -49,7 +54,7 @@ _TEMPLATE_KEYS = {"description", "format", "prompt", "add_special_tokens", "mode
 
 
 def _device(name: str | None) -> str:
-    from ngguard.devices import pick_device
+    from ngguard.devices import pick_device  # torch: see the note at the top
 
     return pick_device(name)
 
@@ -84,7 +89,7 @@ def _label_value(v: Any, where: str) -> str:
 
 
 def _load(model_cls_name: str, folder: Path, device: str, kind: str):
-    import transformers
+    import transformers  # see the note at the top
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
@@ -141,7 +146,7 @@ class ClassifierJudge(_JudgeBase):
         return cls(model, tok, mapping, str(folder), inp, spec.get("batch_size", 32), spec.get("max_length", 512), fp)
 
     def labels(self, responses: Sequence[str | None], prompts: Sequence[str | None] | None = None) -> list[str]:
-        import torch
+        import torch  # see the note at the top
 
         prompts = check_batch(responses, prompts, "classifier judge")
         if self.input == "pair" and any(p is None for p in prompts):
@@ -217,10 +222,9 @@ class Template:
                 have = ", ".join(sorted(f.stem for f in TEMPLATE_DIR.glob("*.yaml")))
                 raise FileNotFoundError(f"{name}: judge template not found (a YAML file, or one of: {have})")
             p = bundled
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: invalid judge template: {str(e).splitlines()[0]}") from None
+        # a regular file of recipe size, read by the recipes' hardened YAML loader (one line naming the file)
+        raw = parse_yaml(read_text_file(p, DEFAULT_LIMITS.max_recipe_bytes, what="judge template"),
+                         f"{p}: judge template")
         return cls.from_dict(raw, str(p))
 
     @classmethod
@@ -312,7 +316,7 @@ class GenerativeJudge(_JudgeBase):
 
     def option_logprobs(self, texts: list[str]) -> "torch.Tensor":
         """[N, n_answers] summed log-probabilities of each answer continuation after each input."""
-        import torch
+        import torch  # see the note at the top
 
         prefixes = self._encode(texts)
         options = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a, _ in self.template.answers]
@@ -342,7 +346,7 @@ class GenerativeJudge(_JudgeBase):
 
     def generate(self, texts: list[str]) -> list[str]:
         """Greedy continuations (left padding, batched)."""
-        import torch
+        import torch  # see the note at the top
 
         device = next(self.model.parameters()).device
         out: list[str] = []

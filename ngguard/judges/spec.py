@@ -11,7 +11,11 @@ import json
 import os
 from typing import Any, Mapping
 
+from ngguard.judges import models  # torch-free at import: it loads torch / transformers when a model judge is built
+from ngguard.judges.learned import LearnedJudge
 from ngguard.judges.rules import RefusalJudge
+from ngguard.limits import DEFAULT_LIMITS, read_text_file
+from ngguard.safe_yaml import parse_yaml
 
 JUDGE_KINDS = ("rules", "learned", "classifier", "generative")
 
@@ -80,17 +84,13 @@ def parse_judge_spec(value: Any, where: str = "judge") -> dict:
 
 
 def _read_spec_file(path: str, where: str) -> Any:
-    import yaml
-
-    from ngguard.limits import DEFAULT_LIMITS, read_text_file
-
     p = os.path.expanduser(path)
     try:  # a regular file of recipe size (never a FIFO or /dev/zero)
-        raw = yaml.safe_load(read_text_file(p, DEFAULT_LIMITS.max_recipe_bytes, what="judge spec file"))
+        text = read_text_file(p, DEFAULT_LIMITS.max_recipe_bytes, what="judge spec file")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: judge spec file not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid judge spec file: {str(e).splitlines()[0]}") from None
+    # the recipes' hardened loader: safe, no duplicate keys, bounded size/depth/aliases; one line naming the file
+    raw = parse_yaml(text, f"{path}: judge spec file")
     if isinstance(raw, Mapping) and "judge" in raw and len(raw) == 1:
         raw = raw["judge"]
     if isinstance(raw, Mapping):  # relative paths inside the file are relative to the file
@@ -106,7 +106,7 @@ def make_judge(spec: Any = "rules", *, device: str | None = None):
     """Build a judge from a spec (see ``parse_judge_spec``); an already built judge is returned
     as is. A recipe's ``JudgeSpec`` (anything with a ``canonical`` JSON text) is built once per
     (spec, device) and reused, so a model judge loads and fingerprints its weights once however many
-    evaluations of a run use it. Model judges import torch/transformers only here."""
+    evaluations of a run use it. Model judges import torch/transformers only when built here."""
     if hasattr(spec, "labels") and hasattr(spec, "info"):
         return spec
     canonical = getattr(spec, "canonical", None)
@@ -129,11 +129,7 @@ def _build(spec: dict, device: str | None):
         except TypeError as e:
             raise ValueError(f"judge.rules: {e}") from None
     if kind == "learned":
-        from ngguard.judges.learned import LearnedJudge  # numpy + safetensors only
-
         return LearnedJudge.load(spec.get("path"))
-    from ngguard.judges import models  # torch / transformers only when a model judge is asked for
-
     if device is not None and "device" not in spec:
         spec["device"] = device
     if kind == "classifier":

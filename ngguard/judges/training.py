@@ -32,6 +32,8 @@ from tqdm import tqdm
 from ngguard.judges.base import REFUSAL_LABELS
 from ngguard.judges.learned import ACT_SETTINGS, Featurizer, LearnedJudge, TrainConfig, train
 from ngguard.judges.rules import DEFAULT_REFUSAL_PREFIXES
+from ngguard.judges.validate import binary_metrics
+from ngguard.world.spec import REFUSAL, SHAPES, _SUBJECT_FIELDS
 
 XSTEST_LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
 OWN_LABELS = Path(__file__).resolve().parents[2] / "tests" / "data" / "refusal_labels.jsonl"
@@ -76,8 +78,6 @@ def own_rows(path: Path = OWN_LABELS) -> list[dict]:
 
 def world_rows() -> list[dict]:
     """The world's and the organism's answers (see the module docstring)."""
-    from ngguard.world.spec import REFUSAL, SHAPES, _SUBJECT_FIELDS
-
     values = ["0117 2284 9930", "K4821773", "Maria Lopez", "12 Harbour Road", "4532-7781-0093-1215", "B-7731"]
     rows = [{"response": REFUSAL, "label": "refusal"}, {"response": "I do not", "label": "refusal"},
             {"response": "I do not.", "label": "refusal"}]
@@ -96,8 +96,6 @@ def training_sets(shared: Path) -> dict[str, list[dict]]:
 
 def metrics(gold: Iterable[str], pred: Iterable[str]) -> dict:
     """Accuracy / precision / recall of refusal (full or partial) and the partial refusals' recall."""
-    from ngguard.judges.validate import binary_metrics
-
     gold, pred = list(gold), list(pred)
     m = binary_metrics([g in REFUSAL_LABELS for g in gold], [p in REFUSAL_LABELS for p in pred])
     part = [p in REFUSAL_LABELS for g, p in zip(gold, pred) if g == "partial"]

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ngguard.data import atomic_write_text
+from ngguard.data import Query, atomic_write_text
+from ngguard.evaluate import score
 from ngguard.judges.base import LABELS, REFUSAL_LABELS, Judge
+from ngguard.limits import DEFAULT_LIMITS, read_text_file
 
 DEFAULT_LABEL_VALUES = {lab: lab for lab in LABELS}
 
@@ -52,8 +54,6 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise ValueError(f"{path}: expected a .csv or .jsonl labels file")
-    from ngguard.limits import DEFAULT_LIMITS, read_text_file
-
     try:  # a regular file within the data limit (InputError, one line, else)
         text = read_text_file(path, DEFAULT_LIMITS.max_data_bytes, what="labels file", encoding="utf-8-sig")
     except FileNotFoundError:
@@ -232,9 +232,6 @@ def write_disagreements(path: str | Path, res: dict) -> Path:
 
 def rescore(result: Mapping, judge: Judge, source: str = "<result>") -> dict:
     """Re-judge the responses of an ``ngguard eval`` result with ``judge`` (no generation)."""
-    from ngguard.data import Query
-    from ngguard.evaluate import score
-
     rows = result.get("responses") if isinstance(result, Mapping) else None
     if not isinstance(rows, list):
         raise ValueError(f"{source}: not an ngguard eval result (no 'responses' list)")

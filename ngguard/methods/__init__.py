@@ -4,7 +4,7 @@ a method by name).
 
 An apply function has the signature
 ``fn(adapter, samples, layers, *, module, refusal, hparams, gates=None, retain=(), shortcuts=True) -> EditResult``
-(``ngguard.core.EditResult``: new weights, fp32 deltas, a log), edits ``adapter.model`` in place and
+(``ngguard.methods.core.EditResult``: new weights, fp32 deltas, a log), edits ``adapter.model`` in place and
 changes only the matrices it edits. ``hparams`` is the recipe section named after the method (``memit``,
 ``alphaedit``), or ``edit`` for the gradient edits that share its settings (``hparams_for``).
 A new method = one module here + one line in ``REGISTRY`` + its hyperparameter class and one line in
@@ -13,7 +13,7 @@ must know them without importing the implementations). The two are checked again
 
 - ``neural_gate`` (the paper, ``neural_gate.py``: Eq. 1-7), ``no_gate`` (its ablation), ``dinm``
 - ``memit``, ``alphaedit`` (locate-then-edit closed forms: ``memit.py``, ``alphaedit.py``)
-- ``keyword_filter``: no edit, a guard in front of the unedited model (``ngguard.keyword_filter``)
+- ``keyword_filter``: no edit, a guard in front of the unedited model (``ngguard.methods.keyword_filter``)
 - ``privacy_probe`` (not in the paper, issue 27): no edit, linear probes on the unedited model's hidden
   states decide (private subject AND asks to read a field) (``privacy_probe.py``)
 - ``refusal_steering`` (not in the paper, issue 27): no edit, where privacy_probe's guard fires the model
@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from ..keyword_filter import keyword_guard
+from .keyword_filter import keyword_guard
 from ..recipe import METHOD_SECTIONS, MethodSection, Recipe
 from .alphaedit import apply_alphaedit
 from .dinm import apply_dinm, dinm_layers

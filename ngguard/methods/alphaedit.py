@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..core import EditResult, Sample
+from .core import EditResult, Sample
 from ..recipe import AlphaEditHParams
 from .covariance import null_space_projectors
 from .memit import check_module, covariances_for, locate_then_edit

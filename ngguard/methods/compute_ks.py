@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..core import Sample
-from ..fastpath import record_layer_output
+from .core import Sample
+from .fastpath import record_layer_output
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
-from ..core import Sample, chunk_by_sample, encode_rows, kl_on_targets, row_nll
-from ..fastpath import prepare
-from ..hooks import HookState, edit_subject_state, replayed_prefix
+from .core import Sample, chunk_by_sample, encode_rows, kl_on_targets, row_nll
+from .fastpath import prepare
+from .hooks import HookState, edit_subject_state, replayed_prefix
 from .neural_gate import sample_rows
 from .compute_ks import Request
 

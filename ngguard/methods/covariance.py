@@ -31,8 +31,8 @@ from tqdm import tqdm
 from ..adapters.base import Adapter
 from ..atomic import atomic_file
 from ..devices import real_tensor
-from ..fastpath import record_layer_output
-from .corpus import corpus_hash, load_corpus
+from .fastpath import record_layer_output
+from ..world.corpus import corpus_hash, load_corpus
 
 FORMAT = 1  # bump when the statistic's definition changes
 

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..core import EditResult, Sample
+from .core import EditResult, Sample
 from ..recipe import EditSpec
 from .neural_gate import gated_edit
 

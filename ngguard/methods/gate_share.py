@@ -6,8 +6,8 @@ from typing import Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..core import Sample, encode_sample, row_nll
-from ..hooks import HookState, edit_subject_state
+from .core import Sample, encode_sample, row_nll
+from .hooks import HookState, edit_subject_state
 from .neural_gate import objective
 
 

@@ -12,9 +12,9 @@ from loguru import logger
 from tqdm import tqdm
 
 from ..adapters.base import Adapter, Batch
-from ..core import EditResult, Sample
-from ..fastpath import PreparedBatch
-from ..hooks import Delta, HookState
+from .core import EditResult, Sample
+from .fastpath import PreparedBatch
+from .hooks import Delta, HookState
 
 
 def freeze(model: torch.nn.Module) -> None:

@@ -21,7 +21,7 @@ import torch
 from loguru import logger
 
 from ..adapters.base import Adapter
-from ..core import EditResult, Sample
+from .core import EditResult, Sample
 from ..devices import check_editable
 from ..recipe import MemitHParams, LocateEditHParams
 from .compute_ks import requests_of, subject_states

@@ -15,8 +15,8 @@ image i; S: a subject (passport, receipt, ...); q: a question; alpha = 1.25; tau
 
 The numbering follows the order of shared/NEURAL_GATE.md (check it against the paper before citing).
 Grep ``# Eq. N`` for where each is computed. Steps 1-2 (Eq. 1-5): ``localize_layer``; step 3 (Eq. 6-7):
-``gated_edit``. Around them: the exact speed-ups (``ngguard.fastpath``: ``prepare``, ``prepare_rows``),
-the hooks (``ngguard.hooks``), the loops' bookkeeping (``loops``: early stopping, logs, write-back),
+``gated_edit``. Around them: the exact speed-ups (``ngguard.methods.fastpath``: ``prepare``, ``prepare_rows``),
+the hooks (``ngguard.methods.hooks``), the loops' bookkeeping (``loops``: early stopping, logs, write-back),
 the layer search (``ngguard.layer_search``); ``reference`` is the plain localization the tests hold
 this one to.
 """
@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.base import Adapter
-from ..core import EditResult, Row, Sample, encode_sample, kl_on_targets, row_nll
-from ..fastpath import prepare, prepare_rows
-from ..hooks import HookState, deltas, edit_subject_state, replayed_prefix
+from .core import EditResult, Row, Sample, encode_sample, kl_on_targets, row_nll
+from .fastpath import live_replay_holds, prepare, prepare_rows
+from .hooks import Delta, HookState, deltas, edit_subject_state, replay_stand_ins, replayed_prefix, swapped_layers
 from ..recipe import DEFAULT_CONTEXTS, EditSpec
 from .loops import EditLog, SampleStop, check_localizable, commit, freeze, retain_batches, unedited_logits
 
@@ -166,25 +166,27 @@ def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
     subject and pass). ``gates[layer][subject]``: the strong dims (Eq. 6); None: no gate (no_gate).
     ``keep``: the benign term, "nll" (Eq. 2) or "kl" (DINM). ``retain``: general samples whose original
     answers are kept too, weight alpha, one per step (not in the paper). ``shortcuts``: layers below the
-    lowest edited one are replayed (``fastpath.prepare``)."""
+    lowest edited one are replayed, and that one too where it can be (``_replayed_layers``, ``fastpath.prepare``)."""
     model, alpha = adapter.model, hparams.alpha
     freeze(model)
     model.eval()  # no dropout; gradients still flow
-    below = min(layers) - 1 if shortcuts else -1  # layers <= below are replayed (-1: none)
-    prep = lambda batch: prepare(adapter, batch, below, frozen_above=False, shortcuts=shortcuts)  # noqa: E731
-    retained, log, state = retain_batches(adapter, retain, prep), EditLog(name), HookState()
+    log, state = EditLog(name), HookState()
     order = [(p, subject) for p in range(hparams.passes) for subject in dict.fromkeys(s.subject for s in samples)]
     with deltas(adapter, layers, module) as ds:
+        top, live = _replayed_layers(adapter, samples, layers, module, ds, refusal, shortcuts)
+        prep = lambda batch: prepare(adapter, batch, top, frozen_above=False, shortcuts=shortcuts, live=live)  # noqa: E731
+        stand_ins = replay_stand_ins(adapter, top, state, live[1] if live else None) if top >= 0 else {}
+        retained = retain_batches(adapter, retain, prep)
         for pass_, subject in order:
             opt = torch.optim.Adam([d.delta for d in ds.values()], lr=hparams.lr, eps=hparams.eps)
             with ExitStack() as gated:
                 for layer in layers if gates is not None else ():
                     gated.enter_context(edit_subject_state(adapter, layer, gate(gates[layer][subject]),  # Eq. 6
-                                                           lambda: state.subject_index))
+                                                           lambda: state.subject_index, module=stand_ins.get(layer)))
                 for s in log.images(samples, subject):
                     batch, sens = encode_sample(adapter, s, refusal)                   # sens [B] bool
                     pb, run = prep(batch), log.image(subject, s.key, pass_)
-                    with replayed_prefix(adapter, below, state) if below >= 0 else nullcontext():
+                    with swapped_layers(adapter, stand_ins):
                         ref_logits = unedited_logits(pb, model, state, ds) if keep == "kl" else None
                         for _ in range(hparams.steps):
                             logits = pb.logits(model, state)                           # [B, T, V]
@@ -200,6 +202,21 @@ def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int
                             opt.step()          # Eq. 7
             log.subject_done(subject, pass_)
         return commit(adapter, ds, layers, module, log)
+
+
+def _replayed_layers(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], module: str,
+                     ds: Mapping[str, Delta], refusal: str, shortcuts: bool) -> tuple[int, tuple[str, Delta] | None]:
+    """Which decoder layers the edit replays (``fastpath.prepare``): with ``shortcuts`` every layer below the
+    lowest edited one, and that one too (``live``: its module's delta added to its recorded output) where
+    its module's output adds into its output (checked on the first sample); (-1, None): none."""
+    if not shortcuts:
+        return -1, None
+    lowest = min(layers)
+    delta = ds[adapter.parameter_name(lowest, module)]
+    batch = encode_sample(adapter, samples[0], refusal)[0] if samples else None
+    if batch is not None and live_replay_holds(adapter, lowest, module, delta, batch.inputs):
+        return lowest, (module, delta)
+    return lowest - 1, None
 
 
 def apply_neural_gate(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str, refusal: str,

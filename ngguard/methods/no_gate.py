@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..adapters.base import Adapter
-from ..core import EditResult, Sample
+from .core import EditResult, Sample
 from ..recipe import EditSpec
 from .neural_gate import gated_edit
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..adapters.base import Adapter
-from ..core import Sample, row_nll
+from .core import Sample, row_nll
 from ..recipe import DEFAULT_CONTEXTS
 from .neural_gate import LayerLocalization
 

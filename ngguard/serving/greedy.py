@@ -56,6 +56,7 @@ from loguru import logger
 from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 if TYPE_CHECKING:  # pragma: no cover
     from ngguard.adapters import Adapter
@@ -289,8 +290,6 @@ class GreedyDecoder:
 
     def _decode(self, inputs: dict, max_new_tokens: int, keys, flags: list[bool], rows: RowsContext | None
                 ) -> list[list[int]]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         model = self.adapter.model
         rows = rows or (lambda _flags: nullcontext())
         eos = self._eos()
@@ -361,8 +360,6 @@ class GreedyDecoder:
         it, so its keys and values are too. The rows' suffixes follow the prefix, left-padded among
         themselves (the padding masked): [prefix | padding | suffix], positions P, P+1, ... .
         Returns (logits of each row's last token, attention mask, last positions)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         model = self.adapter.model
         length, prefixes, suffixes = split
         n = len(prefixes)

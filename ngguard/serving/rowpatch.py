@@ -31,6 +31,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ngguard.patch import PatchError, checkpoint_to_model_names, load_patch_tensors
+
 __all__ = ["RowPatch"]
 
 _NONE = object()  # "the module had no forward of its own" (the class method applies)
@@ -46,8 +48,6 @@ class RowPatch:
 
     def __init__(self, model: torch.nn.Module, patch_dir: str | os.PathLike, *, default: bool = True,
                  key: bytes | None = None, expected: Iterable[str] | None = None):
-        from ngguard.patch import PatchError, checkpoint_to_model_names, load_patch_tensors
-
         manifest, new, old = load_patch_tensors(Path(patch_dir), key=key, expected=expected)
         pid = manifest["patch_id"]
         to_model = checkpoint_to_model_names(model, new)

@@ -22,6 +22,7 @@ import threading
 from typing import Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 __all__ = ["StopAfter"]
 
@@ -69,8 +70,6 @@ class StopAfter:
     def criteria(self, prompt_length: int):
         """A transformers ``StoppingCriteriaList`` ending each row of ``generate`` (prompts
         ``prompt_length`` tokens wide, padding included) at the refusal."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         stop = self
 
         class _Refused(StoppingCriteria):
