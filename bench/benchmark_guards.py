@@ -21,7 +21,7 @@ import torch
 
 from ngguard.adapters import load_adapter
 from ngguard.evaluate import rescore_with_guard
-from ngguard.judge import make_judge
+from ngguard.judges import make_judge
 from ngguard.methods import REGISTRY
 from ngguard.pipeline import build_sets, evaluate_sets
 from ngguard.recipe import load_recipe

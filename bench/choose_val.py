@@ -30,7 +30,7 @@ from loguru import logger
 
 from ngguard.adapters import load_adapter
 from ngguard.evaluate import evaluate, rescore_with_guard
-from ngguard.judge import make_judge
+from ngguard.judges import make_judge
 from ngguard.methods import REGISTRY
 from ngguard.pipeline import WeightBackup, build_sets, edit_data, gates_for, localize_layers, round_to_checkpoint, \
     run_edit

@@ -28,7 +28,7 @@ from loguru import logger
 from bench.choose_val import COLS, figures, validation_overrides
 from ngguard.adapters import load_adapter
 from ngguard.evaluate import evaluate, rescore_with_guard
-from ngguard.judge import make_judge
+from ngguard.judges import make_judge
 from ngguard.methods.privacy_probe import fit_guard
 from ngguard.methods.refusal_steering import refusal_direction, steering_guard
 from ngguard.pipeline import build_sets
