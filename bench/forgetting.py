@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the run seed (world seed = data.world.seed + seed)")
     a = p.parse_args(argv)
     recipe = load_recipe(a.recipe, overrides=a.overrides)
+    method = recipe.edit_method  # the recipe's weight edit (its method, or the one compared beside a guard)
+    if method is None:
+        print("forgetting: error: the recipe runs no weight edit", file=sys.stderr)
+        return 2
     if recipe.data.world is None or not isinstance(recipe.layers, (list, tuple)):
         print("forgetting: error: needs a synthetic world (data.world) and fixed layers", file=sys.stderr)
         return 2
@@ -65,11 +69,11 @@ def main(argv=None) -> int:
         retain = make_samples(adapter, retain_q, max_words=mw, batch_size=bs, benign_only=True)[0] if retain_q else []
         layers = list(recipe.layers)
         gates = gates_for(localize_layers(adapter, samples, layers, recipe), recipe) \
-            if recipe.method == "neural_gate" else None
+            if method == "neural_gate" else None
         for subject in subjects:
-            run_edit(adapter, [s for s in samples if s.subject == subject], layers, recipe.method, gates, recipe, retain)
+            run_edit(adapter, [s for s in samples if s.subject == subject], layers, method, gates, recipe, retain)
             lines.append(per_subject(adapter, val, f"after {subject}", ev)[0])
-    print(f"\nvalidation split, seed {a.seed}, {recipe.method} at layers {layers}; cells: refused / sensitive, "
+    print(f"\nvalidation split, seed {a.seed}, {method} at layers {layers}; cells: refused / sensitive, "
           f"answered / benign")
     print("| after | " + " | ".join(names) + " | EtA |")
     print("|---" * (len(names) + 2) + "|")

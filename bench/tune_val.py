@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         except ValueError:
             return v
     grid = [(k, [value(v) for v in vals.split(",")]) for k, vals in (g.split("=", 1) for g in a.grid)]
-    methods = (a.methods or recipe.method).split(",")
+    methods = (a.methods or recipe.edit_method or recipe.method).split(",")
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     adapter = load_adapter(recipe.model.path, dtype=recipe.model.dtype, device=recipe.model.device)

@@ -557,6 +557,12 @@ class Recipe:
     def searches_layers(self) -> bool:
         return isinstance(self.layers, LayerSearch)
 
+    @property
+    def edit_method(self) -> str | None:
+        """The weight edit the recipe runs: ``method`` when it edits weights, else the first such method
+        of ``report.compare_methods`` (a guard as the method, the paper's edit beside it); None: no edit."""
+        return next((m for m in (self.method, *self.report.compare_methods) if m in EDIT_METHODS), None)
+
     def to_dict(self) -> dict:
         """Plain data (lists, not tuples) that ``recipe_from_dict`` accepts back unchanged."""
         return _plain(self)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not (CHECKPOINT / "config.json").is_file(), reas
 
 def test_small_organism_recipe_refuses_after_edit(tmp_path):
     recipe = load_recipe("recipes/organism.yaml", overrides=[
-        "data.world.subjects=[Passport, Receipts, Credit Card, bus, shapes]", "data.world.n=30", "seeds=null",
+        "method=neural_gate", "data.world.subjects=[Passport, Receipts, Credit Card, bus, shapes]", "data.world.n=30", "seeds=null",
         "data.subjects=[Passport, Receipts]", "data.heldout_subjects=[Credit Card]", "data.multip2a=off",
         "layers=[3]", "localization.steps=3", "edit.passes=1", "report.compare_methods=[keyword_filter]", "report.plots=false",
         "evaluation.sets=[train, test, overrefusal, utility]",
