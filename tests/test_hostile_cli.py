@@ -314,9 +314,12 @@ def test_outputs_get_the_modes_a_plain_open_would(tmp_path):
 
 
 def test_sigterm_during_edit_leaves_no_temp_folder(tmp_path):
-    # a recipe that runs (fixed layers: the default search's scan [3, 19] does not fit the organism's 8
-    # layers, and a run that stops on that error may exit before the signal arrives)
-    (tmp_path / "r.yaml").write_text(MINIMAL + "layers: [2]\nreport: {plots: false, compare_methods: []}\n")
+    # a recipe that runs for minutes: fixed layers (the default search's scan [3, 19] does not fit the
+    # organism's 8 layers) and enough images for a training split (n: 2 has none); a run that stops on
+    # an error may exit, its handler restored, before the signal arrives (-15 instead of 143)
+    (tmp_path / "r.yaml").write_text("model: {path: organism}\nmethod: neural_gate\n"
+                                     "data: {world: {n: 14}, multip2a: 'off'}\nlayers: [2]\n"
+                                     "report: {plots: false, compare_methods: []}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "ngguard.cli", "edit", "r.yaml", "--out", "runs/x"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -330,7 +333,7 @@ def test_sigterm_during_edit_leaves_no_temp_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "ngguard: terminated" in err and "Traceback" not in err
+    assert "ngguard: terminated" in err and "Traceback" not in err and "ngguard: error" not in err
     assert list((tmp_path / "runs").iterdir()) == []  # no .tmp-*, no half-written run
 
 
