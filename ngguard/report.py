@@ -81,9 +81,15 @@ def write_report(out: Path, report: dict, *, plots: bool = True) -> None:
 def markdown(report: dict) -> str:
     L = []
     L.append(f"# ngguard edit report: {report['recipe'].get('name')}\n")
-    L.append(f"- model: `{report['model']}`; method: **{report['recipe']['method']}**; edited layers: {report['layers']} "
-             f"(`{report['recipe'].get('module')}`); patch id `{report['patch_id']}`; recipe hash `{report['recipe_hash']}`")
-    L.append(f"- edited subjects: {', '.join(report['edit_subjects'])}")
+    method = report['recipe']['method']
+    if REGISTRY[method].edits_weights:
+        what = f"edited layers: {report['layers']} (`{report['recipe'].get('module')}`); patch id `{report['patch_id']}`"
+    else:  # a guard: its patch holds the guard; the layers are those of a weight edit compared beside it
+        what = f"no weights edited (a guard patch, id `{report['patch_id']}`)"
+        if report['layers']:
+            what += f"; the weight edits beside it edit layers {report['layers']} (`{report['recipe'].get('module')}`)"
+    L.append(f"- model: `{report['model']}`; method: **{method}**; {what}; recipe hash `{report['recipe_hash']}`")
+    L.append(f"- {'edited' if REGISTRY[method].edits_weights else 'training'} subjects: {', '.join(report['edit_subjects'])}")
     judge = next((r["judge"] for r in report.get("before", {}).values() if isinstance(r, dict) and r.get("judge")), None)
     if judge:
         L.append(f"- refusal judge: {judge_line(judge)}; partial refusals count as refusals in RtA "

@@ -343,6 +343,8 @@ def test_edit_with_privacy_probe_writes_a_guard_patch_that_serves_the_reported_a
     report = json.loads((a / "report.json").read_text())
     assert report["recipe"]["method"] == "privacy_probe" and report["layers"] == [] and "privacy_probe" in report["methods"]
     assert verify_patch(a / "patch", fitted.base)["kind"] == "guard"
+    header = (a / "report.md").read_text().splitlines()[2]
+    assert "method: **privacy_probe**; no weights edited (a guard patch" in header and "edited layers" not in header
     assert json.loads((a / "patch" / "patch.json").read_text())["patch_id"] == report["patch_id"]
     # served, the guard patch gives exactly the answers the report scored for privacy_probe
     rows = report["methods"]["privacy_probe"]["after"]["test"]["responses"]
