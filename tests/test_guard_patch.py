@@ -320,6 +320,35 @@ def test_the_json_api_serves_a_guard_patch(fitted):
         guard.close()
 
 
+def test_a_guard_patch_server_keeps_the_base_off_and_opens_no_named_file(fitted):
+    """Through the real HTTP API, with a guard patch and ``--expose-base off``: no request reaches the
+    unguarded answers (chat with protected=false, compare: 403) and a file path given as the image is
+    refused as input without being opened."""
+    pytest.importorskip("gradio")
+    from serve.api import BASE_OFF
+    from test_serve_api import _client, _serve, b64, png
+
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, max_batch=4)
+    demo, url = _serve(guard, expose_base=False)
+    b = fitted.blocked
+    try:
+        with _client() as c:
+            img = b64(png(pp._open(b.image)))
+            r = c.post(f"{url}v1/chat", json={"image": img, "text": b.prompt, "protected": False})
+            assert r.status_code == 403 and r.json() == {"error": BASE_OFF}
+            r = c.post(f"{url}v1/compare", json={"image": img, "text": b.prompt})
+            assert r.status_code == 403 and r.json() == {"error": BASE_OFF}
+            r = c.post(f"{url}v1/chat", json={"image": img, "text": b.prompt, "max_new_tokens": MAX_NEW})
+            assert r.status_code == 200 and r.json() == {"answer": REFUSAL, "protected": True}
+            for path in ("/etc/passwd", str(b.image), "file:///etc/passwd"):
+                r = c.post(f"{url}v1/chat", json={"image": path, "text": b.prompt})
+                assert r.status_code == 400 and "root:" not in r.text
+            assert c.get(f"{url}v1/info").json()["expose_base"] is False
+    finally:
+        demo.close()
+        guard.close()
+
+
 # ---- `ngguard edit` with a guard as the method ---------------------------------------------------------------
 
 def _recipe(base: Path, method: str) -> dict:
