@@ -293,6 +293,12 @@ class EditSpec:
     # Not in the paper (issue 27's data lever; the paper's context augmentation is the same idea on the
     # answer side): also train on these training-role extras (AUGMENT_SETS). [] = the paper.
     augment: tuple[str, ...] = _f((), _list(_choice(tuple(AUGMENT_SETS))))
+    # Not in the paper; read by neural_gate_plus only (ngguard/methods/neural_gate_plus.py): its one gate for all
+    # subjects, from a contrast private vs public subjects at the subject token ("mean_diff" or "probe" weights),
+    # the top gate_top_k % dims by |contrast|, or with gate_soft every dim weighted by |contrast| / max.
+    gate_contrast: str = _f("mean_diff", _choice(("mean_diff", "probe")))
+    gate_top_k: float = _f(10.0, _float(gt=0, le=100))
+    gate_soft: bool = _f(False, _bool)
 
 
 @dataclass(frozen=True)
@@ -402,6 +408,7 @@ METHOD_SECTIONS: dict[str, MethodSection] = {
     "neural_gate": MethodSection(EditSpec, "edit", edits_weights=True),
     "no_gate": MethodSection(EditSpec, "edit", edits_weights=True),
     "dinm": MethodSection(EditSpec, "edit", edits_weights=True),
+    "neural_gate_plus": MethodSection(EditSpec, "edit", edits_weights=True),  # not in the paper (issue 27)
     "memit": MethodSection(MemitHParams, "memit", edits_weights=True),
     "alphaedit": MethodSection(AlphaEditHParams, "alphaedit", edits_weights=True),
     "keyword_filter": MethodSection(None, None, edits_weights=False),  # a guard in front of the unedited model

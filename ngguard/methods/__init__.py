@@ -12,6 +12,8 @@ A new method = one module here + one line in ``REGISTRY`` + its hyperparameter c
 must know them without importing the implementations). The two are checked against each other on import.
 
 - ``neural_gate`` (the paper, ``neural_gate.py``: Eq. 1-7), ``no_gate`` (its ablation), ``dinm``
+- ``neural_gate_plus`` (not in the paper, issue 27): the same gated edit through one gate shared by every
+  subject, localized on a private-vs-public contrast across subjects (``neural_gate_plus.py``)
 - ``memit``, ``alphaedit`` (locate-then-edit closed forms: ``memit.py``, ``alphaedit.py``)
 - ``keyword_filter``: no edit, a guard in front of the unedited model (``ngguard.methods.keyword_filter``)
 - ``privacy_probe`` (not in the paper, issue 27): no edit, linear probes on the unedited model's hidden
@@ -31,6 +33,7 @@ from .alphaedit import apply_alphaedit
 from .dinm import apply_dinm, dinm_layers
 from .memit import apply_memit
 from .neural_gate import apply_neural_gate
+from .neural_gate_plus import apply_neural_gate_plus
 from .no_gate import apply_no_gate
 from .privacy_probe import privacy_probe_guard
 from .refusal_steering import refusal_steering_guard
@@ -71,6 +74,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("neural_gate", apply_neural_gate, needs_gates=True),
     Method("no_gate", apply_no_gate, ablation_of="neural_gate"),
     Method("dinm", apply_dinm, choose_layers=dinm_layers),
+    Method("neural_gate_plus", apply_neural_gate_plus),
     Method("memit", apply_memit),
     Method("alphaedit", apply_alphaedit),
     Method("keyword_filter", None, guard=keyword_guard),

@@ -152,7 +152,10 @@ class LayerLocalization:
 # ---------------------------------------------------------------------------------------------- Eq. 6-7
 def gate(mask: torch.Tensor):
     """The hook function of Eq. 6 for a subject's strong dims ``mask`` [d]: h [B, d] at the subject token
-    passes gradient only where the mask is on."""
+    passes gradient only where the mask is on. A float ``mask`` (neural_gate_plus's soft gate, not in the
+    paper) scales the gradient per dim instead; the forward value is h either way."""
+    if mask.dtype != torch.bool:
+        return lambda h, rows: h.detach() + mask.to(h.device, h.dtype) * (h - h.detach())  # Eq. 6, soft
     return lambda h, rows: torch.where(mask.to(h.device), h, h.detach())                # Eq. 6
 
 
