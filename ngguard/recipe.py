@@ -295,10 +295,12 @@ class EditSpec:
     augment: tuple[str, ...] = _f((), _list(_choice(tuple(AUGMENT_SETS))))
     # Not in the paper; read by neural_gate_plus only (ngguard/methods/neural_gate_plus.py): its one gate for all
     # subjects, from a contrast private vs public subjects at the subject token ("mean_diff" or "probe" weights),
-    # the top gate_top_k % dims by |contrast|, or with gate_soft every dim weighted by |contrast| / max.
+    # the top gate_top_k % dims by |contrast|, or with gate_soft every dim weighted by |contrast| / max;
+    # gate_columns: its matrix also changes only on the top gate_top_k % input columns by the same contrast
     gate_contrast: str = _f("mean_diff", _choice(("mean_diff", "probe")))
     gate_top_k: float = _f(10.0, _float(gt=0, le=100))
     gate_soft: bool = _f(False, _bool)
+    gate_columns: bool = _f(False, _bool)
 
 
 @dataclass(frozen=True)

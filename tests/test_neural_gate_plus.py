@@ -118,12 +118,31 @@ def test_a_soft_gate_scales_the_subject_tokens_gradient_and_differs_from_the_har
         with torch.no_grad():
             adapter.component(1, "down_proj").weight.copy_(w0[1])
         hp = EditSpec(lr=1e-2, steps=2, stop_loss=0.0, gate_soft=soft)
-        gates, _ = shared_gates(adapter, samples, retain, [1], hp)
+        gates, columns, _ = shared_gates(adapter, samples, retain, [1], hp, "down_proj")
+        assert columns == {}
         assert gates[1].dtype == (torch.float32 if soft else torch.bool)
         out[soft] = REGISTRY["neural_gate_plus"].apply(adapter, samples, [1], module="down_proj", refusal=REFUSAL,
                                                        hparams=hp, retain=retain).deltas
     name = adapter.parameter_name(1, "down_proj")
     assert not torch.allclose(out[False][name], out[True][name])
+
+
+def test_gate_columns_restricts_the_edit_to_the_chosen_input_columns(family):
+    """With edit.gate_columns each edited matrix changes on its top gate_top_k % input columns only (the
+    same contrast on the module's input), the same columns on a second run."""
+    adapter, image = family
+    samples, retain = _data(image)
+    hp = EditSpec(lr=1e-2, steps=2, stop_loss=0.0, gate_top_k=25.0, gate_columns=True)
+    _, columns, _ = shared_gates(adapter, samples, retain, [1, 2], hp, "down_proj")
+    again = shared_gates(adapter, samples, retain, [1, 2], hp, "down_proj")[1]
+    assert all(torch.equal(c, again[l]) for l, c in columns.items())
+    res = REGISTRY["neural_gate_plus"].apply(adapter, samples, [1, 2], module="down_proj", refusal=REFUSAL, hparams=hp,
+                                             retain=retain)
+    for l in (1, 2):
+        delta = res.deltas[adapter.parameter_name(l, "down_proj")]          # [out, in]
+        cols = columns[l]
+        assert cols.shape == (delta.shape[1],) and int(cols.sum()) == round(delta.shape[1] * 25 / 100)
+        assert delta[:, ~cols].abs().sum() == 0 and delta[:, cols].abs().sum() > 0
 
 
 def test_without_public_subjects_it_says_what_it_needs(family):

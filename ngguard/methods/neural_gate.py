@@ -162,20 +162,23 @@ def gate(mask: torch.Tensor):
 def gated_edit(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *,
                gates: Mapping[int, Mapping[str, torch.Tensor]] | None, module: str, refusal: str, hparams: EditSpec,
                keep: str = "nll", retain: Sequence[Sample] = (), shortcuts: bool = True,
-               name: str = "neural_gate") -> EditResult:
+               name: str = "neural_gate", columns: Mapping[int, torch.Tensor] | None = None) -> EditResult:
     """Eq. 7 on ``module`` of ``layers``, in place on ``adapter.model``; returns the new weights. Only an
     fp32 delta of each matrix trains (``hooks.deltas``); subjects in sequence, each image's questions up
     to ``hparams.steps`` times, the whole sequence ``hparams.passes`` times (1: the paper; a fresh Adam per
     subject and pass). ``gates[layer][subject]``: the strong dims (Eq. 6); None: no gate (no_gate).
     ``keep``: the benign term, "nll" (Eq. 2) or "kl" (DINM). ``retain``: general samples whose original
     answers are kept too, weight alpha, one per step (not in the paper). ``shortcuts``: layers below the
-    lowest edited one are replayed, and that one too where it can be (``_replayed_layers``, ``fastpath.prepare``)."""
+    lowest edited one are replayed, and that one too where it can be (``_replayed_layers``, ``fastpath.prepare``).
+    ``columns`` (neural_gate_plus, not in the paper): layer -> bool [in]: only those input columns of its matrix train."""
     model, alpha = adapter.model, hparams.alpha
     freeze(model)
     model.eval()  # no dropout; gradients still flow
     log, state = EditLog(name), HookState()
     order = [(p, subject) for p in range(hparams.passes) for subject in dict.fromkeys(s.subject for s in samples)]
     with deltas(adapter, layers, module) as ds:
+        for layer, cols in (columns or {}).items():  # the other columns' gradient is 0: Adam leaves them unchanged
+            ds[adapter.parameter_name(layer, module)].delta.register_hook(lambda g, c=cols: g * c.to(g.device, g.dtype))
         top, live = _replayed_layers(adapter, samples, layers, module, ds, refusal, shortcuts)
         prep = lambda batch: prepare(adapter, batch, top, frozen_above=False, shortcuts=shortcuts, live=live)  # noqa: E731
         stand_ins = replay_stand_ins(adapter, top, state, live[1] if live else None) if top >= 0 else {}

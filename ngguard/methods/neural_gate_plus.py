@@ -25,10 +25,15 @@ contrast, the same for every subject:
   Eq. 6  h <- stopgrad(h) + G * (h - stopgrad(h)) at the subject token (= where(G, h, stopgrad(h)) when hard)
   Eq. 7  the paper's edit (``neural_gate.gated_edit``: W_down, Eq. 2's losses, Adam, subject after subject)
          with G in place of every subject's own M_S > tau.
+  columns (``edit.gate_columns``): also the edited matrix's INPUT side, at every position: the same contrast on
+         the module's input at the subject token (the MLP's neurons, for down_proj) picks its top gate_top_k %
+         columns, and only those columns of W_down change (its gradient is masked; Adam leaves the rest at 0).
+         The subject token carries well under 1 % of the edit's gradient on the organism (docs/history.md),
+         so the gate of Eq. 6 alone can change little; this conditions the whole edit on the privacy inputs.
 
 Beyond the paper: the gate's source (a cross-subject contrast of the unedited states instead of Eq. 1-4's
 per-sample scaling vectors; no scaling vector is trained, so no localization step runs), the one gate for
-all subjects, the soft gate. The edit itself, its losses and data are the paper's, with the recipe's
+all subjects, the soft gate, the column restriction. The edit itself, its losses and data are the paper's, with the recipe's
 ``edit`` settings (retention, passes) as for ``neural_gate``.
 """
 from __future__ import annotations
@@ -56,27 +61,34 @@ def _names_subject(text: str, subject: str) -> bool:
 
 
 @torch.no_grad()
-def subject_states(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, batch_size: int = 64
-                   ) -> tuple[torch.Tensor, list[str]]:
-    """The output of each decoder layer of ``layers`` at the subject's last token of every question of
-    ``samples`` that names its subject (sensitive and benign) -> ([N, len(layers), d] fp32 CPU, subject per row)."""
+def subject_states(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str | None = None,
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """At the subject's last token of every question of ``samples`` that names its subject (sensitive and
+    benign): the output of each decoder layer of ``layers`` [N, len(layers), d] and, with ``module``, the input
+    of that module of each layer [N, len(layers), in] (else None), fp32 CPU; and the subject of each row."""
     adapter.model.eval()
     rows = [(s.image, q, s.subject) for s in samples for q in [*s.sensitive, *(p for p, _ in s.benign)]
             if _names_subject(q, s.subject)]
-    out, state = [], HookState()
+    outs, ins, state = [], [], HookState()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         batch = adapter.encode([r[0] for r in chunk], [r[1] for r in chunk], subjects=[r[2] for r in chunk])
         batch = batch.to(adapter.device)
-        state.subject_index, seen = batch.subject_index, {}
+        state.subject_index, seen, seen_in = batch.subject_index, {}, {}
+        at = (torch.arange(len(chunk)), batch.subject_index.cpu())
         with ExitStack() as hooks:  # the hook of Eq. 6, reading the state at the subject token instead of gating it
             for l in layers:
                 hooks.enter_context(edit_subject_state(adapter, l, lambda h, rows, l=l: seen.setdefault(l, h),
                                                        lambda: state.subject_index))
+                if module is not None:
+                    h = adapter.component(l, module).register_forward_hook(  # (returns None: the output stays)
+                        lambda _m, x, _o, l=l: seen_in.__setitem__(l, x[0].float().cpu()[at]))
+                    hooks.callback(h.remove)
             adapter.model(**batch.inputs)
-        out.append(torch.stack([seen[l].float().cpu() for l in layers], 1))
-    states = torch.cat(out) if out else torch.zeros(0, len(layers), adapter.hidden_size)
-    return states, [r[2] for r in rows]
+        outs.append(torch.stack([seen[l].float().cpu() for l in layers], 1))
+        ins += [torch.stack([seen_in[l] for l in layers], 1)] if module is not None else []
+    states = torch.cat(outs) if outs else torch.zeros(0, len(layers), adapter.hidden_size)
+    return states, (torch.cat(ins) if ins else None), [r[2] for r in rows]
 
 
 def _subject_weights(subjects: Sequence[str], labels: torch.Tensor) -> torch.Tensor:
@@ -115,25 +127,33 @@ def gate_from_contrast(contrast: torch.Tensor, *, top_k: float = 10.0, soft: boo
 
 
 def shared_gates(adapter: Adapter, samples: Sequence[Sample], retain: Sequence[Sample], layers: Sequence[int],
-                 hparams: EditSpec) -> tuple[dict[int, torch.Tensor], dict]:
-    """layer -> the one gate of all subjects (``gate_from_contrast``), and what it was built from."""
+                 hparams: EditSpec, module: str | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict]:
+    """layer -> the one gate of all subjects (``gate_from_contrast``); with ``hparams.gate_columns``, layer ->
+    the input columns of ``module`` its edit may change (the same contrast on the module's input, always hard),
+    else {}; and what they were built from."""
     private = {s.subject for s in samples if s.sensitive}
     public = [s for s in retain if s.subject not in private]
     if not private or not public:
         raise ValueError("method neural_gate_plus contrasts private with public subjects: it needs training samples "
                          "and retention samples of other subjects (edit.retain with public)")
-    states, subjects = subject_states(adapter, [*samples, *public], layers)
+    states, inputs, subjects = subject_states(adapter, [*samples, *public], layers,
+                                              module=module if hparams.gate_columns else None)
     if not {*subjects} - private:
         raise ValueError("method neural_gate_plus: no retention question names its (public) subject")
-    gates, info = {}, {"private": sorted(private), "public": sorted({*subjects} - private), "rows": len(subjects)}
+    gates, columns = {}, {}
+    info = {"private": sorted(private), "public": sorted({*subjects} - private), "rows": len(subjects)}
     for j, layer in enumerate(layers):
         c = privacy_contrast(states[:, j], subjects, private, how=hparams.gate_contrast)
         gates[layer] = gate_from_contrast(c, top_k=hparams.gate_top_k, soft=hparams.gate_soft)
-        top = torch.topk(c.abs(), min(5, c.numel())).indices.tolist()
-        info[f"layer {layer}"] = {"gate_share": float((gates[layer] > 0).float().mean()), "top_dims": top}
+        info[f"layer {layer}"] = {"gate_share": round(float((gates[layer] > 0).float().mean()), 4),
+                                  "top_dims": torch.topk(c.abs(), min(5, c.numel())).indices.tolist()}
+        if inputs is not None:  # not in the paper: the edit reads only the privacy-carrying inputs of the module
+            ci = privacy_contrast(inputs[:, j], subjects, private, how=hparams.gate_contrast)
+            columns[layer] = gate_from_contrast(ci, top_k=hparams.gate_top_k)
+            info[f"layer {layer}"]["column_share"] = round(float(columns[layer].float().mean()), 4)
     logger.info(f"neural_gate_plus: shared gate ({hparams.gate_contrast}, "
                 f"{'soft' if hparams.gate_soft else f'top {hparams.gate_top_k}%'}): {info}")
-    return gates, info
+    return gates, columns, info
 
 
 def apply_neural_gate_plus(adapter: Adapter, samples: Sequence[Sample], layers: Sequence[int], *, module: str,
@@ -141,7 +161,7 @@ def apply_neural_gate_plus(adapter: Adapter, samples: Sequence[Sample], layers: 
                            shortcuts: bool = True) -> EditResult:
     """``REGISTRY["neural_gate_plus"]``: Eq. 7 through one gate per layer shared by every subject
     (``shared_gates``); ``gates`` (per-subject localization) is ignored."""
-    shared, _ = shared_gates(adapter, samples, retain, layers, hparams)
+    shared, columns, _ = shared_gates(adapter, samples, retain, layers, hparams, module)
     per_subject = {l: {s.subject: shared[l] for s in samples} for l in layers}  # Eq. 6: the same G for every subject
     return gated_edit(adapter, samples, layers, gates=per_subject, module=module, refusal=refusal, hparams=hparams,
-                      retain=retain, shortcuts=shortcuts, name="neural_gate_plus")
+                      retain=retain, shortcuts=shortcuts, name="neural_gate_plus", columns=columns or None)
