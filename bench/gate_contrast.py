@@ -7,7 +7,8 @@ layer, on two states at two positions: the layer's output (what the gate of Eq. 
 edited module (down_proj: the columns an edit reads), at the subject's last token and at the last prompt token
 (where the answer starts). Each state is projected on the contrast's top-k dims (sign-weighted sum of the
 standardized dims) and the AUC private vs public is printed for the seen subjects' and the held-out subjects'
-validation questions (``val_pairs``).
+validation questions (``val_pairs``); then the subject token's share of the edit's gradient at each edited
+layer (``gate_share.subject_gradient_share``, 16 training samples): the only part a gate there can block.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/gate_contrast.py recipes/organism.yaml --holdout "Phone no.,bus"
 """
@@ -21,7 +22,8 @@ import torch
 
 from ngguard.adapters import load_adapter
 from ngguard.methods.neural_gate_plus import privacy_contrast
-from ngguard.pipeline import build_sets
+from ngguard.methods.gate_share import subject_gradient_share
+from ngguard.pipeline import build_sets, edit_data
 from ngguard.recipe import load_recipe
 from ngguard.world.spec import is_private
 from bench.choose_val import validation_overrides
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
         train = [q for name in ("train", "overrefusal_train") for q in sets.get(name, [])]
         val = [q for q in sets["val_pairs"]]
         st_train, st_val = states(adapter, train, layers, r.module), states(adapter, val, layers, r.module)
+        samples = edit_data(adapter, sets, r)[0]
     subj = [q.subject for q in train]
     private = {q.subject for q in sets["train"] if q.sensitive}
     y_val = torch.tensor([float(is_private(q.subject)) for q in val])
@@ -100,6 +103,10 @@ def main(argv=None) -> int:
             score = (((st_val[(what, where, l)] - mean) / std)[:, top] * c[top].sign()).sum(1)
             print(f"| {'layer output' if what == 'out' else r.module + ' input'} | {where} | {l} | {how} | "
                   f"{auc(score[~held], y_val[~held]):.3f} | {auc(score[held], y_val[held]):.3f} |")
+    for l in layers:
+        share = subject_gradient_share(adapter, samples, l, module=r.module, refusal=r.edit.refusal, alpha=r.edit.alpha,
+                                       max_samples=16)
+        print(f"layer {l}: the subject token's share of the edit's gradient {share:.4f}")
     return 0
 
 
