@@ -106,8 +106,8 @@ def test_unknown_method_and_missing_gates_are_refused(adapter):
 
 
 def test_registry_holds_every_method_once_and_declares_what_the_pipeline_needs():
-    """A recipe's method names (recipe.METHODS, EDIT_METHODS: from recipe.METHOD_SECTIONS) and the registry
-    are the same lists (also checked on import); each editing entry's hyperparameters are a section of
+    """A recipe's method names (recipe.METHODS, EDIT_METHODS: derived from the registry) and the registry
+    are the same lists; each editing entry's hyperparameters are a section of
     the recipe (the gradient edits share ``edit``);
     what the pipeline treats differently is declared by the entry, not found by its name."""
     from ngguard.methods import REGISTRY, hparams_for

@@ -23,7 +23,7 @@ from loguru import logger
 from ..adapters.base import Adapter
 from .core import EditResult, Sample
 from ..devices import check_editable
-from ..recipe import MemitHParams, LocateEditHParams
+from .registry import LocateEditHParams, MemitHParams
 from .compute_ks import requests_of, subject_states
 from .compute_vs import compute_vs
 from .covariance import cached_target_values, covariances, save_target_values, target_values_key
