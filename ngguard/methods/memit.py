@@ -10,7 +10,7 @@
    C_l = E[k k^T] over a text corpus (``covariance``), lambda = ``mom2_update_weight``.
 AlphaEdit (``alphaedit.py``) reuses steps 1-3 with another solve.
 
-Only ``down_proj`` of the given layers changes; the result is an ``EditResult`` like ``apply_edit``'s.
+Only ``down_proj`` of the given layers changes; the result is an ``EditResult`` like every method's.
 """
 from __future__ import annotations
 
