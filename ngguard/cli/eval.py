@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
-from ngguard.serving.options import _DEVICE_MAPS as DEVICE_MAPS
+from ngguard.device_maps import AUTO_MAPS
 
 from .common import Subparsers, at_most, check_out_file, common, judge_option, positive_int, resolve_model
 
@@ -28,7 +28,7 @@ def add(sub: Subparsers) -> None:
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="only queries of this split (default: all)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+    p.add_argument("--device-map", default=None, choices=AUTO_MAPS,
                    help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     judge_option(p)
