@@ -194,29 +194,37 @@ def test_recipe_device_map_validation():
 
 def test_protected_lvlm_on_a_split_model(saved, tmp_path):
     from ngguard.guard import ProtectedLVLM
+    from ngguard.serving.options import SERVING
 
     adapter = _single(saved)
     patch = tiny_patch(adapter, tmp_path / "p", layer=EDITED)
     base = saved  # the same weights as p/base (which holds no processor files)
     q = "What is the passport number of the Passport in the image?"
-    one = ProtectedLVLM.from_pretrained(base, patch, device="cpu", per_row=False, max_batch=1)
-    split = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
-                                          offload_folder=tmp_path / "off", per_row=False, max_batch=1)
+    one = ProtectedLVLM.from_pretrained(base, patch, device="cpu",
+                                        serving=SERVING.replace(protection="merged", max_batch=1))
+    split = ProtectedLVLM.from_pretrained(base, patch,
+                                          device_map={"layers.3": "disk", "default": "cpu"},
+                                          offload_folder=tmp_path / "off",
+                                          serving=SERVING.replace(protection="merged", max_batch=1))
     assert offload_kind(split.adapter.component(3, "layer")) == "disk"
     img = tiny_image(0)
     assert split.chat(img, q, max_new_tokens=6) == one.chat(img, q, max_new_tokens=6)
     split.protected = False
     one.protected = False
     assert split.chat(img, q, max_new_tokens=6) == one.chat(img, q, max_new_tokens=6)
-    rows = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
-                                         offload_folder=tmp_path / "off3", per_row=True)
+    rows = ProtectedLVLM.from_pretrained(base, patch,
+                                         device_map={"layers.3": "disk", "default": "cpu"},
+                                         offload_folder=tmp_path / "off3",
+                                         serving=SERVING.replace(protection="rows"))
     one.protected = True
     assert rows.chat_batch([img, img], [q, q], max_new_tokens=6, protected=[True, False]) == [
         one.chat(img, q, max_new_tokens=6), one.chat(img, q, max_new_tokens=6, protected=False)]
     bad = tiny_patch(adapter, tmp_path / "q", layer=3)
     with pytest.raises(PatchError, match=r"is offloaded \(accelerate device map\): the patch writes the real weights"):
-        ProtectedLVLM.from_pretrained(base, bad, device_map={"layers.3": "disk", "default": "cpu"},
-                                      offload_folder=tmp_path / "off2", per_row=False, max_batch=1)
+        ProtectedLVLM.from_pretrained(base, bad,
+                                      device_map={"layers.3": "disk", "default": "cpu"},
+                                      offload_folder=tmp_path / "off2",
+                                      serving=SERVING.replace(protection="merged", max_batch=1))
 
 
 def test_cli_device_map_choices_match_the_library():
