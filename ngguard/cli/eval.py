@@ -36,7 +36,8 @@ def add(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ngguard.data import DataError, atomic_write_text, load_queries
+    from ngguard.atomic import atomic_write_text
+    from ngguard.data import DataError, load_queries
     from ngguard.evaluate import check_queries
 
     check_out_file(args.out)

@@ -58,7 +58,7 @@ def add(sub: Subparsers) -> None:
 
 
 def score(args: argparse.Namespace) -> int:
-    from ngguard.data import atomic_write_text
+    from ngguard.atomic import atomic_write_text
     from ngguard.evaluate import judge_line, summary_table
     from ngguard.judges import make_judge
     from ngguard.judges.validate import rescore
@@ -76,7 +76,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from ngguard.data import atomic_write_text
+    from ngguard.atomic import atomic_write_text
     from ngguard.judges import make_judge
     from ngguard.judges.validate import format_validation, parse_label_map, read_labels, write_disagreements
     from ngguard.judges.validate import validate as validate_judge
