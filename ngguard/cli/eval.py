@@ -10,6 +10,8 @@ from ngguard.device_maps import AUTO_MAPS
 
 from .common import Subparsers, at_most, check_out_file, common, judge_option, positive_int, resolve_model
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     p = sub.add_parser("eval", parents=[common()], help="generate answers for queries and score them",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .common import Subparsers, check_out_file, command_group, common, judge_option, read_json
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     jsub = command_group(sub, "judge", "re-judge saved responses, check a judge against human labels, or train "
