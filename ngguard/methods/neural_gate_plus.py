@@ -45,7 +45,7 @@ import torch
 from loguru import logger
 
 from ..adapters.base import Adapter, find_subject_span
-from ..recipe import EditSpec
+from .registry import EditSpec
 from .core import EditResult, Sample
 from .hooks import HookState, edit_subject_state
 from .neural_gate import gated_edit
