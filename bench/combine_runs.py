@@ -113,7 +113,11 @@ def check_pairing(sources: list[tuple[str, Path, dict[int, dict]]]) -> dict:
     first: dict[int, tuple[str, Path, dict]] = {}
     worlds: dict[int, tuple[str, Path, str]] = {}
     checked: dict[int, dict] = {}
+    seen = set()
     for label, path, per_seed in sources:
+        if path.resolve() in seen:  # two columns of one run
+            continue
+        seen.add(path.resolve())
         wdirs = world_dirs(path)
         for seed, r in sorted(per_seed.items()):
             info = checked.setdefault(seed, {"base_agrees": [], "world_sha256": None, "worlds": []})
