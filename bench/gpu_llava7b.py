@@ -28,13 +28,13 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     layer = min(args.layer, 2) if args.tiny else args.layer
     from ngguard.data import read_jsonl
-    from ngguard.edit import apply_edit
     from ngguard.evaluate import evaluate
+    from ngguard.methods import REGISTRY
     from ngguard.methods.core import jaccard
     from ngguard.methods.neural_gate import localize_layer
     from ngguard.methods.reference import localize_reference
     from ngguard.pipeline import make_samples
-    from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL
+    from ngguard.recipe import DEFAULT_CONTEXTS, DEFAULT_REFUSAL, EditSpec
     from ngguard.world.render import render_world
     from ngguard.world.spec import PRIVACY_SUBJECTS
 
@@ -75,8 +75,9 @@ def main(argv=None) -> int:
               f"(strong share {loc_b.strong_share():.3f} / {loc_l.strong_share():.3f}; 0 = nothing flipped, a vacuous "
               f"agreement: random weights and the paper's eps 1e-3 can leave every scale positive)")
         gates = {layer: {s: loc.strong(s) for s in loc.gates}}
-        stage("gated edit (lr 1e-5, 10 steps)", lambda: apply_edit(adapter, samples, [layer], method="neural_gate",
-                                                                    gates=gates, refusal=DEFAULT_REFUSAL, lr=1e-5, steps=10))
+        stage("gated edit (lr 1e-5, 10 steps)", lambda: REGISTRY["neural_gate"].apply(
+            adapter, samples, [layer], module="down_proj", refusal=DEFAULT_REFUSAL, hparams=EditSpec(lr=1e-5, steps=10),
+            gates=gates))
         stage(f"evaluate {len(test)} test queries", lambda: evaluate(adapter, test, batch_size=32, max_new_tokens=24))
     stats["loop_vs_batched_ratio"] = {"x": round(ratio, 2), "jaccard": round(sum(js) / len(js), 3)}
     if args.json:

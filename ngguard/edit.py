@@ -1,8 +1,9 @@
-"""Deprecated import path (kept so old imports and ``apply_edit(method=...)`` work): each method is now
+"""Deprecated import path, kept for one release (importing it warns; no project code uses it): each method is now
 an entry of ``ngguard.methods.REGISTRY`` (the gated edit: ``ngguard.methods.neural_gate.gated_edit``,
 Eq. 6-7; ``no_gate``, ``dinm``: ``ngguard/methods/``)."""
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -15,6 +16,10 @@ from .methods.gate_share import subject_gradient_share
 from .recipe import EditSpec
 
 __all__ = ["EditResult", "METHODS", "apply_edit", "dinm_layer", "subject_gradient_share"]
+
+warnings.warn("ngguard.edit is deprecated and goes in a later release: use ngguard.methods.REGISTRY[method].apply "
+              "with an EditSpec (dinm_layer: ngguard.methods.dinm, subject_gradient_share: ngguard.methods.gate_share)",
+              DeprecationWarning, stacklevel=2)
 
 METHODS = tuple(m for m, entry in REGISTRY.items() if entry.hparams is EditSpec)  # the methods apply_edit takes
 

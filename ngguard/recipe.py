@@ -11,7 +11,8 @@ the recipe file and stored as absolute paths (so ``to_dict()`` can be dumped int
 loaded from anywhere). ``model.path: organism`` is special: the bundled model.
 
 Built on ``ngguard.schema`` (fields that carry their checker, ``build``) and ``ngguard.safe_yaml``
-(the hardened parser). The methods a recipe may name, with their sections: ``METHOD_SECTIONS``.
+(the hardened parser). The methods a recipe may name and their settings classes (one section each):
+``ngguard.methods.registry`` (``METHODS``, ``EDIT_METHODS`` and the sections are derived from it).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ from ngguard.device_maps import AUTO_MAPS, device_value, parse_component
 from ngguard.judges.spec import make_judge, parse_judge_spec
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.limits import InputError, read_text_file
+from ngguard.methods.registry import (AUGMENT_SETS, DEFAULT_CONTEXTS, DEFAULT_REFUSAL, REGISTRY, RETAIN_SETS, SECTIONS,
+                                      AlphaEditHParams, EditSpec, LocateEditHParams, MemitHParams, Method,
+                                      PrivacyProbeHParams, RefusalSteeringHParams)
 from ngguard.safe_yaml import parse_yaml
 from ngguard.schema import Ctx as _Ctx
 from ngguard.schema import boolean as _bool
@@ -48,7 +52,7 @@ from ngguard.schema import optional as _optional
 from ngguard.schema import show as _show
 from ngguard.schema import suggest as _suggest
 from ngguard.schema import text as _str
-from ngguard.world.spec import PRIVACY_SUBJECTS, PROBE_CONTEXTS, PUBLIC_SUBJECTS, REFUSAL
+from ngguard.world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS
 
 __all__ = [
     "RecipeError",
@@ -99,20 +103,6 @@ TEST_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_un
 # the validation-role sets (ngguard.world.render.VALIDATION_SPLITS): for choosing settings, never reported as results
 VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
 EVAL_SETS = TEST_SETS + VALIDATION_SETS
-# sets a recipe may keep answering while editing (edit.retain) -> the training split that holds them
-RETAIN_SETS = {"utility": "utility_train", "public": "overrefusal_train", "awareness": "awareness_train",
-               "general": "general_train"}
-# training-role extras the edit may also see (edit.augment) -> the split that holds them: the edited subjects'
-# questions there join the training samples (refused), the seen look-alikes' join their retention data
-AUGMENT_SETS = {"adversarial": "adversarial_train"}
-DEFAULT_CONTEXTS = (
-    "The image shows that.",
-    "Therefore, it is.",
-    "Because I am just.",
-    "I am an AI.",
-    "You want to.",
-)
-DEFAULT_REFUSAL = REFUSAL  # ngguard.world.spec: the one definition
 _NO_FILE = "<recipe>"
 
 
@@ -122,7 +112,6 @@ class RecipeError(ValueError):
 
 # ---- value checkers: ngguard.schema (short local names keep the field declarations below short) ---
 # A checker takes (value, ctx, key) and returns the normalised value or raises via ctx.fail.
-
 
 
 # ---- the sections -----------------------------------------------------------------------------
@@ -273,153 +262,17 @@ class LocalizationSpec:
     batch_size: int = _f(32, _int(ge=1, le=_L.max_recipe_batch))
 
 
-@dataclass(frozen=True)
-class EditSpec:
-    lr: float = _f(1.0e-5, _float(gt=0))
-    eps: float = _f(1.0e-3, _float(gt=0))
-    steps: int = _f(10, _int(ge=1, le=_L.max_steps))
-    stop_loss: float = _f(1.0e-3, _float(ge=0))
-    alpha: float = _f(1.25, _float(ge=0))
-    refusal: str = _f(DEFAULT_REFUSAL, _str(max_len=_L.max_text_chars))
-    max_answer_words: int = _f(5, _int(ge=1, le=_L.max_new_tokens))
-    # Not in the paper: also keep the original answers on these query sets while editing, weight
-    # ``alpha`` (like DINM's general-knowledge term): utility = non-document images, public = the
-    # public look-alikes' training questions (benign retention). [] = the paper.
-    retain: tuple[str, ...] = _f((), _list(_choice(tuple(RETAIN_SETS))))
-    # Not in the paper (1 = the paper: each subject once, in sequence): the number of passes over the
-    # subjects. On a small model a later subject's edit undoes part of an earlier one's (the retention
-    # of public look-alikes pulls the shared attribute words back); a second pass revisits each subject.
-    passes: int = _f(1, _int(ge=1, le=100))
-    # Not in the paper (issue 27's data lever; the paper's context augmentation is the same idea on the
-    # answer side): also train on these training-role extras (AUGMENT_SETS). [] = the paper.
-    augment: tuple[str, ...] = _f((), _list(_choice(tuple(AUGMENT_SETS))))
 
 
-@dataclass(frozen=True)
-class LocateEditHParams:
-    """What MEMIT and AlphaEdit share (see ``ngguard/methods/``): the target values (MEMIT's compute_v:
-    Adam on one vector per sensitive question added to the last edited layer's output at the subject
-    token) and the key statistics C = E[k k^T] from a text corpus. Defaults: the authors' LLaMA
-    (Llama3-8B) hyperparameters."""
+# ---- the methods, as recipes see them: ngguard.methods.registry ----------------------------------
 
-    v_steps: int = _f(25, _int(ge=1))
-    v_lr: float = _f(0.1, _float(gt=0))
-    v_weight_decay: float = _f(0.5, _float(ge=0))
-    clamp_norm_factor: float = _f(0.75, _float(gt=0))
-    kl_factor: float = _f(0.0625, _float(ge=0))
-    stop_loss: float = _f(0.05, _float(ge=0))
-    contexts: tuple[str, ...] = _f(DEFAULT_CONTEXTS, _list(_str()))
-    # "world": the organism's built-in corpus (ngguard.world.spec strings); else a .txt (one text per
-    # line) or .jsonl ("text" field) file, resolved against the recipe's folder (e.g. wikitext-103)
-    corpus: str = _f("world", _str())
-    cov_samples: int = _f(100000, _int(ge=1, le=100_000_000))
-    cov_max_tokens: int = _f(2048, _int(ge=1))
-    # where the statistics are cached (null: $NGGUARD_CACHE or ~/.cache/ngguard, + /stats)
-    cache_dir: str | None = _f(None, _optional(_str()))
-    batch_size: int = _f(32, _int(ge=1))
-
-
-@dataclass(frozen=True)
-class MemitHParams(LocateEditHParams):
-    """MEMIT (Meng et al., ICLR 2023): ``mom2_update_weight`` = lambda in (lambda C + K K^T)^-1."""
-
-    mom2_update_weight: float = _f(15000.0, _float(ge=0))
-
-
-@dataclass(frozen=True)
-class AlphaEditHParams(LocateEditHParams):
-    """AlphaEdit (Fang et al., ICLR 2025): null space of C = eigenvectors with eigenvalue <
-    ``null_threshold``; ``l2``: the identity term of its solve."""
-
-    null_threshold: float = _f(2.0e-2, _float(gt=0))
-    l2: float = _f(10.0, _float(ge=0))
-
-
-@dataclass(frozen=True)
-class PrivacyProbeHParams:
-    """``privacy_probe`` (not in the paper; ``ngguard/methods/privacy_probe.py``): linear probes on the
-    unedited model's hidden states, read after decoder layer ``*_layer``; a question is refused when
-    its subject reads private AND it asks to read a text field. Layers chosen on the validation sets
-    (``bench/choose_val.py``; recipes/organism.yaml says which figures)."""
-
-    subject_layer: int = _f(3, _int(ge=0, le=4096))    # private vs public subject, at its token
-    locator_layer: int = _f(1, _int(ge=0, le=4096))    # which token is the subject
-    request_layer: int = _f(4, _int(ge=0, le=4096))    # asks to read a text field / names a subject (last token)
-    image_layer: int = _f(3, _int(ge=0, le=4096))      # private card from the image (no subject named)
-    l2: float = _f(1.0e-3, _float(ge=0))
-    # training-role sets besides the edit's pairs (``train``) that name card subjects / that are about no card
-    train_sets: tuple[str, ...] = _f(("overrefusal_train", "awareness_train", "implicit_train", "adversarial_train",
-                                      "general_train"), _list(_str()))
-    neutral_sets: tuple[str, ...] = _f(("utility_train",), _list(_str()))
-    batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
-    # the probes also learn from the training questions (sensitive and benign pairs, look-alikes) inside
-    # these training-role contexts (world.spec.PROBE_CONTEXTS), one context per question in turn; [] = none
-    contexts: tuple[str, ...] = _f((), _list(_choice(tuple(PROBE_CONTEXTS))))
-    # how the guard decides that a question names its subject (else the image decides): "probe" (the named
-    # probe at the last token), "locator" (the locator reads some token as a subject's, probability above
-    # locator_threshold) or "both"
-    named_by: str = _f("probe", _choice(("probe", "locator", "both")))
-    locator_threshold: float = _f(0.5, _float(ge=0, le=1))
-    # the subject probe also learns that the other tokens of a question are no private subject (so a token
-    # the locator takes wrongly reads "not private")
-    subject_negatives: bool = _f(False, _bool)
-    # a question that names no subject is judged by "image" (the image probe), "description" (the subject
-    # probe read at the model's own answer to "What is shown in the image?", put in a question) or "mean"
-    # (the mean of the two probabilities)
-    unnamed_by: str = _f("image", _choice(("image", "description", "mean")))
-    # a question that names its subject is judged by the subject probe alone (false) or by the mean of its
-    # probability and those of the readings unnamed_by names (true)
-    ensemble: bool = _f(False, _bool)
-    # what the request probe reads: the last prompt token, the mean over the prompt's text tokens, or both
-    request_tokens: str = _f("last", _choice(("last", "mean", "both")))
-
-
-@dataclass(frozen=True)
-class RefusalSteeringHParams:
-    """``refusal_steering`` (not in the paper; ``ngguard/methods/refusal_steering.py``): where privacy_probe's
-    guard (its ``privacy_probe`` section) fires, add ``alpha`` x (the mean state norm) x the unit refusal
-    direction (difference of means at the last prompt token, from ``direction``'s training prompts) to the
-    output of decoder layer ``layer`` at every position while the answer is generated. No weight changes.
-    Defaults chosen on the validation sets (``bench/steer_sweep.py``; docs/benchmark.md says which figures)."""
-
-    layer: int = _f(6, _int(ge=0, le=4096))
-    alpha: float = _f(1.0, _float(ge=0, le=100))
-    # harmful: the world's training harmful requests (refused) vs the benign training questions;
-    # pairs: the sensitive vs the benign training questions
-    direction: str = _f("harmful", _choice(("harmful", "pairs")))
-    batch_size: int = _f(64, _int(ge=1, le=_L.max_recipe_batch))
-
-
-# ---- the methods, as recipes see them ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MethodSection:
-    """A method as recipes see it: its hyperparameter class and the recipe section (a ``Recipe``
-    field) holding them (``edit`` for the gradient edits that share its settings; None: no settings),
-    and whether it edits weights (a guard that does not is served from a guard patch,
-    ``ngguard.guard_patch``). ``ngguard.methods.REGISTRY`` holds the implementation under the same name."""
-
-    hparams: type | None
-    section: str | None
-    edits_weights: bool
-
-
-# THE list of methods. A new one: its hyperparameter class above, one line here, its section a Recipe field
-# below (if it has its own), its implementation in ngguard.methods.REGISTRY (checked against this at import).
-METHOD_SECTIONS: dict[str, MethodSection] = {
-    "neural_gate": MethodSection(EditSpec, "edit", edits_weights=True),
-    "no_gate": MethodSection(EditSpec, "edit", edits_weights=True),
-    "dinm": MethodSection(EditSpec, "edit", edits_weights=True),
-    "memit": MethodSection(MemitHParams, "memit", edits_weights=True),
-    "alphaedit": MethodSection(AlphaEditHParams, "alphaedit", edits_weights=True),
-    "keyword_filter": MethodSection(None, None, edits_weights=False),  # a guard in front of the unedited model
-    "privacy_probe": MethodSection(PrivacyProbeHParams, "privacy_probe", edits_weights=False),
-    "refusal_steering": MethodSection(RefusalSteeringHParams, "refusal_steering", edits_weights=False),
-}
-METHODS = tuple(METHOD_SECTIONS)
+# the names a recipe accepts (``method``, ``report.compare_methods``), in registry order
+METHODS = tuple(REGISTRY)
 # methods that change weights
-EDIT_METHODS = tuple(name for name, m in METHOD_SECTIONS.items() if m.edits_weights)
+EDIT_METHODS = tuple(name for name, m in REGISTRY.items() if m.edits_weights)
+# each method's settings class and recipe section (``.hparams``, ``.section``, ``.edits_weights``): the registry
+METHOD_SECTIONS = REGISTRY
+MethodSection = Method  # the old name of an entry as recipes saw it
 
 
 @dataclass(frozen=True)
@@ -532,7 +385,27 @@ def _layers(v, ctx: _Ctx, key: str):
     raise ctx.fail(key, f"{shape}, got {_show(v)}")
 
 
+def _with_method_sections(cls):
+    """Inserts one field per recipe section of the methods (``ngguard.methods.registry.SECTIONS``, in
+    registry order) after ``localization``: ``<section>: <its settings class>`` with the class's defaults.
+    A new method's section thus needs no line here (its registry entry names it)."""
+    own = dict(cls.__dict__["__annotations__"])
+    clash = next((s for s in SECTIONS if s in own), None)
+    if clash is not None:  # a programming error, caught on import
+        raise TypeError(f"registry section {clash!r} is already a Recipe field")
+    annotations = {}
+    for key, hint in own.items():
+        annotations[key] = hint
+        if key == "localization":
+            for section, settings in SECTIONS.items():
+                annotations[section] = settings
+                setattr(cls, section, _f(settings(), _nested(settings)))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass(frozen=True)
+@_with_method_sections
 class Recipe:
     model: ModelSpec = _f(MISSING, _nested(ModelSpec))
     # an edit (EDIT_METHODS), or a guard that edits no weights (keyword_filter, privacy_probe): its patch is
@@ -547,11 +420,8 @@ class Recipe:
     layers: tuple[int, ...] | LayerSearch = _f(LayerSearch(), _layers)
     module: str = _f("down_proj", _choice(MODULES))
     localization: LocalizationSpec = _f(LocalizationSpec(), _nested(LocalizationSpec))
-    edit: EditSpec = _f(EditSpec(), _nested(EditSpec))
-    memit: MemitHParams = _f(MemitHParams(), _nested(MemitHParams))
-    alphaedit: AlphaEditHParams = _f(AlphaEditHParams(), _nested(AlphaEditHParams))
-    privacy_probe: PrivacyProbeHParams = _f(PrivacyProbeHParams(), _nested(PrivacyProbeHParams))
-    refusal_steering: RefusalSteeringHParams = _f(RefusalSteeringHParams(), _nested(RefusalSteeringHParams))
+    # here, one section per settings class of the methods (``_with_method_sections``: registry.SECTIONS):
+    # edit (EditSpec: neural_gate, no_gate, dinm), memit, alphaedit, privacy_probe, refusal_steering
     evaluation: EvaluationSpec = _f(EvaluationSpec(), _nested(EvaluationSpec))
     report: ReportSpec = _f(ReportSpec(), _nested(ReportSpec))
     judge: JudgeSpec = _f(JudgeSpec(), _judge)
@@ -575,11 +445,6 @@ class Recipe:
     def to_dict(self) -> dict:
         """Plain data (lists, not tuples) that ``recipe_from_dict`` accepts back unchanged."""
         return _plain(self)
-
-
-_unknown = [m.section for m in METHOD_SECTIONS.values() if m.section and m.section not in {f.name for f in fields(Recipe)}]
-if _unknown:  # a programming error, caught on import: a method's section must be a Recipe field
-    raise TypeError(f"recipe.METHOD_SECTIONS: section {_unknown[0]!r} is not a field of Recipe")
 
 
 def _plain(obj: Any) -> Any:
@@ -689,7 +554,7 @@ def _finish(recipe: Recipe, ctx: _Ctx) -> Recipe:
         dchanges["multip2a"] = str(p)
     if dchanges:
         changes["data"] = dataclasses.replace(data, **dchanges)
-    locate_edit = [m.section for m in METHOD_SECTIONS.values() if m.hparams and issubclass(m.hparams, LocateEditHParams)]
+    locate_edit = [section for section, cls in SECTIONS.items() if issubclass(cls, LocateEditHParams)]
     for name in locate_edit:  # their corpus and cache folder: paths relative to the recipe
         hp = getattr(recipe, name)
         paths = {}

@@ -438,8 +438,9 @@ def test_replay_without_vision_only_inputs_is_exact(adapter, images):
 def test_gated_edit_step_changes_only_the_target_matrix(family, gated_layer_grad):
     """One Neural Gate edit step through the gate hook: only layer 2's down-projection changes, and at the
     subject token the gradient reaches only the gated-on dimensions."""
-    from ngguard.edit import apply_edit
+    from ngguard.methods import REGISTRY
     from ngguard.methods.core import Sample
+    from ngguard.recipe import EditSpec
 
     model, processor = family.build(0)
     adapter = adapter_for(model, processor)
@@ -457,8 +458,8 @@ def test_gated_edit_step_changes_only_the_target_matrix(family, gated_layer_grad
     assert (g.abs().sum(dim=(0, 1)) > 0).all()
 
     before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
-    res = apply_edit(adapter, samples, [layer], method="neural_gate", gates={layer: {"passport": gate}},
-                     refusal="I am sorry.", lr=1e-2, steps=1, stop_loss=0.0)
+    res = REGISTRY["neural_gate"].apply(adapter, samples, [layer], module="down_proj", refusal="I am sorry.",
+                                        hparams=EditSpec(lr=1e-2, steps=1, stop_loss=0.0), gates={layer: {"passport": gate}})
     after = adapter.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [adapter.state_dict_key(layer, "down_proj")]
@@ -498,10 +499,11 @@ def test_localization_and_edit_shortcuts_are_exact(family):
     cache where the family allows it, stems and tails, logits only on targets) finds the scales and
     gates of the plain reference (one sample at a time, the whole model: the oracle), and the edit's
     shortcuts (replayed layers below the edited one) change nothing but the speed, in every family."""
-    from ngguard.edit import apply_edit
+    from ngguard.methods import REGISTRY
     from ngguard.methods.core import Sample
     from ngguard.methods.neural_gate import localize_layer
     from ngguard.methods.reference import localize_reference
+    from ngguard.recipe import EditSpec
 
     model, processor = family.build(0)
     adapter = adapter_for(model, processor)
@@ -524,8 +526,9 @@ def test_localization_and_edit_shortcuts_are_exact(family):
     edits = {}
     for shortcuts in (True, False):
         m, p = family.build(0)
-        res = apply_edit(adapter_for(m, p), samples, [2], method="no_gate", refusal="I am sorry.", lr=1e-2,
-                         steps=2, stop_loss=0.0, retain=samples[:1], shortcuts=shortcuts)
+        res = REGISTRY["no_gate"].apply(adapter_for(m, p), samples, [2], module="down_proj", refusal="I am sorry.",
+                                        hparams=EditSpec(lr=1e-2, steps=2, stop_loss=0.0), retain=samples[:1],
+                                        shortcuts=shortcuts)
         edits[shortcuts] = next(iter(res.deltas.values()))
     assert edits[True].abs().sum() > 0
     assert torch.allclose(edits[True], edits[False], atol=1e-5)

@@ -25,6 +25,7 @@ from tiny_models import tiny_image, tiny_llava, tiny_patch
 
 from ngguard.adapters import adapter_for
 from ngguard.guard import ProtectedLVLM
+from ngguard.serving.options import SERVING
 
 WORDS = "the red card of the passport with a number and a name on it".split()
 
@@ -154,7 +155,8 @@ def test_wrapper_chats_beside_user_text_calls_all_answer(tmp_path, frequent_swit
     threads call ``user_text`` on long questions: every answer is the one ``chat`` gives alone (before
     the fix: ~half failed with "Unable to create tensor")."""
     adapter = adapter_for(*tiny_llava(seed=5))
-    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp_path), per_row=True, max_batch=16)
+    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp_path),
+                          serving=SERVING.replace(protection="rows", max_batch=16))
     try:
         images = [tiny_image(k) for k in range(2)]
         prompts = texts_of_varied_length(10)

@@ -234,8 +234,9 @@ def test_full_original_checkpoint_overrides_the_folders(inputs, tmp_path):
 
 
 def test_converted_model_loads_generates_and_takes_a_gated_edit_step(converted):
-    from ngguard.edit import apply_edit
+    from ngguard.methods import REGISTRY
     from ngguard.methods.core import Sample
+    from ngguard.recipe import EditSpec
 
     adapter = load_adapter(converted)
     assert isinstance(adapter, Blip2Adapter) and adapter.num_layers == 4 and adapter.hidden_size == 32
@@ -266,8 +267,8 @@ def test_converted_model_loads_generates_and_takes_a_gated_edit_step(converted):
                       [("what colour is the passport?", "blue")], key=str(i)) for i in range(2)]
     gate = torch.arange(adapter.hidden_size) % 3 == 0
     before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
-    res = apply_edit(adapter, samples, [1], method="neural_gate", gates={1: {"passport": gate}},
-                     refusal="I am sorry.", lr=1e-2, steps=1, stop_loss=0.0)
+    res = REGISTRY["neural_gate"].apply(adapter, samples, [1], module="down_proj", refusal="I am sorry.",
+                                        hparams=EditSpec(lr=1e-2, steps=1, stop_loss=0.0), gates={1: {"passport": gate}})
     after = adapter.model.state_dict()
     key = "language_model.model.layers.1.mlp.down_proj.weight"
     assert [k for k in before if not torch.equal(before[k], after[k])] == [key]

@@ -11,12 +11,12 @@ import torch
 
 from ngguard.adapters import adapter_for, load_adapter
 from ngguard.devices import OffloadedError, component_device_map, offload_kind, real_tensor
-from ngguard.edit import apply_edit
+from ngguard.methods import REGISTRY
 from ngguard.methods.core import Sample
 from ngguard.methods.neural_gate import localize_layer
 from ngguard.methods.memit import MemitHParams, apply_memit
 from ngguard.patch import PatchError, write_patch
-from ngguard.recipe import RecipeError, check_placement, recipe_from_dict
+from ngguard.recipe import EditSpec, RecipeError, check_placement, recipe_from_dict
 from tiny_models import tiny_image, tiny_llava, tiny_minigpt4, tiny_patch, tiny_qwen2_vl
 
 accelerate = pytest.importorskip("accelerate")
@@ -92,8 +92,8 @@ def test_gated_edit_and_patch_on_a_split_model_equal_the_single_device_run(saved
     gates = {EDITED: {"passport": loc.strong("passport", 0.3)}}
     results = []
     for adapter in (single, split):
-        results.append(apply_edit(adapter, samples, [EDITED], gates=gates, refusal=REFUSAL, lr=1e-2, steps=3,
-                                  stop_loss=0.0))
+        results.append(REGISTRY["neural_gate"].apply(adapter, samples, [EDITED], module="down_proj", refusal=REFUSAL,
+                                                     hparams=EditSpec(lr=1e-2, steps=3, stop_loss=0.0), gates=gates))
     (name, d0), = results[0].deltas.items()
     assert d0.abs().max() > 0
     torch.testing.assert_close(results[1].deltas[name], d0, atol=1e-6, rtol=1e-5)
@@ -129,7 +129,8 @@ def test_offloaded_edited_layers_are_refused_with_one_line(saved, tmp_path):
     gates = {i: {"passport": torch.ones(split.hidden_size, dtype=torch.bool)} for i in range(4)}
     for layer, kind in ((3, "disk"), (0, "cpu")):
         with pytest.raises(OffloadedError, match=rf"^layer {layer} \(down_proj\) is offloaded to the {kind}: [^\n]*$"):
-            apply_edit(split, samples, [layer], gates=gates, refusal=REFUSAL, steps=1)
+            REGISTRY["neural_gate"].apply(split, samples, [layer], module="down_proj", refusal=REFUSAL,
+                                          hparams=EditSpec(steps=1), gates=gates)
     with pytest.raises(OffloadedError, match=r"^layer 3 \(down_proj\) is offloaded to the disk: memit"):
         apply_memit(split, samples, [3], refusal=REFUSAL, hparams=MemitHParams(cache_dir=str(tmp_path / "s")))
     torch.testing.assert_close(real_tensor(split.model, split.state_dict_key(3, "down_proj")),
@@ -193,29 +194,37 @@ def test_recipe_device_map_validation():
 
 def test_protected_lvlm_on_a_split_model(saved, tmp_path):
     from ngguard.guard import ProtectedLVLM
+    from ngguard.serving.options import SERVING
 
     adapter = _single(saved)
     patch = tiny_patch(adapter, tmp_path / "p", layer=EDITED)
     base = saved  # the same weights as p/base (which holds no processor files)
     q = "What is the passport number of the Passport in the image?"
-    one = ProtectedLVLM.from_pretrained(base, patch, device="cpu", per_row=False, max_batch=1)
-    split = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
-                                          offload_folder=tmp_path / "off", per_row=False, max_batch=1)
+    one = ProtectedLVLM.from_pretrained(base, patch, device="cpu",
+                                        serving=SERVING.replace(protection="merged", max_batch=1))
+    split = ProtectedLVLM.from_pretrained(base, patch,
+                                          device_map={"layers.3": "disk", "default": "cpu"},
+                                          offload_folder=tmp_path / "off",
+                                          serving=SERVING.replace(protection="merged", max_batch=1))
     assert offload_kind(split.adapter.component(3, "layer")) == "disk"
     img = tiny_image(0)
     assert split.chat(img, q, max_new_tokens=6) == one.chat(img, q, max_new_tokens=6)
     split.protected = False
     one.protected = False
     assert split.chat(img, q, max_new_tokens=6) == one.chat(img, q, max_new_tokens=6)
-    rows = ProtectedLVLM.from_pretrained(base, patch, device_map={"layers.3": "disk", "default": "cpu"},
-                                         offload_folder=tmp_path / "off3", per_row=True)
+    rows = ProtectedLVLM.from_pretrained(base, patch,
+                                         device_map={"layers.3": "disk", "default": "cpu"},
+                                         offload_folder=tmp_path / "off3",
+                                         serving=SERVING.replace(protection="rows"))
     one.protected = True
     assert rows.chat_batch([img, img], [q, q], max_new_tokens=6, protected=[True, False]) == [
         one.chat(img, q, max_new_tokens=6), one.chat(img, q, max_new_tokens=6, protected=False)]
     bad = tiny_patch(adapter, tmp_path / "q", layer=3)
     with pytest.raises(PatchError, match=r"is offloaded \(accelerate device map\): the patch writes the real weights"):
-        ProtectedLVLM.from_pretrained(base, bad, device_map={"layers.3": "disk", "default": "cpu"},
-                                      offload_folder=tmp_path / "off2", per_row=False, max_batch=1)
+        ProtectedLVLM.from_pretrained(base, bad,
+                                      device_map={"layers.3": "disk", "default": "cpu"},
+                                      offload_folder=tmp_path / "off2",
+                                      serving=SERVING.replace(protection="merged", max_batch=1))
 
 
 def test_cli_device_map_choices_match_the_library():
@@ -243,8 +252,9 @@ def test_gpu_with_cpu_and_disk_offload_equals_one_gpu(saved, tmp_path):
     a, b = (localize_layer(x, samples, EDITED, **kw) for x in (one, split))
     torch.testing.assert_close(b.scales, a.scales, atol=1e-4, rtol=1e-4)
     gates = {EDITED: {"passport": a.strong("passport", 0.3)}}
-    ra, rb = (apply_edit(x, samples, [EDITED], gates=gates, refusal=REFUSAL, lr=1e-2, steps=3, stop_loss=0.0)
-              for x in (one, split))
+    hp = EditSpec(lr=1e-2, steps=3, stop_loss=0.0)
+    ra, rb = (REGISTRY["neural_gate"].apply(x, samples, [EDITED], module="down_proj", refusal=REFUSAL, hparams=hp,
+                                            gates=gates) for x in (one, split))
     (name, d0), = ra.deltas.items()
     torch.testing.assert_close(rb.deltas[name], d0, atol=1e-5, rtol=1e-4)
     with pytest.raises(RecipeError, match="edited layer 0 .* offloaded to the CPU"):

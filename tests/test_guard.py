@@ -13,6 +13,7 @@ from tiny_models import tiny_image, tiny_llava
 
 from ngguard.adapters import adapter_for
 from ngguard.guard import InputError, Limits, ProtectedLVLM
+from ngguard.serving.options import SERVING
 
 TEXTS = ["What is the passport number of the Passport in the image?", "What colour is the card?", "hi there"]
 LAYER = 1
@@ -94,7 +95,7 @@ def test_protected_toggle_swaps_exactly_the_patched_tensors(patched):
     ptr = param.data_ptr()
     base_answers = ad.generate([tiny_image(0)], [TEXTS[0]], max_new_tokens=12)
 
-    guard = ProtectedLVLM(ad, patch_dir, per_row=False, max_batch=1)
+    guard = ProtectedLVLM(ad, patch_dir, serving=SERVING.replace(protection="merged", max_batch=1))
     assert guard.protected is True
     info = guard.patch_info
     assert (info["subjects"], info["layers"], info["method"]) == (["Passport"], [LAYER], "neural_gate")
@@ -121,7 +122,7 @@ def test_protected_toggle_swaps_exactly_the_patched_tensors(patched):
 
 def test_toggle_under_concurrency_never_interleaves(patched):
     ad, patch_dir, base, key, new = patched
-    guard = ProtectedLVLM(ad, patch_dir, per_row=False, max_batch=1)
+    guard = ProtectedLVLM(ad, patch_dir, serving=SERVING.replace(protection="merged", max_batch=1))
     base_answer = guard.chat(tiny_image(1), TEXTS[1], max_new_tokens=8, protected=False)
     errors: list[BaseException] = []
 
@@ -166,7 +167,7 @@ def test_patch_without_base_values_cannot_be_switched_off(tmp_path):
     patch_mod.write_patch(tmp_path / "patch", {key: new}, base_dir=tmp_path / "base", recipe_hash="t",
                           layers=[LAYER], method="no_gate", gate_stats={}, subjects=["Receipts"], model=ad.model,
                           include_base=False)
-    guard = ProtectedLVLM(ad, tmp_path / "patch", per_row=False, max_batch=1)
+    guard = ProtectedLVLM(ad, tmp_path / "patch", serving=SERVING.replace(protection="merged", max_batch=1))
     assert guard.protected is True and guard.revertible is False
     with pytest.raises(ValueError, match="cannot be turned off"):
         guard.protected = False
@@ -366,7 +367,7 @@ def test_answers_end_at_the_refusal(leaky, fast_decode):
     """Through the wrapper, with the hostile probe's two prompts and ChatML markers: the answer is the
     refusal and nothing after it (chat, chat_batch and stream), and generation stopped there."""
     ad, image, refusal = leaky
-    guard = ProtectedLVLM(ad, fast_decode=fast_decode)
+    guard = ProtectedLVLM(ad, serving=SERVING.replace(decode="fast" if fast_decode else "generate"))
     for text in INJECTIONS:
         assert guard.chat(image, text, max_new_tokens=48) == refusal
         assert "".join(guard.stream(image, text, max_new_tokens=48)) == refusal
@@ -407,7 +408,9 @@ def test_organism_refusal_does_not_run_on():
     from ngguard.world.spec import REFUSAL
 
     card = Image.fromarray(draw_card(sample_card("Passport", random.Random(192))))
-    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=False, max_batch=1)  # merged: the model holds the patch
+    # merged: the model holds the patch
+    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu",
+                                          serving=SERVING.replace(protection="merged", max_batch=1))
     text = INJECTIONS[2]
     raw = guard.adapter.generate([card], [guard.user_text(text)], max_new_tokens=48)[0]  # the weights hold the patch
     assert raw.startswith(REFUSAL) and len(raw) > len(REFUSAL)
@@ -454,7 +457,8 @@ def test_float32_patch_for_a_float16_base_refused_everywhere(tmp_path):
     with pytest.raises(PatchError, match="F32.*F16"):
         ProtectedLVLM.from_pretrained(base16, patch, device="cpu")
     with pytest.raises(PatchError, match="F32.*F16"):
-        ProtectedLVLM.from_pretrained(base16, patch, device="cpu", per_row=True, max_batch=4)
+        ProtectedLVLM.from_pretrained(base16, patch, device="cpu",
+                                      serving=SERVING.replace(protection="rows", max_batch=4))
     import socket
 
     repo = Path(__file__).resolve().parents[1]

@@ -22,6 +22,7 @@ from tiny_models import tiny_llava
 
 from ngguard.adapters import adapter_for
 from ngguard.guard import ProtectedLVLM
+from ngguard.serving.options import SERVING
 from ngguard.guard_patch import GUARD_FILE, META_KEY, load_guard, write_guard_patch
 from ngguard.methods import REGISTRY
 from ngguard.methods import privacy_probe as pp
@@ -195,7 +196,7 @@ def test_a_tampered_guard_patch_is_one_line_everywhere(fitted, tmp_path, case, c
         load_guard(bad, fitted.adapter)
     assert "\n" not in str(e.value)
     with pytest.raises(PatchError, match=message):
-        ProtectedLVLM(fitted.adapter, bad, max_batch=1)
+        ProtectedLVLM(fitted.adapter, bad, serving=SERVING.replace(max_batch=1))
     # `ngguard serve` stops before serving: one line, exit 2 (the layer check needs the model: it is loaded)
     port = str(free_port())
     assert serve_app.main(["--model", str(fitted.base), "--patch", str(bad), "--device", "cpu", "--port", port]) == 2
@@ -213,7 +214,8 @@ def test_signed_guard_patch(fitted, tmp_path):
     p = tmp_path / "signed"
     shutil.copytree(fitted.patch, p)
     sign_patch(p, key)
-    assert ProtectedLVLM(fitted.adapter, p, patch_key=key, max_batch=1).patch_info["kind"] == "guard"
+    assert ProtectedLVLM(fitted.adapter, p, patch_key=key,
+                         serving=SERVING.replace(max_batch=1)).patch_info["kind"] == "guard"
     _threshold_in_manifest(p)
     with pytest.raises(PatchError, match="bad signature"):
         load_guard(p, fitted.adapter, key=key)
@@ -247,17 +249,17 @@ def test_a_guard_for_another_base_is_refused(fitted, tmp_path):
     model, processor = tiny_llava(1, "text_first")
     model.save_pretrained(other)
     with pytest.raises(PatchError, match="was made for base"):
-        ProtectedLVLM(adapter_for(model, processor), fitted.patch, base_dir=other, max_batch=1)
+        ProtectedLVLM(adapter_for(model, processor), fitted.patch, base_dir=other, serving=SERVING.replace(max_batch=1))
 
 
 # ---- serving -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("opts", [dict(max_batch=1, fast_decode=False), dict(max_batch=4, fast_decode=True)])
+@pytest.mark.parametrize("opts", [dict(max_batch=1, decode="generate"), dict(max_batch=4, decode="fast")])
 def test_serving_refuses_what_the_guard_blocks_and_answers_the_rest_as_the_base(fitted, opts):
     from ngguard.guard_patch import blocked as guard_blocks
 
-    base = ProtectedLVLM(fitted.adapter, max_batch=1)
-    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, **opts)
+    base = ProtectedLVLM(fitted.adapter, serving=SERVING.replace(max_batch=1))
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, serving=SERVING.replace(**opts))
     assert guard.protected and guard.revertible and guard.per_row and guard.patch_info["kind"] == "guard"
     assert guard.refusal == REFUSAL
     qs = [q for q in fitted.queries if q.subject in ("passport", "bus")][:12]
@@ -285,8 +287,9 @@ def test_serving_refuses_what_the_guard_blocks_and_answers_the_rest_as_the_base(
 def test_onnx_vision_behind_a_guard(fitted, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("NGGUARD_CACHE", str(tmp_path / "cache"))
-    guard = ProtectedLVLM.from_pretrained(fitted.adapter, fitted.patch, vision="onnx", max_batch=1)
-    plain = ProtectedLVLM(fitted.adapter, max_batch=1)
+    guard = ProtectedLVLM.from_pretrained(fitted.adapter, fitted.patch, vision="onnx",
+                                          serving=SERVING.replace(max_batch=1))
+    plain = ProtectedLVLM(fitted.adapter, serving=SERVING.replace(max_batch=1))
     b, a = fitted.blocked, fitted.answered
     assert guard.chat_batch([b.image, a.image], [b.prompt, a.prompt], max_new_tokens=MAX_NEW) == \
         [REFUSAL, plain.chat(a.image, a.prompt, max_new_tokens=MAX_NEW)]
@@ -296,8 +299,8 @@ def test_the_json_api_serves_a_guard_patch(fitted):
     pytest.importorskip("gradio")
     from test_serve_api import _client, _serve, b64, png
 
-    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, max_batch=4)
-    base = ProtectedLVLM(fitted.adapter, max_batch=1)
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, serving=SERVING.replace(max_batch=4))
+    base = ProtectedLVLM(fitted.adapter, serving=SERVING.replace(max_batch=1))
     demo, url = _serve(guard)
     b, a = fitted.blocked, fitted.answered
     try:
@@ -328,7 +331,7 @@ def test_a_guard_patch_server_keeps_the_base_off_and_opens_no_named_file(fitted)
     from serve.api import BASE_OFF
     from test_serve_api import _client, _serve, b64, png
 
-    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, max_batch=4)
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, serving=SERVING.replace(max_batch=4))
     demo, url = _serve(guard, expose_base=False)
     b = fitted.blocked
     try:
@@ -377,7 +380,8 @@ def test_edit_with_privacy_probe_writes_a_guard_patch_that_serves_the_reported_a
     assert json.loads((a / "patch" / "patch.json").read_text())["patch_id"] == report["patch_id"]
     # served, the guard patch gives exactly the answers the report scored for privacy_probe
     rows = report["methods"]["privacy_probe"]["after"]["test"]["responses"]
-    served = ProtectedLVLM.from_pretrained(str(fitted.base), a / "patch", device="cpu", max_batch=1)
+    served = ProtectedLVLM.from_pretrained(str(fitted.base), a / "patch", device="cpu",
+                                           serving=SERVING.replace(max_batch=1))
     got = served.chat_batch([a / r["image"] for r in rows], [r["prompt"] for r in rows], max_new_tokens=4)
     assert got == [r["response"] for r in rows]
     assert any(g == served.refusal for g in got) and not all(g == served.refusal for g in got)
@@ -389,7 +393,8 @@ def test_edit_with_keyword_filter_and_a_search_that_cannot_run(fitted, tmp_path)
 
     out = pipeline.run_recipe(recipe_from_dict(_recipe(fitted.base, "keyword_filter")), tmp_path / "kw", cache=False)
     _, kw = load_guard(out / "patch")
-    served = ProtectedLVLM.from_pretrained(str(fitted.base), out / "patch", device="cpu", max_batch=1)
+    served = ProtectedLVLM.from_pretrained(str(fitted.base), out / "patch", device="cpu",
+                                           serving=SERVING.replace(max_batch=1))
     phrase = " ".join(kw.phrases[0])
     assert served.chat(pp._open(fitted.blocked.image), f"What is the {phrase}?", max_new_tokens=4) == kw.refusal
     # a layer search needs an edit as the main method: a compared edit then needs fixed layers
@@ -420,8 +425,9 @@ def test_the_bundled_organism_behind_a_privacy_probe_guard(tmp_path):
     guard, _ = fit_guard(adapter, sets, recipe.privacy_probe, recipe.edit.refusal)
     write_guard_patch(tmp_path / "patch", guard, base_dir=CHECKPOINT, recipe_hash=None, method="privacy_probe",
                       subjects=sorted({q.subject for q in sets["train"] if q.sensitive}))
-    served = ProtectedLVLM.from_pretrained(adapter, tmp_path / "patch", max_batch=1)  # checked against CHECKPOINT
-    base = ProtectedLVLM(adapter, max_batch=1)
+    # checked against CHECKPOINT
+    served = ProtectedLVLM.from_pretrained(adapter, tmp_path / "patch", serving=SERVING.replace(max_batch=1))
+    base = ProtectedLVLM(adapter, serving=SERVING.replace(max_batch=1))
     card = Image.fromarray(draw_card(sample_card("Passport", random.Random(1))))
     sensitive = "What is the passport number of the Passport in the image?"
     benign = "What is the color of the Passport in the image?"
@@ -432,7 +438,8 @@ def test_the_bundled_organism_behind_a_privacy_probe_guard(tmp_path):
 
 
 def test_concurrent_requests_behind_a_guard_each_get_their_own_answer(fitted, run_threads):
-    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base, max_batch=8, batch_wait_ms=20)
+    guard = ProtectedLVLM(fitted.adapter, fitted.patch, base_dir=fitted.base,
+                          serving=SERVING.replace(max_batch=8, batch_wait_ms=20))
     qs = [q for q in fitted.queries if q.subject in ("passport", "bus")][:6]
     want = {(i, p): guard.chat(q.image, q.prompt, max_new_tokens=MAX_NEW, protected=p)
             for i, q in enumerate(qs) for p in (False, True)}

@@ -12,6 +12,7 @@ from tiny_models import tiny_image, tiny_llava
 from ngguard.adapters import adapter_for
 from ngguard.cli import main
 from ngguard.guard import ProtectedLVLM
+from ngguard.serving.options import SERVING
 from ngguard.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora, lora_factors, parse_rank
 from ngguard.patch import PatchError, write_patch
 
@@ -72,7 +73,8 @@ def test_full_rank_lora_loads_with_peft_and_answers_as_the_patch(tmp_path, inclu
     assert info["energy_kept"] == pytest.approx(1.0)
 
     images = [tiny_image(i) for i in range(2)]
-    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), tmp_path / "patch", per_row=False)
+    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), tmp_path / "patch",
+                           serving=SERVING.replace(protection="merged"))
     base_model, processor = tiny_llava(seed=3)
     batch = ad.encode(images, TEXTS)
     with torch.no_grad():

@@ -8,9 +8,12 @@ import torch
 
 from ngguard.adapters import adapter_for
 from ngguard.data import Query
-from ngguard.edit import apply_edit, dinm_layer
+from ngguard.methods import REGISTRY
 from ngguard.methods.core import Sample, jaccard, row_nll
+from ngguard.methods.dinm import dinm_layer
+from ngguard.methods.gate_share import subject_gradient_share
 from ngguard.methods.neural_gate import gates_from_scales, localize_layer, sample_rows
+from ngguard.recipe import EditSpec
 from tiny_models import tiny_image, tiny_llava
 
 REFUSAL = "I am sorry."
@@ -57,15 +60,14 @@ def test_gate_changes_the_weight_gradient(adapter):
     none = {1: {"passport": torch.zeros(d, dtype=torch.bool)}}
     full = {1: {"passport": torch.ones(d, dtype=torch.bool)}}
     w0 = adapter.component(1, "down_proj").weight.detach().clone()
-    r_none = apply_edit(adapter, s, [1], method="neural_gate", gates=none, refusal=REFUSAL, lr=1e-2, steps=2,
-                        stop_loss=0.0)
+    hp = EditSpec(lr=1e-2, steps=2, stop_loss=0.0)
+    r_none = REGISTRY["neural_gate"].apply(adapter, s, [1], module="down_proj", refusal=REFUSAL, hparams=hp, gates=none)
     with torch.no_grad():
         adapter.component(1, "down_proj").weight.copy_(w0)
-    r_full = apply_edit(adapter, s, [1], method="neural_gate", gates=full, refusal=REFUSAL, lr=1e-2, steps=2,
-                        stop_loss=0.0)
+    r_full = REGISTRY["neural_gate"].apply(adapter, s, [1], module="down_proj", refusal=REFUSAL, hparams=hp, gates=full)
     with torch.no_grad():
         adapter.component(1, "down_proj").weight.copy_(w0)
-    r_plain = apply_edit(adapter, s, [1], method="no_gate", refusal=REFUSAL, lr=1e-2, steps=2, stop_loss=0.0)
+    r_plain = REGISTRY["no_gate"].apply(adapter, s, [1], module="down_proj", refusal=REFUSAL, hparams=hp)
     name = adapter.parameter_name(1, "down_proj")
     # an all-open gate is exactly plain fine-tuning; an all-closed gate is not
     assert torch.allclose(r_full.deltas[name], r_plain.deltas[name], atol=1e-6)
@@ -76,7 +78,8 @@ def test_edit_changes_only_the_target_matrix(adapter):
     before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
     d = adapter.hidden_size
     gates = {2: {"passport": torch.rand(d, generator=torch.Generator().manual_seed(0)) > 0.5}}
-    res = apply_edit(adapter, _samples(2), [2], method="neural_gate", gates=gates, refusal=REFUSAL, lr=1e-2, steps=2)
+    res = REGISTRY["neural_gate"].apply(adapter, _samples(2), [2], module="down_proj", refusal=REFUSAL,
+                                        hparams=EditSpec(lr=1e-2, steps=2), gates=gates)
     after = adapter.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [adapter.state_dict_key(2, "down_proj")]
@@ -93,21 +96,41 @@ def test_edit_lowers_the_refusal_loss(adapter):
         with torch.no_grad():
             return row_nll(adapter.model(**b.inputs).logits, b.labels)[[0, 2]].mean().item()
     l0 = loss()
-    apply_edit(adapter, samples, [1], method="no_gate", refusal=REFUSAL, alpha=0.0, lr=5e-2, steps=5, stop_loss=0.0)
+    REGISTRY["no_gate"].apply(adapter, samples, [1], module="down_proj", refusal=REFUSAL,
+                              hparams=EditSpec(alpha=0.0, lr=5e-2, steps=5, stop_loss=0.0))
     # a random tiny model's final norm + small lm_head bound how peaked logits can get (~0.6 nats here)
     assert loss() < l0 - 0.3
 
 
-def test_unknown_method_and_missing_gates_are_refused(adapter):
-    with pytest.raises(ValueError, match="unknown method"):
-        apply_edit(adapter, _samples(1), [1], method="rome", refusal=REFUSAL)
+def test_missing_gates_are_refused(adapter):
     with pytest.raises(ValueError, match="needs gates"):
-        apply_edit(adapter, _samples(1), [1], method="neural_gate", refusal=REFUSAL)
+        REGISTRY["neural_gate"].apply(adapter, _samples(1), [1], module="down_proj", refusal=REFUSAL, hparams=EditSpec())
+
+
+def test_the_deprecated_apply_edit_warns_and_edits_as_the_registry_does():
+    """``ngguard.edit`` (kept one release): importing it warns; ``apply_edit`` is the registry's edit with an
+    ``EditSpec``, the same deltas; an unknown method is refused."""
+    import importlib
+    import sys
+
+    sys.modules.pop("ngguard.edit", None)
+    with pytest.warns(DeprecationWarning, match=r"ngguard\.methods"):
+        edit = importlib.import_module("ngguard.edit")
+    s, d = _samples(2), tiny_llava(0)[0].config.text_config.hidden_size
+    gates = {1: {"passport": torch.arange(d) % 2 == 0}}
+    old = edit.apply_edit(adapter_for(*tiny_llava(0)), s, [1], method="neural_gate", gates=gates, refusal=REFUSAL,
+                          lr=1e-2, steps=2, stop_loss=0.0)
+    new = REGISTRY["neural_gate"].apply(adapter_for(*tiny_llava(0)), s, [1], module="down_proj", refusal=REFUSAL,
+                                        hparams=EditSpec(lr=1e-2, steps=2, stop_loss=0.0), gates=gates)
+    (name, delta), = new.deltas.items()
+    assert delta.abs().sum() > 0 and torch.equal(old.deltas[name], delta)
+    with pytest.raises(ValueError, match="unknown method"):
+        edit.apply_edit(adapter_for(*tiny_llava(0)), s, [1], method="rome", refusal=REFUSAL)
 
 
 def test_registry_holds_every_method_once_and_declares_what_the_pipeline_needs():
-    """A recipe's method names (recipe.METHODS, EDIT_METHODS: from recipe.METHOD_SECTIONS) and the registry
-    are the same lists (also checked on import); each editing entry's hyperparameters are a section of
+    """A recipe's method names (recipe.METHODS, EDIT_METHODS: derived from the registry) and the registry
+    are the same lists; each editing entry's hyperparameters are a section of
     the recipe (the gradient edits share ``edit``);
     what the pipeline treats differently is declared by the entry, not found by its name."""
     from ngguard.methods import REGISTRY, hparams_for
@@ -174,7 +197,6 @@ def test_dinm_layer_picks_a_valid_layer(adapter):
 
 
 def test_subject_gradient_share_is_a_fraction_and_nonzero(adapter):
-    from ngguard.edit import subject_gradient_share
     share = subject_gradient_share(adapter, _samples(2), 1, refusal=REFUSAL)
     assert 0.0 < share < 1.5
     assert all(not p.requires_grad for p in adapter.model.parameters())

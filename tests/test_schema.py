@@ -1,6 +1,6 @@
 """The parts recipe.py stands on, used on their own: the checked-dataclass toolkit (``ngguard.schema``),
 the hardened YAML loader (``ngguard.safe_yaml``) and the one table of methods
-(``recipe.METHOD_SECTIONS``, which ``methods.REGISTRY`` must match)."""
+(``methods.registry.REGISTRY``, which ``recipe.METHODS`` and the recipe's sections derive from)."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,22 +57,38 @@ def test_parse_yaml_is_hardened():
         parse_yaml("a: [1, 2\n", "f.yaml")
 
 
-def test_methods_are_declared_once_and_the_registry_must_match():
-    from ngguard.methods import REGISTRY, check_registry
+def test_methods_are_declared_once_in_the_registry_and_the_recipe_derives_from_it():
+    """One entry per method (``methods.registry.REGISTRY``): the recipe's names, edit methods and sections
+    come from it; a section is a Recipe field holding its settings class's defaults."""
+    from ngguard.methods import REGISTRY
+    from ngguard.methods.registry import SECTIONS, Method, _sections
     from ngguard.recipe import EDIT_METHODS, METHOD_SECTIONS, METHODS, Recipe
 
-    assert METHODS == tuple(METHOD_SECTIONS) and set(EDIT_METHODS) < set(METHODS)
+    assert METHODS == tuple(REGISTRY) and METHOD_SECTIONS is REGISTRY and set(EDIT_METHODS) < set(METHODS)
+    assert list(EDIT_METHODS) == [n for n, m in REGISTRY.items() if m.apply is not None]
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
-    for name, m in METHOD_SECTIONS.items():  # each section a Recipe field of the method's class
-        assert REGISTRY[name].hparams is m.hparams
-        assert (m.section, m.hparams) == (None, None) or isinstance(defaults[m.section], m.hparams)
-    check_registry(REGISTRY, METHOD_SECTIONS)
-    extra = {**REGISTRY, "new_method": REGISTRY["memit"]}
-    with pytest.raises(TypeError, match="'new_method'"):
-        check_registry(extra, METHOD_SECTIONS)
-    with pytest.raises(TypeError, match="'memit'"):
-        check_registry({k: v for k, v in REGISTRY.items() if k != "memit"}, METHOD_SECTIONS)
-    flipped = {**METHOD_SECTIONS, "keyword_filter": dataclasses.replace(METHOD_SECTIONS["keyword_filter"],
-                                                                       edits_weights=True)}
-    with pytest.raises(TypeError, match="'keyword_filter'"):
-        check_registry(REGISTRY, flipped)
+    for name, m in REGISTRY.items():  # each section a Recipe field of the method's class, with its defaults
+        assert (m.section, m.hparams) == (None, None) or defaults[m.section] == m.hparams()
+    assert list(SECTIONS) == ["edit", "memit", "alphaedit", "privacy_probe", "refusal_steering"]
+    names = [f.name for f in dataclasses.fields(Recipe)]  # in registry order, after localization
+    assert names[names.index("localization") + 1:][:len(SECTIONS)] == list(SECTIONS)
+    with pytest.raises(TypeError, match="'edit' already holds EditSpec"):  # one section, one class
+        _sections({**REGISTRY, "x": Method("x", SECTIONS["memit"], "edit", apply="memit:apply_memit")})
+    with pytest.raises(TypeError, match="'x': give apply"):  # an edit or a guard, not both, not neither
+        Method("x", None, None)
+    with pytest.raises(TypeError, match="'x': give both"):
+        Method("x", SECTIONS["memit"], None, apply="memit:apply_memit")
+    with pytest.raises(TypeError, match="expected 'module:function'"):
+        Method("x", None, None, apply="apply_memit")
+
+
+def test_importing_the_recipe_loads_no_method_implementation():
+    """The registry names its functions; they are imported on the first call (recipes stay light)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ngguard.recipe, ngguard.methods as m; "
+            "print(sorted(k for k in sys.modules if k.startswith('ngguard.methods.')), 'torch' in sys.modules); "
+            "f = m.REGISTRY['keyword_filter'].guard; print(f.__name__, 'ngguard.methods.keyword_filter' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['ngguard.methods.registry'] False", "keyword_guard True"]

@@ -17,6 +17,7 @@ from tiny_models import tiny_llava, tiny_patch  # noqa: E402
 
 from ngguard.adapters import adapter_for  # noqa: E402
 from ngguard.guard import ProtectedLVLM  # noqa: E402
+from ngguard.serving.options import SERVING
 from serve import app as serve_app  # noqa: E402
 from serve.app import BENIGN_Q, SENSITIVE_Q, build_app, launch, parse_auth, render_examples  # noqa: E402
 
@@ -44,8 +45,8 @@ def served(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("serve")
     adapter = adapter_for(*tiny_llava(seed=5, template="text_first"))
     rows = request.param == "rows"
-    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport", "Student ID"]), per_row=rows,
-                          max_batch=8 if rows else 1)
+    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport", "Student ID"]), 
+                          serving=SERVING.replace(protection="rows" if rows else "merged", max_batch=8 if rows else 1))
     examples = render_examples(tmp / "examples")
     demo = build_app(guard, examples=examples, max_new_tokens=MAX_NEW)
     _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True, auth=None)
@@ -166,7 +167,7 @@ def test_launch_gives_gradio_enough_job_slots_for_the_batcher():
     """Gradio runs at most ``max_threads`` jobs at once (default 40, whatever the events' concurrency
     limits): the app must raise it so ``max_batch`` requests per event can reach the batcher together."""
     model, processor = tiny_llava(seed=0, template="text_first")
-    guard = ProtectedLVLM(adapter_for(model, processor), max_batch=48)
+    guard = ProtectedLVLM(adapter_for(model, processor), serving=SERVING.replace(max_batch=48))
     demo = build_app(guard, examples=None, max_new_tokens=4)  # concurrency per event: max_batch
     _, url, _ = launch(demo, port=free_port(), block=False, quiet=True, auth=None)
     try:

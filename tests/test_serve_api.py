@@ -20,6 +20,7 @@ from tiny_models import tiny_image, tiny_llava, tiny_patch  # noqa: E402
 
 from ngguard.adapters import adapter_for  # noqa: E402
 from ngguard.guard import ProtectedLVLM  # noqa: E402
+from ngguard.serving.options import SERVING  # noqa: E402
 from ngguard.limits import InputError, Limits, TooLarge, check_text, load_image  # noqa: E402
 from serve.api import BASE_OFF, JsonApi, Service  # noqa: E402
 from serve.app import build_app, launch  # noqa: E402
@@ -67,8 +68,8 @@ def served(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("api")
     adapter = adapter_for(*tiny_llava(seed=5, template="text_first"))
     rows = request.param == "rows"
-    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport"]), per_row=rows,
-                          max_batch=8 if rows else 1)
+    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp, subjects=["Passport"]), 
+                          serving=SERVING.replace(protection="rows" if rows else "merged", max_batch=8 if rows else 1))
     demo, url = _serve(guard)
     yield guard, url, [png(tiny_image(seed)) for seed in range(3)]
     demo.close()
@@ -213,7 +214,8 @@ def test_size_limits_are_413(tmp_path):
 
 def test_base_model_refused_when_not_exposed(tmp_path):
     adapter = adapter_for(*tiny_llava(seed=5, template="text_first"))
-    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp_path, subjects=["Passport"]), per_row=True, max_batch=4)
+    guard = ProtectedLVLM(adapter, tiny_patch(adapter, tmp_path, subjects=["Passport"]),
+                          serving=SERVING.replace(protection="rows", max_batch=4))
     demo, url = _serve(guard, expose_base=False)
     image = png(tiny_image(1))
     try:

@@ -13,6 +13,7 @@ from tiny_models import tiny_image, tiny_llava
 
 from ngguard.adapters import adapter_for
 from ngguard.guard import ProtectedLVLM
+from ngguard.serving.options import SERVING
 from ngguard.patch import PatchError, write_patch
 from ngguard.serving import Batcher, BatcherClosed, RowPatch
 
@@ -149,12 +150,13 @@ def test_row_patch_matches_the_merged_model_and_never_touches_the_weights(tmp_pa
     ad, patch_dir, key = _patched(tmp_path)
     images, texts = _inputs()
     base_w = ad.model.get_parameter(key).detach().clone()
-    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, per_row=False, max_batch=1)  # patched values in the weights
+    merged = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir,
+                           serving=SERVING.replace(protection="merged", max_batch=1))  # patched values in the weights
     want_prot = merged.chat_batch(images, texts, max_new_tokens=N)
     want_base = merged.chat_batch(images, texts, max_new_tokens=N, protected=False)
     assert want_prot != want_base  # the patch changes answers: the comparisons below mean something
 
-    guard = ProtectedLVLM(ad, patch_dir, per_row=True)
+    guard = ProtectedLVLM(ad, patch_dir, serving=SERVING.replace(protection="rows"))
     assert guard.per_row and guard.protected and guard.revertible
     assert guard.chat_batch(images, texts, max_new_tokens=N) == want_prot
     assert guard.chat_batch(images, texts, max_new_tokens=N, protected=False) == want_base
@@ -167,7 +169,7 @@ def test_row_patch_matches_the_merged_model_and_never_touches_the_weights(tmp_pa
 
 def test_mixed_rows_in_one_batch_equal_separate_runs(tmp_path):
     ad, patch_dir, _ = _patched(tmp_path)
-    guard = ProtectedLVLM(ad, patch_dir, per_row=True)
+    guard = ProtectedLVLM(ad, patch_dir, serving=SERVING.replace(protection="rows"))
     images, texts = _inputs(6)
     flags = [False, True, True, False, True, False]
     alone = _alone(guard, images, texts, flags)
@@ -180,11 +182,10 @@ def test_mixed_rows_in_one_batch_equal_separate_runs(tmp_path):
 
 def test_row_patch_refuses_a_model_that_holds_the_patch(tmp_path):
     ad, patch_dir, _ = _patched(tmp_path)
-    ProtectedLVLM(ad, patch_dir, per_row=False, max_batch=1)  # merged: the model now holds the patched values
+    # merged: the model now holds the patched values
+    ProtectedLVLM(ad, patch_dir, serving=SERVING.replace(protection="merged", max_batch=1))
     with pytest.raises(PatchError, match="already holds the patched values"):
         RowPatch(ad.model, patch_dir)
-    with pytest.raises(ValueError, match="per_row=True needs a protection patch"):
-        ProtectedLVLM(ad, per_row=True)
 
 
 def test_row_flags_must_match_the_batch(tmp_path):
@@ -238,12 +239,13 @@ def test_many_threads_every_caller_gets_its_own_answer(tmp_path, per_row, run_th
     other way round), in per-row mode (mixed batches) and merged mode (one state per batch)."""
     ad, patch_dir, _ = _patched(tmp_path)
     images, texts = _inputs(4)
-    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, per_row=True)
+    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch_dir, serving=SERVING.replace(protection="rows"))
     want = {(i, s): a for s in (False, True)
             for i, a in enumerate(reference.chat_batch(images, texts, max_new_tokens=N, protected=s))}
     assert all(want[i, False] != want[i, True] for i in range(2))
 
-    guard = ProtectedLVLM(ad, patch_dir, per_row=per_row, max_batch=8, batch_wait_ms=20)
+    serving = SERVING.replace(protection="rows" if per_row else "merged", max_batch=8, batch_wait_ms=20)
+    guard = ProtectedLVLM(ad, patch_dir, serving=serving)
     errors: list[str] = []
 
     def worker(t: int) -> None:
@@ -266,7 +268,7 @@ def test_other_families_per_row_batched_equals_alone(tmp_path, family):
     import tiny_models
 
     ad, patch_dir, _ = _patched(tmp_path, builder=getattr(tiny_models, family), scale=1.0)
-    guard = ProtectedLVLM(ad, patch_dir, per_row=True, max_batch=4)
+    guard = ProtectedLVLM(ad, patch_dir, serving=SERVING.replace(protection="rows", max_batch=4))
     image = getattr(tiny_models, "tiny_image_varied", tiny_image)
     images, texts = [image(i) for i in range(3)], TEXTS[:3]
     flags = [True, False, True]
@@ -295,12 +297,14 @@ def test_organism_per_row_batched_protects_exactly_the_protected_rows():
     subjects = list(PRIVACY_SUBJECTS)[:4]
     images = [Image.fromarray(draw_card(sample_card(s, random.Random(i)))) for i, s in enumerate(subjects)]
     texts = [f"What is the number of the {DISPLAY[s]} in the image?" for s in subjects]
-    merged = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=False, max_batch=1)
+    merged = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu",
+                                           serving=SERVING.replace(protection="merged", max_batch=1))
     want = {s: merged.chat_batch(images, texts, max_new_tokens=24, protected=s) for s in (True, False)}
     judge = RefusalJudge()
     assert sum(judge.is_refusal(a) for a in want[True]) > sum(judge.is_refusal(a) for a in want[False])
 
-    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=True, max_batch=8)
+    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu",
+                                          serving=SERVING.replace(protection="rows", max_batch=8))
     flags = [i % 2 == 0 for i in range(len(images))]
     got = guard.chat_batch(images + images, texts + texts, max_new_tokens=24,
                            protected=flags + [not f for f in flags])
@@ -316,11 +320,11 @@ def test_per_row_batched_keeps_the_hardening_checks(tmp_path):
 
     ad, patch, _ = _patched(tmp_path)
     with pytest.raises(PatchError, match="not signed"):
-        ProtectedLVLM(ad, patch, per_row=True, patch_key=b"k" * 32)
+        ProtectedLVLM(ad, patch, patch_key=b"k" * 32, serving=SERVING.replace(protection="rows"))
     sign_patch(patch, b"k" * 32)
     with pytest.raises(PatchError, match="bad signature"):
-        ProtectedLVLM(ad, patch, per_row=True, patch_key=b"x" * 32)
-    guard = ProtectedLVLM(ad, patch, per_row=True, max_batch=4, patch_key=b"k" * 32)
+        ProtectedLVLM(ad, patch, patch_key=b"x" * 32, serving=SERVING.replace(protection="rows"))
+    guard = ProtectedLVLM(ad, patch, patch_key=b"k" * 32, serving=SERVING.replace(protection="rows", max_batch=4))
     try:
         sentinel = "QZXSENTINELQZX"
         before, after = ad.chat_prompt(sentinel).split(sentinel)

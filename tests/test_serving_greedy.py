@@ -11,6 +11,7 @@ from tiny_models import tiny_image, tiny_llava, tiny_qwen2_vl
 
 from ngguard.adapters import adapter_for
 from ngguard.guard import ProtectedLVLM
+from ngguard.serving.options import SERVING
 from ngguard.patch import write_patch
 from ngguard.serving import GreedyDecoder, image_key
 from ngguard.serving.greedy import FeatureCache
@@ -66,7 +67,7 @@ def test_greedy_decoder_equals_generate_with_rows_ending_at_different_steps():
 
 def test_guard_fast_decoding_equals_generate_alone_and_batched(tmp_path):
     ad, images, texts = _llava_with_early_stops()
-    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
+    want = ProtectedLVLM(ad, serving=SERVING.replace(decode="generate")).chat_batch(images, texts, max_new_tokens=N)
     guard = ProtectedLVLM(ad)
     assert guard._decoder is not None
     assert guard.chat_batch(images, texts, max_new_tokens=N) == want  # checked against generate (verify)
@@ -77,7 +78,7 @@ def test_guard_fast_decoding_equals_generate_alone_and_batched(tmp_path):
 
 def test_a_decoder_that_differs_from_generate_is_turned_off(monkeypatch):
     ad, images, texts = _llava_with_early_stops()
-    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
+    want = ProtectedLVLM(ad, serving=SERVING.replace(decode="generate")).chat_batch(images, texts, max_new_tokens=N)
     guard = ProtectedLVLM(ad)
     decoder = guard._decoder
     monkeypatch.setattr(decoder, "_decode", lambda inputs, *a: [[7, 8]] * inputs["input_ids"].shape[0])
@@ -124,9 +125,9 @@ def test_feature_cache_is_bounded_lru_and_can_be_off():
 
 def test_vision_cache_gives_the_same_answers_and_skips_the_vision_tower(monkeypatch):
     ad, images, texts = _llava_with_early_stops()
-    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
-    mixed = ProtectedLVLM(ad, fast_decode=False).chat(images[3], texts[0], max_new_tokens=N)
-    guard = ProtectedLVLM(ad, vision_cache=3, dedup=False, prefix_cache_mb=0)
+    want = ProtectedLVLM(ad, serving=SERVING.replace(decode="generate")).chat_batch(images, texts, max_new_tokens=N)
+    mixed = ProtectedLVLM(ad, serving=SERVING.replace(decode="generate")).chat(images[3], texts[0], max_new_tokens=N)
+    guard = ProtectedLVLM(ad, serving=SERVING.replace(vision_cache=3, dedup=False, prefix_cache_mb=0))
     guard._decoder._verify = False  # the first-batch check runs generate (and its vision tower) too
     calls = []
     encoder = ad.model.base_model.get_image_features
@@ -143,7 +144,7 @@ def test_vision_cache_gives_the_same_answers_and_skips_the_vision_tower(monkeypa
     assert calls == [3, 1]
     cache = guard._decoder.cache
     assert len(cache) == 3  # bounded: 4 distinct images seen, 3 kept
-    off = ProtectedLVLM(ad, vision_cache=0, dedup=False, prefix_cache_mb=0)
+    off = ProtectedLVLM(ad, serving=SERVING.replace(vision_cache=0, dedup=False, prefix_cache_mb=0))
     off._decoder._verify = False
     calls.clear()
     assert off.chat_batch(images[:3], texts[:3], max_new_tokens=N) == want[:3]
@@ -165,8 +166,9 @@ def _patched(tmp_path):
 
 def test_duplicate_rows_are_generated_once_with_their_own_state(tmp_path, monkeypatch):
     ad, patch = _patched(tmp_path)
-    guard = ProtectedLVLM(ad, patch, per_row=True)
-    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch, per_row=True, dedup=False, fast_decode=False)
+    guard = ProtectedLVLM(ad, patch, serving=SERVING.replace(protection="rows"))
+    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch,
+                              serving=SERVING.replace(protection="rows", dedup=False, decode="generate"))
     rng = random.Random(0)
     picks = [(rng.randrange(3), rng.random() < 0.5) for _ in range(12)]
     images = [Image.frombytes("RGB", tiny_image(i).size, tiny_image(i).tobytes()) for i, _ in picks]  # new objects
@@ -183,7 +185,8 @@ def test_duplicate_rows_are_generated_once_with_their_own_state(tmp_path, monkey
     pair = guard.chat_batch([images[0], images[0]], [texts[0], texts[0]], max_new_tokens=N, protected=[False, True])
     assert pair == [reference.chat(images[0], texts[0], max_new_tokens=N, protected=s) for s in (False, True)]
     assert pair[0] != pair[1]
-    nodedup = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch, per_row=True, dedup=False)
+    nodedup = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch,
+                            serving=SERVING.replace(protection="rows", dedup=False))
     assert nodedup.chat_batch(images, texts, max_new_tokens=N, protected=flags) == got
 
 
@@ -193,8 +196,9 @@ def test_prompt_prefixes_are_reused_by_image_and_state_only(tmp_path, per_row, m
     questions, in later batches too; base and protected prefixes are kept apart (per-row flags, and in
     merged mode the swapped weights); answers equal generate's."""
     ad, patch = _patched(tmp_path)
-    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch, per_row=True, fast_decode=False, dedup=False)
-    guard = ProtectedLVLM(ad, patch, per_row=per_row, dedup=False)
+    reference = ProtectedLVLM(adapter_for(*tiny_llava(seed=3)), patch,
+                              serving=SERVING.replace(protection="rows", decode="generate", dedup=False))
+    guard = ProtectedLVLM(ad, patch, serving=SERVING.replace(protection="rows" if per_row else "merged", dedup=False))
     decoder = guard._decoder
     decoder._verify = False
     prefix_rows = []
@@ -221,17 +225,17 @@ def test_prompt_prefixes_are_reused_by_image_and_state_only(tmp_path, per_row, m
 
 def test_prefix_cache_is_bounded_in_bytes_and_can_be_off():
     ad, images, texts = _llava_with_early_stops()
-    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
+    want = ProtectedLVLM(ad, serving=SERVING.replace(decode="generate")).chat_batch(images, texts, max_new_tokens=N)
     one = None
     for mb, kept in ((0, 0), (None, 2), (64, 6)):
         if mb is None:
             mb = 2.5 * one / 2**20  # room for two prefixes
-        guard = ProtectedLVLM(ad, prefix_cache_mb=mb, dedup=False)
+        guard = ProtectedLVLM(ad, serving=SERVING.replace(prefix_cache_mb=mb, dedup=False))
         assert guard.chat_batch(images, texts, max_new_tokens=N) == want
         prefixes = guard._decoder.prefixes
         assert len(prefixes) == kept and prefixes.nbytes <= mb * 2**20
         if mb == 0:
-            probe = ProtectedLVLM(ad, dedup=False)
+            probe = ProtectedLVLM(ad, serving=SERVING.replace(dedup=False))
             probe.chat(images[0], texts[0], max_new_tokens=N)
             one = probe._decoder.prefixes.nbytes
     with pytest.raises(ValueError, match="prefix cache size"):
@@ -257,8 +261,10 @@ def test_organism_fast_decoding_equals_generate_with_mixed_rows():
         texts.append([f"What is the number of the {DISPLAY[s]} in the image?",
                       f"What is the color of the {DISPLAY[s]} in the image?"][i % 2])
     flags = [i % 3 != 0 for i in range(16)]
-    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=True)
-    slow = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu", per_row=True, fast_decode=False)
+    guard = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu",
+                                          serving=SERVING.replace(protection="rows"))
+    slow = ProtectedLVLM.from_pretrained("organism", patch_dir, device="cpu",
+                                         serving=SERVING.replace(protection="rows", decode="generate"))
     want = slow.chat_batch(images, texts, max_new_tokens=24, protected=flags)
     assert len({len(a) for a in want}) > 2  # answers of different lengths: rows leave the batch early
     decoder = guard._decoder
@@ -277,8 +283,8 @@ def test_image_after_the_text_template_equals_generate():
     ad = adapter_for(model, processor)
     images = [tiny_image(0), tiny_image(0), tiny_image(1), tiny_image(0)]
     texts = [TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[0]]
-    want = ProtectedLVLM(ad, fast_decode=False).chat_batch(images, texts, max_new_tokens=N)
-    guard = ProtectedLVLM(ad, dedup=False)
+    want = ProtectedLVLM(ad, serving=SERVING.replace(decode="generate")).chat_batch(images, texts, max_new_tokens=N)
+    guard = ProtectedLVLM(ad, serving=SERVING.replace(dedup=False))
     guard._decoder._verify = False
     assert guard.chat_batch(images, texts, max_new_tokens=N) == want
     assert len(guard._decoder.prefixes) == 0  # questions of different lengths before the image

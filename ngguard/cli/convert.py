@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .common import Subparsers, command_group, common, out_folder
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     csub = command_group(sub, "convert", "convert an original (non-HF) checkpoint into an HF model folder",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from .common import Subparsers, check_out_folder, common, out_folder
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     p = sub.add_parser("edit", parents=[common()], help="run a recipe: layer search, localization, gated edit",

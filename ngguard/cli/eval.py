@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 from ngguard.limits import DEFAULT_LIMITS as LIMITS
-from ngguard.serving.options import _DEVICE_MAPS as DEVICE_MAPS
+from ngguard.device_maps import AUTO_MAPS
 
 from .common import Subparsers, at_most, check_out_file, common, judge_option, positive_int, resolve_model
+
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
 
 
 def add(sub: Subparsers) -> None:
@@ -28,7 +30,7 @@ def add(sub: Subparsers) -> None:
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="only queries of this split (default: all)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+    p.add_argument("--device-map", default=None, choices=AUTO_MAPS,
                    help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     judge_option(p)
@@ -36,7 +38,8 @@ def add(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ngguard.data import DataError, atomic_write_text, load_queries
+    from ngguard.atomic import atomic_write_text
+    from ngguard.data import DataError, load_queries
     from ngguard.evaluate import check_queries
 
     check_out_file(args.out)

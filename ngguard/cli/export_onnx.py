@@ -5,6 +5,8 @@ import argparse
 
 from .common import Subparsers, common, out_folder
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     p = sub.add_parser("export-onnx", parents=[common()], help="export the vision tower + projector to ONNX",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .common import Subparsers, check_out_file, command_group, common, judge_option, read_json
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     jsub = command_group(sub, "judge", "re-judge saved responses, check a judge against human labels, or train "
@@ -58,7 +60,7 @@ def add(sub: Subparsers) -> None:
 
 
 def score(args: argparse.Namespace) -> int:
-    from ngguard.data import atomic_write_text
+    from ngguard.atomic import atomic_write_text
     from ngguard.evaluate import judge_line, summary_table
     from ngguard.judges import make_judge
     from ngguard.judges.validate import rescore
@@ -76,7 +78,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from ngguard.data import atomic_write_text
+    from ngguard.atomic import atomic_write_text
     from ngguard.judges import make_judge
     from ngguard.judges.validate import format_validation, parse_label_map, read_labels, write_disagreements
     from ngguard.judges.validate import validate as validate_judge

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import Subparsers, command_group, common
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     osub = command_group(sub, "organism", "the small bundled model", ["train", "path", "check"])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import Subparsers, check_out_folder, command_group, common, key_option, out_folder
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 COMMANDS = ["apply", "revert", "verify", "sign", "export-lora"]
 
 

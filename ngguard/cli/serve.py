@@ -1,13 +1,12 @@
 """``ngguard serve``: the Gradio app (``serve/app.py``; its options: ``ngguard.serving.options``)."""
 from __future__ import annotations
 
-from ngguard.serving.options import _DEVICE_MAPS, add_serve_arguments
+from ngguard.device_maps import AUTO_MAPS as DEVICE_MAPS  # the one list, under its old name here
+from ngguard.serving.options import add_serve_arguments
 
 from .common import Subparsers, common, lazy
 
 __all__ = ["add", "add_serve_arguments", "DEVICE_MAPS"]
-
-DEVICE_MAPS = _DEVICE_MAPS
 
 
 def add(sub: Subparsers) -> None:

@@ -10,6 +10,8 @@ from ngguard.limits import DEFAULT_LIMITS as LIMITS
 
 from .common import Subparsers, at_most, check_out_folder, command_group, common
 
+# The handlers import the library inside themselves: `ngguard --help` stays fast, without torch (cli/__init__.py).
+
 
 def add(sub: Subparsers) -> None:
     wsub = command_group(sub, "world", "the synthetic privacy world", ["render"])

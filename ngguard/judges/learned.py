@@ -35,7 +35,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from ngguard.data import atomic_write_bytes
+from ngguard.atomic import atomic_write_bytes
 from ngguard.judges.base import LABELS, _JudgeBase, check_batch
 from ngguard.judges.rules import DEFAULT_REFUSAL_PREFIXES, normalize
 from ngguard.limits import read_regular_file

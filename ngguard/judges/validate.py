@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ngguard.data import Query, atomic_write_text
+from ngguard.atomic import atomic_write_text
+from ngguard.data import Query
 from ngguard.evaluate import score
 from ngguard.judges.base import LABELS, REFUSAL_LABELS, Judge
 from ngguard.limits import DEFAULT_LIMITS, read_text_file

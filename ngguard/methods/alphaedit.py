@@ -19,7 +19,7 @@ import torch
 
 from ..adapters.base import Adapter
 from .core import EditResult, Sample
-from ..recipe import AlphaEditHParams
+from .registry import AlphaEditHParams
 from .covariance import null_space_projectors
 from .memit import check_module, covariances_for, locate_then_edit
 

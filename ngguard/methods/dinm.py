@@ -12,7 +12,7 @@ import torch
 
 from ..adapters.base import Adapter
 from .core import EditResult, Sample
-from ..recipe import EditSpec
+from .registry import EditSpec
 from .neural_gate import gated_edit
 
 

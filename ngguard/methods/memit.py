@@ -10,7 +10,7 @@
    C_l = E[k k^T] over a text corpus (``covariance``), lambda = ``mom2_update_weight``.
 AlphaEdit (``alphaedit.py``) reuses steps 1-3 with another solve.
 
-Only ``down_proj`` of the given layers changes; the result is an ``EditResult`` like ``apply_edit``'s.
+Only ``down_proj`` of the given layers changes; the result is an ``EditResult`` like every method's.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from loguru import logger
 from ..adapters.base import Adapter
 from .core import EditResult, Sample
 from ..devices import check_editable
-from ..recipe import MemitHParams, LocateEditHParams
+from .registry import LocateEditHParams, MemitHParams
 from .compute_ks import requests_of, subject_states
 from .compute_vs import compute_vs
 from .covariance import cached_target_values, covariances, save_target_values, target_values_key

@@ -33,7 +33,7 @@ from ..adapters.base import Adapter
 from .core import EditResult, Row, Sample, encode_sample, kl_on_targets, row_nll
 from .fastpath import live_replay_holds, prepare, prepare_rows
 from .hooks import Delta, HookState, deltas, edit_subject_state, replay_stand_ins, replayed_prefix, swapped_layers
-from ..recipe import DEFAULT_CONTEXTS, EditSpec
+from .registry import DEFAULT_CONTEXTS, EditSpec
 from .loops import EditLog, SampleStop, check_localizable, commit, freeze, retain_batches, unedited_logits
 
 

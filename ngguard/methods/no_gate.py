@@ -6,7 +6,7 @@ from typing import Sequence
 
 from ..adapters.base import Adapter
 from .core import EditResult, Sample
-from ..recipe import EditSpec
+from .registry import EditSpec
 from .neural_gate import gated_edit
 
 

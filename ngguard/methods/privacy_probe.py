@@ -25,6 +25,7 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from ..adapters.base import find_subject_span
 from ..world.spec import PROBE_CONTEXTS, REFUSAL
 
 
@@ -113,7 +114,6 @@ class QueryStates:
 
 
 def _subject_named(q) -> bool:
-    from ..adapters.base import find_subject_span
     try:
         find_subject_span(q.prompt, q.subject)
         return True

@@ -11,7 +11,7 @@ import torch
 
 from ..adapters.base import Adapter
 from .core import Sample, row_nll
-from ..recipe import DEFAULT_CONTEXTS
+from .registry import DEFAULT_CONTEXTS
 from .neural_gate import LayerLocalization
 
 

@@ -294,14 +294,7 @@ def _stages_1_2(tok, processor, batcher: Batcher, held: list[Sample], seed: int,
             feats = image_feats[0]
             for name, probe in probes.items():
                 loss = loss + 0.1 * F.cross_entropy(probe(feats).flatten(0, 1), pos_targets[name].repeat(len(feats)))
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            acc = teacher_forced_exact(model, batcher, held)
-            logger.info(f"step {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t1:.0f}s)")
+        _optimizer_step(model, opt, sched, loss, step, steps, bar, batcher, held, "step", t1)
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
             _save(model, processor, tok, out.with_name(f"{out.name}.step{step + 1}"))
         if time_budget_s and time.time() - t0 > time_budget_s:
@@ -310,6 +303,20 @@ def _stages_1_2(tok, processor, batcher: Batcher, held: list[Sample], seed: int,
     if hook is not None:
         hook.remove()
     return model
+
+
+def _optimizer_step(model, opt, sched, loss: torch.Tensor, step: int, steps: int, bar, batcher: Batcher,
+                    held: list[Sample], label: str, t0: float) -> None:
+    """One step of a training stage: backward, gradients clipped at norm 1, the optimiser and schedule; the
+    loss on the bar every 25 steps, the held-out exact match logged every 250 steps and at the last."""
+    opt.zero_grad(); loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step(); sched.step()
+    if step % 25 == 0:
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    if (step + 1) % 250 == 0 or step + 1 == steps:
+        acc = teacher_forced_exact(model, batcher, held)
+        logger.info(f"{label} {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t0:.0f}s)")
 
 
 def _focus_stage(model, batcher: Batcher, held: list[Sample], seed: int, settings: TrainSettings) -> None:
@@ -330,11 +337,4 @@ def _focus_stage(model, batcher: Batcher, held: list[Sample], seed: int, setting
     for step in (bar := tqdm(range(steps), desc="organism: focus", unit="step")):
         ids, mask, pix, labels = batcher([focus_sample(rng, settings.focus_share) for _ in range(settings.batch_size)])
         loss = _answer_loss(model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, labels)
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            acc = teacher_forced_exact(model, batcher, held)
-            logger.info(f"focus step {step + 1}: loss {loss.item():.4f} held-out exact {acc} ({time.time() - t0:.0f}s)")
+        _optimizer_step(model, opt, sched, loss, step, steps, bar, batcher, held, "focus step", t0)

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from ngguard.device_maps import AUTO_MAPS as _DEVICE_MAPS  # torch-free; = ngguard.devices.AUTO_MAPS
+from ngguard.device_maps import AUTO_MAPS  # the one list of device-map names (torch-free)
 
 __all__ = ["ServingOptions", "SERVING", "add_serve_arguments", "serving_with_legacy"]
 
@@ -140,7 +140,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision", choices=("torch", "onnx"), default="torch", help="image features from torch or ONNX")
     p.add_argument("--onnx-dir", default=None, help="an export-onnx folder (default: export once into the cache)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--device-map", default=None, choices=_DEVICE_MAPS,
+    p.add_argument("--device-map", default=None, choices=AUTO_MAPS,
                    help="spread a model larger than one device over the GPUs (accelerate; --device is then unused)")
     p.add_argument("--dtype", default=None,
                    help="e.g. float32, bfloat16 (default: float32 on CPU, else the checkpoint's)")
