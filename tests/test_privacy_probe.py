@@ -236,3 +236,24 @@ def test_new_privacy_probe_settings_are_validated_and_travel_in_a_guard_patch(tm
     assert (back.unnamed_by, back.ensemble, back.request_tokens) == ("mean", True, "both")
     qs = [q for v in sets.values() for q in v][:8]
     assert back.decisions(qs) == guard.decisions(qs)
+
+
+def test_neutral_images_teach_only_the_image_probe(tmp_path):
+    """neutral_images: the image probe also learns the neutral queries' images (shapes) as "no private card";
+    every other probe is fitted exactly as without it."""
+    model, processor = tiny_llava(0, "image_first")
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp_path)
+    base = dict(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",))
+    fit = lambda **kw: REGISTRY["privacy_probe"].guard(  # noqa: E731
+        sets["train"], REFUSAL, adapter=adapter, sets=sets, recipe=SimpleNamespace(privacy_probe=PrivacyProbeHParams(**base, **kw)))[0]
+    a, b = fit(), fit(neutral_images=True)
+    shapes = len({q.image for q in sets["utility_train"]})
+    assert b.image.log["rows"] == a.image.log["rows"] + shapes
+    assert not torch.equal(a.image.w, b.image.w)
+    assert all(torch.equal(getattr(a, p).w, getattr(b, p).w) for p in ("subject", "locator", "request", "named"))
+    with pytest.raises(Exception, match="neutral_images"):
+        from pathlib import Path
+        from ngguard.recipe import load_recipe
+        load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml", overrides=["privacy_probe.neutral_images=some"])

@@ -383,12 +383,13 @@ def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Seque
     if hp.request_tokens == "both":  # two readings of the same layer side by side
         request.layers = (layers["request"],) * 2
     # private vs public card from the image alone (for questions that name no subject)
+    # (with ``hp.neutral_images``, the neutral queries' images too: no private card there)
     first = {}
-    for i, q in enumerate(queries):
+    for i, q in enumerate(queries + (list(neutral) if hp.neutral_images else [])):
         first.setdefault(q.image, i)
     img_idx = sorted(first.values())
-    image = fit(st.image[img_idx][:, c("image")], torch.tensor([float(queries[i].subject in private) for i in img_idx]),
-                "image")
+    image = fit(st.image[img_idx][:, c("image")],
+                torch.tensor([float(i < n and queries[i].subject in private) for i in img_idx]), "image")
     # does the question name its subject (else the image decides): at the last prompt token
     y = torch.tensor([float(s is not None) for s in st.subject])
     named = fit(st.last[:, c("request")], y, "request")

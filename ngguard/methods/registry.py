@@ -160,6 +160,8 @@ class PrivacyProbeHParams:
     ensemble: bool = _f(False, _bool)
     # what the request probe reads: the last prompt token, the mean over the prompt's text tokens, or both
     request_tokens: str = _f("last", _choice(("last", "mean", "both")))
+    # the image probe also learns the images of neutral_sets (about no card) as "no private card"
+    neutral_images: bool = _f(False, _bool)
 
 
 @dataclass(frozen=True)
