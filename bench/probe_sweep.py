@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         if hp.contexts:  # the wrapped training questions go between the card questions and the neutral ones
             qs, wst = wrapped[hp.contexts]
             n = len(base)
-            queries, st = base + qs, concat(subset_states(st0, list(range(n))), wst, subset_states(st0, list(range(n, len(st0.text)))))
+            queries, st = base + qs, concat(subset_states(st0, list(range(n))), wst,
+                                            subset_states(st0, list(range(n, len(st0.text)))))
         row = {"setting": name}
         held, fam_held = [], []
         for fold in folds:

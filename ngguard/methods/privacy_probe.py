@@ -268,7 +268,8 @@ class ProbeGuard:
         hid = self.hidden
         st = query_states(self.adapter, queries, hid, subjects=False, batch_size=self.batch_size, desc="probe guard")
         if self.unnamed_by != "image":
-            st.described = described_states(self.adapter, [q.image for q in queries], hid, batch_size=self.batch_size)[0]
+            st.described = described_states(self.adapter, [q.image for q in queries], hid,
+                                            batch_size=self.batch_size)[0]
         return self.decide(st, hid)
 
     def decide(self, st: QueryStates, hid: Sequence[int]) -> list[dict]:
@@ -280,7 +281,8 @@ class ProbeGuard:
         img = torch.sigmoid(self.image.logits(st.image[:, at(self.image)]))
         desc = None if st.described is None else torch.sigmoid(self.subject.logits(st.described[:, at(self.subject)]))
         if self.unnamed_by != "image" and desc is None:
-            raise ValueError(f"privacy_probe: unnamed_by {self.unnamed_by} needs the described states (described_states)")
+            raise ValueError(f"privacy_probe: unnamed_by {self.unnamed_by} needs the described states "
+                             f"(described_states)")
         out = []
         for j, t in enumerate(st.text):
             loc = torch.sigmoid(self.locator.logits(t[:, at(self.locator)]))
@@ -394,7 +396,8 @@ def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Seque
     y = torch.tensor([float(s is not None) for s in st.subject])
     named = fit(st.last[:, c("request")], y, "request")
     guard = ProbeGuard(adapter, refusal, subject, locator, request, image, named, batch_size=hp.batch_size,
-                       named_by=hp.named_by, unnamed_by=hp.unnamed_by, ensemble=hp.ensemble, request_tokens=hp.request_tokens)
+                       named_by=hp.named_by, unnamed_by=hp.unnamed_by, ensemble=hp.ensemble,
+                       request_tokens=hp.request_tokens)
     info = {"probe_layers": layers, "private_subjects": sorted(private), "training_queries": n,
             "train_accuracy": {k: p.log["train_accuracy"] for k, p in
                                (("subject", subject), ("locator", locator), ("request", request), ("image", image),
