@@ -236,6 +236,11 @@ def test_new_privacy_probe_settings_are_validated_and_travel_in_a_guard_patch(tm
     assert (back.unnamed_by, back.ensemble, back.request_tokens) == ("mean", True, "both")
     qs = [q for v in sets.values() for q in v][:8]
     assert back.decisions(qs) == guard.decisions(qs)
+    # served requests hold the image itself (PIL), not a path: the same decisions
+    from PIL import Image
+    from ngguard.guard_patch import blocked
+    assert blocked(back, [Image.open(q.image) for q in qs], [q.prompt for q in qs]) == \
+        [d["blocked"] for d in guard.decisions(qs)]
 
 
 def test_neutral_images_teach_only_the_image_probe(tmp_path):
