@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ngguard.adapters import load_adapter
-from ngguard.methods.privacy_probe import QueryStates, fit_from_states, query_states, training_queries
+from ngguard.methods.privacy_probe import QueryStates, described_states, fit_from_states, query_states, subset_states, \
+    training_queries
 from ngguard.pipeline import build_sets
 from ngguard.recipe import VALIDATION_SETS, load_recipe
 from ngguard.world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS, is_private
@@ -84,10 +85,6 @@ def concat(*parts: QueryStates) -> QueryStates:
                        torch.cat([p.last for p in parts]), torch.cat([p.image for p in parts]))
 
 
-def subset(st: QueryStates, idx) -> QueryStates:
-    return QueryStates([st.text[i] for i in idx], [st.subject[i] for i in idx], st.last[idx], st.image[idx])
-
-
 def figures(decisions, queries, keep) -> dict:
     def rate(sel):
         xs = [d["blocked"] for d, q in zip(decisions, queries) if keep(q) and sel(q)]
@@ -135,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="privacy_probe keys")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--families", action="store_true", help="also print the adversarial / subject-free figures per family")
+    p.add_argument("--dump", type=Path, default=None,
+                   help="write every validation decision (the readings behind it) as JSON lines: the seen fit's, then "
+                        "each fold's on its held-out subjects")
     p.add_argument("--states", type=Path, default=None,
                    help="folder to keep the hidden states in (safetensors), reused while the queries are the same")
     a = p.parse_args(argv)
@@ -154,6 +154,8 @@ def main(argv=None) -> int:
         st0 = cached_states(adapter, base + neutral, hid, a.states, f"train-seed{a.seed}")
         val = [q for name in VALIDATION_SETS if name != "val" for q in sets.get(name, [])]
         vst = cached_states(adapter, val, hid, a.states, f"val-seed{a.seed}", subjects=False)
+        # the model's own name for each validation image, in a question (``unnamed_by: description``)
+        vst.described = described_states(adapter, [q.image for q in val], hid)[0]
         wrapped = {}  # contexts -> (wrapped training queries, their states)
         for hp in settings:
             if hp.contexts and hp.contexts not in wrapped:
@@ -161,21 +163,26 @@ def main(argv=None) -> int:
                 wrapped[hp.contexts] = qs, cached_states(adapter, qs, hid, a.states,
                                                          f"train-{'+'.join(hp.contexts)}-seed{a.seed}")
     folds = [()] + [(PRIVACY_SUBJECTS[k], PUBLIC_SUBJECTS[k % len(PUBLIC_SUBJECTS)]) for k in range(len(PRIVACY_SUBJECTS))]
-    rows = []
+    rows, dump = [], []
     logger.remove()
     for hp, name in zip(settings, names):
         queries, st = base, st0
         if hp.contexts:  # the wrapped training questions go between the card questions and the neutral ones
             qs, wst = wrapped[hp.contexts]
             n = len(base)
-            queries, st = base + qs, concat(subset(st0, list(range(n))), wst, subset(st0, list(range(n, len(st0.text)))))
+            queries, st = base + qs, concat(subset_states(st0, list(range(n))), wst,
+                                            subset_states(st0, list(range(n, len(st0.text)))))
         row = {"setting": name}
         held, fam_held = [], []
         for fold in folds:
             qi = [i for i, q in enumerate(queries) if q.subject not in fold]
-            sub = subset(st, qi + list(range(len(queries), len(queries) + len(neutral))))
+            sub = subset_states(st, qi + list(range(len(queries), len(queries) + len(neutral))))
             guard, _ = fit_from_states(adapter, sub, hid, [queries[i] for i in qi], neutral, hp, "")
             dec = guard.decide(vst, hid)
+            if a.dump:
+                dump += [{"setting": name, "fold": "+".join(fold) or "seen", "split": q.split, "pair_id": q.pair_id,
+                          "subject": q.subject, "sensitive": q.sensitive, "prompt": q.prompt, **d}
+                         for d, q in zip(dec, val) if not fold or q.subject in fold]
             if not fold:
                 row["seen"] = figures(dec, val, lambda q: True)
                 row["families_seen"] = family_figures(dec, val, lambda q: True)
@@ -212,6 +219,8 @@ def main(argv=None) -> int:
     print(f"\nchosen (best mean validation figure): {best['setting']} ({best['score']:.3f})")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
+    if a.dump:
+        a.dump.write_text("".join(json.dumps(d) + "\n" for d in dump))
     return 0
 
 

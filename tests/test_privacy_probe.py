@@ -160,3 +160,105 @@ def test_privacy_probe_with_contexts_and_locator_gate(tmp_path):
     for bad in ("privacy_probe.named_by=maybe", "privacy_probe.contexts=[nowhere]"):
         with pytest.raises(Exception, match=bad.split("=")[0].split(".")[1]):
             load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml", overrides=[bad])
+
+
+def test_unnamed_by_and_ensemble_change_only_the_decision_rule(tmp_path):
+    """unnamed_by / ensemble (issue 27) fit the same probes; they change which readings decide "private": the
+    image probe (default, the old rule), the subject probe at the model's own name for the image
+    (``described_states``), their mean, and for named questions with ensemble the mean with the subject probe."""
+    from ngguard.methods.privacy_probe import described_states
+    model, processor = tiny_llava(0, "image_first")
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp_path)
+    base = dict(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",))
+
+    def fit(**kw):
+        return REGISTRY["privacy_probe"].guard(sets["train"], REFUSAL, adapter=adapter, sets=sets,
+                                               recipe=SimpleNamespace(privacy_probe=PrivacyProbeHParams(**base, **kw)))[0]
+
+    every = [q for v in sets.values() for q in v]
+    g0, gd, gm, ge = fit(), fit(unnamed_by="description"), fit(unnamed_by="mean"), fit(unnamed_by="mean", ensemble=True)
+    assert all(torch.equal(getattr(g0, p).w, getattr(g, p).w) for g in (gd, gm, ge)
+               for p in ("subject", "locator", "request", "image", "named"))
+    d0, dd, dm, de = (g.decisions(every) for g in (g0, gd, gm, ge))
+    assert all(d["described_p"] is None and d["private"] == (d["subject_p"] if d["named"] else d["image_p"]) for d in d0)
+    assert any(d["described_p"] is not None for d in dd)  # the description route is exercised
+    for a, b, m, e in zip(d0, dd, dm, de):
+        assert a["subject_p"] == b["subject_p"] == m["subject_p"] and a["image_p"] == b["image_p"] == m["image_p"]
+        assert b["described_p"] == m["described_p"] == e["described_p"]
+        if b["described_p"] is None:  # the model named nothing: the image decides, as before
+            assert b["private"] == m["private"] == a["image_p"] or a["named"]
+            continue
+        if a["named"]:
+            assert b["private"] == m["private"] == a["private"] and b["blocked"] == a["blocked"]
+            assert e["private"] == pytest.approx((a["subject_p"] + b["described_p"] + a["image_p"]) / 3)
+        else:
+            assert b["private"] == b["described_p"] and m["private"] == pytest.approx((b["described_p"] + a["image_p"]) / 2)
+            assert e["private"] == m["private"]
+    assert gm.decisions(every) == dm  # deterministic
+    # the described states: one generation per distinct image, the same rows for the same image
+    imgs = [q.image for q in every[:4]] + [every[0].image]
+    st, names = described_states(adapter, imgs, [2, 4])
+    assert st.shape == (5, 2, adapter.hidden_size) and names[0] == names[-1]
+    assert torch.equal(st[0].nan_to_num(), st[-1].nan_to_num())
+    assert torch.equal(described_states(adapter, imgs, [2, 4])[0].nan_to_num(), st.nan_to_num())
+
+
+def test_new_privacy_probe_settings_are_validated_and_travel_in_a_guard_patch(tmp_path):
+    from pathlib import Path
+    from ngguard.guard_patch import load_guard, write_guard_patch
+    from ngguard.recipe import load_recipe
+    recipe = Path(__file__).parents[1] / "recipes" / "organism.yaml"
+    for bad in ("privacy_probe.unnamed_by=sometimes", "privacy_probe.ensemble=perhaps",
+                "privacy_probe.request_tokens=first"):
+        with pytest.raises(Exception, match=bad.split("=")[0].split(".")[1]) as e:
+            load_recipe(recipe, overrides=[bad])
+        assert "\n" not in str(e.value).strip()
+    r = load_recipe(recipe, overrides=["privacy_probe.unnamed_by=description", "privacy_probe.ensemble=true",
+                                       "privacy_probe.request_tokens=both"])
+    assert (r.privacy_probe.unnamed_by, r.privacy_probe.ensemble, r.privacy_probe.request_tokens) == \
+        ("description", True, "both")
+    model, processor = tiny_llava(0, "image_first")
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp_path)
+    hp = PrivacyProbeHParams(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                             train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",),
+                             unnamed_by="mean", ensemble=True, request_tokens="both")
+    guard, _ = REGISTRY["privacy_probe"].guard(sets["train"], REFUSAL, adapter=adapter, sets=sets,
+                                               recipe=SimpleNamespace(privacy_probe=hp))
+    assert guard.request.layers == (2, 2) and guard.request.w.shape[0] == 2 * adapter.hidden_size
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    write_guard_patch(tmp_path / "patch", guard, base_dir=base, recipe_hash=None, method="privacy_probe", subjects=[])
+    _, back = load_guard(tmp_path / "patch", adapter)
+    assert (back.unnamed_by, back.ensemble, back.request_tokens) == ("mean", True, "both")
+    qs = [q for v in sets.values() for q in v][:8]
+    assert back.decisions(qs) == guard.decisions(qs)
+    # served requests hold the image itself (PIL), not a path: the same decisions
+    from PIL import Image
+    from ngguard.guard_patch import blocked
+    assert blocked(back, [Image.open(q.image) for q in qs], [q.prompt for q in qs]) == \
+        [d["blocked"] for d in guard.decisions(qs)]
+
+
+def test_neutral_images_teach_only_the_image_probe(tmp_path):
+    """neutral_images: the image probe also learns the neutral queries' images (shapes) as "no private card";
+    every other probe is fitted exactly as without it."""
+    model, processor = tiny_llava(0, "image_first")
+    adapter = adapter_for(model, processor)
+    sets = _world(tmp_path)
+    base = dict(subject_layer=1, locator_layer=1, request_layer=2, image_layer=3,
+                train_sets=("overrefusal_train", "awareness_train"), neutral_sets=("utility_train",))
+    fit = lambda **kw: REGISTRY["privacy_probe"].guard(  # noqa: E731
+        sets["train"], REFUSAL, adapter=adapter, sets=sets, recipe=SimpleNamespace(privacy_probe=PrivacyProbeHParams(**base, **kw)))[0]
+    a, b = fit(), fit(neutral_images=True)
+    shapes = len({q.image for q in sets["utility_train"]})
+    assert b.image.log["rows"] == a.image.log["rows"] + shapes
+    assert not torch.equal(a.image.w, b.image.w)
+    assert all(torch.equal(getattr(a, p).w, getattr(b, p).w) for p in ("subject", "locator", "request", "named"))
+    with pytest.raises(Exception, match="neutral_images"):
+        from pathlib import Path
+        from ngguard.recipe import load_recipe
+        load_recipe(Path(__file__).parents[1] / "recipes" / "organism.yaml", overrides=["privacy_probe.neutral_images=some"])

@@ -108,6 +108,9 @@ class QueryStates:
     subject: list[int | None]           # per query: the subject's last token within ``text`` (None: not named)
     last: torch.Tensor                  # [N, H, d] at the last prompt token
     image: torch.Tensor                 # [N, H, d] mean over the image tokens
+    # [N, H, d] at the subject token of ``NAMED_TEMPLATE`` filled with the model's own description of the
+    # image (``described_states``; None: not read); rows of images the model named nothing on are NaN
+    described: torch.Tensor | None = None
 
 
 def _subject_named(q) -> bool:
@@ -147,6 +150,74 @@ def query_states(adapter, queries: Sequence, hidden: Sequence[int], *, batch_siz
                        torch.stack(image) if image else torch.zeros(0, len(hidden), d))
 
 
+# The question the guard asks the model about an image when a question names no subject (a general question:
+# the organism answers with the card's kind, as questions name it), and the question its answer is put in,
+# so that the subject probe reads the model's own name for the card where it was trained to: at a subject
+# token of a question (the state there depends only on the image and the words up to the subject).
+DESCRIBE_PROMPT = "What is shown in the image?"
+NAMED_TEMPLATE = "What does the {subject} in the image list as its name?"
+
+
+def subset_states(st: QueryStates, idx: Sequence[int]) -> QueryStates:
+    """The states of the queries ``idx`` of ``st``."""
+    return QueryStates([st.text[i] for i in idx], [st.subject[i] for i in idx], st.last[idx], st.image[idx],
+                       None if st.described is None else st.described[idx])
+
+
+def _image_key(image):
+    return str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else id(image)
+
+
+@torch.no_grad()
+def described_states(adapter, images: Sequence, hidden: Sequence[int], *, batch_size: int = 64,
+                     prompt: str = DESCRIBE_PROMPT, template: str = NAMED_TEMPLATE) -> tuple[torch.Tensor, list[str]]:
+    """Per image of ``images`` (paths or PIL images; each distinct one read once): the model's greedy answer
+    to ``prompt`` (its name for what the image shows, first line) and the states at that name's last token
+    in ``template`` -> ([N, len(hidden), d], names). NaN rows where the answer is empty or not found again."""
+    keys = [_image_key(im) for im in images]
+    uniq = list(dict.fromkeys(keys))
+    first = {k: images[keys.index(k)] for k in uniq}
+    names: dict = {}
+    for i in range(0, len(uniq), batch_size):
+        chunk = uniq[i:i + batch_size]
+        out = adapter.generate([_open(first[k]) for k in chunk], [prompt] * len(chunk), max_new_tokens=8)
+        names.update({k: (o.strip().splitlines() or [""])[0].strip() for k, o in zip(chunk, out)})
+    d = adapter.hidden_size
+    rows = {k: torch.full((len(hidden), d), float("nan")) for k in uniq}
+    named = [k for k in uniq if names[k] and _subject_named(_Named(template.format(subject=names[k]), names[k]))]
+    qs = [_Named(template.format(subject=names[k]), names[k], first[k]) for k in named]
+    try:
+        st = query_states(adapter, qs, hidden, batch_size=batch_size, desc="probe states (described)") if qs else None
+        parts = [(named, st)] if st else []
+    except ValueError:  # a name the tokenizer splits oddly: one at a time, those without their token left NaN
+        parts = []
+        for k, q in zip(named, qs):
+            try:
+                parts.append(([k], query_states(adapter, [q], hidden, batch_size=1)))
+            except ValueError:
+                logger.warning(f"privacy_probe: the model's name for an image ({q.subject!r:.40}) has no subject token")
+    for ks, st in parts:
+        rows.update({k: t[s] for k, t, s in zip(ks, st.text, st.subject)})
+    return torch.stack([rows[k] for k in keys]) if keys else torch.zeros(0, len(hidden), d), [names[k] for k in keys]
+
+
+@dataclass
+class _Named:
+    prompt: str
+    subject: str
+    image: object = None
+
+
+def request_features(st: QueryStates, cols: Sequence[int], tokens: str = "last") -> torch.Tensor:
+    """The request probe's input per query at the hidden indices ``cols``: the last prompt token ("last"),
+    the mean over every non-image prompt token ("mean"), or both side by side ("both": [N, 2 * len(cols), d])."""
+    last = st.last[:, cols]
+    if tokens == "last":
+        return last
+    mean = torch.stack([t[:, cols].mean(0) for t in st.text]) if st.text else torch.zeros_like(last)
+    return mean if tokens == "mean" else torch.cat([last, mean], 1)
+
+
 # ---------------------------------------------------------------------------------------------- the guard
 def _balanced(y: torch.Tensor) -> torch.Tensor:
     """Row weights giving both classes the same total weight."""
@@ -178,6 +249,15 @@ class ProbeGuard:
     # when a question names its subject: "probe" (the named probe says so), "locator" (some token reads as a
     # subject's above the locator's threshold) or "both"
     named_by: str = "probe"
+    # a question that names no subject: "image" (the image probe), "description" (the subject probe at the
+    # model's own name for the image, ``described_states``; the image probe where the model names nothing) or
+    # "mean" (the mean of the two probabilities)
+    unnamed_by: str = "image"
+    # a question that names its subject: the subject probe alone (False) or the mean of its probability and the
+    # readings ``unnamed_by`` names (True: an ensemble of the readings of privacy)
+    ensemble: bool = False
+    # what the request probe reads (``request_features``): "last", "mean" or "both"
+    request_tokens: str = "last"
 
     @property
     def hidden(self) -> list[int]:
@@ -187,24 +267,38 @@ class ProbeGuard:
         """Per query: the probes' readings and whether it is blocked."""
         hid = self.hidden
         st = query_states(self.adapter, queries, hid, subjects=False, batch_size=self.batch_size, desc="probe guard")
+        if self.unnamed_by != "image":
+            st.described = described_states(self.adapter, [q.image for q in queries], hid,
+                                            batch_size=self.batch_size)[0]
         return self.decide(st, hid)
 
     def decide(self, st: QueryStates, hid: Sequence[int]) -> list[dict]:
         """``decisions`` from states already read at the hidden indices ``hid`` (a superset of ``hidden``)."""
         col = {h: i for i, h in enumerate(hid)}
         at = lambda p: [col[p.layers[0] + 1]]  # noqa: E731
-        req = torch.sigmoid(self.request.logits(st.last[:, at(self.request)]))
+        req = torch.sigmoid(self.request.logits(request_features(st, at(self.request), self.request_tokens)))
         named_p = torch.sigmoid(self.named.logits(st.last[:, at(self.named)]))
         img = torch.sigmoid(self.image.logits(st.image[:, at(self.image)]))
+        desc = None if st.described is None else torch.sigmoid(self.subject.logits(st.described[:, at(self.subject)]))
+        if self.unnamed_by != "image" and desc is None:
+            raise ValueError(f"privacy_probe: unnamed_by {self.unnamed_by} needs the described states "
+                             f"(described_states)")
         out = []
         for j, t in enumerate(st.text):
             loc = torch.sigmoid(self.locator.logits(t[:, at(self.locator)]))
             named = (self.named_by == "locator" or bool(named_p[j] > self.named.threshold)) and \
                 (self.named_by == "probe" or bool(loc.max() > self.locator.threshold))
-            priv = float(torch.sigmoid(self.subject.logits(t[int(loc.argmax())][at(self.subject)].unsqueeze(0)))) \
-                if named else float(img[j])
+            subj = float(torch.sigmoid(self.subject.logits(t[int(loc.argmax())][at(self.subject)].unsqueeze(0))))
+            described = None if desc is None or bool(desc[j].isnan()) else float(desc[j])
+            readings = [float(img[j])] if self.unnamed_by == "image" or described is None else \
+                [described] if self.unnamed_by == "description" else [described, float(img[j])]
+            priv = (sum([subj, *readings]) / (1 + len(readings)) if self.ensemble else subj) if named else \
+                sum(readings) / len(readings)
             out.append({"private": priv, "request": float(req[j]), "named": named,
-                        "blocked": priv > self.subject.threshold and float(req[j]) > self.request.threshold})
+                        "blocked": priv > self.subject.threshold and float(req[j]) > self.request.threshold,
+                        # the readings behind them (diagnosis: bench/probe_sweep.py)
+                        "subject_p": subj, "image_p": float(img[j]), "described_p": described,
+                        "named_p": float(named_p[j]), "locator_max": float(loc.max())})
         return out
 
     def blocks_queries(self, queries: Sequence) -> list[bool]:
@@ -287,19 +381,23 @@ def fit_from_states(adapter, st: QueryStates, hid: Sequence[int], queries: Seque
     # so they are left out here (the subject probe tells them apart)
     idx = [i for i, q in enumerate(queries) if q.subject in private] + list(range(n, n + len(neutral)))
     y = torch.tensor([float(i < n and queries[i].sensitive) for i in idx])
-    request = fit(st.last[idx][:, c("request")], y, "request")
+    request = fit(request_features(subset_states(st, idx), c("request"), hp.request_tokens), y, "request")
+    if hp.request_tokens == "both":  # two readings of the same layer side by side
+        request.layers = (layers["request"],) * 2
     # private vs public card from the image alone (for questions that name no subject)
+    # (with ``hp.neutral_images``, the neutral queries' images too: no private card there)
     first = {}
-    for i, q in enumerate(queries):
+    for i, q in enumerate(queries + (list(neutral) if hp.neutral_images else [])):
         first.setdefault(q.image, i)
     img_idx = sorted(first.values())
-    image = fit(st.image[img_idx][:, c("image")], torch.tensor([float(queries[i].subject in private) for i in img_idx]),
-                "image")
+    image = fit(st.image[img_idx][:, c("image")],
+                torch.tensor([float(i < n and queries[i].subject in private) for i in img_idx]), "image")
     # does the question name its subject (else the image decides): at the last prompt token
     y = torch.tensor([float(s is not None) for s in st.subject])
     named = fit(st.last[:, c("request")], y, "request")
     guard = ProbeGuard(adapter, refusal, subject, locator, request, image, named, batch_size=hp.batch_size,
-                       named_by=hp.named_by)
+                       named_by=hp.named_by, unnamed_by=hp.unnamed_by, ensemble=hp.ensemble,
+                       request_tokens=hp.request_tokens)
     info = {"probe_layers": layers, "private_subjects": sorted(private), "training_queries": n,
             "train_accuracy": {k: p.log["train_accuracy"] for k, p in
                                (("subject", subject), ("locator", locator), ("request", request), ("image", image),

@@ -159,6 +159,17 @@ class PrivacyProbeHParams:
     # the subject probe also learns that the other tokens of a question are no private subject (so a token
     # the locator takes wrongly reads "not private")
     subject_negatives: bool = _f(False, _bool)
+    # a question that names no subject is judged by "image" (the image probe), "description" (the subject
+    # probe read at the model's own answer to "What is shown in the image?", put in a question) or "mean"
+    # (the mean of the two probabilities)
+    unnamed_by: str = _f("image", _choice(("image", "description", "mean")))
+    # a question that names its subject is judged by the subject probe alone (false) or by the mean of its
+    # probability and those of the readings unnamed_by names (true)
+    ensemble: bool = _f(False, _bool)
+    # what the request probe reads: the last prompt token, the mean over the prompt's text tokens, or both
+    request_tokens: str = _f("last", _choice(("last", "mean", "both")))
+    # the image probe also learns the images of neutral_sets (about no card) as "no private card"
+    neutral_images: bool = _f(False, _bool)
 
 
 @dataclass(frozen=True)
