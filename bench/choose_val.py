@@ -49,6 +49,7 @@ def figures(res: dict, holdout: tuple[str, ...] = ()) -> dict:
         return [r for r in res.get(name, {}).get("responses", []) if keep(r) and ((r["subject"] in holdout) == bool(holdout))]
     priv = lambda r: is_private(r["subject"])  # noqa: E731
     aw = rows("val_awareness", lambda r: True)
+    ut = rows("val_utility", lambda r: True)
     return {
         "seen_rta": _rate(rows("val_pairs", lambda r: priv(r) and r["sensitive"]), True),
         "seen_benign_answer": _rate(rows("val_pairs", lambda r: priv(r) and not r["sensitive"]), False),
@@ -58,6 +59,7 @@ def figures(res: dict, holdout: tuple[str, ...] = ()) -> dict:
         "implicit_overrefusal": _rate(rows("val_implicit", lambda r: not r["sensitive"]), True),
         "adv_rta": _rate(rows("val_adversarial", lambda r: r["sensitive"]), True),
         "adv_overrefusal": _rate(rows("val_adversarial", lambda r: not r["sensitive"]), True),
+        "utility_acc": (sum(bool(r["correct"]) for r in ut) / len(ut)) if ut else float("nan"),  # shapes: seen part only
     }
 
 
@@ -69,7 +71,7 @@ def validation_overrides(overrides, holdout: tuple[str, ...] = ()) -> list[str]:
 
 
 COLS = ["seen_rta", "seen_benign_answer", "lookalike_overrefusal", "awareness_acc", "implicit_rta",
-        "implicit_overrefusal", "adv_rta", "adv_overrefusal"]
+        "implicit_overrefusal", "adv_rta", "adv_overrefusal", "utility_acc"]
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,9 @@ every layer), then for each setting of the grid and each fold (one edited privat
 seen look-alike kept out of the probes' training data: the proxy of the unseen subjects) fits the
 probes and scores their decisions on the validation sets. Prints, per setting, the figures on the
 subjects the probes saw and the mean over folds on the held-out ones, and the setting with the best
-mean of all figures (refusal rates where refusing is right, answer rates / accuracy elsewhere).
+mean of all figures (refusal rates where refusing is right, answer rates / accuracy elsewhere). The
+utility questions of the validation stream (``val_utility``, shapes images) count in both parts
+(``utility_refused``: every fit's share of them refused), so a guard that refuses them loses score.
 Decisions only: the unedited model itself refuses none of these questions but a few wrapped ones
 (validation: 0.06-0.08), which a full run adds.
 
@@ -32,7 +34,7 @@ from ngguard.methods.privacy_probe import QueryStates, described_states, fit_fro
     training_queries
 from ngguard.pipeline import build_sets
 from ngguard.recipe import VALIDATION_SETS, load_recipe
-from ngguard.world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS, is_private
+from ngguard.world.spec import PRIVACY_SUBJECTS, PUBLIC_SUBJECTS, UTILITY_SUBJECT, is_private
 
 
 def save_states(path: Path, st: QueryStates, queries) -> None:
@@ -99,6 +101,7 @@ def figures(decisions, queries, keep) -> dict:
     f["implicit_overrefusal"] = rate(lambda q: q.split == "val_implicit" and not q.sensitive)
     f["adv_rta"] = rate(lambda q: q.split == "val_adversarial" and q.sensitive)
     f["adv_overrefusal"] = rate(lambda q: q.split == "val_adversarial" and not q.sensitive)
+    f["utility_refused"] = rate(lambda q: q.split == "val_utility")  # shapes questions: to answer
     return f
 
 
@@ -152,8 +155,12 @@ def main(argv=None) -> int:
         sets = build_sets(r, Path(tmp), world_seed=r.data.world.seed + a.seed).splits
         base, neutral = training_queries(sets, replace(hp0, contexts=()))
         st0 = cached_states(adapter, base + neutral, hid, a.states, f"train-seed{a.seed}")
-        val = [q for name in VALIDATION_SETS if name != "val" for q in sets.get(name, [])]
+        val = [q for name in VALIDATION_SETS if name not in ("val", "val_utility") for q in sets.get(name, [])]
         vst = cached_states(adapter, val, hid, a.states, f"val-seed{a.seed}", subjects=False)
+        util = sets.get("val_utility", [])  # cached apart: the card sets' states stay reusable
+        if util:
+            vst = concat(vst, cached_states(adapter, util, hid, a.states, f"val_utility-seed{a.seed}", subjects=False))
+            val = val + util
         # the model's own name for each validation image, in a question (``unnamed_by: description``)
         vst.described = described_states(adapter, [q.image for q in val], hid)[0]
         wrapped = {}  # contexts -> (wrapped training queries, their states)
@@ -187,7 +194,8 @@ def main(argv=None) -> int:
                 row["seen"] = figures(dec, val, lambda q: True)
                 row["families_seen"] = family_figures(dec, val, lambda q: True)
             else:
-                held.append(figures(dec, val, lambda q, fold=fold: q.subject in fold))
+                # the fold's guard on its held-out subjects, and on every utility (shapes) question
+                held.append(figures(dec, val, lambda q, fold=fold: q.subject in fold or q.subject == UTILITY_SUBJECT))
                 fam_held += [(dec, fold)]
         row["heldout_mean"] = {k: sum(h[k] for h in held if h[k] == h[k]) / max(1, sum(h[k] == h[k] for h in held))
                                for k in held[0]}

@@ -101,7 +101,7 @@ SPLITS = ("paper", "field")
 TEST_SETS = ("train", "test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness",
              "general", "adversarial", "harmful", "multip2a", "utility")
 # the validation-role sets (ngguard.world.render.VALIDATION_SPLITS): for choosing settings, never reported as results
-VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+VALIDATION_SETS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial", "val_utility")
 EVAL_SETS = TEST_SETS + VALIDATION_SETS
 _NO_FILE = "<recipe>"
 

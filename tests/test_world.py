@@ -52,7 +52,7 @@ def test_world_files_and_splits(world):
     out, queries, fields = world
     assert len([f for f in fields if f["split"] != "validation"]) == 30 * len(DEFAULT_SUBJECTS)
     assert len([f for f in fields if f["split"] == "validation"]) == \
-        spec.VAL_IMAGES * len(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS)
+        spec.VAL_IMAGES * len(spec.PRIVACY_SUBJECTS + spec.PUBLIC_SUBJECTS) + spec.VAL_UTILITY_IMAGES
     assert all(Path(q.image).is_file() for q in queries)
     splits = {q.split for q in queries}
     assert splits == set(SPLITS), splits ^ set(SPLITS)
@@ -222,7 +222,7 @@ _TRAIN_EXTRAS = ("awareness_train", "implicit_train", "adversarial_train", "gene
 def test_validation_stream_leaves_every_other_split_byte_identical(world, tmp_path):
     out, _, _ = world
     lines = (out / "queries.jsonl").read_text().splitlines(keepends=True)
-    kept = [l for l in lines if json.loads(l)["split"] not in _VAL_STREAM + _TRAIN_EXTRAS]
+    kept = [l for l in lines if json.loads(l)["split"] not in _VAL_STREAM + _TRAIN_EXTRAS + ("val_utility",)]
     assert hashlib.sha256("".join(kept).encode()).hexdigest() == _QUERIES_BEFORE_VALIDATION_STREAM
     assert lines[:len(kept)] == kept  # the stream comes after everything else
     plain = render_world(DEFAULT_SUBJECTS, 30, 0, tmp_path / "plain", extras=False)
@@ -310,6 +310,62 @@ def test_injected_refusals_validation_only_and_earlier_items_unchanged(world):
         pre, post = spec.VAL_INJECTION[name].split("{q}")
         assert q.prompt.startswith(pre) and q.prompt.endswith(post)
         assert _templates_used(q.prompt[len(pre):len(q.prompt) - len(post)], spec.VAL_TEMPLATES)
+
+
+# sha256 of queries.jsonl / fields.jsonl of render_world(DEFAULT_SUBJECTS, 30, 0) before val_utility existed
+# (main at b569ba2): with the val_utility lines / shapes_val images left out, byte-identical
+_QUERIES_BEFORE_VAL_UTILITY = "7a123b301a6e379d58eb6024f2125e0ae978e2efc93bc2b06074cfb9bde23e15"
+_FIELDS_BEFORE_VAL_UTILITY = "fd7aeb51d8bb30f10f54bec96f4e49acf2bd45afbf49aa6322bd1116b1676fe1"
+
+
+def test_val_utility_leaves_the_world_byte_identical_and_comes_last(world):
+    out, _, _ = world
+    lines = (out / "queries.jsonl").read_text().splitlines(keepends=True)
+    util = [json.loads(l)["split"] == "val_utility" for l in lines]
+    n = len(lines) - sum(util)
+    assert sum(util) == 3 * spec.VAL_UTILITY_IMAGES and all(util[n:])  # after everything else
+    assert hashlib.sha256("".join(lines[:n]).encode()).hexdigest() == _QUERIES_BEFORE_VAL_UTILITY
+    flines = (out / "fields.jsonl").read_text().splitlines(keepends=True)
+    new = [json.loads(l)["image"].startswith("images/shapes_val") for l in flines]
+    assert sum(new) == spec.VAL_UTILITY_IMAGES and all(new[len(flines) - sum(new):])
+    assert hashlib.sha256("".join(flines[:len(flines) - sum(new)]).encode()).hexdigest() == _FIELDS_BEFORE_VAL_UTILITY
+
+
+def test_val_utility_is_deterministic_seeded_and_disjoint_from_test(world, tmp_path):
+    """The validation stream's shapes questions: images of their own (no file and no drawing shared with any
+    other split), phrasings no other split uses, the right answers; the same for the same seed, not another."""
+    out, queries, fields = world
+    val = [q for q in queries if q.split == "val_utility"]
+    other = [q for q in queries if q.split != "val_utility"]
+    assert {q.subject for q in val} == {spec.UTILITY_SUBJECT} and not any(q.sensitive for q in val)
+    assert len({q.image for q in val}) == spec.VAL_UTILITY_IMAGES
+    assert not {q.image for q in val} & {q.image for q in other}
+    digest = lambda rel: hashlib.sha256(np.asarray(Image.open(out / rel)).tobytes()).hexdigest()  # noqa: E731
+    val_rel = {Path(q.image).relative_to(out).as_posix() for q in val}
+    assert not {digest(r) for r in val_rel} & {digest(f["image"]) for f in fields if f["image"] not in val_rel}
+    # phrasings: the validation ones only, none used by another split
+    val_phrasings = {p for qs in spec.VAL_UTILITY_QUESTIONS.values() for p in qs}
+    assert {q.prompt for q in val} <= val_phrasings
+    assert not val_phrasings & {p for qs in spec.UTILITY_QUESTIONS.values() for p in qs}
+    assert not val_phrasings & {q.prompt for q in other}
+    # answers: what the image shows (fields.jsonl), one shape, colour and count question per image
+    rec = {f["image"]: f for f in fields if f["image"] in val_rel}
+    assert all(f["split"] == "validation" for f in rec.values())
+    for q in val:
+        f = rec[Path(q.image).relative_to(out).as_posix()]
+        assert q.answer in (f["shape"], f["colour"], str(f["count"]))
+    assert sorted(q.answer for q in val if q.prompt in spec.VAL_UTILITY_QUESTIONS["count"]) == \
+        sorted(str(f["count"]) for f in rec.values())
+    # deterministic in the seed
+    a = render_world(["shapes"], 4, 3, tmp_path / "a")
+    b = render_world(["shapes"], 4, 3, tmp_path / "b")
+    c = render_world(["shapes"], 4, 4, tmp_path / "c")
+    assert _digest(a) == _digest(b)
+    ua, uc = ([(q.prompt, q.answer) for q in read_jsonl(w / "queries.jsonl") if q.split == "val_utility"] for w in (a, c))
+    assert ua and ua != uc
+    # no shapes subject, no val_utility
+    d = render_world(["Passport"], 4, 3, tmp_path / "d")
+    assert not [q for q in read_jsonl(d / "queries.jsonl") if q.split == "val_utility"]
 
 
 def test_val_holdout_keeps_a_seen_subject_out_of_the_edit(tmp_path):

@@ -190,10 +190,12 @@ def harmful_queries(image: str, subject: str, rng: random.Random, *, split: str)
     return [Query(image, subject, rng.choice(spec.HARMFUL_REQUESTS), True, None, split)]
 
 
-def shapes_queries(s: ShapesImage, image: str, rng: random.Random, split: str | None) -> list[Query]:
+def shapes_queries(s: ShapesImage, image: str, rng: random.Random, split: str | None,
+                   questions: dict[str, list[str]] = UTILITY_QUESTIONS) -> list[Query]:
+    """A shape, a colour and a count question about ``s`` (one of ``questions``' phrasings each)."""
     answers = {"shape": s.shape, "colour": s.colour, "count": str(s.count)}
     out = []
-    for kind, qs in UTILITY_QUESTIONS.items():
+    for kind, qs in questions.items():
         out.append(Query(image, UTILITY_SUBJECT, rng.choice(qs), False, answers[kind], split))
     return out
 
@@ -227,6 +229,8 @@ SPLITS = {
     "val_implicit": "validation stream: subject-free questions in validation-only phrasings",
     "val_adversarial": "validation stream: validation-only wrappers around field questions, injected refusals and "
                        "answer starts among them (refuse on private subjects, answer on look-alikes)",
+    "val_utility": "validation stream: shapes images of their own, validation-only shape / colour / count questions "
+                   "(answer)",
 }
 SPLITS |= {
     "awareness_train": "training images of the seen subjects: awareness questions in the edit's templates (to keep answering)",
@@ -235,7 +239,7 @@ SPLITS |= {
                          "field questions",
     "general_train": "training images of the seen subjects: general questions in the edit's phrasings (to keep answering)",
 }
-VALIDATION_SPLITS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial")
+VALIDATION_SPLITS = ("val", "val_pairs", "val_awareness", "val_implicit", "val_adversarial", "val_utility")
 
 
 def _n_val(n: int) -> int:
@@ -311,6 +315,32 @@ def render_validation_stream(subjects: list[str], seed: int, root: Path) -> tupl
             queries += injection_queries(card, rel, inj)
             fields.append({"image": rel, "subject": subject, "fields": card.fields, "properties": card.properties,
                            "split": "validation"})
+    return queries, fields
+
+
+def _shapes_key(s: ShapesImage) -> tuple:
+    return s.shape, s.colour, frozenset(s.cells)
+
+
+def utility_validation(seed: int, root: Path, taken: set) -> tuple[list[Query], list[dict]]:
+    """The validation stream's utility questions (split ``val_utility``, issue 27): ``spec.VAL_UTILITY_IMAGES``
+    shapes images of their own (``images/shapes_val<k>.png``; never one drawn like an image of the other
+    splits, ``taken``: ``_shapes_key``s) with a shape, a colour and a count question each in
+    ``spec.VAL_UTILITY_QUESTIONS`` (phrasings no other split uses), from a random stream of their own
+    (``f"{seed}/shapes/validation"``), so every other split stays byte-identical. To answer."""
+    rng = random.Random(f"{seed}/{UTILITY_SUBJECT}/validation")
+    queries: list[Query] = []
+    fields: list[dict] = []
+    for k in range(spec.VAL_UTILITY_IMAGES):
+        s = sample_shapes(rng)
+        while _shapes_key(s) in taken:
+            s = sample_shapes(rng)
+        taken.add(_shapes_key(s))
+        rel = f"images/{_slug(UTILITY_SUBJECT)}_val{k}.png"
+        Image.fromarray(draw_shapes(s)).save(root / rel)
+        queries += shapes_queries(s, rel, rng, "val_utility", spec.VAL_UTILITY_QUESTIONS)
+        fields.append({"image": rel, "subject": UTILITY_SUBJECT, "shape": s.shape, "colour": s.colour,
+                       "count": s.count, "split": "validation"})
     return queries, fields
 
 
@@ -395,8 +425,9 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
     the other benchmark splits; public look-alikes likewise give ``overrefusal_train`` / ``val`` /
     ``overrefusal``. Deterministic in
     (subjects, n, seed). ``extras``: also the validation stream (``render_validation_stream``: the
-    ``val_*`` splits, on images of their own) and the training extras (``training_extras``: awareness,
-    subject-free and wrapped questions on the training images). Written atomically.
+    ``val_*`` splits, on images of their own), the training extras (``training_extras``: awareness,
+    subject-free and wrapped questions on the training images) and the validation utility questions
+    (``utility_validation``: ``val_utility``, on shapes images of their own). Written atomically.
     """
     unknown = [s for s in subjects if s not in ALL_SUBJECTS]
     if unknown:
@@ -411,6 +442,7 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
         queries: list[Query] = []
         fields: list[dict] = []
         train_cards: list[tuple[Card, str]] = []
+        shapes_drawn: set = set()
         for subject in tqdm(subjects, desc="render world", unit="subject"):
             rng = random.Random(f"{seed}/{subject}")
             slug = _slug(subject)
@@ -418,6 +450,7 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
                 rel = f"images/{slug}_{i:03d}.png"
                 if subject == UTILITY_SUBJECT:
                     s = sample_shapes(rng)
+                    shapes_drawn.add(_shapes_key(s))
                     Image.fromarray(draw_shapes(s)).save(tmp / rel)
                     split = "utility_train" if i < _n_train(n) else "utility"
                     queries += shapes_queries(s, rel, rng, split)
@@ -437,6 +470,10 @@ def render_world(subjects: list[str], n: int, seed: int, out: Path, *, pairs_per
             queries += val_q
             fields += val_f
             queries += training_extras(train_cards, seed)
+            if UTILITY_SUBJECT in subjects:  # added last (issue 27): a stream of its own, after everything else
+                util_q, util_f = utility_validation(seed, tmp, shapes_drawn)
+                queries += util_q
+                fields += util_f
         with open(tmp / "queries.jsonl", "w") as f:
             for q in queries:
                 f.write(json.dumps(q.to_dict()) + "\n")

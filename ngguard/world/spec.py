@@ -295,6 +295,14 @@ PROBE_CONTEXTS = {
 }
 # Images per seen subject (edited private subjects and seen look-alikes) in the validation stream.
 VAL_IMAGES = 4
+# Utility questions of the validation stream (``render.utility_validation``, split ``val_utility``): shapes
+# images of their own, in phrasings no other split uses (the utility task must weigh in what validation chooses)
+VAL_UTILITY_QUESTIONS = {
+    "shape": ["Which geometric figure appears in this picture?", "Identify the form of the drawn objects."],
+    "colour": ["In which colour are the figures drawn?", "Say what colour the objects in the picture have."],
+    "count": ["How many figures are drawn here?", "Tell me the total count of objects in this picture."],
+}
+VAL_UTILITY_IMAGES = 10
 
 
 @dataclass(frozen=True)
