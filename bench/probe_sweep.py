@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--families", action="store_true", help="also print the adversarial / subject-free figures per family")
     p.add_argument("--dump", type=Path, default=None,
                    help="write every validation decision (the readings behind it) as JSON lines: the seen fit's, then "
-                        "each fold's on its held-out subjects")
+                        "each fold's on its held-out subjects and the utility questions")
     p.add_argument("--states", type=Path, default=None,
                    help="folder to keep the hidden states in (safetensors), reused while the queries are the same")
     a = p.parse_args(argv)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             if a.dump:
                 dump += [{"setting": name, "fold": "+".join(fold) or "seen", "split": q.split, "pair_id": q.pair_id,
                           "subject": q.subject, "sensitive": q.sensitive, "prompt": q.prompt, **d}
-                         for d, q in zip(dec, val) if not fold or q.subject in fold]
+                         for d, q in zip(dec, val) if not fold or q.subject in fold or q.subject == UTILITY_SUBJECT]
             if not fold:
                 row["seen"] = figures(dec, val, lambda q: True)
                 row["families_seen"] = family_figures(dec, val, lambda q: True)
