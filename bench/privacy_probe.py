@@ -25,7 +25,7 @@ from ngguard.recipe import load_recipe
 from ngguard.world.spec import is_private
 
 EVAL = ["test", "heldout_subjects", "overrefusal", "overrefusal_unseen", "implicit", "awareness", "adversarial",
-        "general", "utility", "val_pairs", "val_awareness", "val_implicit", "val_adversarial"]
+        "general", "utility", "val_pairs", "val_awareness", "val_implicit", "val_adversarial", "val_utility"]
 
 
 @torch.no_grad()
