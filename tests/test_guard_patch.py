@@ -474,3 +474,33 @@ def test_ngguard_serve_with_a_guard_patch(fitted):
             assert c.get(f"{url}v1/info").json()["patch"]["kind"] == "guard"
     finally:
         demo.close()
+
+
+def test_ngguard_eval_measures_the_model_behind_a_guard_patch(fitted, tmp_path, capsys):
+    """``ngguard eval --patch``: the guard's refusal exactly where it blocks, the base model's answers
+    elsewhere; a patch made for another base is one line and exit 2, and nothing is written."""
+    from ngguard.cli import main
+
+    queries = fitted.queries[:12]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(dataclasses.asdict(q)) + "\n" for q in queries))
+    args = ["eval", "--model", str(fitted.base), "--data", str(data), "--max-new-tokens", "4", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "base.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "guarded.json"), "--patch", str(fitted.patch)]) == 0
+    base = json.loads((tmp_path / "base.json").read_text())["responses"]
+    guarded = json.loads((tmp_path / "guarded.json").read_text())
+    flags = fitted.guard.blocks_queries(queries)
+    assert any(flags) and not all(flags)
+    assert [r["response"] for r in guarded["responses"]] == [
+        REFUSAL if f else b["response"] for f, b in zip(flags, base)]
+    assert guarded["patch_id"] == json.loads((fitted.patch / "patch.json").read_text())["patch_id"]
+    # another base: refused before the model is loaded
+    other, processor = tiny_llava(1, "text_first")
+    other.save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(tmp_path / "other"), "--data", str(data), "--out", str(tmp_path / "x.json"),
+               "--patch", str(fitted.patch), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line]  # beside the log's progress lines
+    assert rc == 2 and errors == [err[-1]] and "was made for base" in err[-1] and not (tmp_path / "x.json").exists()
