@@ -356,8 +356,11 @@ def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] 
     localize = images * L.steps * COST["localize sample-step"]
     edit = images * E.passes * E.steps * COST["edit image-step"]
     stages = {"data": COST["other"], "evaluate before": (n_eval + n_train) * COST["query"],
-              "localize": localize * len(layers or (0,)) if REGISTRY[recipe.method].needs_gates else 0.0}
-    for method in [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]:
+              "localize": 0.0}
+    methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
+    if REGISTRY[recipe.method].edits_weights and any(REGISTRY[m].needs_gates for m in methods):
+        stages["localize"] = localize * len(layers or (0,))
+    for method in methods:
         if REGISTRY[method].edits_weights:
             stages[f"edit {method}"] = edit
         # a guard rescoring the base answers costs little; one that reads the model (privacy_probe) one
@@ -424,8 +427,11 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     layers, search, locs = choice.layers, choice.info, choice.locs
     timings["layer search"] = time.time() - t
     t = time.time()
-    # a guard as the main method localizes nothing (a compared method that needs gates localizes its own layers)
-    need = [l for l in layers if l not in locs] if REGISTRY[recipe.method].edits_weights else []
+    # localized once here when a method of the run gates by it (neural_gate); a guard as the main method
+    # localizes nothing (a compared method that needs gates then localizes its own layers)
+    methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
+    gated = REGISTRY[recipe.method].edits_weights and any(REGISTRY[m].needs_gates for m in methods)
+    need = [l for l in layers if l not in locs] if gated else []
     locs.update(localize_layers(adapter, samples, need, recipe, cache) if need else {})
     locs = {l: locs[l] for l in sorted(locs)}  # every layer of ``layers`` for an edit
     timings["localize"] = time.time() - t
@@ -433,7 +439,6 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     gate_diag = {str(l): subject_gradient_share(adapter, samples, l, module=recipe.module, refusal=recipe.edit.refusal,
                                                 alpha=recipe.edit.alpha) for l in layers if l in locs}
     results: dict[str, dict] = {}
-    methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
     main_weights = main_guard = None
     for method in methods:  # each from the same start: the edited matrices are restored after each
         t = time.time()

@@ -86,6 +86,22 @@ def test_edit_writes_model_patch_and_report(base, tmp_path):
     assert {k for k in times if k not in ("load", "write", "total", "layer search")} == set(plan)
 
 
+def test_a_run_without_a_gated_method_localizes_nothing(base, tmp_path, monkeypatch):
+    """Localization feeds the gates only: no_gate (or dinm, neural_gate_plus) alone skips it, a run with
+    neural_gate beside it localizes once; the no_gate patch is the same either way."""
+    calls = []
+    real = pipeline.localize_layers
+    monkeypatch.setattr(pipeline, "localize_layers", lambda *a, **k: calls.append(list(a[2])) or real(*a, **k))
+    alone = pipeline.run_recipe(recipe_from_dict(_raw(base, method="no_gate", report={"plots": False})),
+                                tmp_path / "alone", cache=False)
+    assert calls == [] and json.loads((alone / "report.json").read_text())["localization"] == {}
+    beside = pipeline.run_recipe(recipe_from_dict(_raw(base, method="no_gate", report={
+        "plots": False, "compare_methods": ["neural_gate"]})), tmp_path / "beside", cache=False)
+    assert calls == [[1]] and set(json.loads((beside / "report.json").read_text())["localization"]) == {"1"}
+    assert (alone / "patch" / "patch.safetensors").read_bytes() == (beside / "patch" / "patch.safetensors").read_bytes()
+    assert pipeline.plan_stages(recipe_from_dict(_raw(base, method="no_gate")), {"train": []}, [1])["localize"] == 0
+
+
 def test_layer_search_hands_its_localizations_on(base, tmp_path, monkeypatch):
     """choose_layers returns a LayerChoice: the scan's localizations reach the run (the pipeline does
     not localize those layers again, and gates.safetensors holds every scanned layer); the report's
