@@ -469,8 +469,8 @@ class ProtectedLVLM:
         keys = self._image_keys(images)
         if self._batcher is None:
             return self._generate_rows(images, texts, flags, n, keys)
-        futures = [self._batcher.submit((im, tx, f, n, None if keys is None else keys[i]), key=n)
-                   for i, (im, tx, f) in enumerate(zip(images, texts, flags))]
+        futures = self._batcher.submit_many([(im, tx, f, n, None if keys is None else keys[i])
+                                             for i, (im, tx, f) in enumerate(zip(images, texts, flags))], key=n)
         return [f.result() for f in futures]
 
     def chat(self, image: Any, text: str, history: Sequence | None = None, max_new_tokens: int = 64, *,

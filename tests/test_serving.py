@@ -119,6 +119,20 @@ def test_batcher_keys_errors_and_close():
         Batcher(run, max_batch=0)
 
 
+def test_batcher_submit_many_keeps_the_items_together():
+    """Items queued with ``submit_many`` reach the worker at once: with no wait at all (wait_ms 0, where
+    ``submit`` in a loop may start a batch with the first item alone) they share one batch, cut only at
+    max_batch; each future gets its own item's result; a closed batcher refuses them all."""
+    calls: list[list[int]] = []
+    batcher = Batcher(lambda items: calls.append(list(items)) or [10 * v for v in items], max_batch=4, wait_ms=0)
+    futures = batcher.submit_many(list(range(6)), key="n")
+    assert [f.result(5) for f in futures] == [0, 10, 20, 30, 40, 50]
+    assert calls == [[0, 1, 2, 3], [4, 5]]
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        batcher.submit_many([1, 2])
+
+
 def test_batcher_close_fails_waiting_requests():
     started, release = threading.Event(), threading.Event()
 

@@ -3,6 +3,7 @@
     batcher = Batcher(run, max_batch=16, wait_ms=5)     # run(items) -> one result per item
     future = batcher.submit(item, key=max_new_tokens)   # from any thread
     answer = future.result()
+    futures = batcher.submit_many(items, key=max_new_tokens)   # several at once: they share a batch
     batcher.close()
 
 One worker thread takes the oldest waiting request, then keeps collecting requests with the same
@@ -83,6 +84,17 @@ class Batcher:
             self._queue.put(_Request(item, key, future))
         return future
 
+    def submit_many(self, items: Sequence[Any], key: Hashable = None) -> list[Future]:
+        """Queue ``items`` together, one future each: the worker sees them at once, so they share a batch
+        (as far as ``max_batch`` allows) however the submitting thread is scheduled; ``submit`` in a loop
+        lets a busy machine split them."""
+        requests = [_Request(item, key, Future()) for item in items]
+        with self._close_lock:
+            if self._closed:
+                raise BatcherClosed("the batcher is closed")
+            self._queue.put(requests)
+        return [r.future for r in requests]
+
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop the worker after the batch in progress; waiting requests fail with BatcherClosed.
         Waits up to ``timeout`` seconds for the worker to end (0: not at all; calling ``close`` again
@@ -130,7 +142,10 @@ class Batcher:
         while True:
             if req is _STOP:
                 return True
-            pending.append(req)
+            if isinstance(req, list):  # ``submit_many``'s requests, together
+                pending.extend(req)
+            else:
+                pending.append(req)
             try:
                 req = self._queue.get_nowait()
             except queue.Empty:
