@@ -500,5 +500,6 @@ def recipe_deviations(recipe: Recipe) -> list[str]:
         for k, v in spec.__dict__.items():
             dv = getattr(default, k)
             if v != dv:
-                out.append(f"{name}.{k} = {v} (paper default {dv})")
+                whose = "not in the paper; ngguard default" if k in getattr(spec, "NOT_IN_PAPER", ()) else "paper default"
+                out.append(f"{name}.{k} = {v} ({whose} {dv})")
     return out + method_deviations(recipe)

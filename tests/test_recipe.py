@@ -278,3 +278,19 @@ def test_check_layers(tmp_path):
     check_layers(s, 32)
     with pytest.raises(RecipeError, match=r"layers\.search\.scan: \[3, 19\] out of range for a model with 4 layers"):
         check_layers(s, 4)
+
+
+def test_the_report_says_which_defaults_are_the_papers():
+    """A changed edit setting the paper has is reported against the paper's default; one ngguard added
+    (retention, passes, neural_gate_plus's gate) against ngguard's, not called the paper's."""
+    from ngguard.methods.registry import EditSpec
+    from ngguard.pipeline import recipe_deviations
+
+    r = recipe_from_dict({**yaml.safe_load(MINIMAL), "edit": {"lr": 1e-3, "passes": 3, "retain": ["utility"],
+                                                            "gate_top_k": 25}})
+    dev = recipe_deviations(r)
+    assert "edit.lr = 0.001 (paper default 1e-05)" in dev
+    assert "edit.passes = 3 (not in the paper; ngguard default 1)" in dev
+    assert "edit.gate_top_k = 25.0 (not in the paper; ngguard default 10.0)" in dev
+    assert not any("paper default" in d for d in dev if d.split(" = ")[0].split(".")[1] in EditSpec.NOT_IN_PAPER)
+    assert set(EditSpec.NOT_IN_PAPER) <= {f.name for f in dataclasses.fields(EditSpec)}

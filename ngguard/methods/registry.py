@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ngguard.limits import DEFAULT_LIMITS as _L
 from ngguard.schema import boolean as _bool
@@ -89,6 +89,9 @@ class EditSpec:
     gate_top_k: float = _f(10.0, _float(gt=0, le=100))
     gate_soft: bool = _f(False, _bool)
     gate_columns: bool = _f(False, _bool)
+    # the settings above that the paper does not have (the report calls their defaults ngguard's, not the paper's)
+    NOT_IN_PAPER: ClassVar[tuple[str, ...]] = ("retain", "passes", "augment", "gate_contrast", "gate_top_k",
+                                               "gate_soft", "gate_columns")
 
 
 @dataclass(frozen=True)
