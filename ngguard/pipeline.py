@@ -347,6 +347,12 @@ def _slim(run: dict) -> dict:
                         for m, r in run["methods"].items()}}
 
 
+def localizes(recipe: Recipe) -> bool:
+    """Whether the run localizes its layers once, up front: the main method edits weights and a method of
+    the run gates by the localization (neural_gate)."""
+    return REGISTRY[recipe.method].edits_weights and any(REGISTRY[m].needs_gates for m in recipe.run_methods)
+
+
 def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] | None) -> dict[str, float]:
     """Each stage of a seed and its estimated work (``progress.COST`` units), for the run's ETA."""
     E, L = recipe.edit, recipe.localization
@@ -356,11 +362,8 @@ def plan_stages(recipe: Recipe, sets: dict[str, list[Query]], layers: list[int] 
     localize = images * L.steps * COST["localize sample-step"]
     edit = images * E.passes * E.steps * COST["edit image-step"]
     stages = {"data": COST["other"], "evaluate before": (n_eval + n_train) * COST["query"],
-              "localize": 0.0}
-    methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
-    if REGISTRY[recipe.method].edits_weights and any(REGISTRY[m].needs_gates for m in methods):
-        stages["localize"] = localize * len(layers or (0,))
-    for method in methods:
+              "localize": localize * len(layers or (0,)) if localizes(recipe) else 0.0}
+    for method in recipe.run_methods:
         if REGISTRY[method].edits_weights:
             stages[f"edit {method}"] = edit
         # a guard rescoring the base answers costs little; one that reads the model (privacy_probe) one
@@ -429,9 +432,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
     t = time.time()
     # localized once here when a method of the run gates by it (neural_gate); a guard as the main method
     # localizes nothing (a compared method that needs gates then localizes its own layers)
-    methods = [recipe.method] + [m for m in recipe.report.compare_methods if m != recipe.method]
-    gated = REGISTRY[recipe.method].edits_weights and any(REGISTRY[m].needs_gates for m in methods)
-    need = [l for l in layers if l not in locs] if gated else []
+    need = [l for l in layers if l not in locs] if localizes(recipe) else []
     locs.update(localize_layers(adapter, samples, need, recipe, cache) if need else {})
     locs = {l: locs[l] for l in sorted(locs)}  # every layer of ``layers`` for an edit
     timings["localize"] = time.time() - t
@@ -440,7 +441,7 @@ def run_seed(adapter: Adapter, recipe: Recipe, model_dir: Path, tmp: Path, seed:
                                                 alpha=recipe.edit.alpha) for l in layers if l in locs}
     results: dict[str, dict] = {}
     main_weights = main_guard = None
-    for method in methods:  # each from the same start: the edited matrices are restored after each
+    for method in recipe.run_methods:  # each from the same start: the edited matrices are restored after each
         t = time.time()
         entry = REGISTRY[method]
         if not entry.edits_weights:  # a guard in front of the unedited model: its answers, rescored behind it

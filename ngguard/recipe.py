@@ -437,6 +437,11 @@ class Recipe:
         return isinstance(self.layers, LayerSearch)
 
     @property
+    def run_methods(self) -> list[str]:
+        """``method`` first, then each of ``report.compare_methods`` once: what a run fits and evaluates."""
+        return list(dict.fromkeys([self.method, *self.report.compare_methods]))
+
+    @property
     def edit_method(self) -> str | None:
         """The weight edit the recipe runs: ``method`` when it edits weights, else the first such method
         of ``report.compare_methods`` (a guard as the method, the paper's edit beside it); None: no edit."""

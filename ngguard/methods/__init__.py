@@ -62,7 +62,7 @@ def method_deviations(recipe: Recipe) -> list[str]:
     """For each registered method the run uses: the fixed adaptation, then each setting that differs
     from the paper's default (``recipe_deviations`` style)."""
     out = []
-    for name in dict.fromkeys([recipe.method, *recipe.report.compare_methods]):
+    for name in recipe.run_methods:
         if name not in ADAPTATION:  # the gradient edits: their settings are the edit section's
             continue
         cls = REGISTRY[name].hparams

@@ -77,12 +77,7 @@ class Batcher:
 
     def submit(self, item: Any, key: Hashable = None) -> Future:
         """Queue ``item``; the returned future gets its result (or the batch's exception)."""
-        future: Future = Future()
-        with self._close_lock:
-            if self._closed:
-                raise BatcherClosed("the batcher is closed")
-            self._queue.put(_Request(item, key, future))
-        return future
+        return self.submit_many([item], key)[0]
 
     def submit_many(self, items: Sequence[Any], key: Hashable = None) -> list[Future]:
         """Queue ``items`` together, one future each: the worker sees them at once, so they share a batch
@@ -142,10 +137,7 @@ class Batcher:
         while True:
             if req is _STOP:
                 return True
-            if isinstance(req, list):  # ``submit_many``'s requests, together
-                pending.extend(req)
-            else:
-                pending.append(req)
+            pending.extend(req)  # one ``submit_many`` call's requests, together
             try:
                 req = self._queue.get_nowait()
             except queue.Empty:
